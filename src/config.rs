@@ -1,0 +1,563 @@
+//! The YAML configuration: what users write, and the validated form the
+//! gateway runs on.
+//!
+//! Parsing is strict (`deny_unknown_fields`), so a misspelt setting is an
+//! error instead of a silently ignored line. Every value that can be checked
+//! on its own is checked while deserializing, so its error carries the line
+//! and column; checks that span entries (duplicates, name resolution) run
+//! afterwards and name the route they are about.
+
+use std::collections::HashSet;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+use crate::error::LoadError;
+
+/// How long a TCP connect to an upstream may take unless a route says otherwise.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the gateway waits for each read from an upstream (which includes
+/// the wait for the response header, i.e. model loading and the first token).
+pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long SIGTERM waits for requests in flight before exiting anyway.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// The configuration file exactly as users write it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    listen: OneOrMany<String>,
+    keys_file: PathBuf,
+    #[serde(default)]
+    shutdown_grace: Option<Timeout>,
+    #[serde(default)]
+    threads: Option<NonZeroUsize>,
+    routes: Vec<FileRoute>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileRoute {
+    name: NonEmpty,
+    path_prefix: PathPrefix,
+    #[serde(default)]
+    methods: Option<Vec<MethodName>>,
+    service: NonEmpty,
+    #[serde(default)]
+    strip_prefix: bool,
+    upstreams: Vec<UpstreamAddr>,
+    #[serde(default)]
+    connect_timeout: Option<Timeout>,
+    #[serde(default)]
+    read_timeout: Option<Timeout>,
+}
+
+/// The validated configuration: every address resolved, every path absolute,
+/// every default filled in.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file this was loaded from; reloads read it again.
+    pub path: PathBuf,
+    pub listen: Vec<SocketAddr>,
+    pub keys_file: PathBuf,
+    pub shutdown_grace: Duration,
+    /// Worker threads for the proxy service.
+    pub threads: usize,
+    pub routes: Vec<RouteSpec>,
+}
+
+/// One route, validated.
+#[derive(Debug, Clone)]
+pub struct RouteSpec {
+    pub name: String,
+    pub path_prefix: String,
+    /// `None` allows every method.
+    pub methods: Option<Vec<String>>,
+    pub service: String,
+    pub strip_prefix: bool,
+    pub upstreams: Vec<SocketAddr>,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+}
+
+impl Config {
+    /// Reads, parses and validates the configuration at `path`.
+    pub fn load(path: &Path) -> Result<Config, LoadError> {
+        let text = std::fs::read_to_string(path).map_err(|e| LoadError::io(path, e))?;
+        Config::parse(path, &text)
+    }
+
+    /// Parses and validates `text` as if it had been read from `path`
+    /// (relative paths inside resolve against `path`'s folder).
+    pub fn parse(path: &Path, text: &str) -> Result<Config, LoadError> {
+        let file: FileConfig =
+            serde_yaml::from_str(text).map_err(|e| LoadError::from_yaml(path, &e))?;
+        file.validate(path)
+    }
+
+    /// The settings that only take effect at start-up; a reload that changes
+    /// them logs that a restart is needed.
+    pub fn restart_only_differences(&self, other: &Config) -> Vec<&'static str> {
+        let mut changed = Vec::new();
+        if self.listen != other.listen {
+            changed.push("listen");
+        }
+        if self.threads != other.threads {
+            changed.push("threads");
+        }
+        if self.shutdown_grace != other.shutdown_grace {
+            changed.push("shutdown_grace");
+        }
+        changed
+    }
+}
+
+impl FileConfig {
+    fn validate(self, path: &Path) -> Result<Config, LoadError> {
+        let base = path.parent().unwrap_or_else(|| Path::new("."));
+        let listen_strs = self.listen.into_vec();
+        if listen_strs.is_empty() {
+            return Err(LoadError::invalid(
+                path,
+                "listen: at least one address is needed",
+            ));
+        }
+        let mut listen = Vec::with_capacity(listen_strs.len());
+        for l in &listen_strs {
+            let addr = resolve(l)
+                .map_err(|why| LoadError::invalid(path, format!("listen {l:?}: {why}")))?;
+            if listen.contains(&addr) {
+                return Err(LoadError::invalid(
+                    path,
+                    format!("listen {l:?} is listed twice"),
+                ));
+            }
+            listen.push(addr);
+        }
+
+        if self.routes.is_empty() {
+            return Err(LoadError::invalid(
+                path,
+                "routes: at least one route is needed",
+            ));
+        }
+        let mut names = HashSet::new();
+        let mut prefixes = HashSet::new();
+        let mut routes = Vec::with_capacity(self.routes.len());
+        for r in self.routes {
+            let name = r.name.0;
+            if !names.insert(name.clone()) {
+                return Err(LoadError::invalid(
+                    path,
+                    format!("route {name:?}: a route with this name already exists"),
+                ));
+            }
+            if !prefixes.insert(r.path_prefix.0.clone()) {
+                return Err(LoadError::invalid(
+                    path,
+                    format!(
+                        "route {name:?}: path_prefix {:?} is already used by another route",
+                        r.path_prefix.0
+                    ),
+                ));
+            }
+            if r.upstreams.is_empty() {
+                return Err(LoadError::invalid(
+                    path,
+                    format!("route {name:?}: upstreams is empty"),
+                ));
+            }
+            let mut upstreams = Vec::with_capacity(r.upstreams.len());
+            for u in &r.upstreams {
+                let addr = resolve(&u.0).map_err(|why| {
+                    LoadError::invalid(path, format!("route {name:?}: upstream {:?}: {why}", u.0))
+                })?;
+                upstreams.push(addr);
+            }
+            let methods =
+                match r.methods {
+                    Some(m) if m.is_empty() => return Err(LoadError::invalid(
+                        path,
+                        format!(
+                            "route {name:?}: methods is empty (leave it out to allow every method)"
+                        ),
+                    )),
+                    Some(m) => {
+                        let mut v: Vec<String> = Vec::with_capacity(m.len());
+                        for MethodName(x) in m {
+                            if !v.contains(&x) {
+                                v.push(x);
+                            }
+                        }
+                        Some(v)
+                    }
+                    None => None,
+                };
+            routes.push(RouteSpec {
+                name,
+                path_prefix: r.path_prefix.0,
+                methods,
+                service: r.service.0,
+                strip_prefix: r.strip_prefix,
+                upstreams,
+                connect_timeout: r.connect_timeout.map_or(DEFAULT_CONNECT_TIMEOUT, |t| t.0),
+                read_timeout: r.read_timeout.map_or(DEFAULT_READ_TIMEOUT, |t| t.0),
+            });
+        }
+
+        let threads = match self.threads {
+            Some(n) => n.get(),
+            None => std::thread::available_parallelism().map_or(1, NonZeroUsize::get),
+        };
+
+        Ok(Config {
+            path: path.to_path_buf(),
+            listen,
+            keys_file: base.join(self.keys_file),
+            shutdown_grace: self.shutdown_grace.map_or(DEFAULT_SHUTDOWN_GRACE, |t| t.0),
+            threads,
+            routes,
+        })
+    }
+}
+
+/// Resolves `host:port` once, at load, so the request path never touches DNS.
+/// When a name has several addresses an IPv4 one is preferred: local model
+/// servers (Ollama among them) listen on 127.0.0.1 by default while
+/// `localhost` often resolves to `::1` first.
+fn resolve(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    let addrs: Vec<SocketAddr> = s
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve: {e}"))?
+        .collect();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or_else(|| addrs.first())
+        .copied()
+        .ok_or_else(|| "the name has no addresses".to_string())
+}
+
+/// A string or a list of strings; `listen` takes both.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum OneOrMany<T> {
+    One(T),
+    Many(Vec<T>),
+}
+
+impl<T> OneOrMany<T> {
+    fn into_vec(self) -> Vec<T> {
+        match self {
+            OneOrMany::One(t) => vec![t],
+            OneOrMany::Many(v) => v,
+        }
+    }
+}
+
+/// A duration such as `5s`, `300s` or `2m`; zero is rejected because a zero
+/// timeout would fail every request.
+#[derive(Debug, Clone, Copy)]
+struct Timeout(Duration);
+
+impl<'de> Deserialize<'de> for Timeout {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let dur = humantime::parse_duration(s.trim()).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "invalid duration {s:?} ({e}); write it like 5s, 300ms or 2m"
+            ))
+        })?;
+        if dur.is_zero() {
+            return Err(serde::de::Error::custom("a timeout of zero is not allowed"));
+        }
+        Ok(Timeout(dur))
+    }
+}
+
+/// A path prefix: it must start with `/` because it is matched against the
+/// request path, which always does.
+#[derive(Debug)]
+struct PathPrefix(String);
+
+impl<'de> Deserialize<'de> for PathPrefix {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if !s.starts_with('/') {
+            return Err(serde::de::Error::custom(format!(
+                "path_prefix {s:?} must start with '/'"
+            )));
+        }
+        if s.bytes()
+            .any(|b| b.is_ascii_whitespace() || b.is_ascii_control() || b == b'?' || b == b'#')
+        {
+            return Err(serde::de::Error::custom(format!(
+                "path_prefix {s:?} must not contain spaces, control characters, '?' or '#'"
+            )));
+        }
+        Ok(PathPrefix(s))
+    }
+}
+
+/// An HTTP method token, stored upper-case.
+#[derive(Debug)]
+struct MethodName(String);
+
+impl<'de> Deserialize<'de> for MethodName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let is_token = !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+        if !is_token {
+            return Err(serde::de::Error::custom(format!(
+                "{s:?} is not an HTTP method"
+            )));
+        }
+        Ok(MethodName(s.to_ascii_uppercase()))
+    }
+}
+
+/// A non-empty, trimmed string (route names, services).
+#[derive(Debug)]
+struct NonEmpty(String);
+
+impl<'de> Deserialize<'de> for NonEmpty {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let t = s.trim();
+        if t.is_empty() {
+            return Err(serde::de::Error::custom("must not be empty"));
+        }
+        Ok(NonEmpty(t.to_string()))
+    }
+}
+
+/// `host:port` as written; resolved during validation.
+#[derive(Debug)]
+struct UpstreamAddr(String);
+
+impl<'de> Deserialize<'de> for UpstreamAddr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if s.contains("://") {
+            return Err(serde::de::Error::custom(format!(
+                "upstream {s:?} must be host:port, without a scheme (plain HTTP is spoken to upstreams)"
+            )));
+        }
+        let port_ok = s.rsplit_once(':').is_some_and(|(host, port)| {
+            !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0)
+        });
+        if !port_ok {
+            return Err(serde::de::Error::custom(format!(
+                "upstream {s:?} must be host:port with a non-zero port"
+            )));
+        }
+        Ok(UpstreamAddr(s))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+listen: "127.0.0.1:8080"
+keys_file: "../keys/apikeys.json"
+routes:
+  - name: chat
+    path_prefix: /chat/
+    methods: [post, GET]
+    service: chat
+    strip_prefix: true
+    upstreams: ["127.0.0.1:11434"]
+    connect_timeout: 2s
+  - name: tts
+    path_prefix: /tts/
+    service: tts
+    upstreams: ["localhost:5002", "[::1]:5003"]
+"#;
+
+    fn parse(text: &str) -> Result<Config, LoadError> {
+        Config::parse(Path::new("/etc/agw/gateway.yaml"), text)
+    }
+
+    fn err(text: &str) -> String {
+        parse(text)
+            .expect_err("config should be rejected")
+            .to_string()
+    }
+
+    #[test]
+    fn good_config_fills_defaults_and_resolves() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.listen, vec!["127.0.0.1:8080".parse().unwrap()]);
+        assert_eq!(c.keys_file, Path::new("/etc/agw/../keys/apikeys.json"));
+        assert_eq!(c.shutdown_grace, DEFAULT_SHUTDOWN_GRACE);
+        assert_eq!(c.routes.len(), 2);
+        let chat = &c.routes[0];
+        assert_eq!(
+            chat.methods.as_deref(),
+            Some(&["POST".to_string(), "GET".to_string()][..])
+        );
+        assert_eq!(chat.connect_timeout, Duration::from_secs(2));
+        assert_eq!(chat.read_timeout, DEFAULT_READ_TIMEOUT);
+        assert!(chat.strip_prefix);
+        let tts = &c.routes[1];
+        assert!(!tts.strip_prefix);
+        assert!(tts.methods.is_none());
+        assert_eq!(tts.upstreams[0], "127.0.0.1:5002".parse().unwrap());
+        assert_eq!(tts.upstreams[1], "[::1]:5003".parse().unwrap());
+    }
+
+    #[test]
+    fn listen_takes_a_list() {
+        let c = parse(&GOOD.replace(
+            r#""127.0.0.1:8080""#,
+            r#"["127.0.0.1:8080", "127.0.0.1:8081"]"#,
+        ))
+        .unwrap();
+        assert_eq!(c.listen.len(), 2);
+    }
+
+    #[test]
+    fn unknown_field_names_line_and_column() {
+        let e = err(&GOOD.replace("    strip_prefix: true", "    strip_prefx: true"));
+        assert!(e.starts_with("/etc/agw/gateway.yaml:9:5: "), "{e}");
+        assert!(e.contains("unknown field `strip_prefx`"), "{e}");
+    }
+
+    #[test]
+    fn unknown_top_level_field() {
+        let e = err(&format!("{GOOD}\nlisten_port: 3\n"));
+        assert!(e.contains("unknown field `listen_port`"), "{e}");
+    }
+
+    #[test]
+    fn syntax_error_names_line() {
+        let e = err("listen: [\"a\"\nroutes: {");
+        assert!(e.starts_with("/etc/agw/gateway.yaml:"), "{e}");
+        assert!(e.contains(':'), "{e}");
+    }
+
+    #[test]
+    fn no_routes() {
+        assert!(err("listen: 127.0.0.1:1\nkeys_file: k.json\nroutes: []\n")
+            .contains("at least one route"));
+    }
+
+    #[test]
+    fn missing_routes_field() {
+        assert!(err("listen: 127.0.0.1:1\nkeys_file: k.json\n").contains("missing field `routes`"));
+    }
+
+    #[test]
+    fn empty_upstreams() {
+        let e = err(&GOOD.replace(r#"upstreams: ["127.0.0.1:11434"]"#, "upstreams: []"));
+        assert!(e.contains(r#"route "chat": upstreams is empty"#), "{e}");
+    }
+
+    #[test]
+    fn unparsable_upstream() {
+        let e = err(&GOOD.replace("127.0.0.1:11434", "127.0.0.1"));
+        assert!(e.contains("must be host:port"), "{e}");
+        assert!(e.starts_with("/etc/agw/gateway.yaml:10:"), "{e}");
+        let e = err(&GOOD.replace("127.0.0.1:11434", "http://127.0.0.1:11434"));
+        assert!(e.contains("without a scheme"), "{e}");
+        let e = err(&GOOD.replace("127.0.0.1:11434", "127.0.0.1:0"));
+        assert!(e.contains("non-zero port"), "{e}");
+    }
+
+    #[test]
+    fn unresolvable_upstream() {
+        let e = err(&GOOD.replace("127.0.0.1:11434", "no-such-host.invalid:11434"));
+        assert!(
+            e.contains(r#"upstream "no-such-host.invalid:11434": cannot resolve"#),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn bad_listen() {
+        let e = err(&GOOD.replace(r#""127.0.0.1:8080""#, r#""127.0.0.1""#));
+        assert!(e.contains("listen \"127.0.0.1\""), "{e}");
+        let e = err(&GOOD.replace(r#""127.0.0.1:8080""#, "[]"));
+        assert!(e.contains("at least one address"), "{e}");
+        let e = err(&GOOD.replace(r#""127.0.0.1:8080""#, r#"["127.0.0.1:1", "127.0.0.1:1"]"#));
+        assert!(e.contains("listed twice"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_route_name() {
+        let e = err(&GOOD.replace("name: tts", "name: chat"));
+        assert!(
+            e.contains(r#"route "chat": a route with this name already exists"#),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn duplicate_prefix() {
+        let e = err(&GOOD.replace("path_prefix: /tts/", "path_prefix: /chat/"));
+        assert!(e.contains(r#"path_prefix "/chat/" is already used"#), "{e}");
+    }
+
+    #[test]
+    fn prefix_must_start_with_slash() {
+        let e = err(&GOOD.replace("path_prefix: /tts/", "path_prefix: tts/"));
+        assert!(e.contains("must start with '/'"), "{e}");
+        // serde_yaml points at the start of the route that holds the bad value.
+        assert!(
+            e.starts_with("/etc/agw/gateway.yaml:12:5: routes[1]"),
+            "{e}"
+        );
+        let e = err(&GOOD.replace("path_prefix: /tts/", "path_prefix: /tts?x"));
+        assert!(e.contains("must not contain"), "{e}");
+    }
+
+    #[test]
+    fn zero_and_malformed_timeouts() {
+        let e = err(&GOOD.replace("connect_timeout: 2s", "connect_timeout: 0s"));
+        assert!(e.contains("timeout of zero"), "{e}");
+        let e = err(&GOOD.replace("connect_timeout: 2s", "connect_timeout: soon"));
+        assert!(e.contains("invalid duration"), "{e}");
+        let e = err(&format!("{GOOD}shutdown_grace: 0s\n"));
+        assert!(e.contains("timeout of zero"), "{e}");
+    }
+
+    #[test]
+    fn bad_methods() {
+        let e = err(&GOOD.replace("methods: [post, GET]", "methods: [\"PO ST\"]"));
+        assert!(e.contains("is not an HTTP method"), "{e}");
+        let e = err(&GOOD.replace("methods: [post, GET]", "methods: []"));
+        assert!(e.contains("methods is empty"), "{e}");
+    }
+
+    #[test]
+    fn empty_names_and_services() {
+        let e = err(&GOOD.replace("service: tts", "service: \"  \""));
+        assert!(e.contains("must not be empty"), "{e}");
+        let e = err(&GOOD.replace("name: tts", "name: \"\""));
+        assert!(e.contains("must not be empty"), "{e}");
+    }
+
+    #[test]
+    fn zero_threads_rejected() {
+        let e = err(&format!("{GOOD}threads: 0\n"));
+        assert!(e.contains("threads"), "{e}");
+    }
+
+    #[test]
+    fn restart_only_settings_are_reported() {
+        let a = parse(GOOD).unwrap();
+        let b = parse(&GOOD.replace("8080", "8081")).unwrap();
+        assert_eq!(a.restart_only_differences(&b), vec!["listen"]);
+        assert!(a.restart_only_differences(&a.clone()).is_empty());
+    }
+}

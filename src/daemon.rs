@@ -1,0 +1,176 @@
+//! `ai-gateway run`: build the Pingora server around the gateway and run it
+//! in the foreground until SIGTERM or SIGINT.
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use log::{error, info, warn};
+use pingora::server::configuration::{Opt, ServerConf};
+use pingora::server::{ExecutionPhase, Server};
+use signal_hook::consts::SIGHUP;
+use signal_hook::iterator::Signals;
+
+use crate::proxy::Gateway;
+use crate::reload::Reloader;
+use crate::snapshot::load_timed;
+
+/// Why the daemon could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Load(#[from] crate::error::LoadError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot set up signal handling: {0}")]
+    Signals(std::io::Error),
+}
+
+/// Starts the gateway on the config at `config_path`. Returns only on a
+/// start-up failure; once serving, the process exits from Pingora's
+/// shutdown path (or from the drain watcher, below).
+pub fn run(config_path: &Path) -> Result<(), StartError> {
+    // First of all: from here on SIGHUP is caught (and queued until the
+    // reloader runs), so a SIGHUP during start-up cannot kill the process.
+    let signals = Signals::new([SIGHUP]).map_err(StartError::Signals)?;
+
+    let (snapshot, took) = load_timed(config_path, 1)?;
+    for w in snapshot.warnings() {
+        warn!("{w}");
+    }
+    let config = snapshot.config.clone();
+    // Pingora binds in a service task and, when that fails, keeps running
+    // with no listener; find out here, where a clear exit is possible.
+    for addr in &config.listen {
+        TcpListener::bind(addr).map_err(|source| StartError::Bind {
+            addr: *addr,
+            source,
+        })?;
+    }
+    exit_if_listeners_fail();
+    info!(
+        "loaded {}: {} in {} ms",
+        config_path.display(),
+        snapshot.summary(),
+        took.as_millis()
+    );
+
+    let shared = Arc::new(ArcSwap::from_pointee(snapshot));
+    let reloader = Reloader::new(config_path, Arc::clone(&shared));
+    spawn_thread("reloader", move || {
+        let mut signals = signals;
+        for _ in signals.forever() {
+            // Errors are logged by reload(); the old snapshot stays.
+            let _ = reloader.reload("SIGHUP");
+        }
+    });
+
+    let grace = config.shutdown_grace;
+    let opt = Opt {
+        upgrade: false,
+        daemon: false,
+        nocapture: false,
+        test: false,
+        conf: None,
+    };
+    let conf = ServerConf {
+        threads: config.threads,
+        grace_period_seconds: Some(grace.as_secs().max(1)),
+        graceful_shutdown_timeout_seconds: Some(1),
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, conf);
+    server.bootstrap();
+
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let mut service = pingora::proxy::http_proxy_service_with_name(
+        &server.configuration,
+        Gateway::new(shared, Arc::clone(&in_flight)),
+        "ai-gateway",
+    );
+    for addr in &config.listen {
+        service.add_tcp(&addr.to_string());
+        info!("listening on http://{addr}");
+    }
+    server.add_service(service);
+
+    let phases = server.watch_execution_phase();
+    spawn_thread("drain-watcher", move || {
+        drain_watcher(phases, in_flight, grace)
+    });
+
+    server.run_forever()
+}
+
+/// Pingora's graceful shutdown sleeps the whole grace period even when no
+/// request is in flight. This watcher ends the process as soon as the last
+/// request has finished (or leaves it to Pingora once the grace is over).
+fn drain_watcher(
+    mut phases: tokio::sync::broadcast::Receiver<ExecutionPhase>,
+    in_flight: Arc<AtomicUsize>,
+    grace: Duration,
+) {
+    loop {
+        match phases.blocking_recv() {
+            Ok(ExecutionPhase::ShutdownGracePeriod) => break,
+            Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        }
+    }
+    let deadline = std::time::Instant::now() + grace;
+    let mut idle_polls = 0;
+    while std::time::Instant::now() < deadline {
+        if in_flight.load(Ordering::Relaxed) == 0 {
+            idle_polls += 1;
+            // Two quiet polls in a row, so a connection accepted just before
+            // the listeners closed has had time to become a request.
+            if idle_polls >= 2 {
+                info!("no request in flight; exiting");
+                log::logger().flush();
+                std::process::exit(0);
+            }
+        } else {
+            idle_polls = 0;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    warn!(
+        "shutdown grace of {}s is over with {} request(s) still in flight",
+        grace.as_secs(),
+        in_flight.load(Ordering::Relaxed)
+    );
+}
+
+/// Pingora reports a listener it cannot build by panicking inside its
+/// service task and carrying on without it (cloudflare/pingora#502). The
+/// check above catches the ordinary cases; this turns the remaining race
+/// (the address taken between the check and the bind) into an exit too.
+fn exit_if_listeners_fail() {
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default_hook(info);
+        let msg = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if msg.contains("Failed to build listeners") {
+            error!("a listen address could not be bound; exiting");
+            std::process::exit(1);
+        }
+    }));
+}
+
+fn spawn_thread(name: &str, f: impl FnOnce() + Send + 'static) {
+    if let Err(e) = std::thread::Builder::new().name(name.into()).spawn(f) {
+        error!("cannot start the {name} thread: {e}");
+        std::process::exit(1);
+    }
+}

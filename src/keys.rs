@@ -1,0 +1,849 @@
+//! API keys: the key file format, and the compiled store the hot path asks.
+//!
+//! The key file is the one the Caddy + Flask setup already uses: a JSON (or
+//! YAML) object whose names are keys and whose values describe them. A name
+//! is either the plaintext key or `sha256:` followed by the key's SHA-256 in
+//! hex, so a key file need not hold secrets.
+//!
+//! At load every entry is reduced to its SHA-256 digest; a request's key is
+//! hashed once and looked up by digest. The cost of a check therefore does
+//! not grow with the number of keys, and no key is ever compared byte by
+//! byte. Entries are read one at a time from the parser (never as a whole
+//! document tree), so a file of a million keys costs little more memory than
+//! the store it becomes.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::hash::{BuildHasherDefault, Hash, Hasher};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use http::HeaderValue;
+use serde::de::value::MapAccessDeserializer;
+use serde::de::{DeserializeSeed, Error as _, MapAccess, Visitor};
+use serde::Deserialize;
+use sha2::{Digest as _, Sha256};
+
+use crate::error::LoadError;
+
+/// The prefix that marks a key file entry as a digest instead of a plaintext key.
+pub const DIGEST_PREFIX: &str = "sha256:";
+
+/// The SHA-256 of a key: what the store is indexed by.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct KeyDigest([u8; 32]);
+
+impl KeyDigest {
+    /// Hashes a presented or plaintext key.
+    pub fn of(key: &[u8]) -> KeyDigest {
+        KeyDigest(Sha256::digest(key).into())
+    }
+
+    /// Parses the 64 hex digits after `sha256:`.
+    pub fn from_hex(hex: &str) -> Option<KeyDigest> {
+        let bytes = hex.as_bytes();
+        if bytes.len() != 64 {
+            return None;
+        }
+        let mut out = [0u8; 32];
+        for (o, pair) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+            let hi = hex_val(*pair.first()?)?;
+            let lo = hex_val(*pair.get(1)?)?;
+            *o = hi << 4 | lo;
+        }
+        Some(KeyDigest(out))
+    }
+
+    /// The digest as 64 lowercase hex digits.
+    pub fn to_hex(&self) -> String {
+        let mut s = String::with_capacity(64);
+        for b in self.0 {
+            push_hex(&mut s, b);
+        }
+        s
+    }
+
+    /// The short id used to refer to a key in logs, errors and listings.
+    pub fn id(&self) -> KeyId {
+        let mut id = [0u8; KEY_ID_BYTES];
+        id.copy_from_slice(&self.0[..KEY_ID_BYTES]);
+        KeyId(id)
+    }
+}
+
+impl fmt::Debug for KeyDigest {
+    /// Shows the short id only, so a digest in a debug dump is no more
+    /// revealing than a log line.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "KeyDigest({})", self.id())
+    }
+}
+
+impl Hash for KeyDigest {
+    /// A digest is already uniformly random (and a client cannot choose the
+    /// digest of what it sends), so its first eight bytes are a perfectly
+    /// good hash; hashing it again would only cost time on every request.
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&self.0[..8]);
+        state.write_u64(u64::from_le_bytes(first));
+    }
+}
+
+/// Passes the `u64` that [`KeyDigest::hash`] writes straight through.
+#[derive(Default)]
+pub struct DigestHasher(u64);
+
+impl Hasher for DigestHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // Only reached if something other than a KeyDigest is hashed; FNV-1a
+        // keeps that correct, if slower.
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+}
+
+const KEY_ID_BYTES: usize = 6;
+
+/// A short, non-secret name for a key: the first 12 hex digits of its
+/// digest. Logs, error messages and listings use it; the key never appears.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub struct KeyId([u8; KEY_ID_BYTES]);
+
+impl fmt::Display for KeyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+fn hex_val(c: u8) -> Option<u8> {
+    match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        b'A'..=b'F' => Some(c - b'A' + 10),
+        _ => None,
+    }
+}
+
+fn push_hex(s: &mut String, b: u8) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    s.push(char::from(HEX[usize::from(b >> 4)]));
+    s.push(char::from(HEX[usize::from(b & 0xf)]));
+}
+
+/// An index into the route table's list of services.
+pub type ServiceId = u16;
+
+/// The services the routes serve, numbered once at load so a key's grant is
+/// a short list of numbers instead of strings.
+#[derive(Debug, Default)]
+pub struct ServiceTable {
+    ids: HashMap<String, ServiceId>,
+}
+
+impl ServiceTable {
+    /// Numbers `name` (idempotent).
+    pub fn intern(&mut self, name: &str) -> ServiceId {
+        if let Some(id) = self.ids.get(name) {
+            return *id;
+        }
+        let id = ServiceId::try_from(self.ids.len()).unwrap_or(ServiceId::MAX);
+        self.ids.insert(name.to_string(), id);
+        id
+    }
+
+    pub fn get(&self, name: &str) -> Option<ServiceId> {
+        self.ids.get(name).copied()
+    }
+
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+}
+
+/// Which services a key may use.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Grant {
+    /// `"*"`: every service.
+    All,
+    /// The listed services that some route serves, sorted.
+    Only(Box<[ServiceId]>),
+}
+
+impl Grant {
+    #[inline]
+    pub fn allows(&self, service: ServiceId) -> bool {
+        match self {
+            Grant::All => true,
+            Grant::Only(list) => list.contains(&service),
+        }
+    }
+}
+
+/// A key's holder, shared by all of that holder's keys. The header value
+/// sent upstream is built once here instead of on every request.
+#[derive(Debug)]
+pub struct User {
+    pub name: Arc<str>,
+    pub header: HeaderValue,
+}
+
+/// What the store keeps per key: small, so a million keys fit comfortably.
+#[derive(Debug, Clone, Copy)]
+struct KeyRecord {
+    user: u32,
+    grant: u32,
+    /// Milliseconds since the Unix epoch; `i64::MAX` for never.
+    expires_at_ms: i64,
+    disabled: bool,
+}
+
+/// Why a request's key was refused. The first four are 401s, the last 403.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyDenial {
+    Missing,
+    Unknown,
+    Expired,
+    Disabled,
+    /// A valid key that is not granted the route's service.
+    WrongService,
+}
+
+/// An accepted key.
+#[derive(Debug, Clone, Copy)]
+pub struct Principal<'a> {
+    pub id: KeyId,
+    pub user: &'a User,
+}
+
+/// The compiled, immutable key set.
+#[derive(Debug, Default)]
+pub struct KeyStore {
+    by_digest: HashMap<KeyDigest, KeyRecord, BuildHasherDefault<DigestHasher>>,
+    users: Vec<User>,
+    grants: Vec<Grant>,
+    /// How many entries were stored in plaintext in the file.
+    pub plaintext_entries: usize,
+    /// Services named by keys that no route serves (likely typos), with how
+    /// many keys name each.
+    pub unserved_services: BTreeMap<String, usize>,
+}
+
+impl KeyStore {
+    /// Reads and compiles the key file at `path` against the routes' services.
+    pub fn load(path: &Path, services: &ServiceTable) -> Result<KeyStore, LoadError> {
+        let text = std::fs::read_to_string(path).map_err(|e| LoadError::io(path, e))?;
+        KeyStore::parse(path, &text, services)
+    }
+
+    /// Parses key file text; JSON unless the file is named `.yaml`/`.yml`
+    /// or does not start with `{`.
+    pub fn parse(path: &Path, text: &str, services: &ServiceTable) -> Result<KeyStore, LoadError> {
+        let mut builder = KeyStoreBuilder::new(services);
+        let is_yaml_name = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| e.eq_ignore_ascii_case("yaml") || e.eq_ignore_ascii_case("yml"));
+        let looks_json = text.trim_start().starts_with('{');
+        if is_yaml_name || !looks_json {
+            let de = serde_yaml::Deserializer::from_str(text);
+            EntriesSeed(&mut builder)
+                .deserialize(de)
+                .map_err(|e| LoadError::from_yaml(path, &e))?;
+        } else {
+            let mut de = serde_json::Deserializer::from_str(text);
+            EntriesSeed(&mut builder)
+                .deserialize(&mut de)
+                .and_then(|()| de.end())
+                .map_err(|e| LoadError::from_json(path, &e))?;
+        }
+        Ok(builder.finish())
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_digest.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_digest.is_empty()
+    }
+
+    /// Decides whether `presented` (the raw key from the request) may use
+    /// `service` at `now_ms` (milliseconds since the Unix epoch). One SHA-256
+    /// and one map lookup, whatever the number of keys.
+    #[inline]
+    pub fn check(
+        &self,
+        presented: Option<&[u8]>,
+        service: ServiceId,
+        now_ms: i64,
+    ) -> Result<Principal<'_>, KeyDenial> {
+        let presented = match presented {
+            Some(k) if !k.is_empty() => k,
+            _ => return Err(KeyDenial::Missing),
+        };
+        let digest = KeyDigest::of(presented);
+        let rec = self.by_digest.get(&digest).ok_or(KeyDenial::Unknown)?;
+        if rec.disabled {
+            return Err(KeyDenial::Disabled);
+        }
+        if now_ms >= rec.expires_at_ms {
+            return Err(KeyDenial::Expired);
+        }
+        let grant = self
+            .grants
+            .get(rec.grant as usize)
+            .ok_or(KeyDenial::Unknown)?;
+        if !grant.allows(service) {
+            return Err(KeyDenial::WrongService);
+        }
+        let user = self
+            .users
+            .get(rec.user as usize)
+            .ok_or(KeyDenial::Unknown)?;
+        Ok(Principal {
+            id: digest.id(),
+            user,
+        })
+    }
+}
+
+/// Milliseconds since the Unix epoch, the unit expiry is kept in.
+pub fn unix_millis(t: SystemTime) -> i64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_millis()).unwrap_or(i64::MAX),
+        Err(e) => -i64::try_from(e.duration().as_millis()).unwrap_or(i64::MAX),
+    }
+}
+
+/// One key file entry as written. Fields the gateway does not know
+/// (`created_at`, notes, anything people annotate with) are ignored.
+#[derive(Deserialize)]
+struct RawEntry {
+    user: String,
+    #[serde(default)]
+    service: Option<String>,
+    #[serde(default)]
+    services: Option<Vec<String>>,
+    #[serde(default)]
+    expires_at: Option<String>,
+    #[serde(default)]
+    disabled: Option<bool>,
+}
+
+/// Parses an RFC 3339 timestamp (`2027-01-01T00:00:00Z`) into Unix millis.
+pub fn parse_timestamp(s: &str) -> Result<i64, String> {
+    let t = time::OffsetDateTime::parse(s.trim(), &time::format_description::well_known::Rfc3339)
+        .map_err(|_| {
+        format!("{s:?} is not an RFC 3339 timestamp such as 2027-01-01T00:00:00Z")
+    })?;
+    i64::try_from(t.unix_timestamp_nanos() / 1_000_000)
+        .map_err(|_| format!("{s:?} is out of range"))
+}
+
+/// Accumulates entries as the parser yields them.
+struct KeyStoreBuilder<'s> {
+    services: &'s ServiceTable,
+    store: KeyStore,
+    user_ids: HashMap<String, u32>,
+    grant_ids: HashMap<Grant, u32>,
+}
+
+impl<'s> KeyStoreBuilder<'s> {
+    fn new(services: &'s ServiceTable) -> Self {
+        KeyStoreBuilder {
+            services,
+            store: KeyStore::default(),
+            user_ids: HashMap::new(),
+            grant_ids: HashMap::new(),
+        }
+    }
+
+    fn add(&mut self, name: &str, raw: RawEntry) -> Result<(), String> {
+        let (digest, plaintext) = match name.strip_prefix(DIGEST_PREFIX) {
+            Some(hex) => {
+                let d = KeyDigest::from_hex(hex).ok_or_else(|| {
+                    format!(
+                        "entry for user {:?}: `sha256:` must be followed by 64 hex digits",
+                        raw.user
+                    )
+                })?;
+                (d, false)
+            }
+            None => {
+                if name.is_empty() {
+                    return Err(format!("entry for user {:?}: the key is empty", raw.user));
+                }
+                // HTTP trims and forbids these in header values, so such a
+                // key could never be presented.
+                if name
+                    .bytes()
+                    .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+                {
+                    return Err(format!(
+                        "key {} (user {:?}) contains whitespace or control characters",
+                        KeyDigest::of(name.as_bytes()).id(),
+                        raw.user
+                    ));
+                }
+                (KeyDigest::of(name.as_bytes()), true)
+            }
+        };
+        let id = digest.id();
+
+        let grant = match (raw.service, raw.services) {
+            (Some(_), Some(_)) => {
+                return Err(format!(
+                    "key {id} (user {:?}): give `service` or `services`, not both",
+                    raw.user
+                ))
+            }
+            (None, None) => {
+                return Err(format!(
+                    "key {id} (user {:?}): `service` or `services` is required",
+                    raw.user
+                ))
+            }
+            (Some(one), None) => self.grant_for(&[one]),
+            (None, Some(list)) => {
+                if list.is_empty() {
+                    return Err(format!(
+                        "key {id} (user {:?}): `services` is empty",
+                        raw.user
+                    ));
+                }
+                self.grant_for(&list)
+            }
+        };
+        let expires_at_ms = match raw.expires_at.as_deref() {
+            None => i64::MAX,
+            Some(s) => parse_timestamp(s)
+                .map_err(|e| format!("key {id} (user {:?}): expires_at: {e}", raw.user))?,
+        };
+        if raw.user.trim().is_empty() {
+            return Err(format!("key {id}: `user` is empty"));
+        }
+        let user = self
+            .user_for(&raw.user)
+            .map_err(|e| format!("key {id}: {e}"))?;
+
+        let record = KeyRecord {
+            user,
+            grant,
+            expires_at_ms,
+            disabled: raw.disabled.unwrap_or(false),
+        };
+        if let Some(prev) = self.store.by_digest.insert(digest, record) {
+            let prev_user = self
+                .store
+                .users
+                .get(prev.user as usize)
+                .map_or("?", |u| &u.name);
+            return Err(format!(
+                "key {id} is listed twice (for user {prev_user:?} and for user {:?}), for example once in plaintext and once as its sha256 digest; remove one",
+                raw.user
+            ));
+        }
+        if plaintext {
+            self.store.plaintext_entries += 1;
+        }
+        Ok(())
+    }
+
+    fn user_for(&mut self, name: &str) -> Result<u32, String> {
+        if let Some(id) = self.user_ids.get(name) {
+            return Ok(*id);
+        }
+        let header = HeaderValue::from_bytes(name.as_bytes()).map_err(|_| {
+            format!("user {name:?} contains characters that cannot be sent in an HTTP header")
+        })?;
+        let id = u32::try_from(self.store.users.len()).map_err(|_| "too many users".to_string())?;
+        self.store.users.push(User {
+            name: Arc::from(name),
+            header,
+        });
+        self.user_ids.insert(name.to_string(), id);
+        Ok(id)
+    }
+
+    fn grant_for(&mut self, names: &[String]) -> u32 {
+        let grant = if names.iter().any(|s| s == "*") {
+            Grant::All
+        } else {
+            let mut ids: Vec<ServiceId> = Vec::with_capacity(names.len());
+            for n in names {
+                match self.services.get(n) {
+                    Some(id) => ids.push(id),
+                    None => *self.store.unserved_services.entry(n.clone()).or_insert(0) += 1,
+                }
+            }
+            ids.sort_unstable();
+            ids.dedup();
+            Grant::Only(ids.into_boxed_slice())
+        };
+        if let Some(id) = self.grant_ids.get(&grant) {
+            return *id;
+        }
+        let id = u32::try_from(self.store.grants.len()).unwrap_or(u32::MAX);
+        self.store.grants.push(grant.clone());
+        self.grant_ids.insert(grant, id);
+        id
+    }
+
+    fn finish(mut self) -> KeyStore {
+        self.store.by_digest.shrink_to_fit();
+        self.store
+    }
+}
+
+/// Drives the parser over the top-level object one entry at a time.
+struct EntriesSeed<'b, 's>(&'b mut KeyStoreBuilder<'s>);
+
+impl<'de> DeserializeSeed<'de> for EntriesSeed<'_, '_> {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for EntriesSeed<'_, '_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an object mapping each key (or sha256:<hex digest>) to {user, service | services, ...}")
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> Result<(), E> {
+        // An empty YAML document: no keys.
+        Ok(())
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        if let Some(hint) = map.size_hint() {
+            self.0.store.by_digest.reserve(hint);
+        }
+        while let Some(name) = map.next_key::<String>()? {
+            map.next_value_seed(EntrySeed {
+                name: &name,
+                builder: &mut *self.0,
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// Parses and adds one entry. The entry is checked while the parser is still
+/// inside it, so the parser reports the entry's own line with any error.
+struct EntrySeed<'n, 'b, 's> {
+    name: &'n str,
+    builder: &'b mut KeyStoreBuilder<'s>,
+}
+
+impl<'de> DeserializeSeed<'de> for EntrySeed<'_, '_, '_> {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for EntrySeed<'_, '_, '_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(
+            f,
+            "an object such as {{\"user\": ..., \"service\": ...}} for key {}",
+            name_id(self.name)
+        )
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<(), A::Error> {
+        let raw = RawEntry::deserialize(MapAccessDeserializer::new(map)).map_err(|e| {
+            // serde's message names the field, never the key.
+            A::Error::custom(format!("entry for key {}: {e}", name_id(self.name)))
+        })?;
+        self.builder.add(self.name, raw).map_err(A::Error::custom)
+    }
+}
+
+/// The id of an entry name, whether it is plaintext or a digest.
+fn name_id(name: &str) -> KeyId {
+    match name
+        .strip_prefix(DIGEST_PREFIX)
+        .and_then(KeyDigest::from_hex)
+    {
+        Some(d) => d.id(),
+        None => KeyDigest::of(name.as_bytes()).id(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn services() -> ServiceTable {
+        let mut s = ServiceTable::default();
+        s.intern("chat");
+        s.intern("tts");
+        s
+    }
+
+    fn parse(name: &str, text: &str) -> Result<KeyStore, LoadError> {
+        KeyStore::parse(Path::new(name), text, &services())
+    }
+
+    fn err(name: &str, text: &str) -> String {
+        parse(name, text)
+            .expect_err("should be rejected")
+            .to_string()
+    }
+
+    const NOW: i64 = 1_800_000_000_000;
+
+    #[test]
+    fn flask_format_is_read_as_is() {
+        let ann = KeyDigest::of(b"ann-key").to_hex();
+        let text = format!(
+            r#"{{
+  "e5c4b8c2-537c-47af-94a8-c8489709b49b": {{"user": "beano", "service": "tts", "created_at": "2025-06-01T18:58:30.356Z"}},
+  "sha256:{ann}": {{"user": "ann", "services": ["chat", "tts"], "expires_at": "2027-01-01T00:00:00Z", "note": "laptop"}},
+  "k3": {{"user": "bob", "service": "*", "disabled": true}}
+}}"#
+        );
+        let s = parse("keys.json", &text).unwrap();
+        assert_eq!(s.len(), 3);
+        assert_eq!(s.plaintext_entries, 2);
+        let tts = services().get("tts").unwrap();
+        let chat = services().get("chat").unwrap();
+        let p = s
+            .check(Some(b"e5c4b8c2-537c-47af-94a8-c8489709b49b"), tts, NOW)
+            .unwrap();
+        assert_eq!(&*p.user.name, "beano");
+        assert_eq!(p.user.header, "beano");
+        assert_eq!(
+            s.check(Some(b"e5c4b8c2-537c-47af-94a8-c8489709b49b"), chat, NOW)
+                .unwrap_err(),
+            KeyDenial::WrongService
+        );
+        // ann's key expires at 2027-01-01 = 1798761600000 ms.
+        assert!(s.check(Some(b"ann-key"), chat, 1_798_761_599_999).is_ok());
+        assert_eq!(
+            s.check(Some(b"ann-key"), chat, 1_798_761_600_000)
+                .unwrap_err(),
+            KeyDenial::Expired
+        );
+        assert_eq!(
+            s.check(Some(b"k3"), chat, NOW).unwrap_err(),
+            KeyDenial::Disabled
+        );
+        assert_eq!(
+            s.check(Some(b"nope"), chat, NOW).unwrap_err(),
+            KeyDenial::Unknown
+        );
+        assert_eq!(s.check(None, chat, NOW).unwrap_err(), KeyDenial::Missing);
+        assert_eq!(
+            s.check(Some(b""), chat, NOW).unwrap_err(),
+            KeyDenial::Missing
+        );
+    }
+
+    #[test]
+    fn wildcard_allows_every_service() {
+        let s = parse("k.json", r#"{"k": {"user": "u", "service": "*"}}"#).unwrap();
+        assert!(s.check(Some(b"k"), 0, NOW).is_ok());
+        assert!(s.check(Some(b"k"), 1, NOW).is_ok());
+    }
+
+    #[test]
+    fn yaml_is_accepted() {
+        let s = parse(
+            "keys.yaml",
+            "k1:\n  user: a\n  services: [chat]\nk2: {user: b, service: tts}\n",
+        )
+        .unwrap();
+        assert_eq!(s.len(), 2);
+        assert!(s.check(Some(b"k1"), 0, NOW).is_ok());
+        let empty = parse("keys.yaml", "").unwrap();
+        assert!(empty.is_empty());
+    }
+
+    #[test]
+    fn uppercase_digest_is_accepted() {
+        let hex = KeyDigest::of(b"x").to_hex().to_uppercase();
+        let s = parse(
+            "k.json",
+            &format!(r#"{{"sha256:{hex}": {{"user": "u", "service": "chat"}}}}"#),
+        )
+        .unwrap();
+        assert!(s.check(Some(b"x"), 0, NOW).is_ok());
+        assert_eq!(s.plaintext_entries, 0);
+    }
+
+    #[test]
+    fn unserved_services_are_counted() {
+        let s = parse("k.json", r#"{"a": {"user": "u", "service": "tss"}, "b": {"user": "u", "services": ["tss", "chat"]}}"#).unwrap();
+        assert_eq!(s.unserved_services.get("tss"), Some(&2));
+        assert_eq!(
+            s.check(Some(b"a"), 1, NOW).unwrap_err(),
+            KeyDenial::WrongService
+        );
+    }
+
+    #[test]
+    fn syntax_error_has_line_and_column() {
+        let e = err(
+            "keys.json",
+            "{\n  \"k\": {\"user\": \"u\", \"service\": \"chat\"},\n  oops\n}",
+        );
+        assert!(e.starts_with("keys.json:3:"), "{e}");
+    }
+
+    #[test]
+    fn both_service_fields_is_an_error_without_the_key() {
+        let e = err("k.json", "{\n\"secret-key-1\": {\"user\": \"u\", \"service\": \"chat\", \"services\": [\"tts\"]}\n}");
+        assert!(e.contains("not both"), "{e}");
+        assert!(
+            e.contains(&KeyDigest::of(b"secret-key-1").id().to_string()),
+            "{e}"
+        );
+        assert!(!e.contains("secret-key-1"), "{e}");
+        assert!(e.starts_with("k.json:2:"), "{e}");
+    }
+
+    #[test]
+    fn neither_service_field_is_an_error() {
+        let e = err("k.json", r#"{"secret-key-2": {"user": "u"}}"#);
+        assert!(e.contains("is required"), "{e}");
+        assert!(!e.contains("secret-key-2"), "{e}");
+        let e = err(
+            "k.json",
+            r#"{"secret-key-2": {"user": "u", "services": []}}"#,
+        );
+        assert!(e.contains("`services` is empty"), "{e}");
+    }
+
+    #[test]
+    fn missing_user_and_wrong_types_do_not_leak_the_key() {
+        let e = err("k.json", r#"{"secret-key-3": {"service": "chat"}}"#);
+        assert!(e.contains("missing field `user`"), "{e}");
+        assert!(!e.contains("secret-key-3"), "{e}");
+        let e = err(
+            "k.json",
+            r#"{"secret-key-3": {"user": "u", "service": "chat", "disabled": "yes"}}"#,
+        );
+        assert!(!e.contains("secret-key-3"), "{e}");
+        let e = err("k.json", r#"{"secret-key-3": "u"}"#);
+        assert!(!e.contains("secret-key-3"), "{e}");
+        let e = err(
+            "k.json",
+            r#"{"secret-key-3": {"user": " ", "service": "chat"}}"#,
+        );
+        assert!(e.contains("`user` is empty"), "{e}");
+    }
+
+    #[test]
+    fn bad_expiry() {
+        let e = err(
+            "k.json",
+            r#"{"k": {"user": "u", "service": "chat", "expires_at": "next week"}}"#,
+        );
+        assert!(e.contains("expires_at") && e.contains("RFC 3339"), "{e}");
+    }
+
+    #[test]
+    fn bad_digest() {
+        let e = err(
+            "k.json",
+            r#"{"sha256:abc": {"user": "u", "service": "chat"}}"#,
+        );
+        assert!(e.contains("64 hex digits"), "{e}");
+        let bad = "g".repeat(64);
+        let e = err(
+            "k.json",
+            &format!(r#"{{"sha256:{bad}": {{"user": "u", "service": "chat"}}}}"#),
+        );
+        assert!(e.contains("64 hex digits"), "{e}");
+    }
+
+    #[test]
+    fn unusable_plaintext_keys() {
+        let e = err("k.json", r#"{"": {"user": "u", "service": "chat"}}"#);
+        assert!(e.contains("the key is empty"), "{e}");
+        let e = err(
+            "k.json",
+            r#"{"has space": {"user": "u", "service": "chat"}}"#,
+        );
+        assert!(e.contains("whitespace"), "{e}");
+        assert!(!e.contains("has space"), "{e}");
+    }
+
+    #[test]
+    fn user_that_cannot_be_a_header() {
+        let e = err("k.json", r#"{"k": {"user": "a\nb", "service": "chat"}}"#);
+        assert!(e.contains("HTTP header"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_plaintext_and_digest_names_both_entries() {
+        let hex = KeyDigest::of(b"dup-key").to_hex();
+        let text = format!(
+            "{{\n\"dup-key\": {{\"user\": \"ann\", \"service\": \"chat\"}},\n\"sha256:{hex}\": {{\"user\": \"bob\", \"service\": \"tts\"}}\n}}"
+        );
+        let e = err("k.json", &text);
+        assert!(e.contains("listed twice"), "{e}");
+        assert!(e.contains("\"ann\"") && e.contains("\"bob\""), "{e}");
+        assert!(
+            e.contains(&KeyDigest::of(b"dup-key").id().to_string()),
+            "{e}"
+        );
+        assert!(!e.contains("dup-key\""), "{e}");
+    }
+
+    #[test]
+    fn not_an_object() {
+        let e = err("k.json", "[1, 2]");
+        assert!(
+            e.contains("expected an object") || e.contains("invalid type"),
+            "{e}"
+        );
+        let e = err("k.json", "{} trailing");
+        assert!(e.contains("trailing"), "{e}");
+    }
+
+    #[test]
+    fn digest_hex_round_trips_and_id_is_a_prefix() {
+        let d = KeyDigest::of(b"abc");
+        assert_eq!(
+            d.to_hex(),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert!(KeyDigest::from_hex(&d.to_hex()) == Some(d));
+        assert_eq!(d.id().to_string(), "ba7816bf8f01");
+    }
+
+    #[test]
+    fn timestamps() {
+        assert_eq!(parse_timestamp("1970-01-01T00:00:01Z"), Ok(1000));
+        assert_eq!(
+            parse_timestamp("2025-06-01T18:58:30.356Z"),
+            Ok(1_748_804_310_356)
+        );
+        assert_eq!(parse_timestamp("1970-01-01T01:00:00+01:00"), Ok(0));
+        assert!(parse_timestamp("2025-06-01").is_err());
+    }
+}

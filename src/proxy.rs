@@ -1,0 +1,348 @@
+//! The Pingora `ProxyHttp` implementation: the whole path of a request.
+//!
+//! ```text
+//!  client ─▶ early_request_filter   bound downstream keep-alive
+//!         ─▶ request_filter         load snapshot once; route, method, key
+//!              │ denied ─▶ JSON 400/401/403/404/405, done
+//!         ─▶ upstream_peer          round-robin over the route's peers
+//!         ─▶ upstream_request_filter strip credentials, add X-Gateway-User,
+//!                                   strip the prefix
+//!         ◀─▶ bodies stream both ways, chunk by chunk (Pingora's default)
+//!         ─▶ fail_to_proxy          502/504 with a JSON body
+//! ```
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use http::HeaderValue;
+use log::debug;
+use pingora::http::ResponseHeader;
+use pingora::prelude::*;
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::{ErrorSource, ErrorType};
+
+use crate::keys::{unix_millis, KeyDenial, KeyId};
+use crate::snapshot::{presented_key, Denial, SharedSnapshot, Snapshot};
+
+/// How long an idle client keep-alive connection is kept open. Pingora's
+/// default is forever, which lets idle clients pile up.
+pub const CLIENT_KEEPALIVE_SECS: u64 = 60;
+
+/// The `WWW-Authenticate` challenge sent with every 401.
+const CHALLENGE: &str = "Bearer realm=\"ai-gateway\"";
+
+/// The gateway's proxy logic. Cheap to share: it holds the snapshot handle
+/// and a counter of requests in flight (read at shutdown).
+pub struct Gateway {
+    snapshot: SharedSnapshot,
+    in_flight: Arc<AtomicUsize>,
+}
+
+impl Gateway {
+    pub fn new(snapshot: SharedSnapshot, in_flight: Arc<AtomicUsize>) -> Self {
+        Gateway {
+            snapshot,
+            in_flight,
+        }
+    }
+}
+
+/// Per-request state, filled by `request_filter` for admitted requests.
+pub struct RequestCtx {
+    /// The snapshot this request was decided against; kept to its end so a
+    /// reload cannot change the route under it.
+    snapshot: Option<Arc<Snapshot>>,
+    route_index: usize,
+    user: Option<HeaderValue>,
+    key_id: Option<KeyId>,
+    _in_flight: InFlight,
+}
+
+/// Counts a request as in flight from its context's creation to its drop.
+struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn new(counter: &Arc<AtomicUsize>) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        InFlight(Arc::clone(counter))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// An answer the gateway gives itself: status, stable JSON body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reply {
+    pub status: u16,
+    pub body: &'static str,
+}
+
+impl Reply {
+    const fn new(status: u16, body: &'static str) -> Self {
+        Reply { status, body }
+    }
+}
+
+/// The reply for each denial. The messages are part of the interface:
+/// clients may match on them, so they do not change.
+pub fn denial_reply(d: Denial) -> Reply {
+    match d {
+        Denial::BadPath => Reply::new(400, r#"{"error":"invalid path"}"#),
+        Denial::NoRoute => Reply::new(404, r#"{"error":"no route for this path"}"#),
+        Denial::MethodNotAllowed { .. } => Reply::new(405, r#"{"error":"method not allowed"}"#),
+        Denial::Key(KeyDenial::Missing) => Reply::new(401, r#"{"error":"missing api key"}"#),
+        Denial::Key(KeyDenial::Unknown) => Reply::new(401, r#"{"error":"invalid api key"}"#),
+        Denial::Key(KeyDenial::Expired) => Reply::new(401, r#"{"error":"api key expired"}"#),
+        Denial::Key(KeyDenial::Disabled) => Reply::new(401, r#"{"error":"api key revoked"}"#),
+        Denial::Key(KeyDenial::WrongService) => {
+            Reply::new(403, r#"{"error":"api key not allowed for this service"}"#)
+        }
+    }
+}
+
+/// The reply for a proxying failure, by HTTP status.
+pub fn error_reply(status: u16) -> Reply {
+    match status {
+        502 => Reply::new(502, r#"{"error":"upstream unavailable"}"#),
+        504 => Reply::new(504, r#"{"error":"upstream timed out"}"#),
+        500 => Reply::new(500, r#"{"error":"internal error"}"#),
+        413 => Reply::new(413, r#"{"error":"request body too large"}"#),
+        s if (400..500).contains(&s) => Reply::new(s, r#"{"error":"bad request"}"#),
+        s => Reply::new(s, r#"{"error":"gateway error"}"#),
+    }
+}
+
+/// Which status a proxying error becomes. Pingora's default maps every
+/// upstream error to 502; a timeout talking to the upstream is a 504.
+pub fn error_status(e: &Error) -> u16 {
+    use ErrorType::*;
+    match (e.etype(), e.esource()) {
+        (HTTPStatus(code), _) => *code,
+        (
+            ConnectTimedout | ReadTimedout | WriteTimedout | TLSHandshakeTimedout,
+            ErrorSource::Upstream,
+        ) => 504,
+        (_, ErrorSource::Upstream) => 502,
+        // The client is gone: there is nobody to answer.
+        (WriteError | ReadError | ConnectionClosed, ErrorSource::Downstream) => 0,
+        (_, ErrorSource::Downstream) => 400,
+        _ => 500,
+    }
+}
+
+/// Writes `reply` as a complete JSON response and closes the connection
+/// afterwards (an unread request body is never drained into the void).
+async fn send_reply(
+    session: &mut Session,
+    reply: Reply,
+    allow: Option<&HeaderValue>,
+) -> Result<()> {
+    let mut resp = ResponseHeader::build(reply.status, Some(5))?;
+    resp.insert_header("content-type", "application/json")?;
+    resp.insert_header("content-length", reply.body.len())?;
+    resp.insert_header("cache-control", "no-store")?;
+    if reply.status == 401 {
+        resp.insert_header("www-authenticate", CHALLENGE)?;
+    }
+    if let Some(allow) = allow {
+        resp.insert_header("allow", allow.clone())?;
+    }
+    session
+        .as_downstream_mut()
+        .write_error_response(resp, Bytes::from_static(reply.body.as_bytes()))
+        .await
+}
+
+fn internal(why: &'static str) -> Box<Error> {
+    Error::explain(ErrorType::InternalError, why)
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx {
+            snapshot: None,
+            route_index: 0,
+            user: None,
+            key_id: None,
+            _in_flight: InFlight::new(&self.in_flight),
+        }
+    }
+
+    async fn early_request_filter(
+        &self,
+        session: &mut Session,
+        _ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        session.set_keepalive(Some(CLIENT_KEEPALIVE_SECS));
+        Ok(())
+    }
+
+    /// Route, method and key: the one decision, against one snapshot load.
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let snapshot = self.snapshot.load_full();
+        let now_ms = unix_millis(SystemTime::now());
+        let req = session.req_header();
+        let decision = snapshot.decide(
+            &req.method,
+            req.uri.path(),
+            presented_key(&req.headers),
+            now_ms,
+        );
+        match decision {
+            Ok(admitted) => {
+                ctx.route_index = admitted.route_index;
+                ctx.user = Some(admitted.principal.user.header.clone());
+                ctx.key_id = Some(admitted.principal.id);
+                ctx.snapshot = Some(Arc::clone(&snapshot));
+                Ok(false)
+            }
+            Err(denial) => {
+                debug!("denied {:?} {}: {:?}", req.method, req.uri.path(), denial);
+                let allow = match denial {
+                    Denial::MethodNotAllowed { route_index } => snapshot
+                        .router
+                        .get(route_index)
+                        .and_then(|r| r.allow_header()),
+                    _ => None,
+                };
+                send_reply(session, denial_reply(denial), allow).await?;
+                Ok(true)
+            }
+        }
+    }
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
+        let snapshot = ctx
+            .snapshot
+            .as_ref()
+            .ok_or_else(|| internal("no snapshot"))?;
+        let route = snapshot
+            .router
+            .get(ctx.route_index)
+            .ok_or_else(|| internal("no route"))?;
+        let peer = route
+            .next_peer()
+            .ok_or_else(|| internal("route without upstreams"))?;
+        Ok(Box::new(peer.clone()))
+    }
+
+    /// The credential never goes upstream; the user it belongs to does.
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        upstream_request.remove_header("x-api-key");
+        upstream_request.remove_header("authorization");
+        if let Some(user) = ctx.user.clone() {
+            upstream_request.insert_header("x-gateway-user", user)?;
+        }
+        let snapshot = ctx
+            .snapshot
+            .as_ref()
+            .ok_or_else(|| internal("no snapshot"))?;
+        let route = snapshot
+            .router
+            .get(ctx.route_index)
+            .ok_or_else(|| internal("no route"))?;
+        let uri = &upstream_request.uri;
+        if let Some(target) = route.upstream_target(uri.path(), uri.query()) {
+            upstream_request.set_raw_path(&target)?;
+        }
+        Ok(())
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        _ctx: &mut RequestCtx,
+    ) -> FailToProxy {
+        let status = error_status(e);
+        if status > 0 {
+            if let Err(err) = send_reply(session, error_reply(status), None).await {
+                debug!("could not send the error response: {err}");
+            }
+        }
+        FailToProxy {
+            error_code: status,
+            can_reuse_downstream: false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_reply_body_is_json_with_an_error_field() {
+        let denials = [
+            Denial::BadPath,
+            Denial::NoRoute,
+            Denial::MethodNotAllowed { route_index: 0 },
+            Denial::Key(KeyDenial::Missing),
+            Denial::Key(KeyDenial::Unknown),
+            Denial::Key(KeyDenial::Expired),
+            Denial::Key(KeyDenial::Disabled),
+            Denial::Key(KeyDenial::WrongService),
+        ];
+        let replies = denials
+            .into_iter()
+            .map(denial_reply)
+            .chain([400, 413, 500, 502, 504, 599].into_iter().map(error_reply));
+        for r in replies {
+            let v: serde_json::Value = serde_json::from_str(r.body).unwrap();
+            assert!(
+                v.get("error").and_then(|e| e.as_str()).is_some(),
+                "{}",
+                r.body
+            );
+        }
+    }
+
+    #[test]
+    fn statuses_for_denials() {
+        assert_eq!(denial_reply(Denial::NoRoute).status, 404);
+        assert_eq!(denial_reply(Denial::Key(KeyDenial::Expired)).status, 401);
+        assert_eq!(
+            denial_reply(Denial::Key(KeyDenial::WrongService)).status,
+            403
+        );
+        assert_eq!(
+            denial_reply(Denial::MethodNotAllowed { route_index: 1 }).status,
+            405
+        );
+    }
+
+    #[test]
+    fn upstream_timeouts_are_504_and_other_upstream_errors_502() {
+        let e = Error::new_up(ErrorType::ReadTimedout);
+        assert_eq!(error_status(&e), 504);
+        let e = Error::new_up(ErrorType::ConnectTimedout);
+        assert_eq!(error_status(&e), 504);
+        let e = Error::new_up(ErrorType::ConnectRefused);
+        assert_eq!(error_status(&e), 502);
+        let e = Error::new_down(ErrorType::ReadError);
+        assert_eq!(error_status(&e), 0);
+        let e = Error::new_down(ErrorType::InvalidHTTPHeader);
+        assert_eq!(error_status(&e), 400);
+        assert_eq!(error_status(&Error::new(ErrorType::HTTPStatus(413))), 413);
+        assert_eq!(error_status(&Error::new(ErrorType::InternalError)), 500);
+    }
+}

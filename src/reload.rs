@@ -1,0 +1,66 @@
+//! Reloading: re-read the config and the key file, validate them completely,
+//! and only then swap the new snapshot in.
+//!
+//! Reloads run on a dedicated thread, never on a serving thread, so parsing
+//! a large key file cannot stall requests. A failed reload changes nothing:
+//! the running snapshot stays and the error is logged with the file and the
+//! reason.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use log::{error, info, warn};
+
+use crate::error::LoadError;
+use crate::snapshot::{load_timed, SharedSnapshot};
+
+/// Rebuilds and swaps the shared snapshot.
+pub struct Reloader {
+    config_path: PathBuf,
+    shared: SharedSnapshot,
+}
+
+impl Reloader {
+    pub fn new(config_path: &Path, shared: SharedSnapshot) -> Self {
+        Reloader {
+            config_path: config_path.to_path_buf(),
+            shared,
+        }
+    }
+
+    /// Loads a new snapshot and swaps it in; on failure keeps the current one.
+    /// `why` names the trigger in the log line (`SIGHUP`, a file change).
+    pub fn reload(&self, why: &str) -> Result<u64, LoadError> {
+        let current = self.shared.load_full();
+        let generation = current.generation + 1;
+        match load_timed(&self.config_path, generation) {
+            Ok((snapshot, took)) => {
+                let restart = current.config.restart_only_differences(&snapshot.config);
+                if !restart.is_empty() {
+                    warn!(
+                        "reload ({why}): {} changed in {}; the new value needs a restart, the old one stays in effect",
+                        restart.join(", "),
+                        self.config_path.display()
+                    );
+                }
+                for w in snapshot.warnings() {
+                    warn!("{w}");
+                }
+                info!(
+                    "reload ({why}): generation {generation}, {} in {} ms",
+                    snapshot.summary(),
+                    took.as_millis()
+                );
+                self.shared.store(Arc::new(snapshot));
+                Ok(generation)
+            }
+            Err(e) => {
+                error!(
+                    "reload ({why}) failed, still serving generation {}: {e}",
+                    current.generation
+                );
+                Err(e)
+            }
+        }
+    }
+}

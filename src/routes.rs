@@ -1,0 +1,296 @@
+//! Routes: longest-prefix matching from a table built once at load, and each
+//! route's upstream peers, built once with their timeouts.
+//!
+//! Prefixes are grouped by length. A lookup walks the distinct lengths from
+//! longest to shortest and makes one hash lookup of the path's first `len`
+//! bytes per length, so its cost depends on how many different prefix
+//! lengths there are, not on how many routes.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use http::{HeaderValue, Method};
+use pingora::upstreams::peer::HttpPeer;
+
+use crate::config::RouteSpec;
+use crate::keys::{ServiceId, ServiceTable};
+
+/// How long an idle upstream connection stays in the pool. Short enough to
+/// stay below the idle timeouts that model servers' HTTP stacks use, so a
+/// pooled connection is not closed under us as we reuse it.
+pub const UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One compiled route.
+#[derive(Debug)]
+pub struct Route {
+    pub name: String,
+    pub prefix: String,
+    /// `None` allows every method.
+    methods: Option<Box<[Method]>>,
+    /// The `Allow` header for 405 answers, built once.
+    allow: Option<HeaderValue>,
+    pub service: ServiceId,
+    pub service_name: String,
+    pub strip_prefix: bool,
+    peers: Box<[HttpPeer]>,
+    next: AtomicUsize,
+}
+
+impl Route {
+    fn build(spec: &RouteSpec, services: &mut ServiceTable) -> Route {
+        let methods: Option<Box<[Method]>> = spec.methods.as_ref().map(|ms| {
+            ms.iter()
+                .filter_map(|m| Method::from_bytes(m.as_bytes()).ok())
+                .collect()
+        });
+        let allow = spec
+            .methods
+            .as_ref()
+            .and_then(|ms| HeaderValue::from_str(&ms.join(", ")).ok());
+        let peers = spec
+            .upstreams
+            .iter()
+            .map(|addr| make_peer(*addr, spec.connect_timeout, spec.read_timeout))
+            .collect();
+        Route {
+            name: spec.name.clone(),
+            prefix: spec.path_prefix.clone(),
+            methods,
+            allow,
+            service: services.intern(&spec.service),
+            service_name: spec.service.clone(),
+            strip_prefix: spec.strip_prefix,
+            peers,
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    #[inline]
+    pub fn allows_method(&self, method: &Method) -> bool {
+        self.methods.as_ref().is_none_or(|ms| ms.contains(method))
+    }
+
+    /// The value of the `Allow` header for a 405 from this route.
+    pub fn allow_header(&self) -> Option<&HeaderValue> {
+        self.allow.as_ref()
+    }
+
+    /// The next upstream in round-robin order.
+    #[inline]
+    pub fn next_peer(&self) -> Option<&HttpPeer> {
+        let n = self.peers.len();
+        if n == 1 {
+            return self.peers.first();
+        }
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % n.max(1);
+        self.peers.get(i)
+    }
+
+    pub fn upstreams(&self) -> impl Iterator<Item = &HttpPeer> {
+        self.peers.iter()
+    }
+
+    /// The request target to send upstream for `path` (which this route
+    /// matched) and `query`, or `None` when it is unchanged.
+    ///
+    /// With `strip_prefix`, `/chat/api/generate` on prefix `/chat/` goes
+    /// upstream as `/api/generate`; the result always starts with `/`.
+    pub fn upstream_target(&self, path: &str, query: Option<&str>) -> Option<Vec<u8>> {
+        if !self.strip_prefix {
+            return None;
+        }
+        // Keep the prefix's trailing slash as the new path's leading one.
+        let cut = if self.prefix.ends_with('/') {
+            self.prefix.len() - 1
+        } else {
+            self.prefix.len()
+        };
+        let rest = path.get(cut..).unwrap_or("");
+        let mut out = Vec::with_capacity(rest.len() + 2 + query.map_or(0, |q| q.len() + 1));
+        if !rest.starts_with('/') {
+            out.push(b'/');
+        }
+        out.extend_from_slice(rest.as_bytes());
+        if let Some(q) = query {
+            out.push(b'?');
+            out.extend_from_slice(q.as_bytes());
+        }
+        Some(out)
+    }
+}
+
+fn make_peer(addr: SocketAddr, connect: Duration, read: Duration) -> HttpPeer {
+    let mut peer = HttpPeer::new(addr, false, String::new());
+    peer.options.connection_timeout = Some(connect);
+    peer.options.total_connection_timeout = Some(connect);
+    peer.options.read_timeout = Some(read);
+    peer.options.write_timeout = Some(read);
+    peer.options.idle_timeout = Some(UPSTREAM_IDLE_TIMEOUT);
+    peer
+}
+
+/// All routes, and the longest-prefix index over them.
+#[derive(Debug)]
+pub struct Router {
+    routes: Vec<Route>,
+    /// `(prefix length, prefix -> route index)`, longest length first.
+    by_len: Vec<(usize, HashMap<Box<[u8]>, usize>)>,
+}
+
+impl Router {
+    /// Compiles `specs`, numbering their services in `services`.
+    pub fn build(specs: &[RouteSpec], services: &mut ServiceTable) -> Router {
+        let routes: Vec<Route> = specs.iter().map(|s| Route::build(s, services)).collect();
+        let mut groups: HashMap<usize, HashMap<Box<[u8]>, usize>> = HashMap::new();
+        for (i, r) in routes.iter().enumerate() {
+            groups
+                .entry(r.prefix.len())
+                .or_default()
+                .insert(r.prefix.as_bytes().into(), i);
+        }
+        let mut by_len: Vec<_> = groups.into_iter().collect();
+        by_len.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        Router { routes, by_len }
+    }
+
+    /// The route with the longest prefix of `path`, with its index.
+    #[inline]
+    pub fn find(&self, path: &str) -> Option<(usize, &Route)> {
+        let bytes = path.as_bytes();
+        for (len, table) in &self.by_len {
+            let Some(head) = bytes.get(..*len) else {
+                continue;
+            };
+            if let Some(&i) = table.get(head) {
+                return self.routes.get(i).map(|r| (i, r));
+            }
+        }
+        None
+    }
+
+    pub fn get(&self, index: usize) -> Option<&Route> {
+        self.routes.get(index)
+    }
+
+    pub fn routes(&self) -> &[Route] {
+        &self.routes
+    }
+
+    pub fn len(&self) -> usize {
+        self.routes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(name: &str, prefix: &str, strip: bool) -> RouteSpec {
+        RouteSpec {
+            name: name.into(),
+            path_prefix: prefix.into(),
+            methods: None,
+            service: name.into(),
+            strip_prefix: strip,
+            upstreams: vec![
+                "127.0.0.1:1".parse().unwrap(),
+                "127.0.0.1:2".parse().unwrap(),
+            ],
+            connect_timeout: Duration::from_secs(1),
+            read_timeout: Duration::from_secs(2),
+        }
+    }
+
+    fn router(specs: &[RouteSpec]) -> Router {
+        Router::build(specs, &mut ServiceTable::default())
+    }
+
+    #[test]
+    fn longest_prefix_wins() {
+        let r = router(&[
+            spec("all", "/ollama/", true),
+            spec("gen", "/ollama/api/generate", true),
+            spec("root", "/", false),
+        ]);
+        assert_eq!(r.find("/ollama/api/generate").unwrap().1.name, "gen");
+        assert_eq!(r.find("/ollama/api/generatex").unwrap().1.name, "gen");
+        assert_eq!(r.find("/ollama/api/pull").unwrap().1.name, "all");
+        assert_eq!(r.find("/other").unwrap().1.name, "root");
+        assert_eq!(r.find("/").unwrap().1.name, "root");
+    }
+
+    #[test]
+    fn no_match() {
+        let r = router(&[spec("chat", "/chat/", true)]);
+        assert!(r.find("/chat").is_none());
+        assert!(r.find("/tts/x").is_none());
+        assert!(r.find("").is_none());
+        // A multi-byte character straddling the prefix length must not panic.
+        assert!(r.find("/cha\u{e9}t/").is_none());
+    }
+
+    #[test]
+    fn strip_prefix_keeps_a_leading_slash_and_the_query() {
+        let r = router(&[
+            spec("chat", "/chat/", true),
+            spec("tts", "/tts", true),
+            spec("keep", "/keep/", false),
+        ]);
+        let chat = r.find("/chat/api/generate").unwrap().1;
+        assert_eq!(
+            chat.upstream_target("/chat/api/generate", None).unwrap(),
+            b"/api/generate"
+        );
+        assert_eq!(
+            chat.upstream_target("/chat/", Some("a=1")).unwrap(),
+            b"/?a=1"
+        );
+        let tts = r.find("/tts/speak").unwrap().1;
+        assert_eq!(
+            tts.upstream_target("/tts/speak", Some("v=2")).unwrap(),
+            b"/speak?v=2"
+        );
+        assert_eq!(tts.upstream_target("/tts", None).unwrap(), b"/");
+        assert_eq!(tts.upstream_target("/ttsx", None).unwrap(), b"/x");
+        let keep = r.find("/keep/a").unwrap().1;
+        assert!(keep.upstream_target("/keep/a", None).is_none());
+    }
+
+    #[test]
+    fn round_robin_cycles_upstreams() {
+        let r = router(&[spec("chat", "/chat/", true)]);
+        let route = r.get(0).unwrap();
+        let a = route.next_peer().unwrap()._address.clone();
+        let b = route.next_peer().unwrap()._address.clone();
+        let c = route.next_peer().unwrap()._address.clone();
+        assert_ne!(a, b);
+        assert_eq!(a, c);
+    }
+
+    #[test]
+    fn peers_carry_the_route_timeouts() {
+        let r = router(&[spec("chat", "/chat/", true)]);
+        let p = r.get(0).unwrap().next_peer().unwrap();
+        assert_eq!(p.options.connection_timeout, Some(Duration::from_secs(1)));
+        assert_eq!(p.options.read_timeout, Some(Duration::from_secs(2)));
+    }
+
+    #[test]
+    fn methods_and_allow_header() {
+        let mut s = spec("chat", "/chat/", true);
+        s.methods = Some(vec!["POST".into(), "GET".into()]);
+        let r = router(&[s]);
+        let route = r.get(0).unwrap();
+        assert!(route.allows_method(&Method::POST));
+        assert!(!route.allows_method(&Method::DELETE));
+        assert_eq!(route.allow_header().unwrap(), "POST, GET");
+        let open = router(&[spec("x", "/x/", false)]);
+        assert!(open.get(0).unwrap().allows_method(&Method::DELETE));
+    }
+}

@@ -1,0 +1,299 @@
+//! The snapshot: configuration, routes and keys compiled together into one
+//! immutable value, and the request decision made against it.
+//!
+//! The proxy holds the current snapshot in an `ArcSwap`. A request loads it
+//! once and keeps that `Arc` to its end, so a reload never changes the rules
+//! under a request in flight, and the hot path takes no lock.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use http::{HeaderMap, Method};
+
+use crate::config::Config;
+use crate::error::LoadError;
+use crate::keys::{KeyDenial, KeyStore, Principal, ServiceTable};
+use crate::routes::{Route, Router};
+
+/// The current snapshot, shared by the proxy and the reloader.
+pub type SharedSnapshot = Arc<ArcSwap<Snapshot>>;
+
+/// Everything a request decision needs, built once per load.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub config: Config,
+    pub router: Router,
+    pub keys: KeyStore,
+    pub services: ServiceTable,
+    /// Counts loads: 1 at start, +1 per successful reload.
+    pub generation: u64,
+}
+
+impl Snapshot {
+    /// Reads the config at `config_path` and the key file it names, and
+    /// compiles both. Nothing is shared with a previous snapshot, so a
+    /// failure here leaves the running one untouched.
+    pub fn load(config_path: &Path, generation: u64) -> Result<Snapshot, LoadError> {
+        let config = Config::load(config_path)?;
+        let keys_text = std::fs::read_to_string(&config.keys_file)
+            .map_err(|e| LoadError::io(&config.keys_file, e))?;
+        Snapshot::compile(config, &keys_text, generation)
+    }
+
+    /// Compiles a parsed config and the key file's text.
+    pub fn compile(
+        config: Config,
+        keys_text: &str,
+        generation: u64,
+    ) -> Result<Snapshot, LoadError> {
+        let mut services = ServiceTable::default();
+        let router = Router::build(&config.routes, &mut services);
+        let keys = KeyStore::parse(&config.keys_file, keys_text, &services)?;
+        Ok(Snapshot {
+            config,
+            router,
+            keys,
+            services,
+            generation,
+        })
+    }
+
+    /// A one-line summary for logs and `check`.
+    pub fn summary(&self) -> String {
+        format!("{} routes, {} keys", self.router.len(), self.keys.len())
+    }
+
+    /// Warnings worth an operator's attention that do not stop a load.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut w = Vec::new();
+        for (service, n) in &self.keys.unserved_services {
+            w.push(format!(
+                "{}: service {service:?} (named by {n} key(s)) is not served by any route",
+                self.config.keys_file.display()
+            ));
+        }
+        w
+    }
+
+    /// Decides a request: route, method, then key. `now_ms` is the current
+    /// time in Unix milliseconds, against which expiry is checked.
+    #[inline]
+    pub fn decide(
+        &self,
+        method: &Method,
+        path: &str,
+        key: Option<&[u8]>,
+        now_ms: i64,
+    ) -> Result<Admitted<'_>, Denial> {
+        if has_dot_segment(path) {
+            return Err(Denial::BadPath);
+        }
+        let (route_index, route) = self.router.find(path).ok_or(Denial::NoRoute)?;
+        if !route.allows_method(method) {
+            return Err(Denial::MethodNotAllowed { route_index });
+        }
+        let principal = self
+            .keys
+            .check(key, route.service, now_ms)
+            .map_err(Denial::Key)?;
+        Ok(Admitted {
+            route_index,
+            route,
+            principal,
+        })
+    }
+}
+
+/// A request that may go upstream.
+#[derive(Debug, Clone, Copy)]
+pub struct Admitted<'a> {
+    pub route_index: usize,
+    pub route: &'a Route,
+    pub principal: Principal<'a>,
+}
+
+/// Why a request is answered by the gateway itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Denial {
+    /// The path has `.` or `..` segments: refused so that a prefix such as
+    /// `/ollama/api/generate` cannot be escaped into another endpoint.
+    BadPath,
+    NoRoute,
+    MethodNotAllowed {
+        route_index: usize,
+    },
+    Key(KeyDenial),
+}
+
+/// The key a request presents: `X-API-Key`, else `Authorization: Bearer`.
+#[inline]
+pub fn presented_key(headers: &HeaderMap) -> Option<&[u8]> {
+    if let Some(v) = headers.get("x-api-key") {
+        return Some(v.as_bytes());
+    }
+    let auth = headers.get("authorization")?.as_bytes();
+    let (scheme, rest) = (auth.get(..7)?, auth.get(7..)?);
+    if scheme.eq_ignore_ascii_case(b"bearer ") {
+        Some(trim_ascii(rest))
+    } else {
+        None
+    }
+}
+
+fn trim_ascii(mut b: &[u8]) -> &[u8] {
+    while let [first, rest @ ..] = b {
+        if first.is_ascii_whitespace() {
+            b = rest;
+        } else {
+            break;
+        }
+    }
+    while let [rest @ .., last] = b {
+        if last.is_ascii_whitespace() {
+            b = rest;
+        } else {
+            break;
+        }
+    }
+    b
+}
+
+/// True if a segment of `path` is `.` or `..`, literally or percent-encoded.
+fn has_dot_segment(path: &str) -> bool {
+    path.split('/').any(|seg| {
+        if !seg.starts_with('.') && !seg.starts_with('%') {
+            return false;
+        }
+        let lower = seg.as_bytes();
+        let is_dot = |s: &[u8]| s == b"." || s.eq_ignore_ascii_case(b"%2e");
+        match lower.len() {
+            1 | 3 => is_dot(lower),
+            2 | 4 | 6 => {
+                // "..", ".%2e", "%2e.", "%2e%2e"
+                let split = if lower.first() == Some(&b'.') { 1 } else { 3 };
+                match (lower.get(..split), lower.get(split..)) {
+                    (Some(a), Some(b)) => is_dot(a) && is_dot(b),
+                    _ => false,
+                }
+            }
+            _ => false,
+        }
+    })
+}
+
+/// Loads a snapshot and times it; used at start and on every reload.
+pub fn load_timed(
+    config_path: &Path,
+    generation: u64,
+) -> Result<(Snapshot, std::time::Duration), LoadError> {
+    let start = Instant::now();
+    let snap = Snapshot::load(config_path, generation)?;
+    Ok((snap, start.elapsed()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::KeyDigest;
+    use http::HeaderValue;
+
+    fn snapshot() -> Snapshot {
+        let cfg = Config::parse(
+            Path::new("/t/g.yaml"),
+            r#"
+listen: "127.0.0.1:1"
+keys_file: k.json
+routes:
+  - {name: ollama, path_prefix: /ollama/, service: ollama-admin, strip_prefix: true, upstreams: ["127.0.0.1:2"]}
+  - {name: gen, path_prefix: /ollama/api/generate, service: ollama, strip_prefix: true, upstreams: ["127.0.0.1:2"], methods: [POST]}
+"#,
+        )
+        .unwrap();
+        let ro = KeyDigest::of(b"ro").to_hex();
+        let keys = format!(
+            r#"{{"sha256:{ro}": {{"user": "reader", "service": "ollama"}}, "admin": {{"user": "root", "service": "*"}}}}"#
+        );
+        Snapshot::compile(cfg, &keys, 1).unwrap()
+    }
+
+    #[test]
+    fn decision_order_route_method_key() {
+        let s = snapshot();
+        let now = 0;
+        assert_eq!(
+            s.decide(&Method::GET, "/nope", Some(b"ro"), now)
+                .unwrap_err(),
+            Denial::NoRoute
+        );
+        assert!(matches!(
+            s.decide(&Method::GET, "/ollama/api/generate", None, now)
+                .unwrap_err(),
+            Denial::MethodNotAllowed { .. }
+        ));
+        assert_eq!(
+            s.decide(&Method::POST, "/ollama/api/generate", None, now)
+                .unwrap_err(),
+            Denial::Key(KeyDenial::Missing)
+        );
+        let ok = s
+            .decide(&Method::POST, "/ollama/api/generate", Some(b"ro"), now)
+            .unwrap();
+        assert_eq!(ok.route.name, "gen");
+        assert_eq!(&*ok.principal.user.name, "reader");
+        assert_eq!(
+            s.decide(&Method::POST, "/ollama/api/pull", Some(b"ro"), now)
+                .unwrap_err(),
+            Denial::Key(KeyDenial::WrongService)
+        );
+        assert!(s
+            .decide(&Method::POST, "/ollama/api/pull", Some(b"admin"), now)
+            .is_ok());
+    }
+
+    #[test]
+    fn dot_segments_cannot_escape_a_scoped_prefix() {
+        let s = snapshot();
+        for p in [
+            "/ollama/api/generate/../pull",
+            "/ollama/api/generate/%2e%2e/pull",
+            "/ollama/api/generate/.%2E/pull",
+            "/ollama/api/generate/%2e./pull",
+            "/ollama/api/generate/./x",
+            "/ollama/api/generate/%2E",
+        ] {
+            assert_eq!(
+                s.decide(&Method::POST, p, Some(b"ro"), 0).unwrap_err(),
+                Denial::BadPath,
+                "{p}"
+            );
+        }
+        assert!(s
+            .decide(&Method::POST, "/ollama/api/generate/..x/.y", Some(b"ro"), 0)
+            .is_ok());
+    }
+
+    #[test]
+    fn key_extraction() {
+        let mut h = HeaderMap::new();
+        assert!(presented_key(&h).is_none());
+        h.insert("authorization", HeaderValue::from_static("Bearer  abc "));
+        assert_eq!(presented_key(&h), Some(&b"abc"[..]));
+        h.insert("authorization", HeaderValue::from_static("bearer xyz"));
+        assert_eq!(presented_key(&h), Some(&b"xyz"[..]));
+        h.insert("authorization", HeaderValue::from_static("Basic eHl6"));
+        assert!(presented_key(&h).is_none());
+        h.insert("authorization", HeaderValue::from_static("Bear"));
+        assert!(presented_key(&h).is_none());
+        h.insert("x-api-key", HeaderValue::from_static("k1"));
+        assert_eq!(presented_key(&h), Some(&b"k1"[..]));
+    }
+
+    #[test]
+    fn summary_and_warnings() {
+        let s = snapshot();
+        assert_eq!(s.summary(), "2 routes, 2 keys");
+        assert!(s.warnings().is_empty());
+    }
+}
