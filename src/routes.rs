@@ -131,19 +131,22 @@ fn make_peer(addr: SocketAddr, connect: Duration, read: Duration) -> HttpPeer {
     peer
 }
 
+/// Prefixes of one length, mapped to their route's index.
+type PrefixTable = HashMap<Box<[u8]>, usize>;
+
 /// All routes, and the longest-prefix index over them.
 #[derive(Debug)]
 pub struct Router {
     routes: Vec<Route>,
-    /// `(prefix length, prefix -> route index)`, longest length first.
-    by_len: Vec<(usize, HashMap<Box<[u8]>, usize>)>,
+    /// One table per distinct prefix length, longest first.
+    by_len: Vec<(usize, PrefixTable)>,
 }
 
 impl Router {
     /// Compiles `specs`, numbering their services in `services`.
     pub fn build(specs: &[RouteSpec], services: &mut ServiceTable) -> Router {
         let routes: Vec<Route> = specs.iter().map(|s| Route::build(s, services)).collect();
-        let mut groups: HashMap<usize, HashMap<Box<[u8]>, usize>> = HashMap::new();
+        let mut groups: HashMap<usize, PrefixTable> = HashMap::new();
         for (i, r) in routes.iter().enumerate() {
             groups
                 .entry(r.prefix.len())
@@ -151,7 +154,7 @@ impl Router {
                 .insert(r.prefix.as_bytes().into(), i);
         }
         let mut by_len: Vec<_> = groups.into_iter().collect();
-        by_len.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        by_len.sort_unstable_by_key(|(len, _)| std::cmp::Reverse(*len));
         Router { routes, by_len }
     }
 
