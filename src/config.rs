@@ -35,6 +35,8 @@ pub struct FileConfig {
     shutdown_grace: Option<Timeout>,
     #[serde(default)]
     threads: Option<NonZeroUsize>,
+    #[serde(default = "yes")]
+    watch: bool,
     routes: Vec<FileRoute>,
 }
 
@@ -66,6 +68,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Worker threads for the proxy service.
     pub threads: usize,
+    /// Reload when the config or key file changes (besides on SIGHUP).
+    pub watch: bool,
     pub routes: Vec<RouteSpec>,
 }
 
@@ -177,25 +181,26 @@ impl FileConfig {
                 })?;
                 upstreams.push(addr);
             }
-            let methods =
-                match r.methods {
-                    Some(m) if m.is_empty() => return Err(LoadError::invalid(
+            let methods = match r.methods {
+                Some(m) if m.is_empty() => {
+                    return Err(LoadError::invalid(
                         path,
                         format!(
                             "route {name:?}: methods is empty (leave it out to allow every method)"
                         ),
-                    )),
-                    Some(m) => {
-                        let mut v: Vec<String> = Vec::with_capacity(m.len());
-                        for MethodName(x) in m {
-                            if !v.contains(&x) {
-                                v.push(x);
-                            }
+                    ))
+                }
+                Some(m) => {
+                    let mut v: Vec<String> = Vec::with_capacity(m.len());
+                    for MethodName(x) in m {
+                        if !v.contains(&x) {
+                            v.push(x);
                         }
-                        Some(v)
                     }
-                    None => None,
-                };
+                    Some(v)
+                }
+                None => None,
+            };
             routes.push(RouteSpec {
                 name,
                 path_prefix: r.path_prefix.0,
@@ -219,9 +224,14 @@ impl FileConfig {
             keys_file: base.join(self.keys_file),
             shutdown_grace: self.shutdown_grace.map_or(DEFAULT_SHUTDOWN_GRACE, |t| t.0),
             threads,
+            watch: self.watch,
             routes,
         })
     }
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Resolves `host:port` once, at load, so the request path never touches DNS.
@@ -400,6 +410,8 @@ routes:
         assert_eq!(c.listen, vec!["127.0.0.1:8080".parse().unwrap()]);
         assert_eq!(c.keys_file, Path::new("/etc/agw/../keys/apikeys.json"));
         assert_eq!(c.shutdown_grace, DEFAULT_SHUTDOWN_GRACE);
+        assert!(c.watch);
+        assert!(!parse(&format!("{GOOD}watch: false\n")).unwrap().watch);
         assert_eq!(c.routes.len(), 2);
         let chat = &c.routes[0];
         assert_eq!(

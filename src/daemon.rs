@@ -4,7 +4,7 @@
 use std::net::TcpListener;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -16,7 +16,8 @@ use signal_hook::iterator::Signals;
 
 use crate::proxy::Gateway;
 use crate::reload::Reloader;
-use crate::snapshot::load_timed;
+use crate::snapshot::{load_timed, SharedSnapshot};
+use crate::watch::{next_trigger, FileWatcher, Trigger};
 
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
@@ -41,7 +42,7 @@ pub fn run(config_path: &Path) -> Result<(), StartError> {
     let signals = Signals::new([SIGHUP]).map_err(StartError::Signals)?;
 
     let (snapshot, took) = load_timed(config_path, 1)?;
-    for w in snapshot.warnings() {
+    for w in &snapshot.warnings {
         warn!("{w}");
     }
     let config = snapshot.config.clone();
@@ -62,14 +63,7 @@ pub fn run(config_path: &Path) -> Result<(), StartError> {
     );
 
     let shared = Arc::new(ArcSwap::from_pointee(snapshot));
-    let reloader = Reloader::new(config_path, Arc::clone(&shared));
-    spawn_thread("reloader", move || {
-        let mut signals = signals;
-        for _ in signals.forever() {
-            // Errors are logged by reload(); the old snapshot stays.
-            let _ = reloader.reload("SIGHUP");
-        }
-    });
+    start_reloader(config_path, Arc::clone(&shared), signals)?;
 
     let grace = config.shutdown_grace;
     let opt = Opt {
@@ -106,6 +100,56 @@ pub fn run(config_path: &Path) -> Result<(), StartError> {
     });
 
     server.run_forever()
+}
+
+/// Starts the thread that reloads on SIGHUP and on file changes. Triggers
+/// from both arrive on one channel, so reloads never run concurrently.
+fn start_reloader(
+    config_path: &Path,
+    shared: SharedSnapshot,
+    signals: Signals,
+) -> Result<(), StartError> {
+    let (tx, rx) = mpsc::channel();
+    let signal_tx = tx.clone();
+    let mut signals = signals;
+    spawn_thread("signals", move || {
+        for _ in signals.forever() {
+            if signal_tx.send(Trigger::Signal).is_err() {
+                return;
+            }
+        }
+    });
+    let mut watcher = match FileWatcher::new(tx) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            warn!("cannot watch files for changes ({e}); reload with SIGHUP");
+            None
+        }
+    };
+    let watch_files = |w: &mut Option<FileWatcher>, snapshot: &crate::snapshot::Snapshot| {
+        if let Some(w) = w.as_mut() {
+            if snapshot.config.watch {
+                w.set_files(&[&snapshot.config.path, &snapshot.config.keys_file]);
+            } else {
+                w.set_files(&[]);
+            }
+        }
+    };
+    watch_files(&mut watcher, &shared.load());
+    let reloader = Reloader::new(config_path, Arc::clone(&shared));
+    spawn_thread("reloader", move || {
+        while let Some(trigger) = next_trigger(&rx) {
+            let why = match trigger {
+                Trigger::Signal => "SIGHUP",
+                Trigger::FileChanged => "file change",
+            };
+            // Errors are logged by reload(); the old snapshot stays.
+            if reloader.reload(why).is_ok() {
+                watch_files(&mut watcher, &shared.load());
+            }
+        }
+    });
+    Ok(())
 }
 
 /// Pingora's graceful shutdown sleeps the whole grace period even when no

@@ -43,7 +43,7 @@ impl Reloader {
                         self.config_path.display()
                     );
                 }
-                for w in snapshot.warnings() {
+                for w in &snapshot.warnings {
                     warn!("{w}");
                 }
                 info!(

@@ -29,6 +29,8 @@ pub struct Snapshot {
     pub services: ServiceTable,
     /// Counts loads: 1 at start, +1 per successful reload.
     pub generation: u64,
+    /// Things worth an operator's attention that did not stop the load.
+    pub warnings: Vec<String>,
 }
 
 impl Snapshot {
@@ -39,7 +41,11 @@ impl Snapshot {
         let config = Config::load(config_path)?;
         let keys_text = std::fs::read_to_string(&config.keys_file)
             .map_err(|e| LoadError::io(&config.keys_file, e))?;
-        Snapshot::compile(config, &keys_text, generation)
+        let mut snapshot = Snapshot::compile(config, &keys_text, generation)?;
+        if let Some(w) = permission_warning(&snapshot.config.keys_file) {
+            snapshot.warnings.insert(0, w);
+        }
+        Ok(snapshot)
     }
 
     /// Compiles a parsed config and the key file's text.
@@ -51,30 +57,20 @@ impl Snapshot {
         let mut services = ServiceTable::default();
         let router = Router::build(&config.routes, &mut services);
         let keys = KeyStore::parse(&config.keys_file, keys_text, &services)?;
+        let warnings = unserved_warnings(&config, &keys);
         Ok(Snapshot {
             config,
             router,
             keys,
             services,
             generation,
+            warnings,
         })
     }
 
     /// A one-line summary for logs and `check`.
     pub fn summary(&self) -> String {
         format!("{} routes, {} keys", self.router.len(), self.keys.len())
-    }
-
-    /// Warnings worth an operator's attention that do not stop a load.
-    pub fn warnings(&self) -> Vec<String> {
-        let mut w = Vec::new();
-        for (service, n) in &self.keys.unserved_services {
-            w.push(format!(
-                "{}: service {service:?} (named by {n} key(s)) is not served by any route",
-                self.config.keys_file.display()
-            ));
-        }
-        w
     }
 
     /// Decides a request: route, method, then key. `now_ms` is the current
@@ -104,6 +100,33 @@ impl Snapshot {
             principal,
         })
     }
+}
+
+/// Keys that name services no route serves: most likely typos.
+fn unserved_warnings(config: &Config, keys: &KeyStore) -> Vec<String> {
+    keys.unserved_services
+        .iter()
+        .map(|(service, n)| {
+            format!(
+                "{}: service {service:?} (named by {n} key(s)) is not served by any route",
+                config.keys_file.display()
+            )
+        })
+        .collect()
+}
+
+/// A key file that others can read leaks every plaintext key in it, and
+/// lets anyone with a digest test guesses offline.
+fn permission_warning(path: &Path) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
+    (mode & 0o077 != 0).then(|| {
+        format!(
+            "{}: the key file is readable by group or others (mode {mode:04o}); fix: chmod 600 {}",
+            path.display(),
+            path.display()
+        )
+    })
 }
 
 /// A request that may go upstream.
@@ -294,6 +317,6 @@ routes:
     fn summary_and_warnings() {
         let s = snapshot();
         assert_eq!(s.summary(), "2 routes, 2 keys");
-        assert!(s.warnings().is_empty());
+        assert!(s.warnings.is_empty());
     }
 }

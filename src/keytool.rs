@@ -1,0 +1,486 @@
+//! The key management commands: `keygen`, `keys list`, `keys revoke` and
+//! `keys hash`. Each is one locked read-modify-write of the key file, which
+//! the daemon then picks up by itself (file watching) or on SIGHUP.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use base64::Engine as _;
+use serde_json::{json, Value};
+
+use crate::config::Config;
+use crate::error::LoadError;
+use crate::keyfile::{entry_digest, is_plaintext, write_atomically, KeyFile, Lock};
+use crate::keys::{parse_timestamp, unix_millis, KeyDigest, DIGEST_PREFIX};
+
+/// Every generated key starts with this, so secret scanners and people can
+/// tell what a leaked string is.
+pub const KEY_PREFIX: &str = "agw_";
+/// Random bytes per key: 192 bits, well over the 128 a key needs.
+const KEY_BYTES: usize = 24;
+
+/// Why a key command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyToolError {
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error("{0}")]
+    Usage(String),
+    #[error("the operating system's random number generator failed: {0}")]
+    Random(String),
+}
+
+/// Where the key file is: named directly, or through the config.
+pub fn resolve_keys_file(
+    keys: Option<&Path>,
+    config: &Path,
+) -> Result<(PathBuf, Option<Config>), KeyToolError> {
+    match keys {
+        Some(k) => Ok((k.to_path_buf(), None)),
+        None => {
+            let c = Config::load(config)?;
+            Ok((c.keys_file.clone(), Some(c)))
+        }
+    }
+}
+
+/// A new key from the OS CSPRNG: `agw_` and 32 URL-safe characters.
+pub fn generate_key() -> Result<String, KeyToolError> {
+    let mut bytes = [0u8; KEY_BYTES];
+    getrandom::fill(&mut bytes).map_err(|e| KeyToolError::Random(e.to_string()))?;
+    let mut key = String::from(KEY_PREFIX);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode_string(bytes, &mut key);
+    Ok(key)
+}
+
+/// What `keygen` was asked for.
+pub struct NewKey<'a> {
+    pub user: &'a str,
+    pub services: &'a [String],
+    /// RFC 3339, or a duration from now such as `30d`.
+    pub expires: Option<&'a str>,
+    pub note: Option<&'a str>,
+}
+
+/// Adds a new key to the file and returns `(key, id)`. Only the key's
+/// digest is stored.
+pub fn keygen(
+    keys_path: &Path,
+    req: &NewKey<'_>,
+    now: SystemTime,
+) -> Result<(String, KeyDigest), KeyToolError> {
+    if req.user.trim().is_empty() {
+        return Err(KeyToolError::Usage("--user must not be empty".into()));
+    }
+    if req.services.is_empty() {
+        return Err(KeyToolError::Usage(
+            "at least one --service is needed".into(),
+        ));
+    }
+    let expires_at = req.expires.map(|e| expiry(e, now)).transpose()?;
+
+    let key = generate_key()?;
+    let digest = KeyDigest::of(key.as_bytes());
+    let mut entry = serde_json::Map::new();
+    entry.insert("user".into(), json!(req.user));
+    match req.services {
+        [one] => entry.insert("service".into(), json!(one)),
+        many => entry.insert("services".into(), json!(many)),
+    };
+    entry.insert(
+        "created_at".into(),
+        json!(humantime::format_rfc3339_millis(now).to_string()),
+    );
+    if let Some(e) = expires_at {
+        entry.insert("expires_at".into(), json!(e));
+    }
+    if let Some(n) = req.note {
+        entry.insert("note".into(), json!(n));
+    }
+
+    let _lock = Lock::acquire(keys_path)?;
+    let mut file = KeyFile::open(keys_path)?;
+    file.entries.insert(
+        format!("{DIGEST_PREFIX}{}", digest.to_hex()),
+        Value::Object(entry),
+    );
+    file.save()?;
+    Ok((key, digest))
+}
+
+/// `expires`: an RFC 3339 time, or a duration from `now` (`30d`, `12h`).
+fn expiry(s: &str, now: SystemTime) -> Result<String, KeyToolError> {
+    if parse_timestamp(s).is_ok() {
+        return Ok(s.trim().to_string());
+    }
+    let d: Duration = humantime::parse_duration(s.trim()).map_err(|_| {
+        KeyToolError::Usage(format!(
+            "--expires {s:?}: give an RFC 3339 time (2027-01-01T00:00:00Z) or a duration (30d, 12h)"
+        ))
+    })?;
+    Ok(humantime::format_rfc3339_seconds(now + d).to_string())
+}
+
+/// One row of `keys list`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct KeyRow {
+    pub id: String,
+    pub user: String,
+    pub services: Vec<String>,
+    pub created_at: Option<String>,
+    pub expires_at: Option<String>,
+    /// `active`, `expired` or `disabled`.
+    pub state: &'static str,
+    /// Whether the file holds this key in plaintext.
+    pub plaintext: bool,
+}
+
+/// The rows of `keys list`, in file order. Never includes a key.
+pub fn list(keys_path: &Path, now: SystemTime) -> Result<Vec<KeyRow>, KeyToolError> {
+    let file = KeyFile::open(keys_path)?;
+    let now_ms = unix_millis(now);
+    Ok(file
+        .entries
+        .iter()
+        .map(|(name, v)| {
+            let s = |field: &str| v.get(field).and_then(Value::as_str).map(str::to_string);
+            let services = match (v.get("service"), v.get("services")) {
+                (Some(Value::String(one)), _) => vec![one.clone()],
+                (_, Some(Value::Array(many))) => many
+                    .iter()
+                    .filter_map(|x| x.as_str().map(str::to_string))
+                    .collect(),
+                _ => Vec::new(),
+            };
+            let expires_at = s("expires_at");
+            let disabled = v.get("disabled").and_then(Value::as_bool).unwrap_or(false);
+            let expired = expires_at
+                .as_deref()
+                .and_then(|e| parse_timestamp(e).ok())
+                .is_some_and(|ms| now_ms >= ms);
+            KeyRow {
+                id: entry_digest(name).id().to_string(),
+                user: s("user").unwrap_or_default(),
+                services,
+                created_at: s("created_at"),
+                expires_at,
+                state: if disabled {
+                    "disabled"
+                } else if expired {
+                    "expired"
+                } else {
+                    "active"
+                },
+                plaintext: is_plaintext(name),
+            }
+        })
+        .collect())
+}
+
+/// Renders rows as an aligned text table.
+pub fn render_table(rows: &[KeyRow]) -> String {
+    let header = ["ID", "USER", "SERVICES", "CREATED", "EXPIRES", "STATE"];
+    let cells: Vec<[String; 6]> = rows
+        .iter()
+        .map(|r| {
+            [
+                r.id.clone(),
+                r.user.clone(),
+                r.services.join(","),
+                r.created_at.clone().unwrap_or_else(|| "-".into()),
+                r.expires_at.clone().unwrap_or_else(|| "never".into()),
+                if r.plaintext {
+                    format!("{} (plaintext)", r.state)
+                } else {
+                    r.state.to_string()
+                },
+            ]
+        })
+        .collect();
+    let mut widths = header.map(str::len);
+    for row in &cells {
+        for (w, c) in widths.iter_mut().zip(row) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cols: &[&str]| {
+        let mut l = String::new();
+        for (i, (c, w)) in cols.iter().zip(widths).enumerate() {
+            if i + 1 == cols.len() {
+                l.push_str(c);
+            } else {
+                let _ = write!(l, "{c:<w$}  ");
+            }
+        }
+        out.push_str(l.trim_end());
+        out.push('\n');
+    };
+    line(&header);
+    for row in &cells {
+        line(&row.each_ref().map(String::as_str));
+    }
+    out
+}
+
+/// What `keys revoke` did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Revoked {
+    Disabled(String),
+    Deleted(String),
+}
+
+/// Marks the entry whose id starts with `id` disabled, or deletes it.
+pub fn revoke(
+    keys_path: &Path,
+    id: &str,
+    delete: bool,
+    now: SystemTime,
+) -> Result<Revoked, KeyToolError> {
+    let id = id.trim();
+    if id.len() < 4 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(KeyToolError::Usage(format!(
+            "{id:?} is not a key id: give at least 4 hex digits of the id `keys list` shows"
+        )));
+    }
+    let _lock = Lock::acquire(keys_path)?;
+    let mut file = KeyFile::open(keys_path)?;
+    let hits = file.find_by_id(id);
+    let (name, key_id) = match hits.as_slice() {
+        [one] => one.clone(),
+        [] => {
+            return Err(KeyToolError::Usage(format!(
+                "no key with id {id} in {}",
+                keys_path.display()
+            )))
+        }
+        many => {
+            let ids: Vec<String> = many.iter().map(|(_, k)| k.to_string()).collect();
+            return Err(KeyToolError::Usage(format!(
+                "id {id} is ambiguous, it matches {}; give more digits",
+                ids.join(", ")
+            )));
+        }
+    };
+    if delete {
+        file.entries.shift_remove(&name);
+        file.save()?;
+        return Ok(Revoked::Deleted(key_id.to_string()));
+    }
+    if let Some(Value::Object(entry)) = file.entries.get_mut(&name) {
+        entry.insert("disabled".into(), Value::Bool(true));
+        entry.insert(
+            "revoked_at".into(),
+            json!(humantime::format_rfc3339_seconds(now).to_string()),
+        );
+    }
+    file.save()?;
+    Ok(Revoked::Disabled(key_id.to_string()))
+}
+
+/// What `keys hash` did.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Hashed {
+    pub hashed: usize,
+    pub already: usize,
+    pub backup: Option<PathBuf>,
+}
+
+/// Replaces every plaintext key name with `sha256:<digest>`, in place and
+/// in order, keeping each entry's fields. With `backup`, the original file
+/// is first copied (mode 0600) to `<file>.bak`.
+pub fn hash_in_place(keys_path: &Path, backup: bool) -> Result<Hashed, KeyToolError> {
+    let _lock = Lock::acquire(keys_path)?;
+    let file = KeyFile::open(keys_path)?;
+    let mut out = serde_json::Map::with_capacity(file.entries.len());
+    let (mut hashed, mut already) = (0, 0);
+    for (name, v) in file.entries.iter() {
+        let new_name = if is_plaintext(name) {
+            hashed += 1;
+            format!("{DIGEST_PREFIX}{}", KeyDigest::of(name.as_bytes()).to_hex())
+        } else {
+            already += 1;
+            name.clone()
+        };
+        if out.insert(new_name, v.clone()).is_some() {
+            return Err(KeyToolError::Load(LoadError::invalid(
+                keys_path,
+                format!(
+                    "key {} is listed twice (in plaintext and as a digest); remove one first",
+                    entry_digest(name).id()
+                ),
+            )));
+        }
+    }
+    let backup_path = if backup && hashed > 0 {
+        let mut name = keys_path.file_name().unwrap_or_default().to_os_string();
+        name.push(".bak");
+        let p = keys_path.with_file_name(name);
+        let original = std::fs::read(keys_path).map_err(|e| LoadError::io(keys_path, e))?;
+        write_atomically(&p, &original).map_err(|e| LoadError::io(&p, e))?;
+        Some(p)
+    } else {
+        None
+    };
+    if hashed > 0 {
+        let new = KeyFile {
+            path: file.path.clone(),
+            format: file.format,
+            entries: out,
+        };
+        new.save()?;
+    }
+    Ok(Hashed {
+        hashed,
+        already,
+        backup: backup_path,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::{KeyStore, ServiceTable};
+
+    fn store(path: &Path) -> KeyStore {
+        let mut s = ServiceTable::default();
+        s.intern("chat");
+        s.intern("tts");
+        KeyStore::load(path, &s).unwrap()
+    }
+
+    #[test]
+    fn generated_keys_look_right_and_differ() {
+        let a = generate_key().unwrap();
+        let b = generate_key().unwrap();
+        assert_ne!(a, b);
+        assert!(a.starts_with("agw_"));
+        assert_eq!(a.len(), 4 + 32);
+        assert!(a[4..]
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_'));
+    }
+
+    #[test]
+    fn keygen_stores_only_the_digest() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("keys.json");
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let services = ["chat".to_string(), "tts".to_string()];
+        let (key, digest) = keygen(
+            &p,
+            &NewKey {
+                user: "ann",
+                services: &services,
+                expires: Some("30d"),
+                note: Some("laptop"),
+            },
+            now,
+        )
+        .unwrap();
+        let text = std::fs::read_to_string(&p).unwrap();
+        assert!(!text.contains(&key));
+        assert!(text.contains(&digest.to_hex()));
+        assert!(
+            text.contains("\"created_at\": \"2027-01-15T08:00:00.000Z\""),
+            "{text}"
+        );
+        assert!(
+            text.contains("\"expires_at\": \"2027-02-14T08:00:00Z\""),
+            "{text}"
+        );
+        let s = store(&p);
+        assert!(s.check(Some(key.as_bytes()), 1, unix_millis(now)).is_ok());
+    }
+
+    #[test]
+    fn keygen_rejects_bad_input() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("keys.json");
+        let svc = ["chat".to_string()];
+        let bad = |user, services: &[String], expires| {
+            keygen(
+                &p,
+                &NewKey {
+                    user,
+                    services,
+                    expires,
+                    note: None,
+                },
+                SystemTime::now(),
+            )
+            .unwrap_err()
+            .to_string()
+        };
+        assert!(bad("", &svc, None).contains("--user"));
+        assert!(bad("u", &[], None).contains("--service"));
+        assert!(bad("u", &svc, Some("someday")).contains("--expires"));
+        assert!(!p.exists());
+    }
+
+    #[test]
+    fn list_revoke_delete() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("keys.json");
+        std::fs::write(
+            &p,
+            r#"{"plain-1": {"user": "a", "service": "chat", "expires_at": "2000-01-01T00:00:00Z"}, "plain-2": {"user": "b", "services": ["chat", "tts"]}}"#,
+        )
+        .unwrap();
+        let rows = list(&p, SystemTime::now()).unwrap();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].state, "expired");
+        assert_eq!(rows[1].state, "active");
+        assert_eq!(rows[1].services, vec!["chat", "tts"]);
+        assert!(rows[0].plaintext);
+        let table = render_table(&rows);
+        assert!(!table.contains("plain-1") && !table.contains("plain-2"));
+        assert!(table.starts_with("ID"));
+
+        let id2 = rows[1].id.clone();
+        assert_eq!(
+            revoke(&p, &id2, false, SystemTime::now()).unwrap(),
+            Revoked::Disabled(id2.clone())
+        );
+        assert_eq!(list(&p, SystemTime::now()).unwrap()[1].state, "disabled");
+        assert_eq!(
+            revoke(&p, &id2[..8], true, SystemTime::now()).unwrap(),
+            Revoked::Deleted(id2.clone())
+        );
+        assert_eq!(list(&p, SystemTime::now()).unwrap().len(), 1);
+        assert!(revoke(&p, &id2, false, SystemTime::now())
+            .unwrap_err()
+            .to_string()
+            .contains("no key"));
+        assert!(revoke(&p, "xyz", false, SystemTime::now())
+            .unwrap_err()
+            .to_string()
+            .contains("not a key id"));
+    }
+
+    #[test]
+    fn hash_converts_plaintext_and_keeps_keys_working() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("keys.json");
+        let d = KeyDigest::of(b"already").to_hex();
+        std::fs::write(
+            &p,
+            format!(r#"{{"plain-1": {{"user": "a", "service": "chat", "note": "n"}}, "sha256:{d}": {{"user": "b", "service": "tts"}}, "plain-2": {{"user": "c", "service": "tts"}}}}"#),
+        )
+        .unwrap();
+        let r = hash_in_place(&p, true).unwrap();
+        assert_eq!((r.hashed, r.already), (2, 1));
+        let text = std::fs::read_to_string(&p).unwrap();
+        assert!(!text.contains("plain-1") && !text.contains("plain-2"));
+        assert!(text.contains("\"note\": \"n\""));
+        let backup = std::fs::read_to_string(r.backup.unwrap()).unwrap();
+        assert!(backup.contains("plain-1"));
+        let s = store(&p);
+        assert!(s.check(Some(b"plain-1"), 0, 0).is_ok());
+        assert!(s.check(Some(b"plain-2"), 1, 0).is_ok());
+        assert!(s.check(Some(b"already"), 1, 0).is_ok());
+        let again = hash_in_place(&p, true).unwrap();
+        assert_eq!((again.hashed, again.already, again.backup), (0, 3, None));
+    }
+}
