@@ -18,7 +18,7 @@ pub enum Command {
     /// Run the gateway in the foreground (logs go to stderr; set RUST_LOG to
     /// change the level). SIGHUP or a change to the config or key file
     /// reloads them; SIGTERM drains requests in flight and exits.
-    Run(ConfigArg),
+    Run(RunArgs),
     /// Load and validate the config and the key file without serving; exit 0
     /// with a summary, or non-zero with the file, line and reason.
     Check(ConfigArg),
@@ -29,6 +29,16 @@ pub enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Take over the listening sockets of a running gateway (graceful
+    /// upgrade): start this, then send SIGQUIT to the old process.
+    #[arg(long, short = 'u')]
+    pub upgrade: bool,
 }
 
 #[derive(Debug, Args)]

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+use crate::audit::AuditDest;
 use crate::error::LoadError;
 
 /// How long a TCP connect to an upstream may take unless a route says otherwise.
@@ -22,6 +23,8 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the gateway waits for each read from an upstream (which includes
 /// the wait for the response header, i.e. model loading and the first token).
 pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(300);
+/// Where a running gateway hands its listening sockets to `run --upgrade`.
+pub const DEFAULT_UPGRADE_SOCK: &str = "/tmp/ai-gateway-upgrade.sock";
 /// How long SIGTERM waits for requests in flight before exiting anyway.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
@@ -37,6 +40,14 @@ pub struct FileConfig {
     threads: Option<NonZeroUsize>,
     #[serde(default = "yes")]
     watch: bool,
+    #[serde(default)]
+    audit_log: Option<PathBuf>,
+    #[serde(default)]
+    admin_listen: Option<String>,
+    #[serde(default)]
+    metrics_per_user: bool,
+    #[serde(default)]
+    upgrade_sock: Option<PathBuf>,
     routes: Vec<FileRoute>,
 }
 
@@ -70,6 +81,14 @@ pub struct Config {
     pub threads: usize,
     /// Reload when the config or key file changes (besides on SIGHUP).
     pub watch: bool,
+    /// Where audit lines go; `None` for no audit log.
+    pub audit_log: Option<AuditDest>,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served.
+    pub admin_listen: Option<SocketAddr>,
+    /// Count requests per user in metrics (a label per user: opt-in).
+    pub metrics_per_user: bool,
+    /// The socket a new process (`run --upgrade`) takes the listeners from.
+    pub upgrade_sock: PathBuf,
     pub routes: Vec<RouteSpec>,
 }
 
@@ -114,6 +133,15 @@ impl Config {
         }
         if self.shutdown_grace != other.shutdown_grace {
             changed.push("shutdown_grace");
+        }
+        if self.audit_log != other.audit_log {
+            changed.push("audit_log");
+        }
+        if self.admin_listen != other.admin_listen {
+            changed.push("admin_listen");
+        }
+        if self.upgrade_sock != other.upgrade_sock {
+            changed.push("upgrade_sock");
         }
         changed
     }
@@ -213,6 +241,29 @@ impl FileConfig {
             });
         }
 
+        let admin_listen =
+            match &self.admin_listen {
+                None => None,
+                Some(a) => Some(admin_addr(a).map_err(|why| {
+                    LoadError::invalid(path, format!("admin_listen {a:?}: {why}"))
+                })?),
+            };
+        if let Some(a) = admin_listen {
+            if listen.contains(&a) {
+                return Err(LoadError::invalid(
+                    path,
+                    format!("admin_listen {a} is also a listen address"),
+                ));
+            }
+        }
+        let audit_log = self.audit_log.map(|p| {
+            if p.as_os_str() == "-" {
+                AuditDest::Stderr
+            } else {
+                AuditDest::File(base.join(p))
+            }
+        });
+
         let threads = match self.threads {
             Some(n) => n.get(),
             None => std::thread::available_parallelism().map_or(1, NonZeroUsize::get),
@@ -225,9 +276,26 @@ impl FileConfig {
             shutdown_grace: self.shutdown_grace.map_or(DEFAULT_SHUTDOWN_GRACE, |t| t.0),
             threads,
             watch: self.watch,
+            audit_log,
+            admin_listen,
+            metrics_per_user: self.metrics_per_user,
+            upgrade_sock: self
+                .upgrade_sock
+                .map_or_else(|| PathBuf::from(DEFAULT_UPGRADE_SOCK), |p| base.join(p)),
             routes,
         })
     }
+}
+
+/// The admin address: `host:port`, or just a port (`9090`, `:9090`),
+/// which means loopback: metrics and health need no key, so they are not
+/// exposed beyond the machine unless the config says so.
+fn admin_addr(s: &str) -> Result<SocketAddr, String> {
+    let port_only = s.strip_prefix(':').unwrap_or(s);
+    if let Ok(port) = port_only.parse::<u16>() {
+        return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    resolve(s)
 }
 
 fn yes() -> bool {
@@ -563,6 +631,31 @@ routes:
     fn zero_threads_rejected() {
         let e = err(&format!("{GOOD}threads: 0\n"));
         assert!(e.contains("threads"), "{e}");
+    }
+
+    #[test]
+    fn operations_settings() {
+        let c = parse(GOOD).unwrap();
+        assert!(c.audit_log.is_none() && c.admin_listen.is_none() && !c.metrics_per_user);
+        assert_eq!(c.upgrade_sock, Path::new(DEFAULT_UPGRADE_SOCK));
+        let c = parse(&format!("{GOOD}audit_log: audit.log\nadmin_listen: \"9090\"\nmetrics_per_user: true\nupgrade_sock: u.sock\n")).unwrap();
+        assert_eq!(
+            c.audit_log,
+            Some(AuditDest::File("/etc/agw/audit.log".into()))
+        );
+        assert_eq!(c.admin_listen, Some("127.0.0.1:9090".parse().unwrap()));
+        assert!(c.metrics_per_user);
+        assert_eq!(c.upgrade_sock, Path::new("/etc/agw/u.sock"));
+        let c = parse(&format!(
+            "{GOOD}audit_log: \"-\"\nadmin_listen: \"0.0.0.0:9100\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.audit_log, Some(AuditDest::Stderr));
+        assert_eq!(c.admin_listen, Some("0.0.0.0:9100".parse().unwrap()));
+        let e = err(&format!("{GOOD}admin_listen: \"127.0.0.1:8080\"\n"));
+        assert!(e.contains("also a listen address"), "{e}");
+        let e = err(&format!("{GOOD}admin_listen: \"nope\"\n"));
+        assert!(e.contains("admin_listen"), "{e}");
     }
 
     #[test]

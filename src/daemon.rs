@@ -3,7 +3,6 @@
 
 use std::net::TcpListener;
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
@@ -11,12 +10,17 @@ use arc_swap::ArcSwap;
 use log::{error, info, warn};
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{ExecutionPhase, Server};
-use signal_hook::consts::SIGHUP;
+use pingora::services::listening::Service as ListeningService;
+use prometheus::IntGauge;
+use signal_hook::consts::{SIGHUP, SIGUSR1};
 use signal_hook::iterator::Signals;
 
+use crate::admin::Admin;
+use crate::audit::{AuditDest, AuditLog};
+use crate::metrics::Metrics;
 use crate::proxy::Gateway;
 use crate::reload::Reloader;
-use crate::snapshot::{load_timed, SharedSnapshot};
+use crate::snapshot::{load_timed, SharedSnapshot, Snapshot};
 use crate::watch::{next_trigger, FileWatcher, Trigger};
 
 /// Why the daemon could not start.
@@ -31,15 +35,22 @@ pub enum StartError {
     },
     #[error("cannot set up signal handling: {0}")]
     Signals(std::io::Error),
+    #[error("cannot open the audit log {path}: {source}")]
+    Audit {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 /// Starts the gateway on the config at `config_path`. Returns only on a
 /// start-up failure; once serving, the process exits from Pingora's
-/// shutdown path (or from the drain watcher, below).
-pub fn run(config_path: &Path) -> Result<(), StartError> {
+/// shutdown path (or from the drain watcher, below). With `upgrade`, the
+/// listening sockets are taken over from a running gateway instead of bound.
+pub fn run(config_path: &Path, upgrade: bool) -> Result<(), StartError> {
     // First of all: from here on SIGHUP is caught (and queued until the
     // reloader runs), so a SIGHUP during start-up cannot kill the process.
-    let signals = Signals::new([SIGHUP]).map_err(StartError::Signals)?;
+    // SIGUSR1 (reopen the audit log) likewise.
+    let signals = Signals::new([SIGHUP, SIGUSR1]).map_err(StartError::Signals)?;
 
     let (snapshot, took) = load_timed(config_path, 1)?;
     for w in &snapshot.warnings {
@@ -47,12 +58,15 @@ pub fn run(config_path: &Path) -> Result<(), StartError> {
     }
     let config = snapshot.config.clone();
     // Pingora binds in a service task and, when that fails, keeps running
-    // with no listener; find out here, where a clear exit is possible.
-    for addr in &config.listen {
-        TcpListener::bind(addr).map_err(|source| StartError::Bind {
-            addr: *addr,
-            source,
-        })?;
+    // with no listener; find out here, where a clear exit is possible. (On
+    // an upgrade the old process still holds the addresses: nothing to check.)
+    if !upgrade {
+        for addr in config.listen.iter().chain(config.admin_listen.iter()) {
+            TcpListener::bind(addr).map_err(|source| StartError::Bind {
+                addr: *addr,
+                source,
+            })?;
+        }
     }
     exit_if_listeners_fail();
     info!(
@@ -62,12 +76,33 @@ pub fn run(config_path: &Path) -> Result<(), StartError> {
         took.as_millis()
     );
 
-    let shared = Arc::new(ArcSwap::from_pointee(snapshot));
-    start_reloader(config_path, Arc::clone(&shared), signals)?;
+    let metrics = Arc::new(Metrics::new());
+    let audit = match &config.audit_log {
+        None => None,
+        Some(dest) => Some(
+            AuditLog::start(dest.clone(), metrics.audit_dropped.clone()).map_err(|source| {
+                StartError::Audit {
+                    path: match dest {
+                        AuditDest::Stderr => "-".into(),
+                        AuditDest::File(p) => p.display().to_string(),
+                    },
+                    source,
+                }
+            })?,
+        ),
+    };
+    let shared = Arc::new(ArcSwap::from_pointee(snapshot.with_metrics(&metrics)));
+    start_reloader(
+        config_path,
+        Arc::clone(&shared),
+        Arc::clone(&metrics),
+        audit.clone(),
+        signals,
+    );
 
     let grace = config.shutdown_grace;
     let opt = Opt {
-        upgrade: false,
+        upgrade,
         daemon: false,
         nocapture: false,
         test: false,
@@ -77,15 +112,17 @@ pub fn run(config_path: &Path) -> Result<(), StartError> {
         threads: config.threads,
         grace_period_seconds: Some(grace.as_secs().max(1)),
         graceful_shutdown_timeout_seconds: Some(1),
+        upgrade_sock: config.upgrade_sock.display().to_string(),
         ..ServerConf::default()
     };
     let mut server = Server::new_with_opt_and_conf(opt, conf);
+    // On an upgrade this receives the listening sockets from the old
+    // process (and exits 1 if there is none to receive them from).
     server.bootstrap();
 
-    let in_flight = Arc::new(AtomicUsize::new(0));
     let mut service = pingora::proxy::http_proxy_service_with_name(
         &server.configuration,
-        Gateway::new(shared, Arc::clone(&in_flight)),
+        Gateway::new(Arc::clone(&shared), Arc::clone(&metrics), audit),
         "ai-gateway",
     );
     for addr in &config.listen {
@@ -94,7 +131,21 @@ pub fn run(config_path: &Path) -> Result<(), StartError> {
     }
     server.add_service(service);
 
+    if let Some(addr) = config.admin_listen {
+        let admin = Admin {
+            metrics: Arc::clone(&metrics),
+            snapshot: shared,
+            listen: config.listen.clone(),
+        };
+        let mut svc = ListeningService::new("admin".to_string(), admin);
+        svc.threads = Some(1);
+        svc.add_tcp(&addr.to_string());
+        info!("admin (/metrics, /healthz, /readyz) on http://{addr}");
+        server.add_service(svc);
+    }
+
     let phases = server.watch_execution_phase();
+    let in_flight = metrics.in_flight.clone();
     spawn_thread("drain-watcher", move || {
         drain_watcher(phases, in_flight, grace)
     });
@@ -102,19 +153,27 @@ pub fn run(config_path: &Path) -> Result<(), StartError> {
     server.run_forever()
 }
 
-/// Starts the thread that reloads on SIGHUP and on file changes. Triggers
-/// from both arrive on one channel, so reloads never run concurrently.
+/// Starts the threads that turn signals and file changes into reloads and
+/// audit log reopens. Reload triggers arrive on one channel, so reloads
+/// never run concurrently.
 fn start_reloader(
     config_path: &Path,
     shared: SharedSnapshot,
+    metrics: Arc<Metrics>,
+    audit: Option<AuditLog>,
     signals: Signals,
-) -> Result<(), StartError> {
+) {
     let (tx, rx) = mpsc::channel();
     let signal_tx = tx.clone();
     let mut signals = signals;
     spawn_thread("signals", move || {
-        for _ in signals.forever() {
-            if signal_tx.send(Trigger::Signal).is_err() {
+        for sig in signals.forever() {
+            // SIGHUP and SIGUSR1 both reopen the audit log (logrotate's
+            // postrotate may send either); only SIGHUP reloads.
+            if let Some(a) = &audit {
+                a.reopen();
+            }
+            if sig == SIGHUP && signal_tx.send(Trigger::Signal).is_err() {
                 return;
             }
         }
@@ -126,7 +185,7 @@ fn start_reloader(
             None
         }
     };
-    let watch_files = |w: &mut Option<FileWatcher>, snapshot: &crate::snapshot::Snapshot| {
+    let watch_files = |w: &mut Option<FileWatcher>, snapshot: &Snapshot| {
         if let Some(w) = w.as_mut() {
             if snapshot.config.watch {
                 w.set_files(&[&snapshot.config.path, &snapshot.config.keys_file]);
@@ -136,7 +195,7 @@ fn start_reloader(
         }
     };
     watch_files(&mut watcher, &shared.load());
-    let reloader = Reloader::new(config_path, Arc::clone(&shared));
+    let reloader = Reloader::new(config_path, Arc::clone(&shared), metrics);
     spawn_thread("reloader", move || {
         while let Some(trigger) = next_trigger(&rx) {
             let why = match trigger {
@@ -149,7 +208,6 @@ fn start_reloader(
             }
         }
     });
-    Ok(())
 }
 
 /// Pingora's graceful shutdown sleeps the whole grace period even when no
@@ -157,7 +215,7 @@ fn start_reloader(
 /// request has finished (or leaves it to Pingora once the grace is over).
 fn drain_watcher(
     mut phases: tokio::sync::broadcast::Receiver<ExecutionPhase>,
-    in_flight: Arc<AtomicUsize>,
+    in_flight: IntGauge,
     grace: Duration,
 ) {
     loop {
@@ -170,7 +228,7 @@ fn drain_watcher(
     let deadline = std::time::Instant::now() + grace;
     let mut idle_polls = 0;
     while std::time::Instant::now() < deadline {
-        if in_flight.load(Ordering::Relaxed) == 0 {
+        if in_flight.get() == 0 {
             idle_polls += 1;
             // Two quiet polls in a row, so a connection accepted just before
             // the listeners closed has had time to become a request.
@@ -187,7 +245,7 @@ fn drain_watcher(
     warn!(
         "shutdown grace of {}s is over with {} request(s) still in flight",
         grace.as_secs(),
-        in_flight.load(Ordering::Relaxed)
+        in_flight.get()
     );
 }
 

@@ -10,7 +10,9 @@ use ai_gateway::snapshot::Snapshot;
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let result = match Cli::parse().command {
-        Command::Run(args) => ai_gateway::daemon::run(&args.config).map_err(|e| e.to_string()),
+        Command::Run(args) => {
+            ai_gateway::daemon::run(&args.config.config, args.upgrade).map_err(|e| e.to_string())
+        }
         Command::Check(args) => check(&args.config),
         Command::Keygen(a) => keygen(&a).map_err(|e| e.to_string()),
         Command::Keys { command } => keys(command).map_err(|e| e.to_string()),

@@ -1,19 +1,21 @@
 //! The Pingora `ProxyHttp` implementation: the whole path of a request.
 //!
 //! ```text
-//!  client ─▶ early_request_filter   bound downstream keep-alive
-//!         ─▶ request_filter         load snapshot once; route, method, key
-//!              │ denied ─▶ JSON 400/401/403/404/405, done
-//!         ─▶ upstream_peer          round-robin over the route's peers
-//!         ─▶ upstream_request_filter strip credentials, add X-Gateway-User,
-//!                                   strip the prefix
+//!  client ─▶ early_request_filter    bound downstream keep-alive
+//!         ─▶ request_filter          load the snapshot once; request id;
+//!              │                     route, method, key
+//!              └ denied ─▶ JSON 400/401/403/404/405, then logging
+//!         ─▶ upstream_peer           round-robin over the route's peers
+//!         ─▶ upstream_request_filter strip credentials, add X-Gateway-User
+//!                                    and X-Request-Id, strip the prefix
 //!         ◀─▶ bodies stream both ways, chunk by chunk (Pingora's default)
-//!         ─▶ fail_to_proxy          502/504 with a JSON body
+//!         ─▶ fail_to_proxy           502/504 with a JSON body
+//!         ─▶ logging                 metrics and the audit line
 //! ```
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -23,8 +25,11 @@ use pingora::http::ResponseHeader;
 use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{ErrorSource, ErrorType};
+use prometheus::IntGauge;
 
+use crate::audit::{AuditLog, AuditRecord};
 use crate::keys::{unix_millis, KeyDenial, KeyId};
+use crate::metrics::{denial_label, Metrics, UpstreamErrorKind};
 use crate::snapshot::{presented_key, Denial, SharedSnapshot, Snapshot};
 
 /// How long an idle client keep-alive connection is kept open. Pingora's
@@ -34,46 +39,54 @@ pub const CLIENT_KEEPALIVE_SECS: u64 = 60;
 /// The `WWW-Authenticate` challenge sent with every 401.
 const CHALLENGE: &str = "Bearer realm=\"ai-gateway\"";
 
-/// The gateway's proxy logic. Cheap to share: it holds the snapshot handle
-/// and a counter of requests in flight (read at shutdown).
+/// The gateway's proxy logic: the snapshot handle, metrics and the audit log.
 pub struct Gateway {
     snapshot: SharedSnapshot,
-    in_flight: Arc<AtomicUsize>,
+    metrics: Arc<Metrics>,
+    audit: Option<AuditLog>,
 }
 
 impl Gateway {
-    pub fn new(snapshot: SharedSnapshot, in_flight: Arc<AtomicUsize>) -> Self {
+    pub fn new(snapshot: SharedSnapshot, metrics: Arc<Metrics>, audit: Option<AuditLog>) -> Self {
         Gateway {
             snapshot,
-            in_flight,
+            metrics,
+            audit,
         }
     }
 }
 
-/// Per-request state, filled by `request_filter` for admitted requests.
+/// Per-request state.
 pub struct RequestCtx {
+    start: Instant,
     /// The snapshot this request was decided against; kept to its end so a
     /// reload cannot change the route under it.
     snapshot: Option<Arc<Snapshot>>,
-    route_index: usize,
+    route_index: Option<usize>,
+    request_id: Option<HeaderValue>,
     user: Option<HeaderValue>,
     key_id: Option<KeyId>,
+    /// `accepted`, or the reason for a denial.
+    decision: &'static str,
+    upstream: Option<SocketAddr>,
+    upstream_status: Option<u16>,
+    ttfb: Option<Duration>,
     _in_flight: InFlight,
 }
 
 /// Counts a request as in flight from its context's creation to its drop.
-struct InFlight(Arc<AtomicUsize>);
+struct InFlight(IntGauge);
 
 impl InFlight {
-    fn new(counter: &Arc<AtomicUsize>) -> Self {
-        counter.fetch_add(1, Ordering::Relaxed);
-        InFlight(Arc::clone(counter))
+    fn new(gauge: &IntGauge) -> Self {
+        gauge.inc();
+        InFlight(gauge.clone())
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.0.dec();
     }
 }
 
@@ -143,8 +156,9 @@ async fn send_reply(
     session: &mut Session,
     reply: Reply,
     allow: Option<&HeaderValue>,
+    request_id: Option<&HeaderValue>,
 ) -> Result<()> {
-    let mut resp = ResponseHeader::build(reply.status, Some(5))?;
+    let mut resp = ResponseHeader::build(reply.status, Some(6))?;
     resp.insert_header("content-type", "application/json")?;
     resp.insert_header("content-length", reply.body.len())?;
     resp.insert_header("cache-control", "no-store")?;
@@ -153,6 +167,9 @@ async fn send_reply(
     }
     if let Some(allow) = allow {
         resp.insert_header("allow", allow.clone())?;
+    }
+    if let Some(id) = request_id {
+        resp.insert_header("x-request-id", id.clone())?;
     }
     session
         .as_downstream_mut()
@@ -164,17 +181,47 @@ fn internal(why: &'static str) -> Box<Error> {
     Error::explain(ErrorType::InternalError, why)
 }
 
+/// The fixed label of an upstream failure.
+fn upstream_error_kind(e: &Error) -> UpstreamErrorKind {
+    use ErrorType::*;
+    match e.etype() {
+        ConnectRefused | ConnectNoRoute | ConnectError => UpstreamErrorKind::Refused,
+        ConnectTimedout | ReadTimedout | WriteTimedout | TLSHandshakeTimedout => {
+            UpstreamErrorKind::Timeout
+        }
+        ConnectionClosed | ReadError | WriteError => UpstreamErrorKind::Reset,
+        InvalidHTTPHeader | H1Error | H2Error | InvalidH2 => UpstreamErrorKind::InvalidResponse,
+        _ => UpstreamErrorKind::Other,
+    }
+}
+
+/// The audit `decision` of a denial.
+fn denial_decision(d: Denial) -> &'static str {
+    match d {
+        Denial::BadPath => "bad_path",
+        Denial::NoRoute => "no_route",
+        Denial::MethodNotAllowed { .. } => "method_not_allowed",
+        Denial::Key(k) => denial_label(k),
+    }
+}
+
 #[async_trait]
 impl ProxyHttp for Gateway {
     type CTX = RequestCtx;
 
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx {
+            start: Instant::now(),
             snapshot: None,
-            route_index: 0,
+            route_index: None,
+            request_id: None,
             user: None,
             key_id: None,
-            _in_flight: InFlight::new(&self.in_flight),
+            decision: "error",
+            upstream: None,
+            upstream_status: None,
+            ttfb: None,
+            _in_flight: InFlight::new(&self.metrics.in_flight),
         }
     }
 
@@ -192,6 +239,9 @@ impl ProxyHttp for Gateway {
         let snapshot = self.snapshot.load_full();
         let now_ms = unix_millis(SystemTime::now());
         let req = session.req_header();
+        ctx.request_id = Some(crate::request_id::for_request(
+            req.headers.get("x-request-id"),
+        ));
         let decision = snapshot.decide(
             &req.method,
             req.uri.path(),
@@ -200,14 +250,24 @@ impl ProxyHttp for Gateway {
         );
         match decision {
             Ok(admitted) => {
-                ctx.route_index = admitted.route_index;
+                ctx.route_index = Some(admitted.route_index);
                 ctx.user = Some(admitted.principal.user.header.clone());
                 ctx.key_id = Some(admitted.principal.id);
-                ctx.snapshot = Some(Arc::clone(&snapshot));
+                ctx.decision = "accepted";
+                ctx.snapshot = Some(snapshot);
                 Ok(false)
             }
             Err(denial) => {
-                debug!("denied {:?} {}: {:?}", req.method, req.uri.path(), denial);
+                debug!("denied {} {}: {:?}", req.method, req.uri.path(), denial);
+                ctx.decision = denial_decision(denial);
+                ctx.route_index = match denial {
+                    Denial::MethodNotAllowed { route_index } => Some(route_index),
+                    Denial::Key(_) => snapshot.router.find(req.uri.path()).map(|(i, _)| i),
+                    Denial::BadPath | Denial::NoRoute => None,
+                };
+                if let Denial::Key(k) = denial {
+                    self.metrics.auth_failure(k);
+                }
                 let allow = match denial {
                     Denial::MethodNotAllowed { route_index } => snapshot
                         .router
@@ -215,7 +275,14 @@ impl ProxyHttp for Gateway {
                         .and_then(|r| r.allow_header()),
                     _ => None,
                 };
-                send_reply(session, denial_reply(denial), allow).await?;
+                send_reply(
+                    session,
+                    denial_reply(denial),
+                    allow,
+                    ctx.request_id.as_ref(),
+                )
+                .await?;
+                ctx.snapshot = Some(snapshot);
                 Ok(true)
             }
         }
@@ -230,13 +297,17 @@ impl ProxyHttp for Gateway {
             .snapshot
             .as_ref()
             .ok_or_else(|| internal("no snapshot"))?;
-        let route = snapshot
-            .router
-            .get(ctx.route_index)
+        let route = ctx
+            .route_index
+            .and_then(|i| snapshot.router.get(i))
             .ok_or_else(|| internal("no route"))?;
         let peer = route
             .next_peer()
             .ok_or_else(|| internal("route without upstreams"))?;
+        ctx.upstream = match &peer._address {
+            pingora::protocols::l4::socket::SocketAddr::Inet(a) => Some(*a),
+            _ => None,
+        };
         Ok(Box::new(peer.clone()))
     }
 
@@ -252,13 +323,16 @@ impl ProxyHttp for Gateway {
         if let Some(user) = ctx.user.clone() {
             upstream_request.insert_header("x-gateway-user", user)?;
         }
+        if let Some(id) = ctx.request_id.clone() {
+            upstream_request.insert_header("x-request-id", id)?;
+        }
         let snapshot = ctx
             .snapshot
             .as_ref()
             .ok_or_else(|| internal("no snapshot"))?;
-        let route = snapshot
-            .router
-            .get(ctx.route_index)
+        let route = ctx
+            .route_index
+            .and_then(|i| snapshot.router.get(i))
             .ok_or_else(|| internal("no route"))?;
         let uri = &upstream_request.uri;
         if let Some(target) = route.upstream_target(uri.path(), uri.query()) {
@@ -267,15 +341,40 @@ impl ProxyHttp for Gateway {
         Ok(())
     }
 
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        ctx.upstream_status = Some(upstream_response.status.as_u16());
+        ctx.ttfb = Some(ctx.start.elapsed());
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let Some(id) = ctx.request_id.clone() {
+            upstream_response.insert_header("x-request-id", id)?;
+        }
+        Ok(())
+    }
+
     async fn fail_to_proxy(
         &self,
         session: &mut Session,
         e: &Error,
-        _ctx: &mut RequestCtx,
+        ctx: &mut RequestCtx,
     ) -> FailToProxy {
         let status = error_status(e);
         if status > 0 {
-            if let Err(err) = send_reply(session, error_reply(status), None).await {
+            if let Err(err) =
+                send_reply(session, error_reply(status), None, ctx.request_id.as_ref()).await
+            {
                 debug!("could not send the error response: {err}");
             }
         }
@@ -283,6 +382,69 @@ impl ProxyHttp for Gateway {
             error_code: status,
             can_reuse_downstream: false,
         }
+    }
+
+    /// Metrics and the audit line, for every request.
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        let latency = ctx.start.elapsed();
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        let bytes_in = session.body_bytes_read() as u64;
+        let bytes_out = session.body_bytes_sent() as u64;
+        let Some(snapshot) = ctx.snapshot.as_ref() else {
+            return;
+        };
+        if let Some(m) = snapshot.metrics_for(ctx.route_index) {
+            m.count_status(status);
+            m.duration.observe(latency.as_secs_f64());
+            if let Some(t) = ctx.ttfb {
+                m.ttfb.observe(t.as_secs_f64());
+            }
+            m.bytes_in.inc_by(bytes_in);
+            m.bytes_out.inc_by(bytes_out);
+            if let Some(e) = e.filter(|e| e.esource() == &ErrorSource::Upstream) {
+                m.upstream_error(upstream_error_kind(e));
+            }
+        }
+        if snapshot.config.metrics_per_user {
+            if let Some(user) = ctx.user.as_ref().and_then(|u| u.to_str().ok()) {
+                self.metrics.user_request(user);
+            }
+        }
+        let Some(audit) = &self.audit else {
+            return;
+        };
+        let req = session.req_header();
+        let route = ctx.route_index.and_then(|i| snapshot.router.get(i));
+        audit.log(AuditRecord {
+            ts: SystemTime::now() - latency,
+            request_id: ctx
+                .request_id
+                .as_ref()
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string(),
+            client: session.client_addr().and_then(|a| a.as_inet()).copied(),
+            method: req.method.as_str().to_string(),
+            path: req.uri.path().to_string(),
+            route: route.map(|r| r.name.clone()),
+            key_id: ctx.key_id.map(|k| k.to_string()),
+            user: ctx
+                .user
+                .as_ref()
+                .map(|u| String::from_utf8_lossy(u.as_bytes()).into_owned()),
+            decision: if ctx.decision == "accepted" && e.is_some() {
+                "upstream_error"
+            } else {
+                ctx.decision
+            },
+            status,
+            upstream: ctx.upstream,
+            upstream_status: ctx.upstream_status,
+            latency_ms: latency,
+            ttfb_ms: ctx.ttfb,
+            bytes_in,
+            bytes_out,
+        });
     }
 }
 

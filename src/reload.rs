@@ -12,19 +12,22 @@ use std::sync::Arc;
 use log::{error, info, warn};
 
 use crate::error::LoadError;
+use crate::metrics::Metrics;
 use crate::snapshot::{load_timed, SharedSnapshot};
 
 /// Rebuilds and swaps the shared snapshot.
 pub struct Reloader {
     config_path: PathBuf,
     shared: SharedSnapshot,
+    metrics: Arc<Metrics>,
 }
 
 impl Reloader {
-    pub fn new(config_path: &Path, shared: SharedSnapshot) -> Self {
+    pub fn new(config_path: &Path, shared: SharedSnapshot, metrics: Arc<Metrics>) -> Self {
         Reloader {
             config_path: config_path.to_path_buf(),
             shared,
+            metrics,
         }
     }
 
@@ -51,7 +54,9 @@ impl Reloader {
                     snapshot.summary(),
                     took.as_millis()
                 );
-                self.shared.store(Arc::new(snapshot));
+                self.shared
+                    .store(Arc::new(snapshot.with_metrics(&self.metrics)));
+                self.metrics.reloaded(true);
                 Ok(generation)
             }
             Err(e) => {
@@ -59,6 +64,7 @@ impl Reloader {
                     "reload ({why}) failed, still serving generation {}: {e}",
                     current.generation
                 );
+                self.metrics.reloaded(false);
                 Err(e)
             }
         }

@@ -15,6 +15,7 @@ use http::{HeaderMap, Method};
 use crate::config::Config;
 use crate::error::LoadError;
 use crate::keys::{KeyDenial, KeyStore, Principal, ServiceTable};
+use crate::metrics::{Metrics, RouteMetrics, NO_ROUTE};
 use crate::routes::{Route, Router};
 
 /// The current snapshot, shared by the proxy and the reloader.
@@ -31,6 +32,10 @@ pub struct Snapshot {
     pub generation: u64,
     /// Things worth an operator's attention that did not stop the load.
     pub warnings: Vec<String>,
+    /// Metric handles per route (same order as the routes), and for
+    /// requests that matched none; empty until [`Snapshot::with_metrics`].
+    pub route_metrics: Vec<Arc<RouteMetrics>>,
+    pub unrouted_metrics: Option<Arc<RouteMetrics>>,
 }
 
 impl Snapshot {
@@ -65,7 +70,40 @@ impl Snapshot {
             services,
             generation,
             warnings,
+            route_metrics: Vec::new(),
+            unrouted_metrics: None,
         })
+    }
+
+    /// Resolves each route's metric handles once, so recording a request
+    /// touches only atomics, and publishes the snapshot's gauges.
+    pub fn with_metrics(mut self, metrics: &Metrics) -> Snapshot {
+        self.route_metrics = self
+            .router
+            .routes()
+            .iter()
+            .map(|r| metrics.route(&r.name))
+            .collect();
+        self.unrouted_metrics = Some(metrics.route(NO_ROUTE));
+        metrics
+            .keys_loaded
+            .set(i64::try_from(self.keys.len()).unwrap_or(i64::MAX));
+        metrics
+            .routes_loaded
+            .set(i64::try_from(self.router.len()).unwrap_or(i64::MAX));
+        metrics
+            .generation
+            .set(i64::try_from(self.generation).unwrap_or(i64::MAX));
+        self
+    }
+
+    /// The metric handles for a route index, or for unrouted requests.
+    #[inline]
+    pub fn metrics_for(&self, route_index: Option<usize>) -> Option<&RouteMetrics> {
+        match route_index {
+            Some(i) => self.route_metrics.get(i).map(|m| &**m),
+            None => self.unrouted_metrics.as_deref(),
+        }
     }
 
     /// A one-line summary for logs and `check`.

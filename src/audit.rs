@@ -1,0 +1,239 @@
+//! The audit log: one JSON line per request, accepted or denied.
+//!
+//! Serving threads never write: they hand a record to a bounded channel and
+//! move on. If the writer ever falls behind far enough to fill the channel,
+//! records are dropped and counted (`agw_audit_dropped_total`) rather than
+//! making clients wait. The writer reopens its file on request (SIGUSR1 or
+//! SIGHUP), which is what logrotate's `postrotate` needs.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufWriter, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::time::{Duration, SystemTime};
+
+use log::error;
+use prometheus::IntCounter;
+use serde::Serialize;
+
+/// Records that may wait for the writer before new ones are dropped.
+pub const QUEUE_LEN: usize = 65_536;
+
+/// Where audit lines go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuditDest {
+    Stderr,
+    File(PathBuf),
+}
+
+/// One request, as the audit log records it. Field names are part of the
+/// log format; keys appear only as their id.
+#[derive(Debug, Serialize)]
+pub struct AuditRecord {
+    #[serde(serialize_with = "rfc3339")]
+    pub ts: SystemTime,
+    pub request_id: String,
+    pub client: Option<SocketAddr>,
+    pub method: String,
+    pub path: String,
+    pub route: Option<String>,
+    pub key_id: Option<String>,
+    pub user: Option<String>,
+    /// `accepted`, or why the request was denied.
+    pub decision: &'static str,
+    pub status: u16,
+    pub upstream: Option<SocketAddr>,
+    pub upstream_status: Option<u16>,
+    #[serde(serialize_with = "millis")]
+    pub latency_ms: Duration,
+    #[serde(serialize_with = "opt_millis")]
+    pub ttfb_ms: Option<Duration>,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+fn rfc3339<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&humantime::format_rfc3339_millis(*t))
+}
+
+fn millis<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64((d.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0)
+}
+
+fn opt_millis<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => millis(d, s),
+        None => s.serialize_none(),
+    }
+}
+
+enum Msg {
+    Record(Box<AuditRecord>),
+    Reopen,
+}
+
+/// The handle serving threads log through.
+#[derive(Clone)]
+pub struct AuditLog {
+    tx: SyncSender<Msg>,
+    dropped: IntCounter,
+}
+
+impl AuditLog {
+    /// Opens `dest` and starts the writer thread. Fails if the file cannot
+    /// be opened, so a bad path is a start-up error, not silence.
+    pub fn start(dest: AuditDest, dropped: IntCounter) -> std::io::Result<AuditLog> {
+        let out = open(&dest)?;
+        let (tx, rx) = sync_channel(QUEUE_LEN);
+        std::thread::Builder::new()
+            .name("audit-writer".into())
+            .spawn(move || writer(dest, out, rx))?;
+        Ok(AuditLog { tx, dropped })
+    }
+
+    /// Queues a record; never blocks.
+    pub fn log(&self, record: AuditRecord) {
+        match self.tx.try_send(Msg::Record(Box::new(record))) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                self.dropped.inc();
+            }
+        }
+    }
+
+    /// Asks the writer to reopen its file (after logrotate moved it).
+    pub fn reopen(&self) {
+        // Blocking here is fine: this runs on the signal thread.
+        let _ = self.tx.send(Msg::Reopen);
+    }
+
+    /// How many records were dropped because the queue was full.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.get()
+    }
+}
+
+fn open(dest: &AuditDest) -> std::io::Result<BufWriter<Box<dyn Write + Send>>> {
+    let w: Box<dyn Write + Send> = match dest {
+        AuditDest::Stderr => Box::new(std::io::stderr()),
+        AuditDest::File(p) => Box::new(open_file(p)?),
+    };
+    Ok(BufWriter::with_capacity(64 * 1024, w))
+}
+
+fn open_file(p: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o640)
+        .open(p)
+}
+
+fn writer(dest: AuditDest, mut out: BufWriter<Box<dyn Write + Send>>, rx: Receiver<Msg>) {
+    let mut line = Vec::with_capacity(512);
+    while let Ok(first) = rx.recv() {
+        let mut next = Some(first);
+        // Drain what is queued, then flush once.
+        while let Some(msg) = next.take() {
+            match msg {
+                Msg::Record(r) => {
+                    line.clear();
+                    if serde_json::to_writer(&mut line, &*r).is_ok() {
+                        line.push(b'\n');
+                        if let Err(e) = out.write_all(&line) {
+                            error!("audit log write failed: {e}");
+                        }
+                    }
+                }
+                Msg::Reopen => {
+                    let _ = out.flush();
+                    match open(&dest) {
+                        Ok(o) => out = o,
+                        Err(e) => error!(
+                            "cannot reopen the audit log: {e}; still writing to the old file"
+                        ),
+                    }
+                }
+            }
+            next = rx.try_recv().ok();
+        }
+        if let Err(e) = out.flush() {
+            error!("audit log flush failed: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(path: &str) -> AuditRecord {
+        AuditRecord {
+            ts: SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_123),
+            request_id: "r1".into(),
+            client: Some("127.0.0.1:5000".parse().unwrap()),
+            method: "POST".into(),
+            path: path.into(),
+            route: Some("chat".into()),
+            key_id: Some("0123456789ab".into()),
+            user: Some("ann".into()),
+            decision: "accepted",
+            status: 200,
+            upstream: Some("127.0.0.1:11434".parse().unwrap()),
+            upstream_status: Some(200),
+            latency_ms: Duration::from_micros(12_345),
+            ttfb_ms: None,
+            bytes_in: 10,
+            bytes_out: 20,
+        }
+    }
+
+    fn wait_for(p: &Path, needle: &str) -> String {
+        for _ in 0..200 {
+            let text = std::fs::read_to_string(p).unwrap_or_default();
+            if text.contains(needle) {
+                return text;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("{needle} never appeared in {}", p.display());
+    }
+
+    #[test]
+    fn writes_one_json_line_per_record_and_reopens() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("audit.log");
+        let log = AuditLog::start(
+            AuditDest::File(p.clone()),
+            IntCounter::new("d", "d").unwrap(),
+        )
+        .unwrap();
+        log.log(record("/chat/a"));
+        let text = wait_for(&p, "/chat/a");
+        let v: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+        assert_eq!(v["ts"], "2023-11-14T22:13:20.123Z");
+        assert_eq!(v["latency_ms"], 12.345);
+        assert_eq!(v["ttfb_ms"], serde_json::Value::Null);
+        assert_eq!(v["decision"], "accepted");
+        assert_eq!(v["client"], "127.0.0.1:5000");
+
+        let moved = dir.path().join("audit.log.1");
+        std::fs::rename(&p, &moved).unwrap();
+        log.reopen();
+        log.log(record("/chat/b"));
+        wait_for(&p, "/chat/b");
+        assert!(!std::fs::read_to_string(&moved).unwrap().contains("/chat/b"));
+        assert_eq!(log.dropped(), 0);
+    }
+
+    #[test]
+    fn unopenable_file_is_an_error() {
+        assert!(AuditLog::start(
+            AuditDest::File("/nonexistent-dir/a.log".into()),
+            IntCounter::new("d", "d").unwrap()
+        )
+        .is_err());
+    }
+}

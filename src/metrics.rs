@@ -1,0 +1,360 @@
+//! Prometheus metrics.
+//!
+//! Label values come only from route names and fixed reason strings, never
+//! from a key, a user (unless the config asks for per-user counts) or a
+//! path, so cardinality stays bounded whatever clients send. Each route's
+//! handles are resolved once when a snapshot is built, so recording a
+//! request touches only atomics.
+
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
+};
+
+use crate::keys::KeyDenial;
+
+/// Latency buckets in seconds: from a cached answer to a long generation.
+const BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0, 120.0, 300.0,
+];
+
+/// Status codes that get a pre-resolved counter per route.
+const COMMON_STATUSES: [u16; 14] = [
+    200, 201, 204, 400, 401, 403, 404, 405, 413, 429, 500, 502, 503, 504,
+];
+
+/// The `route` label of requests that matched no route.
+pub const NO_ROUTE: &str = "-";
+
+/// Why a request failed upstream, as a fixed label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamErrorKind {
+    Refused,
+    Timeout,
+    Reset,
+    InvalidResponse,
+    Other,
+}
+
+impl UpstreamErrorKind {
+    const ALL: [UpstreamErrorKind; 5] = [
+        UpstreamErrorKind::Refused,
+        UpstreamErrorKind::Timeout,
+        UpstreamErrorKind::Reset,
+        UpstreamErrorKind::InvalidResponse,
+        UpstreamErrorKind::Other,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            UpstreamErrorKind::Refused => "refused",
+            UpstreamErrorKind::Timeout => "timeout",
+            UpstreamErrorKind::Reset => "reset",
+            UpstreamErrorKind::InvalidResponse => "invalid_response",
+            UpstreamErrorKind::Other => "other",
+        }
+    }
+}
+
+/// The fixed label of a key denial (also the audit log's `decision`).
+pub fn denial_label(d: KeyDenial) -> &'static str {
+    match d {
+        KeyDenial::Missing => "missing_key",
+        KeyDenial::Unknown => "unknown_key",
+        KeyDenial::Expired => "expired_key",
+        KeyDenial::Disabled => "disabled_key",
+        KeyDenial::WrongService => "wrong_service",
+    }
+}
+
+const DENIALS: [KeyDenial; 5] = [
+    KeyDenial::Missing,
+    KeyDenial::Unknown,
+    KeyDenial::Expired,
+    KeyDenial::Disabled,
+    KeyDenial::WrongService,
+];
+
+/// All of the gateway's metrics, in their own registry.
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    duration: HistogramVec,
+    ttfb: HistogramVec,
+    bytes_in: IntCounterVec,
+    bytes_out: IntCounterVec,
+    upstream_errors: IntCounterVec,
+    auth_failures: [IntCounter; 5],
+    pub in_flight: IntGauge,
+    reload_ok: IntCounter,
+    reload_failed: IntCounter,
+    pub keys_loaded: IntGauge,
+    pub routes_loaded: IntGauge,
+    pub generation: IntGauge,
+    pub audit_dropped: IntCounter,
+    per_user: IntCounterVec,
+    route_cache: std::sync::Mutex<HashMap<String, Arc<RouteMetrics>>>,
+}
+
+/// One route's pre-resolved handles.
+pub struct RouteMetrics {
+    route: String,
+    requests_vec: IntCounterVec,
+    /// Resolved on first use, so only statuses that occur are exported.
+    by_status: [OnceLock<IntCounter>; COMMON_STATUSES.len()],
+    pub duration: Histogram,
+    pub ttfb: Histogram,
+    pub bytes_in: IntCounter,
+    pub bytes_out: IntCounter,
+    upstream_errors: [IntCounter; 5],
+}
+
+impl std::fmt::Debug for RouteMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RouteMetrics")
+            .field("route", &self.route)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RouteMetrics {
+    #[inline]
+    pub fn count_status(&self, status: u16) {
+        match COMMON_STATUSES.iter().position(|s| *s == status) {
+            Some(i) => {
+                if let Some(slot) = self.by_status.get(i) {
+                    slot.get_or_init(|| {
+                        self.requests_vec
+                            .with_label_values(&[self.route.as_str(), &status.to_string()])
+                    })
+                    .inc();
+                }
+            }
+            None => self
+                .requests_vec
+                .with_label_values(&[self.route.as_str(), &status.to_string()])
+                .inc(),
+        }
+    }
+
+    pub fn upstream_error(&self, kind: UpstreamErrorKind) {
+        if let Some(i) = UpstreamErrorKind::ALL.iter().position(|k| *k == kind) {
+            if let Some(c) = self.upstream_errors.get(i) {
+                c.inc();
+            }
+        }
+    }
+}
+
+fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("static metric definition");
+    registry
+        .register(Box::new(c.clone()))
+        .expect("metric registered once");
+    c
+}
+
+fn histogram_vec(registry: &Registry, name: &str, help: &str) -> HistogramVec {
+    let h = HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(BUCKETS.to_vec()),
+        &["route"],
+    )
+    .expect("static metric definition");
+    registry
+        .register(Box::new(h.clone()))
+        .expect("metric registered once");
+    h
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("static metric definition");
+    registry
+        .register(Box::new(g.clone()))
+        .expect("metric registered once");
+    g
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let r = Registry::new();
+        let requests = counter_vec(
+            &r,
+            "agw_requests_total",
+            "Requests by route and status.",
+            &["route", "status"],
+        );
+        let auth = counter_vec(
+            &r,
+            "agw_auth_failures_total",
+            "Requests refused for their key, by reason.",
+            &["reason"],
+        );
+        let reloads = counter_vec(&r, "agw_reloads_total", "Reloads by result.", &["result"]);
+        Metrics {
+            duration: histogram_vec(
+                &r,
+                "agw_request_duration_seconds",
+                "Total request latency by route.",
+            ),
+            ttfb: histogram_vec(
+                &r,
+                "agw_upstream_ttfb_seconds",
+                "Time from the request's arrival to the upstream's response header, by route.",
+            ),
+            bytes_in: counter_vec(
+                &r,
+                "agw_request_body_bytes_total",
+                "Request body bytes by route.",
+                &["route"],
+            ),
+            bytes_out: counter_vec(
+                &r,
+                "agw_response_body_bytes_total",
+                "Response body bytes by route.",
+                &["route"],
+            ),
+            upstream_errors: counter_vec(
+                &r,
+                "agw_upstream_errors_total",
+                "Failures talking to upstreams, by route and kind.",
+                &["route", "kind"],
+            ),
+            auth_failures: DENIALS.map(|d| auth.with_label_values(&[denial_label(d)])),
+            in_flight: gauge(&r, "agw_requests_in_flight", "Requests being served now."),
+            reload_ok: reloads.with_label_values(&["ok"]),
+            reload_failed: reloads.with_label_values(&["error"]),
+            keys_loaded: gauge(&r, "agw_keys_loaded", "Keys in the current snapshot."),
+            routes_loaded: gauge(&r, "agw_routes_loaded", "Routes in the current snapshot."),
+            generation: gauge(
+                &r,
+                "agw_snapshot_generation",
+                "Generation of the current snapshot (1 at start).",
+            ),
+            audit_dropped: {
+                let c = IntCounter::new(
+                    "agw_audit_dropped_total",
+                    "Audit records dropped because the queue was full.",
+                )
+                .expect("static metric definition");
+                r.register(Box::new(c.clone()))
+                    .expect("metric registered once");
+                c
+            },
+            per_user: counter_vec(
+                &r,
+                "agw_user_requests_total",
+                "Requests by user (only when metrics_per_user is on).",
+                &["user"],
+            ),
+            requests,
+            registry: r,
+            route_cache: Default::default(),
+        }
+    }
+
+    /// The handles for `route`, created on first use and shared after.
+    pub fn route(&self, route: &str) -> Arc<RouteMetrics> {
+        let mut cache = self.route_cache.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(m) = cache.get(route) {
+            return Arc::clone(m);
+        }
+        let m = Arc::new(RouteMetrics {
+            route: route.to_string(),
+            requests_vec: self.requests.clone(),
+            by_status: Default::default(),
+            duration: self.duration.with_label_values(&[route]),
+            ttfb: self.ttfb.with_label_values(&[route]),
+            bytes_in: self.bytes_in.with_label_values(&[route]),
+            bytes_out: self.bytes_out.with_label_values(&[route]),
+            upstream_errors: UpstreamErrorKind::ALL
+                .map(|k| self.upstream_errors.with_label_values(&[route, k.label()])),
+        });
+        cache.insert(route.to_string(), Arc::clone(&m));
+        m
+    }
+
+    pub fn auth_failure(&self, d: KeyDenial) {
+        if let Some(i) = DENIALS.iter().position(|x| *x == d) {
+            if let Some(c) = self.auth_failures.get(i) {
+                c.inc();
+            }
+        }
+    }
+
+    pub fn user_request(&self, user: &str) {
+        self.per_user.with_label_values(&[user]).inc();
+    }
+
+    pub fn reloaded(&self, ok: bool) {
+        if ok {
+            self.reload_ok.inc();
+        } else {
+            self.reload_failed.inc();
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 * 1024);
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            log::error!("cannot encode metrics: {e}");
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_show_up_in_the_exposition() {
+        let m = Metrics::new();
+        let chat = m.route("chat");
+        chat.count_status(200);
+        chat.count_status(200);
+        chat.count_status(418);
+        chat.duration.observe(0.003);
+        chat.upstream_error(UpstreamErrorKind::Timeout);
+        m.auth_failure(KeyDenial::Expired);
+        m.reloaded(true);
+        m.generation.set(3);
+        assert!(Arc::ptr_eq(&chat, &m.route("chat")));
+        let text = String::from_utf8(m.render()).unwrap();
+        assert!(
+            text.contains(r#"agw_requests_total{route="chat",status="200"} 2"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"agw_requests_total{route="chat",status="418"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"agw_upstream_errors_total{kind="timeout",route="chat"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"agw_auth_failures_total{reason="expired_key"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"agw_reloads_total{result="ok"} 1"#),
+            "{text}"
+        );
+        assert!(text.contains("agw_snapshot_generation 3"), "{text}");
+        assert!(
+            text.contains(r#"agw_request_duration_seconds_bucket{route="chat",le="0.005"} 1"#),
+            "{text}"
+        );
+    }
+}
