@@ -108,7 +108,13 @@ impl Snapshot {
 
     /// A one-line summary for logs and `check`.
     pub fn summary(&self) -> String {
-        format!("{} routes, {} keys", self.router.len(), self.keys.len())
+        let plural =
+            |n: usize, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
+        format!(
+            "{}, {}",
+            plural(self.router.len(), "route", "routes"),
+            plural(self.keys.len(), "key", "keys")
+        )
     }
 
     /// Decides a request: route, method, then key. `now_ms` is the current
