@@ -110,16 +110,38 @@ pub fn keygen(
 }
 
 /// `expires`: an RFC 3339 time, or a duration from `now` (`30d`, `12h`).
+/// A duration is rounded up to the next whole second, so a key never
+/// expires sooner than asked; a time already past is refused.
 fn expiry(s: &str, now: SystemTime) -> Result<String, KeyToolError> {
-    if parse_timestamp(s).is_ok() {
-        return Ok(s.trim().to_string());
+    let s = s.trim();
+    let (text, at_ms) = match parse_timestamp(s) {
+        Ok(ms) => (s.to_string(), ms),
+        Err(_) => {
+            let d: Duration = humantime::parse_duration(s).map_err(|_| {
+                KeyToolError::Usage(format!(
+                    "--expires {s:?}: give an RFC 3339 time (2027-01-01T00:00:00Z) or a duration (30d, 12h)"
+                ))
+            })?;
+            let at = now + d;
+            let since_epoch = at.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+            let whole = if since_epoch.subsec_nanos() > 0 {
+                Duration::from_secs(since_epoch.as_secs() + 1)
+            } else {
+                since_epoch
+            };
+            let at = std::time::UNIX_EPOCH + whole;
+            (
+                humantime::format_rfc3339_seconds(at).to_string(),
+                unix_millis(at),
+            )
+        }
+    };
+    if at_ms <= unix_millis(now) {
+        return Err(KeyToolError::Usage(format!(
+            "--expires {s:?} is not in the future"
+        )));
     }
-    let d: Duration = humantime::parse_duration(s.trim()).map_err(|_| {
-        KeyToolError::Usage(format!(
-            "--expires {s:?}: give an RFC 3339 time (2027-01-01T00:00:00Z) or a duration (30d, 12h)"
-        ))
-    })?;
-    Ok(humantime::format_rfc3339_seconds(now + d).to_string())
+    Ok(text)
 }
 
 /// One row of `keys list`.
@@ -416,7 +438,16 @@ mod tests {
         assert!(bad("", &svc, None).contains("--user"));
         assert!(bad("u", &[], None).contains("--service"));
         assert!(bad("u", &svc, Some("someday")).contains("--expires"));
+        assert!(bad("u", &svc, Some("2000-01-01T00:00:00Z")).contains("not in the future"));
         assert!(!p.exists());
+    }
+
+    #[test]
+    fn duration_expiry_rounds_up() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_millis(1_800_000_000_400);
+        assert_eq!(expiry("3s", now).unwrap(), "2027-01-15T08:00:04Z");
+        let exact = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        assert_eq!(expiry("3s", exact).unwrap(), "2027-01-15T08:00:03Z");
     }
 
     #[test]
