@@ -16,7 +16,7 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 
 use crate::audit::AuditDest;
-use crate::error::LoadError;
+use crate::error::{LoadError, Location};
 
 /// How long a TCP connect to an upstream may take unless a route says otherwise.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -60,7 +60,7 @@ struct FileRoute {
     methods: Option<Vec<MethodName>>,
     service: NonEmpty,
     #[serde(default)]
-    strip_prefix: bool,
+    strip_prefix: StripSetting,
     upstreams: Vec<UpstreamAddr>,
     #[serde(default)]
     connect_timeout: Option<Timeout>,
@@ -100,7 +100,10 @@ pub struct RouteSpec {
     /// `None` allows every method.
     pub methods: Option<Vec<String>>,
     pub service: String,
-    pub strip_prefix: bool,
+    /// The leading part of the path removed before going upstream: the
+    /// whole `path_prefix` (`strip_prefix: true`) or a shorter one
+    /// (`strip_prefix: /ollama`); `None` keeps the path.
+    pub strip_prefix: Option<String>,
     pub upstreams: Vec<SocketAddr>,
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
@@ -118,7 +121,7 @@ impl Config {
     pub fn parse(path: &Path, text: &str) -> Result<Config, LoadError> {
         let file: FileConfig =
             serde_yaml::from_str(text).map_err(|e| LoadError::from_yaml(path, &e))?;
-        file.validate(path)
+        file.validate(path, text)
     }
 
     /// The settings that only take effect at start-up; a reload that changes
@@ -148,7 +151,7 @@ impl Config {
 }
 
 impl FileConfig {
-    fn validate(self, path: &Path) -> Result<Config, LoadError> {
+    fn validate(self, path: &Path, text: &str) -> Result<Config, LoadError> {
         let base = path.parent().unwrap_or_else(|| Path::new("."));
         let listen_strs = self.listen.into_vec();
         if listen_strs.is_empty() {
@@ -182,14 +185,16 @@ impl FileConfig {
         for r in self.routes {
             let name = r.name.0;
             if !names.insert(name.clone()) {
-                return Err(LoadError::invalid(
+                return Err(LoadError::at(
                     path,
+                    locate(text, "name", &name, 1),
                     format!("route {name:?}: a route with this name already exists"),
                 ));
             }
             if !prefixes.insert(r.path_prefix.0.clone()) {
-                return Err(LoadError::invalid(
+                return Err(LoadError::at(
                     path,
+                    locate(text, "path_prefix", &r.path_prefix.0, 1),
                     format!(
                         "route {name:?}: path_prefix {:?} is already used by another route",
                         r.path_prefix.0
@@ -229,12 +234,26 @@ impl FileConfig {
                 }
                 None => None,
             };
+            let strip_prefix = match r.strip_prefix {
+                StripSetting::Keep => None,
+                StripSetting::Whole => Some(r.path_prefix.0.clone()),
+                StripSetting::Part(p) if r.path_prefix.0.starts_with(&p) => Some(p),
+                StripSetting::Part(p) => {
+                    return Err(LoadError::invalid(
+                        path,
+                        format!(
+                        "route {name:?}: strip_prefix {p:?} is not the start of path_prefix {:?}",
+                        r.path_prefix.0
+                    ),
+                    ))
+                }
+            };
             routes.push(RouteSpec {
                 name,
                 path_prefix: r.path_prefix.0,
                 methods,
                 service: r.service.0,
-                strip_prefix: r.strip_prefix,
+                strip_prefix,
                 upstreams,
                 connect_timeout: r.connect_timeout.map_or(DEFAULT_CONNECT_TIMEOUT, |t| t.0),
                 read_timeout: r.read_timeout.map_or(DEFAULT_READ_TIMEOUT, |t| t.0),
@@ -300,6 +319,41 @@ fn admin_addr(s: &str) -> Result<SocketAddr, String> {
 
 fn yes() -> bool {
     true
+}
+
+/// Where the `nth` (from 0) `key: value` pair is in `text`. serde cannot
+/// place errors that span entries (a duplicate name), so they are found by
+/// looking for the text; block (`key: value`) and flow (`{key: value}`)
+/// styles, quoted or not, are recognised.
+fn locate(text: &str, key: &str, value: &str, nth: usize) -> Location {
+    let mut seen = 0;
+    for (i, line) in text.lines().enumerate() {
+        let mut from = 0;
+        while let Some(found) = line.get(from..).and_then(|rest| rest.find(key)) {
+            let col = from + found;
+            from = col + key.len();
+            let before_ok = line
+                .get(..col)
+                .and_then(|b| b.chars().last())
+                .is_none_or(|c| c == ' ' || c == '{' || c == ',' || c == '-');
+            let after = line.get(from..).unwrap_or("").trim_start();
+            let Some(after) = after.strip_prefix(':') else {
+                continue;
+            };
+            let v = after.trim_start();
+            let v = v.strip_prefix(['"', '\'']).unwrap_or(v);
+            let matches = v.strip_prefix(value).is_some_and(|tail| {
+                tail.is_empty() || tail.starts_with(['"', '\'', ',', '}', ' ', '#'])
+            });
+            if before_ok && matches {
+                if seen == nth {
+                    return Location::new(i + 1, col + 1);
+                }
+                seen += 1;
+            }
+        }
+    }
+    Location::default()
 }
 
 /// Resolves `host:port` once, at load, so the request path never touches DNS.
@@ -380,6 +434,47 @@ impl<'de> Deserialize<'de> for PathPrefix {
             )));
         }
         Ok(PathPrefix(s))
+    }
+}
+
+/// `strip_prefix`: `false`, `true` (the whole `path_prefix`), or the
+/// leading part of the prefix to remove (`/ollama` for a route on
+/// `/ollama/api/generate`, so Ollama sees `/api/generate`).
+#[derive(Debug, Default)]
+enum StripSetting {
+    #[default]
+    Keep,
+    Whole,
+    Part(String),
+}
+
+impl<'de> Deserialize<'de> for StripSetting {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = StripSetting;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str(
+                    "true, false, or the leading part of path_prefix to remove (such as /ollama)",
+                )
+            }
+            fn visit_bool<E: serde::de::Error>(self, b: bool) -> Result<StripSetting, E> {
+                Ok(if b {
+                    StripSetting::Whole
+                } else {
+                    StripSetting::Keep
+                })
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<StripSetting, E> {
+                if !s.starts_with('/') {
+                    return Err(E::custom(format!(
+                        "strip_prefix {s:?} must start with '/' (or be true or false)"
+                    )));
+                }
+                Ok(StripSetting::Part(s.to_string()))
+            }
+        }
+        d.deserialize_any(V)
     }
 }
 
@@ -488,9 +583,9 @@ routes:
         );
         assert_eq!(chat.connect_timeout, Duration::from_secs(2));
         assert_eq!(chat.read_timeout, DEFAULT_READ_TIMEOUT);
-        assert!(chat.strip_prefix);
+        assert_eq!(chat.strip_prefix.as_deref(), Some("/chat/"));
         let tts = &c.routes[1];
-        assert!(!tts.strip_prefix);
+        assert!(tts.strip_prefix.is_none());
         assert!(tts.methods.is_none());
         assert_eq!(tts.upstreams[0], "127.0.0.1:5002".parse().unwrap());
         assert_eq!(tts.upstreams[1], "[::1]:5003".parse().unwrap());
@@ -511,6 +606,18 @@ routes:
         let e = err(&GOOD.replace("    strip_prefix: true", "    strip_prefx: true"));
         assert!(e.starts_with("/etc/agw/gateway.yaml:9:5: "), "{e}");
         assert!(e.contains("unknown field `strip_prefx`"), "{e}");
+    }
+
+    #[test]
+    fn strip_prefix_takes_a_leading_part() {
+        let c = parse(&GOOD.replace("strip_prefix: true", "strip_prefix: /chat")).unwrap();
+        assert_eq!(c.routes[0].strip_prefix.as_deref(), Some("/chat"));
+        let e = err(&GOOD.replace("strip_prefix: true", "strip_prefix: /tts"));
+        assert!(e.contains("is not the start of path_prefix"), "{e}");
+        let e = err(&GOOD.replace("strip_prefix: true", "strip_prefix: chat"));
+        assert!(e.contains("must start with '/'"), "{e}");
+        let e = err(&GOOD.replace("strip_prefix: true", "strip_prefix: 3"));
+        assert!(e.contains("true, false, or the leading part"), "{e}");
     }
 
     #[test]
@@ -579,6 +686,20 @@ routes:
         assert!(
             e.contains(r#"route "chat": a route with this name already exists"#),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn duplicates_are_located() {
+        let e = err(&GOOD.replace("name: tts", "name: chat"));
+        assert!(e.starts_with("/etc/agw/gateway.yaml:12:5: "), "{e}");
+        let e = err(&GOOD.replace("path_prefix: /tts/", "path_prefix: /chat/"));
+        assert!(e.starts_with("/etc/agw/gateway.yaml:13:5: "), "{e}");
+        let flow = "listen: 127.0.0.1:1\nkeys_file: k\nroutes:\n  - {name: a, path_prefix: /a/, service: s, upstreams: [\"127.0.0.1:2\"]}\n  - {name: \"a\", path_prefix: /b/, service: s, upstreams: [\"127.0.0.1:2\"]}\n";
+        assert!(
+            err(flow).starts_with("/etc/agw/gateway.yaml:5:6: "),
+            "{}",
+            err(flow)
         );
     }
 

@@ -42,16 +42,18 @@ pub enum StartError {
     },
 }
 
+/// Catches SIGHUP (reload) and SIGUSR1 (reopen the audit log) and queues
+/// them until the reloader runs. Called first thing in `main`, so that a
+/// SIGHUP during start-up cannot kill the process.
+pub fn catch_signals() -> std::io::Result<Signals> {
+    Signals::new([SIGHUP, SIGUSR1])
+}
+
 /// Starts the gateway on the config at `config_path`. Returns only on a
 /// start-up failure; once serving, the process exits from Pingora's
 /// shutdown path (or from the drain watcher, below). With `upgrade`, the
 /// listening sockets are taken over from a running gateway instead of bound.
-pub fn run(config_path: &Path, upgrade: bool) -> Result<(), StartError> {
-    // First of all: from here on SIGHUP is caught (and queued until the
-    // reloader runs), so a SIGHUP during start-up cannot kill the process.
-    // SIGUSR1 (reopen the audit log) likewise.
-    let signals = Signals::new([SIGHUP, SIGUSR1]).map_err(StartError::Signals)?;
-
+pub fn run(config_path: &Path, upgrade: bool, signals: Signals) -> Result<(), StartError> {
     let (snapshot, took) = load_timed(config_path, 1)?;
     for w in &snapshot.warnings {
         warn!("{w}");

@@ -8,11 +8,15 @@ use ai_gateway::keytool::{self, KeyToolError, NewKey, Revoked};
 use ai_gateway::snapshot::Snapshot;
 
 fn main() -> ExitCode {
+    // Before anything else: a SIGHUP from here on is queued for the reloader
+    // instead of killing the process (its default action).
+    let signals = ai_gateway::daemon::catch_signals();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let result = match Cli::parse().command {
-        Command::Run(args) => {
-            ai_gateway::daemon::run(&args.config.config, args.upgrade).map_err(|e| e.to_string())
-        }
+        Command::Run(args) => signals
+            .map_err(ai_gateway::daemon::StartError::Signals)
+            .and_then(|s| ai_gateway::daemon::run(&args.config.config, args.upgrade, s))
+            .map_err(|e| e.to_string()),
         Command::Check(args) => check(&args.config),
         Command::Keygen(a) => keygen(&a).map_err(|e| e.to_string()),
         Command::Keys { command } => keys(command).map_err(|e| e.to_string()),

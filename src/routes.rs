@@ -33,7 +33,8 @@ pub struct Route {
     allow: Option<HeaderValue>,
     pub service: ServiceId,
     pub service_name: String,
-    pub strip_prefix: bool,
+    /// What `upstream_target` removes from the front of the path.
+    strip: Option<String>,
     peers: Box<[HttpPeer]>,
     next: AtomicUsize,
 }
@@ -61,7 +62,7 @@ impl Route {
             allow,
             service: services.intern(&spec.service),
             service_name: spec.service.clone(),
-            strip_prefix: spec.strip_prefix,
+            strip: spec.strip_prefix.clone(),
             peers,
             next: AtomicUsize::new(0),
         }
@@ -98,14 +99,12 @@ impl Route {
     /// With `strip_prefix`, `/chat/api/generate` on prefix `/chat/` goes
     /// upstream as `/api/generate`; the result always starts with `/`.
     pub fn upstream_target(&self, path: &str, query: Option<&str>) -> Option<Vec<u8>> {
-        if !self.strip_prefix {
-            return None;
-        }
-        // Keep the prefix's trailing slash as the new path's leading one.
-        let cut = if self.prefix.ends_with('/') {
-            self.prefix.len() - 1
+        let strip = self.strip.as_deref()?;
+        // Keep the stripped part's trailing slash as the new path's leading one.
+        let cut = if strip.ends_with('/') {
+            strip.len() - 1
         } else {
-            self.prefix.len()
+            strip.len()
         };
         let rest = path.get(cut..).unwrap_or("");
         let mut out = Vec::with_capacity(rest.len() + 2 + query.map_or(0, |q| q.len() + 1));
@@ -200,7 +199,7 @@ mod tests {
             path_prefix: prefix.into(),
             methods: None,
             service: name.into(),
-            strip_prefix: strip,
+            strip_prefix: strip.then(|| prefix.to_string()),
             upstreams: vec![
                 "127.0.0.1:1".parse().unwrap(),
                 "127.0.0.1:2".parse().unwrap(),
@@ -263,6 +262,15 @@ mod tests {
         assert_eq!(tts.upstream_target("/ttsx", None).unwrap(), b"/x");
         let keep = r.find("/keep/a").unwrap().1;
         assert!(keep.upstream_target("/keep/a", None).is_none());
+        let mut part = spec("gen", "/ollama/api/generate", false);
+        part.strip_prefix = Some("/ollama".into());
+        let r = router(&[part]);
+        let gen = r.find("/ollama/api/generate").unwrap().1;
+        assert_eq!(
+            gen.upstream_target("/ollama/api/generate", Some("x=1"))
+                .unwrap(),
+            b"/api/generate?x=1"
+        );
     }
 
     #[test]
