@@ -23,6 +23,10 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the gateway waits for each read from an upstream (which includes
 /// the wait for the response header, i.e. model loading and the first token).
 pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(300);
+/// How often an active health check runs unless the route says otherwise.
+pub const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+/// How long an active health check may take.
+pub const DEFAULT_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
 /// Where a running gateway hands its listening sockets to `run --upgrade`.
 pub const DEFAULT_UPGRADE_SOCK: &str = "/tmp/ai-gateway-upgrade.sock";
 /// How long SIGTERM waits for requests in flight before exiting anyway.
@@ -66,6 +70,28 @@ struct FileRoute {
     connect_timeout: Option<Timeout>,
     #[serde(default)]
     read_timeout: Option<Timeout>,
+    #[serde(default)]
+    health_check: Option<FileHealthCheck>,
+}
+
+/// `health_check: {path: /, interval: 5s, timeout: 1s}` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileHealthCheck {
+    path: PathPrefix,
+    #[serde(default)]
+    interval: Option<Timeout>,
+    #[serde(default)]
+    timeout: Option<Timeout>,
+}
+
+/// An active health check: `GET path` every `interval`; an HTTP answer
+/// below 500 within `timeout` keeps the upstream in rotation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheckSpec {
+    pub path: String,
+    pub interval: Duration,
+    pub timeout: Duration,
 }
 
 /// The validated configuration: every address resolved, every path absolute,
@@ -107,6 +133,7 @@ pub struct RouteSpec {
     pub upstreams: Vec<SocketAddr>,
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
+    pub health_check: Option<HealthCheckSpec>,
 }
 
 impl Config {
@@ -257,6 +284,11 @@ impl FileConfig {
                 upstreams,
                 connect_timeout: r.connect_timeout.map_or(DEFAULT_CONNECT_TIMEOUT, |t| t.0),
                 read_timeout: r.read_timeout.map_or(DEFAULT_READ_TIMEOUT, |t| t.0),
+                health_check: r.health_check.map(|h| HealthCheckSpec {
+                    path: h.path.0,
+                    interval: h.interval.map_or(DEFAULT_CHECK_INTERVAL, |t| t.0),
+                    timeout: h.timeout.map_or(DEFAULT_CHECK_TIMEOUT, |t| t.0),
+                }),
             });
         }
 
@@ -423,7 +455,7 @@ impl<'de> Deserialize<'de> for PathPrefix {
         let s = String::deserialize(d)?;
         if !s.starts_with('/') {
             return Err(serde::de::Error::custom(format!(
-                "path_prefix {s:?} must start with '/'"
+                "{s:?} must start with '/'"
             )));
         }
         if s.bytes()
@@ -589,6 +621,34 @@ routes:
         assert!(tts.methods.is_none());
         assert_eq!(tts.upstreams[0], "127.0.0.1:5002".parse().unwrap());
         assert_eq!(tts.upstreams[1], "[::1]:5003".parse().unwrap());
+    }
+
+    #[test]
+    fn health_checks() {
+        let c = parse(&GOOD.replace(
+            "    connect_timeout: 2s",
+            "    connect_timeout: 2s\n    health_check: {path: /api/tags, interval: 2s}",
+        ))
+        .unwrap();
+        assert_eq!(
+            c.routes[0].health_check,
+            Some(HealthCheckSpec {
+                path: "/api/tags".into(),
+                interval: Duration::from_secs(2),
+                timeout: DEFAULT_CHECK_TIMEOUT
+            })
+        );
+        assert!(c.routes[1].health_check.is_none());
+        let e = err(&GOOD.replace(
+            "    connect_timeout: 2s",
+            "    connect_timeout: 2s\n    health_check: {path: /, every: 2s}",
+        ));
+        assert!(e.contains("unknown field `every`"), "{e}");
+        let e = err(&GOOD.replace(
+            "    connect_timeout: 2s",
+            "    connect_timeout: 2s\n    health_check: {path: x}",
+        ));
+        assert!(e.contains("must start with '/'"), "{e}");
     }
 
     #[test]

@@ -136,7 +136,7 @@ pub fn run(config_path: &Path, upgrade: bool, signals: Signals) -> Result<(), St
     if let Some(addr) = config.admin_listen {
         let admin = Admin {
             metrics: Arc::clone(&metrics),
-            snapshot: shared,
+            snapshot: Arc::clone(&shared),
             listen: config.listen.clone(),
         };
         let mut svc = ListeningService::new("admin".to_string(), admin);
@@ -145,6 +145,11 @@ pub fn run(config_path: &Path, upgrade: bool, signals: Signals) -> Result<(), St
         info!("admin (/metrics, /healthz, /readyz) on http://{addr}");
         server.add_service(svc);
     }
+
+    let checked = Arc::clone(&shared);
+    spawn_thread("health-checker", move || {
+        crate::health::run_checker(checked)
+    });
 
     let phases = server.watch_execution_phase();
     let in_flight = metrics.in_flight.clone();

@@ -10,6 +10,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod error;
+pub mod health;
 pub mod keyfile;
 pub mod keys;
 pub mod keytool;

@@ -28,6 +28,7 @@ use pingora::{ErrorSource, ErrorType};
 use prometheus::IntGauge;
 
 use crate::audit::{AuditLog, AuditRecord};
+use crate::health::Transition;
 use crate::keys::{unix_millis, KeyDenial, KeyId};
 use crate::metrics::{denial_label, Metrics, UpstreamErrorKind};
 use crate::snapshot::{presented_key, Denial, SharedSnapshot, Snapshot};
@@ -71,6 +72,8 @@ pub struct RequestCtx {
     upstream: Option<SocketAddr>,
     upstream_status: Option<u16>,
     ttfb: Option<Duration>,
+    /// Connect attempts retried on another upstream (at most one).
+    connect_retries: u8,
     _in_flight: InFlight,
 }
 
@@ -181,6 +184,40 @@ fn internal(why: &'static str) -> Box<Error> {
     Error::explain(ErrorType::InternalError, why)
 }
 
+/// The largest request head accepted (request line and headers). Model
+/// APIs need a few hundred bytes; a huge header is abuse or a mistake.
+pub const MAX_HEADER_BYTES: usize = 32 * 1024;
+
+/// Requests refused before any routing: a header block over
+/// [`MAX_HEADER_BYTES`] (431), or both `Content-Length` and
+/// `Transfer-Encoding` (400: the ambiguity request smuggling relies on).
+fn malformed(req: &RequestHeader) -> Option<(Reply, &'static str)> {
+    let headers = &req.headers;
+    if headers.contains_key(http::header::CONTENT_LENGTH)
+        && headers.contains_key(http::header::TRANSFER_ENCODING)
+    {
+        return Some((
+            Reply::new(
+                400,
+                r#"{"error":"both content-length and transfer-encoding"}"#,
+            ),
+            "bad_framing",
+        ));
+    }
+    let size = req.raw_path().len()
+        + headers
+            .iter()
+            .map(|(name, value)| name.as_str().len() + value.len() + 4)
+            .sum::<usize>();
+    if size > MAX_HEADER_BYTES {
+        return Some((
+            Reply::new(431, r#"{"error":"request header fields too large"}"#),
+            "header_too_large",
+        ));
+    }
+    None
+}
+
 /// The fixed label of an upstream failure.
 fn upstream_error_kind(e: &Error) -> UpstreamErrorKind {
     use ErrorType::*;
@@ -221,6 +258,7 @@ impl ProxyHttp for Gateway {
             upstream: None,
             upstream_status: None,
             ttfb: None,
+            connect_retries: 0,
             _in_flight: InFlight::new(&self.metrics.in_flight),
         }
     }
@@ -242,6 +280,12 @@ impl ProxyHttp for Gateway {
         ctx.request_id = Some(crate::request_id::for_request(
             req.headers.get("x-request-id"),
         ));
+        if let Some((reply, decision)) = malformed(req) {
+            ctx.decision = decision;
+            ctx.snapshot = Some(snapshot);
+            send_reply(session, reply, None, ctx.request_id.as_ref()).await?;
+            return Ok(true);
+        }
         let decision = snapshot.decide(
             &req.method,
             req.uri.path(),
@@ -301,14 +345,77 @@ impl ProxyHttp for Gateway {
             .route_index
             .and_then(|i| snapshot.router.get(i))
             .ok_or_else(|| internal("no route"))?;
-        let peer = route
-            .next_peer()
+        // On a retry, `ctx.upstream` is the upstream that just failed.
+        let exclude = ctx.upstream.filter(|_| ctx.connect_retries > 0);
+        let now_ms = unix_millis(SystemTime::now());
+        let upstream = route
+            .next_upstream(now_ms, exclude)
             .ok_or_else(|| internal("route without upstreams"))?;
-        ctx.upstream = match &peer._address {
-            pingora::protocols::l4::socket::SocketAddr::Inet(a) => Some(*a),
-            _ => None,
+        ctx.upstream = Some(upstream.addr);
+        Ok(Box::new(upstream.peer.clone()))
+    }
+
+    /// A failed connect takes the upstream out of rotation, and the request
+    /// is tried once more on another upstream (nothing was sent yet, so
+    /// this is safe for every method).
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        let Some(snapshot) = ctx.snapshot.as_ref() else {
+            return e;
         };
-        Ok(Box::new(peer.clone()))
+        let Some(route) = ctx.route_index.and_then(|i| snapshot.router.get(i)) else {
+            return e;
+        };
+        if let Some(up) = ctx.upstream.and_then(|a| route.upstream(a)) {
+            let now_ms = unix_millis(SystemTime::now());
+            let checked = route.health_check().is_some();
+            if up.health.connect_failed(now_ms, checked) == Transition::WentDown {
+                log::warn!(
+                    "upstream {} of route {:?} failed to connect ({:?}): out of rotation",
+                    up.addr,
+                    route.name,
+                    e.etype()
+                );
+            }
+        }
+        if ctx.connect_retries == 0 && route.upstreams().len() > 1 {
+            ctx.connect_retries += 1;
+            e.set_retry(true);
+        }
+        e
+    }
+
+    async fn connected_to_upstream(
+        &self,
+        _session: &mut Session,
+        _reused: bool,
+        _peer: &HttpPeer,
+        #[cfg(unix)] _fd: std::os::unix::io::RawFd,
+        #[cfg(windows)] _sock: std::os::windows::io::RawSocket,
+        _digest: Option<&pingora::protocols::Digest>,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let Some(snapshot) = ctx.snapshot.as_ref() else {
+            return Ok(());
+        };
+        let route = ctx.route_index.and_then(|i| snapshot.router.get(i));
+        if let Some((route, up)) =
+            route.and_then(|r| ctx.upstream.and_then(|a| r.upstream(a)).map(|u| (r, u)))
+        {
+            if up.health.connected() == Transition::CameUp {
+                log::info!(
+                    "upstream {} of route {:?} answers again: back in rotation",
+                    up.addr,
+                    route.name
+                );
+            }
+        }
+        Ok(())
     }
 
     /// The credential never goes upstream; the user it belongs to does.

@@ -14,7 +14,8 @@ use std::time::Duration;
 use http::{HeaderValue, Method};
 use pingora::upstreams::peer::HttpPeer;
 
-use crate::config::RouteSpec;
+use crate::config::{HealthCheckSpec, RouteSpec};
+use crate::health::UpstreamHealth;
 use crate::keys::{ServiceId, ServiceTable};
 
 /// How long an idle upstream connection stays in the pool. Short enough to
@@ -35,8 +36,18 @@ pub struct Route {
     pub service_name: String,
     /// What `upstream_target` removes from the front of the path.
     strip: Option<String>,
-    peers: Box<[HttpPeer]>,
+    upstreams: Box<[Upstream]>,
     next: AtomicUsize,
+    health_check: Option<HealthCheckSpec>,
+}
+
+/// One upstream of a route: its peer, built once with the route's
+/// timeouts, and its health.
+#[derive(Debug)]
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub peer: HttpPeer,
+    pub health: UpstreamHealth,
 }
 
 impl Route {
@@ -50,10 +61,14 @@ impl Route {
             .methods
             .as_ref()
             .and_then(|ms| HeaderValue::from_str(&ms.join(", ")).ok());
-        let peers = spec
+        let upstreams = spec
             .upstreams
             .iter()
-            .map(|addr| make_peer(*addr, spec.connect_timeout, spec.read_timeout))
+            .map(|addr| Upstream {
+                addr: *addr,
+                peer: make_peer(*addr, spec.connect_timeout, spec.read_timeout),
+                health: UpstreamHealth::default(),
+            })
             .collect();
         Route {
             name: spec.name.clone(),
@@ -63,8 +78,9 @@ impl Route {
             service: services.intern(&spec.service),
             service_name: spec.service.clone(),
             strip: spec.strip_prefix.clone(),
-            peers,
+            upstreams,
             next: AtomicUsize::new(0),
+            health_check: spec.health_check.clone(),
         }
     }
 
@@ -78,19 +94,35 @@ impl Route {
         self.allow.as_ref()
     }
 
-    /// The next upstream in round-robin order.
+    /// The next upstream in round-robin order, skipping those out of
+    /// rotation and `exclude` (the one a retry just failed on). When every
+    /// upstream is out, the round-robin one is tried anyway: it may be back.
     #[inline]
-    pub fn next_peer(&self) -> Option<&HttpPeer> {
-        let n = self.peers.len();
+    pub fn next_upstream(&self, now_ms: i64, exclude: Option<SocketAddr>) -> Option<&Upstream> {
+        let n = self.upstreams.len();
         if n == 1 {
-            return self.peers.first();
+            return self.upstreams.first();
         }
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % n.max(1);
-        self.peers.get(i)
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let nth = |k: usize| self.upstreams.get(start.wrapping_add(k) % n.max(1));
+        (0..n)
+            .filter_map(nth)
+            .find(|u| Some(u.addr) != exclude && u.health.is_up(now_ms))
+            .or_else(|| (0..n).filter_map(nth).find(|u| Some(u.addr) != exclude))
+            .or_else(|| nth(0))
     }
 
-    pub fn upstreams(&self) -> impl Iterator<Item = &HttpPeer> {
-        self.peers.iter()
+    /// The upstream with this address.
+    pub fn upstream(&self, addr: SocketAddr) -> Option<&Upstream> {
+        self.upstreams.iter().find(|u| u.addr == addr)
+    }
+
+    pub fn upstreams(&self) -> &[Upstream] {
+        &self.upstreams
+    }
+
+    pub fn health_check(&self) -> Option<&HealthCheckSpec> {
+        self.health_check.as_ref()
     }
 
     /// The request target to send upstream for `path` (which this route
@@ -206,6 +238,7 @@ mod tests {
             ],
             connect_timeout: Duration::from_secs(1),
             read_timeout: Duration::from_secs(2),
+            health_check: None,
         }
     }
 
@@ -277,17 +310,41 @@ mod tests {
     fn round_robin_cycles_upstreams() {
         let r = router(&[spec("chat", "/chat/", true)]);
         let route = r.get(0).unwrap();
-        let a = route.next_peer().unwrap()._address.clone();
-        let b = route.next_peer().unwrap()._address.clone();
-        let c = route.next_peer().unwrap()._address.clone();
+        let a = route.next_upstream(0, None).unwrap().addr;
+        let b = route.next_upstream(0, None).unwrap().addr;
+        let c = route.next_upstream(0, None).unwrap().addr;
         assert_ne!(a, b);
         assert_eq!(a, c);
     }
 
     #[test]
+    fn unhealthy_and_excluded_upstreams_are_skipped() {
+        let r = router(&[spec("chat", "/chat/", true)]);
+        let route = r.get(0).unwrap();
+        let first = route.upstreams()[0].addr;
+        let second = route.upstreams()[1].addr;
+        route
+            .upstream(first)
+            .unwrap()
+            .health
+            .connect_failed(0, false);
+        for _ in 0..4 {
+            assert_eq!(route.next_upstream(1, None).unwrap().addr, second);
+        }
+        assert_eq!(route.next_upstream(1, Some(second)).unwrap().addr, first);
+        route
+            .upstream(second)
+            .unwrap()
+            .health
+            .connect_failed(0, false);
+        // Every upstream out: still something to try.
+        assert!(route.next_upstream(1, None).is_some());
+    }
+
+    #[test]
     fn peers_carry_the_route_timeouts() {
         let r = router(&[spec("chat", "/chat/", true)]);
-        let p = r.get(0).unwrap().next_peer().unwrap();
+        let p = &r.get(0).unwrap().next_upstream(0, None).unwrap().peer;
         assert_eq!(p.options.connection_timeout, Some(Duration::from_secs(1)));
         assert_eq!(p.options.read_timeout, Some(Duration::from_secs(2)));
     }
