@@ -12,6 +12,7 @@
 //! document tree), so a file of a million keys costs little more memory than
 //! the store it becomes.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::hash::{BuildHasherDefault, Hash, Hasher};
@@ -333,17 +334,58 @@ pub fn unix_millis(t: SystemTime) -> i64 {
 
 /// One key file entry as written. Fields the gateway does not know
 /// (`created_at`, notes, anything people annotate with) are ignored.
+/// Strings borrow from the file's text where they can: a million entries
+/// then cost no allocations beyond the store itself.
 #[derive(Deserialize)]
-struct RawEntry {
-    user: String,
-    #[serde(default)]
-    service: Option<String>,
-    #[serde(default)]
-    services: Option<Vec<String>>,
-    #[serde(default)]
-    expires_at: Option<String>,
+struct RawEntry<'a> {
+    #[serde(borrow)]
+    user: Text<'a>,
+    #[serde(default, borrow)]
+    service: Option<Text<'a>>,
+    #[serde(default, borrow)]
+    services: Option<Vec<Text<'a>>>,
+    #[serde(default, borrow)]
+    expires_at: Option<Text<'a>>,
     #[serde(default)]
     disabled: Option<bool>,
+}
+
+/// A string borrowed from the input when it has no escapes, owned otherwise.
+struct Text<'a>(Cow<'a, str>);
+
+impl fmt::Debug for Text<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl std::ops::Deref for Text<'_> {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Text<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: serde::de::Error>(self, v: &'de str) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Owned(v.to_string())))
+            }
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(V)
+    }
 }
 
 /// Parses an RFC 3339 timestamp (`2027-01-01T00:00:00Z`) into Unix millis.
@@ -362,6 +404,8 @@ struct KeyStoreBuilder<'s> {
     store: KeyStore,
     user_ids: HashMap<String, u32>,
     grant_ids: HashMap<Grant, u32>,
+    /// One-service grants by name, and whether no route serves it.
+    single_grants: HashMap<String, (u32, bool)>,
 }
 
 impl<'s> KeyStoreBuilder<'s> {
@@ -371,6 +415,7 @@ impl<'s> KeyStoreBuilder<'s> {
             store: KeyStore::default(),
             user_ids: HashMap::new(),
             grant_ids: HashMap::new(),
+            single_grants: HashMap::new(),
         }
     }
 
@@ -419,7 +464,7 @@ impl<'s> KeyStoreBuilder<'s> {
                     raw.user
                 ))
             }
-            (Some(one), None) => self.grant_for(&[one]),
+            (Some(one), None) => self.grant_for_one(&one),
             (None, Some(list)) => {
                 if list.is_empty() {
                     return Err(format!(
@@ -427,7 +472,8 @@ impl<'s> KeyStoreBuilder<'s> {
                         raw.user
                     ));
                 }
-                self.grant_for(&list)
+                let names: Vec<&str> = list.iter().map(|t| &**t).collect();
+                self.grant_for(&names)
             }
         };
         let expires_at_ms = match raw.expires_at.as_deref() {
@@ -481,15 +527,40 @@ impl<'s> KeyStoreBuilder<'s> {
         Ok(id)
     }
 
-    fn grant_for(&mut self, names: &[String]) -> u32 {
-        let grant = if names.iter().any(|s| s == "*") {
+    /// The grant of a one-service entry, the common case, cached by name so
+    /// most entries cost one lookup and no allocation.
+    fn grant_for_one(&mut self, name: &str) -> u32 {
+        if let Some(&(id, unserved)) = self.single_grants.get(name) {
+            if unserved {
+                *self
+                    .store
+                    .unserved_services
+                    .entry(name.to_string())
+                    .or_insert(0) += 1;
+            }
+            return id;
+        }
+        let id = self.grant_for(&[name]);
+        let unserved = name != "*" && self.services.get(name).is_none();
+        self.single_grants.insert(name.to_string(), (id, unserved));
+        id
+    }
+
+    fn grant_for(&mut self, names: &[&str]) -> u32 {
+        let grant = if names.iter().any(|s| *s == "*") {
             Grant::All
         } else {
             let mut ids: Vec<ServiceId> = Vec::with_capacity(names.len());
             for n in names {
                 match self.services.get(n) {
                     Some(id) => ids.push(id),
-                    None => *self.store.unserved_services.entry(n.clone()).or_insert(0) += 1,
+                    None => {
+                        *self
+                            .store
+                            .unserved_services
+                            .entry(n.to_string())
+                            .or_insert(0) += 1
+                    }
                 }
             }
             ids.sort_unstable();
@@ -537,7 +608,7 @@ impl<'de> Visitor<'de> for EntriesSeed<'_, '_> {
         if let Some(hint) = map.size_hint() {
             self.0.store.by_digest.reserve(hint);
         }
-        while let Some(name) = map.next_key::<String>()? {
+        while let Some(name) = map.next_key::<Text<'de>>()? {
             map.next_value_seed(EntrySeed {
                 name: &name,
                 builder: &mut *self.0,
