@@ -547,7 +547,7 @@ impl<'s> KeyStoreBuilder<'s> {
     }
 
     fn grant_for(&mut self, names: &[&str]) -> u32 {
-        let grant = if names.iter().any(|s| *s == "*") {
+        let grant = if names.contains(&"*") {
             Grant::All
         } else {
             let mut ids: Vec<ServiceId> = Vec::with_capacity(names.len());
