@@ -191,18 +191,26 @@ pub const MAX_HEADER_BYTES: usize = 32 * 1024;
 /// Requests refused before any routing: a header block over
 /// [`MAX_HEADER_BYTES`] (431), or both `Content-Length` and
 /// `Transfer-Encoding` (400: the ambiguity request smuggling relies on).
-fn malformed(req: &RequestHeader) -> Option<(Reply, &'static str)> {
+/// Pingora drops `Content-Length` when both are sent, so for requests with
+/// `Transfer-Encoding` (rare) the raw head is checked for it.
+fn malformed(session: &Session) -> Option<(Reply, &'static str)> {
+    let req = session.req_header();
     let headers = &req.headers;
-    if headers.contains_key(http::header::CONTENT_LENGTH)
-        && headers.contains_key(http::header::TRANSFER_ENCODING)
-    {
-        return Some((
-            Reply::new(
-                400,
-                r#"{"error":"both content-length and transfer-encoding"}"#,
-            ),
-            "bad_framing",
-        ));
+    if headers.contains_key(http::header::TRANSFER_ENCODING) {
+        let sent_length = headers.contains_key(http::header::CONTENT_LENGTH)
+            || session
+                .as_downstream()
+                .as_http1()
+                .is_some_and(|h1| has_content_length_line(&h1.get_headers_raw_bytes()));
+        if sent_length {
+            return Some((
+                Reply::new(
+                    400,
+                    r#"{"error":"both content-length and transfer-encoding"}"#,
+                ),
+                "bad_framing",
+            ));
+        }
     }
     let size = req.raw_path().len()
         + headers
@@ -216,6 +224,17 @@ fn malformed(req: &RequestHeader) -> Option<(Reply, &'static str)> {
         ));
     }
     None
+}
+
+/// Whether a raw request head has a `Content-Length` header line.
+fn has_content_length_line(head: &[u8]) -> bool {
+    head.split(|b| *b == b'\n').skip(1).any(|line| {
+        line.get(..15)
+            .is_some_and(|name| name.eq_ignore_ascii_case(b"content-length:"))
+            || line.split(|b| *b == b':').next().is_some_and(|name| {
+                name.len() > 14 && name.trim_ascii().eq_ignore_ascii_case(b"content-length")
+            })
+    })
 }
 
 /// The fixed label of an upstream failure.
@@ -280,7 +299,7 @@ impl ProxyHttp for Gateway {
         ctx.request_id = Some(crate::request_id::for_request(
             req.headers.get("x-request-id"),
         ));
-        if let Some((reply, decision)) = malformed(req) {
+        if let Some((reply, decision)) = malformed(session) {
             ctx.decision = decision;
             ctx.snapshot = Some(snapshot);
             send_reply(session, reply, None, ctx.request_id.as_ref()).await?;
@@ -558,6 +577,22 @@ impl ProxyHttp for Gateway {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn content_length_lines_are_found_in_raw_heads() {
+        assert!(has_content_length_line(
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\n"
+        ));
+        assert!(has_content_length_line(
+            b"POST / HTTP/1.1\r\ncontent-length : 5\r\n\r\n"
+        ));
+        assert!(!has_content_length_line(
+            b"POST / HTTP/1.1\r\nX-Content-Length: 5\r\n\r\n"
+        ));
+        assert!(!has_content_length_line(
+            b"POST /content-length: HTTP/1.1\r\n\r\n"
+        ));
+    }
 
     #[test]
     fn every_reply_body_is_json_with_an_error_field() {
