@@ -41,6 +41,9 @@ pub struct RunArgs {
     pub upgrade: bool,
 }
 
+/// Where the config is looked for: the shipped one, from the repository root.
+pub const DEFAULT_CONFIG: &str = "conf/gateway.yaml";
+
 #[derive(Debug, Args)]
 pub struct ConfigArg {
     /// The gateway's YAML configuration.
@@ -48,7 +51,7 @@ pub struct ConfigArg {
         long,
         short = 'c',
         value_name = "PATH",
-        default_value = "conf/gateway.yaml"
+        default_value = DEFAULT_CONFIG
     )]
     pub config: PathBuf,
 }
@@ -61,7 +64,7 @@ pub struct KeysTarget {
         long,
         short = 'c',
         value_name = "PATH",
-        default_value = "conf/gateway.yaml"
+        default_value = DEFAULT_CONFIG
     )]
     pub config: PathBuf,
     /// The key file itself (instead of going through --config).
