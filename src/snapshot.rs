@@ -127,7 +127,7 @@ impl Snapshot {
         key: Option<&[u8]>,
         now_ms: i64,
     ) -> Result<Admitted<'_>, Denial> {
-        if has_dot_segment(path) {
+        if is_ambiguous_path(path) {
             return Err(Denial::BadPath);
         }
         let (route_index, route) = self.router.find(path).ok_or(Denial::NoRoute)?;
@@ -184,7 +184,8 @@ pub struct Admitted<'a> {
 /// Why a request is answered by the gateway itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Denial {
-    /// The path has `.` or `..` segments: refused so that a prefix such as
+    /// The path has `.` or `..` segments or an escape the upstream may
+    /// decode differently: refused so that a prefix such as
     /// `/ollama/api/generate` cannot be escaped into another endpoint.
     BadPath,
     NoRoute,
@@ -198,7 +199,11 @@ pub enum Denial {
 #[inline]
 pub fn presented_key(headers: &HeaderMap) -> Option<&[u8]> {
     if let Some(v) = headers.get("x-api-key") {
-        return Some(v.as_bytes());
+        let v = trim_ascii(v.as_bytes());
+        // An empty X-API-Key (a client default) does not hide a Bearer token.
+        if !v.is_empty() || !headers.contains_key("authorization") {
+            return Some(v);
+        }
     }
     let auth = headers.get("authorization")?.as_bytes();
     let (scheme, rest) = (auth.get(..7)?, auth.get(7..)?);
@@ -227,27 +232,43 @@ fn trim_ascii(mut b: &[u8]) -> &[u8] {
     b
 }
 
-/// True if a segment of `path` is `.` or `..`, literally or percent-encoded.
-fn has_dot_segment(path: &str) -> bool {
-    path.split('/').any(|seg| {
-        if !seg.starts_with('.') && !seg.starts_with('%') {
-            return false;
+/// True if `path` could mean something different to the upstream than
+/// to the router: a `.` or `..` segment, or a percent-escape that decodes
+/// to an unreserved character or a (back)slash. Such escapes are never
+/// needed (RFC 3986 says to decode unreserved ones), and an upstream that
+/// decodes them could otherwise be reached on a path no route allowed:
+/// `/v1/%61dmin/` or `/v1/admin%2Fx` past a stricter `/v1/admin/` route,
+/// `/ollama/api/generate/..%2Fpull` past a narrower prefix. A malformed
+/// escape is refused too.
+fn is_ambiguous_path(path: &str) -> bool {
+    let b = path.as_bytes();
+    let mut i = 0;
+    while let Some(off) = b
+        .get(i..)
+        .and_then(|rest| rest.iter().position(|c| *c == b'%'))
+    {
+        let at = i + off;
+        let decoded = match (
+            b.get(at + 1).copied().and_then(hex_digit),
+            b.get(at + 2).copied().and_then(hex_digit),
+        ) {
+            (Some(hi), Some(lo)) => hi << 4 | lo,
+            _ => return true,
+        };
+        if decoded.is_ascii_alphanumeric()
+            || matches!(decoded, b'-' | b'.' | b'_' | b'~' | b'/' | b'\\')
+        {
+            return true;
         }
-        let lower = seg.as_bytes();
-        let is_dot = |s: &[u8]| s == b"." || s.eq_ignore_ascii_case(b"%2e");
-        match lower.len() {
-            1 | 3 => is_dot(lower),
-            2 | 4 | 6 => {
-                // "..", ".%2e", "%2e.", "%2e%2e"
-                let split = if lower.first() == Some(&b'.') { 1 } else { 3 };
-                match (lower.get(..split), lower.get(split..)) {
-                    (Some(a), Some(b)) => is_dot(a) && is_dot(b),
-                    _ => false,
-                }
-            }
-            _ => false,
-        }
-    })
+        i = at + 3;
+    }
+    path.split('/').any(|seg| seg == "." || seg == "..")
+}
+
+fn hex_digit(c: u8) -> Option<u8> {
+    char::from(c)
+        .to_digit(16)
+        .and_then(|d| u8::try_from(d).ok())
 }
 
 /// Loads a snapshot and times it; used at start and on every reload.
@@ -329,6 +350,12 @@ routes:
             "/ollama/api/generate/%2e./pull",
             "/ollama/api/generate/./x",
             "/ollama/api/generate/%2E",
+            "/ollama/api/generate/..%2Fpull",
+            "/ollama/api/generate/..%5cpull",
+            "/ollama/api%2Fgenerate",
+            "/ollama/api/gener%61te",
+            "/ollama/api/generate/%zz",
+            "/ollama/api/generate/%2",
         ] {
             assert_eq!(
                 s.decide(&Method::POST, p, Some(b"ro"), 0).unwrap_err(),
@@ -336,9 +363,12 @@ routes:
                 "{p}"
             );
         }
-        assert!(s
-            .decide(&Method::POST, "/ollama/api/generate/..x/.y", Some(b"ro"), 0)
-            .is_ok());
+        for ok in [
+            "/ollama/api/generate/..x/.y",
+            "/ollama/api/generate/a%20b%3F%25",
+        ] {
+            assert!(s.decide(&Method::POST, ok, Some(b"ro"), 0).is_ok(), "{ok}");
+        }
     }
 
     #[test]
@@ -355,6 +385,11 @@ routes:
         assert!(presented_key(&h).is_none());
         h.insert("x-api-key", HeaderValue::from_static("k1"));
         assert_eq!(presented_key(&h), Some(&b"k1"[..]));
+        h.insert("authorization", HeaderValue::from_static("Bearer tok"));
+        h.insert("x-api-key", HeaderValue::from_static(""));
+        assert_eq!(presented_key(&h), Some(&b"tok"[..]));
+        h.remove("authorization");
+        assert_eq!(presented_key(&h), Some(&b""[..]));
     }
 
     #[test]
