@@ -193,11 +193,22 @@ fn pad(n: u8) -> &'static [u8] {
     [&b""[..], b" ", b"\t", b"  \t "][usize::from(n) % 4]
 }
 
-/// The model's key extraction: `X-API-Key` as is, else the token of
+/// The model's key extraction: `X-API-Key` trimmed (unless it is empty
+/// and there is an `Authorization` header), else the token of
 /// `Authorization: Bearer`, without surrounding whitespace.
 fn model_key(headers: &HeaderMap) -> Option<Vec<u8>> {
     if let Some(v) = headers.get("x-api-key") {
-        return Some(v.as_bytes().to_vec());
+        let v = v.as_bytes();
+        let trimmed: Vec<u8> = match v.iter().position(|b| !b.is_ascii_whitespace()) {
+            Some(first) => {
+                let last = v.iter().rposition(|b| !b.is_ascii_whitespace()).unwrap();
+                v[first..=last].to_vec()
+            }
+            None => Vec::new(),
+        };
+        if !trimmed.is_empty() || headers.get("authorization").is_none() {
+            return Some(trimmed);
+        }
     }
     let auth = headers.get("authorization")?.as_bytes();
     if auth.len() < 7 || !auth[..7].eq_ignore_ascii_case(b"bearer ") {
@@ -214,12 +225,32 @@ fn model_key(headers: &HeaderMap) -> Option<Vec<u8>> {
     Some(token[first..=last].to_vec())
 }
 
-/// A segment that is `.` or `..` once `%2e` (any case) is read as `.`.
+/// A literal `.`/`..` segment, or a percent-escape that is malformed or
+/// decodes to an unreserved character or a (back)slash.
 fn model_dot_segment(path: &str) -> bool {
-    path.split('/').any(|seg| {
-        let decoded = seg.to_ascii_lowercase().replace("%2e", ".");
-        decoded == "." || decoded == ".."
-    })
+    if path.split('/').any(|seg| seg == "." || seg == "..") {
+        return true;
+    }
+    let b = path.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = |c: Option<&u8>| c.and_then(|c| (*c as char).to_digit(16));
+            match (hex(b.get(i + 1)), hex(b.get(i + 2))) {
+                (Some(h), Some(l)) => {
+                    let c = (h * 16 + l) as u8;
+                    if c.is_ascii_alphanumeric() || b"-._~/\\".contains(&c) {
+                        return true;
+                    }
+                    i += 3;
+                    continue;
+                }
+                _ => return true,
+            }
+        }
+        i += 1;
+    }
+    false
 }
 
 #[derive(Debug, PartialEq)]
