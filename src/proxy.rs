@@ -226,14 +226,13 @@ fn malformed(session: &Session) -> Option<(Reply, &'static str)> {
     None
 }
 
-/// Whether a raw request head has a `Content-Length` header line.
+/// Whether a raw request head has a `Content-Length` header line (the
+/// request line is skipped; the name may carry stray whitespace).
 fn has_content_length_line(head: &[u8]) -> bool {
     head.split(|b| *b == b'\n').skip(1).any(|line| {
-        line.get(..15)
-            .is_some_and(|name| name.eq_ignore_ascii_case(b"content-length:"))
-            || line.split(|b| *b == b':').next().is_some_and(|name| {
-                name.len() > 14 && name.trim_ascii().eq_ignore_ascii_case(b"content-length")
-            })
+        line.split(|b| *b == b':')
+            .next()
+            .is_some_and(|name| name.trim_ascii().eq_ignore_ascii_case(b"content-length"))
     })
 }
 
