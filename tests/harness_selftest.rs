@@ -11,32 +11,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// Reads one Content-Length framed response from a raw connection,
-/// returning (status line, lower-cased headers, body).
-fn read_response(reader: &mut impl BufRead) -> (String, Vec<(String, String)>, Vec<u8>) {
-    let mut status = String::new();
-    reader.read_line(&mut status).expect("read status line");
-    let mut headers = Vec::new();
-    loop {
-        let mut line = String::new();
-        reader.read_line(&mut line).expect("read header line");
-        let line = line.trim_end();
-        if line.is_empty() {
-            break;
-        }
-        let (name, value) = line.split_once(':').expect("header has a colon");
-        headers.push((name.to_ascii_lowercase(), value.trim().to_string()));
-    }
-    let len: usize = headers
-        .iter()
-        .find(|(n, _)| n == "content-length")
-        .map(|(_, v)| v.parse().expect("numeric content-length"))
-        .unwrap_or(0);
-    let mut body = vec![0; len];
-    reader.read_exact(&mut body).expect("read response body");
-    (status.trim_end().to_string(), headers, body)
-}
-
 fn raw_connect(addr: std::net::SocketAddr) -> TcpStream {
     let stream = TcpStream::connect(addr).expect("connect to upstream");
     stream
@@ -128,18 +102,18 @@ fn echo_keeps_connection_alive_and_parses_chunk_extensions() {
         .expect("write pipelined requests");
     let mut reader = BufReader::new(stream.try_clone().expect("clone stream"));
 
-    let (status, headers, body) = read_response(&mut reader);
-    assert_eq!(status, "HTTP/1.1 200 OK");
-    assert!(!headers.iter().any(|(n, _)| n == "connection"));
-    let first: serde_json::Value = serde_json::from_slice(&body).expect("json");
+    let resp = read_response(&mut reader).expect("first response");
+    assert_eq!(resp.status, 200);
+    assert!(resp.header("connection").is_none());
+    let first = resp.json();
     assert_eq!(first["path"], "/a");
     assert_eq!(first["body_len"], 11);
     assert_eq!(first["body_sha256"], sha256_hex(b"hello world"));
     assert_eq!(first["headers"]["x-multi"], serde_json::json!(["1", "2"]));
 
-    let (status, _, body) = read_response(&mut reader);
-    assert_eq!(status, "HTTP/1.1 200 OK");
-    let second: serde_json::Value = serde_json::from_slice(&body).expect("json");
+    let resp = read_response(&mut reader).expect("second response");
+    assert_eq!(resp.status, 200);
+    let second = resp.json();
     assert_eq!(second["method"], "GET");
     assert_eq!(second["path"], "/b?q");
     assert_eq!(second["body_sha256"], sha256_hex(b"abc"));
@@ -150,11 +124,11 @@ fn echo_keeps_connection_alive_and_parses_chunk_extensions() {
     stream
         .write_all(b"GET /c HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         .expect("write closing request");
-    let (status, headers, _) = read_response(&mut reader);
-    assert_eq!(status, "HTTP/1.1 200 OK");
-    assert!(headers
-        .iter()
-        .any(|(n, v)| n == "connection" && v.eq_ignore_ascii_case("close")));
+    let resp = read_response(&mut reader).expect("third response");
+    assert_eq!(resp.status, 200);
+    assert!(resp
+        .header("connection")
+        .is_some_and(|v| v.eq_ignore_ascii_case("close")));
     let mut rest = Vec::new();
     reader.read_to_end(&mut rest).expect("read to EOF");
     assert!(rest.is_empty(), "no bytes after the close response");
@@ -169,8 +143,8 @@ fn echo_rejects_malformed_request_line() {
         .write_all(b"NOT-HTTP\r\n\r\n")
         .expect("write garbage");
     let mut reader = BufReader::new(stream);
-    let (status, _, _) = read_response(&mut reader);
-    assert!(status.starts_with("HTTP/1.1 400"), "got {status:?}");
+    let resp = read_response(&mut reader).expect("error response");
+    assert_eq!(resp.status, 400);
     assert_eq!(echo.hits(), 0);
 }
 

@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
@@ -93,78 +93,6 @@ fn assert_unauthorized(
     assert_gateway_error(resp, 401, secret)
 }
 
-/// A response read off a raw connection.
-#[derive(Debug)]
-struct RawResponse {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl RawResponse {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-}
-
-/// Reads one response (Content-Length, chunked, or close-delimited).
-fn read_response(reader: &mut impl BufRead) -> RawResponse {
-    let mut status_line = String::new();
-    reader
-        .read_line(&mut status_line)
-        .expect("read status line");
-    let status: u16 = status_line
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("bad status line {status_line:?}"));
-    let mut headers = Vec::new();
-    loop {
-        let mut line = String::new();
-        reader.read_line(&mut line).expect("read header line");
-        let line = line.trim_end();
-        if line.is_empty() {
-            break;
-        }
-        let (n, v) = line.split_once(':').expect("header has a colon");
-        headers.push((n.to_ascii_lowercase(), v.trim().to_string()));
-    }
-    let mut resp = RawResponse {
-        status,
-        headers,
-        body: Vec::new(),
-    };
-    let chunked = resp
-        .header("transfer-encoding")
-        .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
-    if chunked {
-        loop {
-            let mut size_line = String::new();
-            reader.read_line(&mut size_line).expect("read chunk size");
-            let size = usize::from_str_radix(size_line.trim().split(';').next().unwrap(), 16)
-                .unwrap_or_else(|_| panic!("bad chunk size {size_line:?}"));
-            let mut chunk = vec![0; size + 2];
-            reader.read_exact(&mut chunk).expect("read chunk");
-            if size == 0 {
-                break;
-            }
-            resp.body.extend_from_slice(&chunk[..size]);
-        }
-    } else if let Some(len) = resp.header("content-length") {
-        let len: usize = len.parse().expect("numeric content-length");
-        resp.body = vec![0; len];
-        reader.read_exact(&mut resp.body).expect("read body");
-    } else {
-        reader
-            .read_to_end(&mut resp.body)
-            .expect("read body to EOF");
-    }
-    resp
-}
-
 fn connect(addr: SocketAddr) -> TcpStream {
     let s = TcpStream::connect(addr).expect("connect to gateway");
     s.set_read_timeout(Some(Duration::from_secs(20)))
@@ -176,7 +104,7 @@ fn connect(addr: SocketAddr) -> TcpStream {
 fn raw_request(addr: SocketAddr, request: &str) -> RawResponse {
     let mut s = connect(addr);
     s.write_all(request.as_bytes()).expect("write raw request");
-    read_response(&mut BufReader::new(s))
+    read_response(&mut BufReader::new(s)).expect("read a response")
 }
 
 // ---------------------------------------------------------------------------
@@ -593,15 +521,7 @@ fn check_stream(streamer: &StreamServer, method: &str) {
         Some(streamer.format.content_type())
     );
     let lines = read_lines_timed(resp.body_mut().as_reader());
-    let expected: Vec<String> = (0..streamer.chunks)
-        .map(|i| {
-            streamer
-                .format
-                .chunk(i, streamer.chunks)
-                .trim_end()
-                .to_string()
-        })
-        .collect();
+    let expected = streamer.expected_lines();
     let got: Vec<&str> = lines.iter().map(|(l, _)| l.as_str()).collect();
     assert_eq!(got, expected);
     let last_written = streamer
@@ -680,7 +600,7 @@ fn keep_alive_connection_serves_several_requests() {
             body.len()
         )
         .expect("write request");
-        let resp = read_response(&mut reader);
+        let resp = read_response(&mut reader).expect("read a response");
         assert_eq!(resp.status, 200, "request {i}");
         let json: serde_json::Value = serde_json::from_slice(&resp.body).expect("JSON");
         assert_eq!(json["path"], format!("/n{i}"));

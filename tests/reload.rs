@@ -367,15 +367,7 @@ fn sigterm_during_stream_lets_it_finish_then_exits_0() {
 
     let mut got = vec![first, second.trim_end().to_string()];
     got.extend(read_lines_timed(reader).into_iter().map(|(l, _)| l));
-    let expected: Vec<String> = (0..streamer.chunks)
-        .map(|i| {
-            streamer
-                .format
-                .chunk(i, streamer.chunks)
-                .trim_end()
-                .to_string()
-        })
-        .collect();
+    let expected = streamer.expected_lines();
     assert_eq!(got, expected);
     assert_eq!(streamer.aborted(), 0);
 
