@@ -46,7 +46,7 @@ pub const DEFAULT_CONFIG: &str = "conf/gateway.yaml";
 
 #[derive(Debug, Args)]
 pub struct ConfigArg {
-    /// The gateway's YAML configuration.
+    /// The gateway's YAML configuration (key commands use its `keys_file`).
     #[arg(
         long,
         short = 'c',
@@ -59,14 +59,8 @@ pub struct ConfigArg {
 /// Which key file a key command edits.
 #[derive(Debug, Args)]
 pub struct KeysTarget {
-    /// The gateway's configuration; its `keys_file` is used.
-    #[arg(
-        long,
-        short = 'c',
-        value_name = "PATH",
-        default_value = DEFAULT_CONFIG
-    )]
-    pub config: PathBuf,
+    #[command(flatten)]
+    pub config: ConfigArg,
     /// The key file itself (instead of going through --config).
     #[arg(long, value_name = "FILE", conflicts_with = "config")]
     pub keys: Option<PathBuf>,

@@ -40,11 +40,12 @@ fn check(config: &std::path::Path) -> Result<(), String> {
 }
 
 fn target(t: &KeysTarget) -> Result<std::path::PathBuf, KeyToolError> {
-    keytool::resolve_keys_file(t.keys.as_deref(), &t.config).map(|(p, _)| p)
+    keytool::resolve_keys_file(t.keys.as_deref(), &t.config.config).map(|(p, _)| p)
 }
 
 fn keygen(a: &ai_gateway::cli::KeygenArgs) -> Result<(), KeyToolError> {
-    let (path, config) = keytool::resolve_keys_file(a.target.keys.as_deref(), &a.target.config)?;
+    let (path, config) =
+        keytool::resolve_keys_file(a.target.keys.as_deref(), &a.target.config.config)?;
     if let Some(c) = &config {
         for s in a.services.iter().filter(|s| *s != "*") {
             if !c.routes.iter().any(|r| &r.service == s) {

@@ -39,20 +39,6 @@ fn gateway(routes: &[String]) -> Gateway {
     Gateway::start(&format!("threads: 2\nroutes:\n{}", routes.concat()), KEYS)
 }
 
-/// Polls `f` every 10 ms until it is true; false once `timeout` passed.
-fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if f() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        thread::sleep(Duration::from_millis(10));
-    }
-}
-
 /// GET `path` with the key; the status and the body (empty on a read error).
 fn get(agent: &ureq::Agent, gw: &Gateway, path: &str) -> (u16, String) {
     let mut resp = agent

@@ -5,8 +5,7 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 
@@ -36,20 +35,6 @@ fn status(gw: &Gateway, path: &str, key: &str) -> u16 {
         .expect("request")
         .status()
         .as_u16()
-}
-
-/// Polls `f` until it returns true or `timeout` passes.
-fn poll_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if f() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        thread::sleep(Duration::from_millis(25));
-    }
 }
 
 /// Starts a slow NDJSON stream through the gateway and returns the body
@@ -99,7 +84,7 @@ fn sighup_adds_and_revokes_keys() {
         gw.log()
     );
     assert!(
-        poll_until(SOON, || status(&gw, "/chat/x", KEY_B) == 200),
+        wait_until(SOON, || status(&gw, "/chat/x", KEY_B) == 200),
         "the new key never worked"
     );
     assert_eq!(
@@ -143,7 +128,7 @@ fn broken_key_file_on_sighup_keeps_old_keys() {
     gw.write_keys(&keys_with(KEY_B, "b"));
     gw.signal("HUP");
     assert!(gw.wait_log_contains("generation 2,", SOON), "{}", gw.log());
-    assert!(poll_until(SOON, || status(&gw, "/chat/x", KEY_B) == 200));
+    assert!(wait_until(SOON, || status(&gw, "/chat/x", KEY_B) == 200));
 }
 
 #[test]
@@ -201,7 +186,7 @@ fn route_added_on_sighup_serves() {
         "{}",
         gw.log()
     );
-    assert!(poll_until(SOON, || status(&gw, "/tts/speak", KEY_A) == 200));
+    assert!(wait_until(SOON, || status(&gw, "/tts/speak", KEY_A) == 200));
     let last = tts
         .last_request()
         .expect("the new route reached its upstream");
@@ -252,7 +237,7 @@ fn request_in_flight_finishes_on_its_snapshot() {
     );
     finish_stream(reader, first, &streamer);
     // The reload did take effect for new requests.
-    assert!(poll_until(SOON, || status(&gw, "/chat/x", KEY_A) == 401));
+    assert!(wait_until(SOON, || status(&gw, "/chat/x", KEY_A) == 401));
 }
 
 /// Sends SIGHUP the moment the process has a handler for it (SigCgt in
@@ -281,7 +266,7 @@ fn sighup_as_soon_as_caught_does_not_kill() {
     };
     let pid = gw.pid();
     assert!(
-        poll_until(SOON, || catches_hup(pid)),
+        wait_until(SOON, || catches_hup(pid)),
         "the gateway never installed a SIGHUP handler"
     );
     gw.signal("HUP");
@@ -304,7 +289,7 @@ fn sighup_during_startup_does_not_kill() {
     );
     let mut gw = Gateway::spawn(files, port);
     assert!(
-        poll_until(SOON, || !gw.log().is_empty()),
+        wait_until(SOON, || !gw.log().is_empty()),
         "no log line from the gateway"
     );
     gw.signal("HUP");

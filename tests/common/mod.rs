@@ -44,6 +44,21 @@ const IO_BUF: usize = 64 * 1024;
 // Small utilities
 // ---------------------------------------------------------------------------
 
+/// Polls `f` every 10 ms until it is true; false once `timeout` has passed.
+/// Tests synchronise with this, never with fixed sleeps.
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Returns a TCP port on 127.0.0.1 that was free a moment ago.
 ///
 /// The listener is dropped before returning, so there is a small window in
@@ -1222,16 +1237,7 @@ impl Gateway {
     /// Polls the log until `needle` occurs at least `count` times (e.g. to
     /// wait for a second reload message); false after `timeout`.
     pub fn wait_log_count(&self, needle: &str, count: usize, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if self.log().matches(needle).count() >= count {
-                return true;
-            }
-            if Instant::now() >= deadline {
-                return false;
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
+        wait_until(timeout, || self.log().matches(needle).count() >= count)
     }
 }
 
