@@ -22,8 +22,8 @@ use http::{HeaderMap, HeaderValue, Method};
 
 use ai_gateway::config::Config;
 use ai_gateway::keys::{unix_millis, KeyDigest, KeyStore, ServiceTable};
-use ai_gateway::routes::Router;
-use ai_gateway::snapshot::{presented_key, Snapshot};
+use ai_gateway::policy::{presented_key, Router, Snapshot};
+use ai_gateway::state::HealthBook;
 
 /// Key-set sizes for the key check, and the subset for the whole decision.
 const KEY_SIZES: [usize; 3] = [10, 10_000, 1_000_000];
@@ -82,7 +82,8 @@ fn gateway_config() -> Config {
 /// A snapshot holding `n` keys (parsed from key file text, as at load).
 fn snapshot_with_keys(n: usize) -> Snapshot {
     let text = key_file_text(n);
-    let snap = Snapshot::compile(gateway_config(), &text, 1).expect("bench snapshot compiles");
+    let snap = Snapshot::compile(gateway_config(), &text, 1, &HealthBook::default())
+        .expect("bench snapshot compiles");
     assert_eq!(snap.keys.len(), n);
     snap
 }
@@ -201,7 +202,11 @@ fn bench_routes(c: &mut Criterion) {
     for &n in &ROUTE_SIZES {
         let config = Config::parse(Path::new("/bench/gateway.yaml"), &routes_yaml(n))
             .expect("bench routes parse");
-        let router = Router::build(&config.routes, &mut ServiceTable::default());
+        let router = Router::build(
+            &config.routes,
+            &mut ServiceTable::default(),
+            &HealthBook::default(),
+        );
         assert_eq!(router.len(), n);
 
         let longest = (0..n)
@@ -264,9 +269,11 @@ fn bench_decide(c: &mut Criterion) {
         let now = unix_millis(SystemTime::now());
         assert!(snap
             .decide(&Method::POST, PATH, presented_key(&allowed), now)
+            .verdict
             .is_ok());
         assert!(snap
             .decide(&Method::POST, PATH, presented_key(&unknown), now)
+            .verdict
             .is_err());
 
         let mut g = c.benchmark_group("decide");
@@ -279,7 +286,9 @@ fn bench_decide(c: &mut Criterion) {
                 b.iter(|| {
                     let now = unix_millis(SystemTime::now());
                     let key = presented_key(black_box(headers));
-                    black_box(snap.decide(&Method::POST, black_box(PATH), key, now)).is_ok()
+                    black_box(snap.decide(&Method::POST, black_box(PATH), key, now))
+                        .verdict
+                        .is_ok()
                 })
             });
         }

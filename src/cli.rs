@@ -1,8 +1,16 @@
-//! The command line.
+//! The command line: its arguments, and running each command.
+//!
+//! The top of the crate: it may import every layer.
 
 use std::path::PathBuf;
+use std::time::SystemTime;
 
 use clap::{Args, Parser, Subcommand};
+
+use crate::daemon;
+use crate::keys::{self, KeyToolError, NewKey, Revoked};
+use crate::policy::Snapshot;
+use crate::state::HealthBook;
 
 /// A self-hosted API-key gateway for AI services: checks a key on every
 /// request, routes by path, and streams answers back untouched.
@@ -113,4 +121,108 @@ pub enum KeysCommand {
         #[command(flatten)]
         target: KeysTarget,
     },
+}
+
+/// Runs a parsed command. `signals` is what `main` caught before anything
+/// else, for the daemon's reloader.
+pub fn execute(
+    command: Command,
+    signals: std::io::Result<signal_hook::iterator::Signals>,
+) -> Result<(), String> {
+    match command {
+        Command::Run(args) => signals
+            .map_err(daemon::StartError::Signals)
+            .and_then(|s| daemon::run(&args.config.config, args.upgrade, s))
+            .map_err(|e| e.to_string()),
+        Command::Check(args) => check(&args.config),
+        Command::Keygen(a) => keygen(&a).map_err(|e| e.to_string()),
+        Command::Keys { command } => keys_command(command).map_err(|e| e.to_string()),
+    }
+}
+
+fn check(config: &std::path::Path) -> Result<(), String> {
+    let snapshot = Snapshot::load(config, 1, &HealthBook::default()).map_err(|e| e.to_string())?;
+    for w in &snapshot.warnings {
+        eprintln!("warning: {w}");
+    }
+    println!("{}: ok, {}", config.display(), snapshot.summary());
+    Ok(())
+}
+
+fn target(t: &KeysTarget) -> Result<std::path::PathBuf, KeyToolError> {
+    keys::resolve_keys_file(t.keys.as_deref(), &t.config.config).map(|(p, _)| p)
+}
+
+fn keygen(a: &KeygenArgs) -> Result<(), KeyToolError> {
+    let (path, config) =
+        keys::resolve_keys_file(a.target.keys.as_deref(), &a.target.config.config)?;
+    if let Some(c) = &config {
+        for s in a.services.iter().filter(|s| *s != "*") {
+            if !c.routes.iter().any(|r| &r.service == s) {
+                eprintln!(
+                    "warning: no route in {} serves service {s:?}",
+                    c.path.display()
+                );
+            }
+        }
+    }
+    let req = NewKey {
+        user: &a.user,
+        services: &a.services,
+        expires: a.expires.as_deref(),
+        note: a.note.as_deref(),
+    };
+    let (key, digest) = keys::keygen(&path, &req, SystemTime::now())?;
+    println!("{key}");
+    eprintln!(
+        "created key {} for user {:?} in {} (only its sha256 is stored: copy the key now)",
+        digest.id(),
+        a.user,
+        path.display()
+    );
+    Ok(())
+}
+
+fn keys_command(command: KeysCommand) -> Result<(), KeyToolError> {
+    match command {
+        KeysCommand::List { json, target: t } => {
+            let rows = keys::list(&target(&t)?, SystemTime::now())?;
+            if json {
+                let text = serde_json::to_string_pretty(&rows)
+                    .map_err(|e| KeyToolError::Usage(e.to_string()))?;
+                println!("{text}");
+            } else {
+                print!("{}", keys::render_table(&rows));
+                let plain = rows.iter().filter(|r| r.plaintext).count();
+                if plain > 0 {
+                    eprintln!("{plain} key(s) stored in plaintext: `ai-gateway keys hash` replaces them by digests");
+                }
+            }
+        }
+        KeysCommand::Revoke {
+            id,
+            delete,
+            target: t,
+        } => {
+            let path = target(&t)?;
+            match keys::revoke(&path, &id, delete, SystemTime::now())? {
+                Revoked::Disabled(id) => eprintln!("key {id} disabled in {}", path.display()),
+                Revoked::Deleted(id) => eprintln!("key {id} deleted from {}", path.display()),
+            }
+        }
+        KeysCommand::Hash { backup, target: t } => {
+            let path = target(&t)?;
+            let r = keys::hash_in_place(&path, backup)?;
+            eprintln!(
+                "{}: {} key(s) hashed, {} already stored as digests",
+                path.display(),
+                r.hashed,
+                r.already
+            );
+            if let Some(b) = r.backup {
+                eprintln!("the original (with plaintext keys) is in {}: delete it once you no longer need it", b.display());
+            }
+        }
+    }
+    Ok(())
 }

@@ -1,23 +1,25 @@
 //! ai-gateway: an API-key gateway for self-hosted AI services, on Pingora.
 //!
-//! The request path lives in [`proxy`]; the rules it applies are compiled
-//! into a [`snapshot::Snapshot`] from [`config`] and [`keys`], with routing
-//! in [`routes`]. [`reload`] swaps snapshots; [`daemon`] runs the server.
+//! The layers, lowest first; each may import only those before it:
+//!
+//! | layer     | owns |
+//! |-----------|------|
+//! | [`config`] | what users write, validated; errors with file and line |
+//! | [`keys`]   | digests, the key store, the key file and its commands |
+//! | [`state`]  | what outlives a snapshot: upstream health, per-key counters |
+//! | [`policy`] | the snapshot, routes, path rules, refusals, the decision (pure) |
+//! | [`ops`]    | metrics, audit log, request ids, admin endpoints |
+//! | [`proxy`]  | Pingora's `ProxyHttp` hooks: the only place that names a `Session` |
+//! | [`daemon`] | start-up, listeners, reloads, threads: the only place that spawns or binds |
+//!
+//! [`cli`] sits on top and runs the commands. `tests/layering.rs` checks
+//! the rule on every `use crate::…` in `src/`.
 
-pub mod admin;
-pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod daemon;
-pub mod error;
-pub mod health;
-pub mod keyfile;
 pub mod keys;
-pub mod keytool;
-pub mod metrics;
+pub mod ops;
+pub mod policy;
 pub mod proxy;
-pub mod reload;
-pub mod request_id;
-pub mod routes;
-pub mod snapshot;
-pub mod watch;
+pub mod state;

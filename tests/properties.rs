@@ -12,8 +12,8 @@ use std::path::Path;
 
 use ai_gateway::config::Config;
 use ai_gateway::keys::{KeyDenial, KeyDigest, KeyStore, ServiceTable};
-use ai_gateway::routes::Router;
-use ai_gateway::snapshot::{presented_key, Denial, Snapshot};
+use ai_gateway::policy::{presented_key, Refusal, Router, Snapshot};
+use ai_gateway::state::HealthBook;
 use http::{HeaderMap, HeaderValue, Method};
 use proptest::prelude::*;
 use proptest::sample::Index;
@@ -260,7 +260,11 @@ fn router(routes: &[(&str, Option<&str>)]) -> Router {
     }
     let config = Config::parse(Path::new("/props/gateway.yaml"), &text)
         .unwrap_or_else(|e| panic!("{e}\n{text}"));
-    Router::build(&config.routes, &mut ServiceTable::default())
+    Router::build(
+        &config.routes,
+        &mut ServiceTable::default(),
+        &HealthBook::default(),
+    )
 }
 
 /// Paths: mostly one of the prefixes plus a tail, the rest anything.
@@ -380,7 +384,13 @@ routes:
 "#,
     )
     .unwrap();
-    Snapshot::compile(config, r#"{"k": {"user": "u", "service": "*"}}"#, 1).unwrap()
+    Snapshot::compile(
+        config,
+        r#"{"k": {"user": "u", "service": "*"}}"#,
+        1,
+        &HealthBook::default(),
+    )
+    .unwrap()
 }
 
 const SEGMENTS: &[&str] = &[
@@ -441,10 +451,11 @@ proptest! {
         let path = format!("{base}{}", segs.join("/"));
         let got = s.decide(&Method::POST, &path, Some(b"k"), 0);
         if is_ambiguous(&path) {
-            prop_assert_eq!(got.unwrap_err(), Denial::BadPath, "{}", path);
+            prop_assert_eq!(got.verdict.unwrap_err(), Refusal::BadPath, "{}", path);
         } else {
-            let admitted = got.map_err(|e| TestCaseError::fail(format!("{path}: {e:?}")))?;
-            prop_assert!(path.starts_with(&admitted.route.prefix));
+            got.verdict.map_err(|e| TestCaseError::fail(format!("{path}: {e:?}")))?;
+            let (_, route) = got.route.ok_or_else(|| TestCaseError::fail("no route"))?;
+            prop_assert!(path.starts_with(&route.prefix));
         }
     }
 

@@ -10,7 +10,8 @@ use std::sync::OnceLock;
 
 use ai_gateway::config::Config;
 use ai_gateway::keys::{KeyDenial, KeyDigest};
-use ai_gateway::snapshot::{presented_key, Denial, Snapshot};
+use ai_gateway::policy::{presented_key, Refusal, Snapshot};
+use ai_gateway::state::HealthBook;
 use http::{HeaderMap, HeaderValue, Method};
 use libfuzzer_sys::fuzz_target;
 
@@ -174,7 +175,7 @@ fn snapshot() -> &'static Snapshot {
   "k-ghost": {{"user": "ghost", "service": "no-such-service"}}
 }}"#
         );
-        let snapshot = Snapshot::compile(config, &keys, 1).expect("snapshot");
+        let snapshot = Snapshot::compile(config, &keys, 1, &HealthBook::default()).expect("snapshot");
         assert_eq!(snapshot.router.len(), ROUTES.len());
         assert_eq!(snapshot.keys.len(), KEYS.len());
         assert!(KNOWN_KEYS.iter().all(|k| KEYS.iter().any(|m| m.key == *k)));
@@ -366,22 +367,18 @@ fuzz_target!(|input: Input| {
     let key = presented_key(&headers);
     assert_eq!(key.map(<[u8]>::to_vec), model_key(&headers), "{headers:?}");
 
-    let got = match snapshot.decide(&method, &path, key, now) {
-        Ok(admitted) => {
+    let decision = snapshot.decide(&method, &path, key, now);
+    let got = match decision.verdict {
+        Ok(principal) => {
+            let (route_index, route) = decision.route.expect("an admitted request has a route");
             // The invariants the gateway's safety rests on, checked
             // directly as well as through the model.
-            assert!(path.starts_with(&admitted.route.prefix), "{path:?}");
+            assert!(path.starts_with(&route.prefix), "{path:?}");
             assert!(!model_dot_segment(&path), "dot segment admitted: {path:?}");
-            assert_eq!(admitted.principal.id, KeyDigest::of(key.unwrap()).id());
-            assert!(std::ptr::eq(
-                admitted.route,
-                snapshot.router.get(admitted.route_index).unwrap()
-            ));
-            let model = ROUTES
-                .iter()
-                .find(|r| r.name == admitted.route.name)
-                .unwrap();
-            match admitted.route.upstream_target(&path, input.query) {
+            assert_eq!(principal.id, KeyDigest::of(key.unwrap()).id());
+            assert!(std::ptr::eq(route, snapshot.router.get(route_index).unwrap()));
+            let model = ROUTES.iter().find(|r| r.name == route.name).unwrap();
+            match route.upstream_target(&path, input.query) {
                 Some(target) => {
                     assert!(target.starts_with(b"/"), "{target:?}");
                     let strip = model.strip.expect("a route without strip_prefix");
@@ -393,21 +390,22 @@ fuzz_target!(|input: Input| {
                 route: model.name,
                 user: KEYS
                     .iter()
-                    .find(|k| *k.user == *admitted.principal.user.name)
+                    .find(|k| *k.user == *principal.user.name)
                     .unwrap()
                     .user,
             }
         }
-        Err(Denial::BadPath) => Expect::BadPath,
-        Err(Denial::NoRoute) => Expect::NoRoute,
-        Err(Denial::MethodNotAllowed { route_index }) => Expect::MethodNotAllowed {
+        Err(Refusal::BadPath) => Expect::BadPath,
+        Err(Refusal::NoRoute) => Expect::NoRoute,
+        Err(Refusal::MethodNotAllowed) => Expect::MethodNotAllowed {
             route: ROUTES
                 .iter()
-                .find(|r| r.name == snapshot.router.get(route_index).unwrap().name)
+                .find(|r| r.name == decision.route.expect("a 405 has its route").1.name)
                 .unwrap()
                 .name,
         },
-        Err(Denial::Key(d)) => Expect::Key(d),
+        Err(Refusal::Key(d)) => Expect::Key(d),
+        Err(other) => panic!("the decision never answers {other:?}"),
     };
     assert_eq!(
         got,

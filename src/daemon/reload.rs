@@ -11,34 +11,50 @@ use std::sync::Arc;
 
 use log::{error, info, warn};
 
-use crate::error::LoadError;
-use crate::metrics::Metrics;
-use crate::snapshot::{load_timed, SharedSnapshot};
+use crate::config::LoadError;
+use crate::ops::{Live, Metrics, SharedLive};
+use crate::policy::load_timed;
+use crate::state::Carried;
 
 /// Rebuilds and swaps the shared snapshot.
 pub struct Reloader {
     config_path: PathBuf,
-    shared: SharedSnapshot,
+    shared: SharedLive,
     metrics: Arc<Metrics>,
+    carried: Arc<Carried>,
 }
 
 impl Reloader {
-    pub fn new(config_path: &Path, shared: SharedSnapshot, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        config_path: &Path,
+        shared: SharedLive,
+        metrics: Arc<Metrics>,
+        carried: Arc<Carried>,
+    ) -> Self {
         Reloader {
             config_path: config_path.to_path_buf(),
             shared,
             metrics,
+            carried,
         }
+    }
+
+    /// The snapshot in service now.
+    pub fn current(&self) -> Arc<Live> {
+        self.shared.load_full()
     }
 
     /// Loads a new snapshot and swaps it in; on failure keeps the current one.
     /// `why` names the trigger in the log line (`SIGHUP`, a file change).
     pub fn reload(&self, why: &str) -> Result<u64, LoadError> {
         let current = self.shared.load_full();
-        let generation = current.generation + 1;
-        match load_timed(&self.config_path, generation) {
+        let generation = current.snapshot.generation + 1;
+        match load_timed(&self.config_path, generation, &self.carried.upstreams) {
             Ok((snapshot, took)) => {
-                let restart = current.config.restart_only_differences(&snapshot.config);
+                let restart = current
+                    .snapshot
+                    .config
+                    .restart_only_differences(&snapshot.config);
                 if !restart.is_empty() {
                     warn!(
                         "reload ({why}): {} changed in {}; the new value needs a restart, the old one stays in effect",
@@ -54,15 +70,19 @@ impl Reloader {
                     snapshot.summary(),
                     took.as_millis()
                 );
+                let named = snapshot.upstream_addrs();
                 self.shared
-                    .store(Arc::new(snapshot.with_metrics(&self.metrics)));
+                    .store(Arc::new(Live::new(snapshot, &self.metrics)));
+                // Only now: until the swap, requests of the old snapshot
+                // still report on upstreams the new one may have dropped.
+                self.carried.upstreams.retain(&named);
                 self.metrics.reloaded(true);
                 Ok(generation)
             }
             Err(e) => {
                 error!(
                     "reload ({why}) failed, still serving generation {}: {e}",
-                    current.generation
+                    current.snapshot.generation
                 );
                 self.metrics.reloaded(false);
                 Err(e)

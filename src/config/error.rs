@@ -3,7 +3,7 @@
 //! Every variant names the file it is about, so an operator reading a log
 //! line or a `check` failure knows which file to open; parse errors also
 //! carry the line and column when the parser knows them. None of them ever
-//! holds a key: entries are referred to by their [`KeyId`](crate::keys::KeyId).
+//! holds a key: entries are referred to by their key id.
 
 use std::fmt;
 use std::path::{Path, PathBuf};

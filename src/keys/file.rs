@@ -13,8 +13,9 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
 
-use crate::error::LoadError;
-use crate::keys::{KeyDigest, KeyId, KeyStore, ServiceTable, DIGEST_PREFIX};
+use super::digest::{KeyDigest, KeyId, DIGEST_PREFIX};
+use super::store::{KeyStore, ServiceTable};
+use crate::config::LoadError;
 
 /// The two syntaxes a key file can have.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

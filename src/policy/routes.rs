@@ -9,14 +9,15 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderValue, Method};
 use pingora::upstreams::peer::HttpPeer;
 
 use crate::config::{HealthCheckSpec, RouteSpec};
-use crate::health::UpstreamHealth;
 use crate::keys::{ServiceId, ServiceTable};
+use crate::state::{HealthBook, UpstreamHealth};
 
 /// How long an idle upstream connection stays in the pool. Short enough to
 /// stay below the idle timeouts that model servers' HTTP stacks use, so a
@@ -42,16 +43,16 @@ pub struct Route {
 }
 
 /// One upstream of a route: its peer, built once with the route's
-/// timeouts, and its health.
+/// timeouts, and its health (which outlives the snapshot: see `state`).
 #[derive(Debug)]
 pub struct Upstream {
     pub addr: SocketAddr,
     pub peer: HttpPeer,
-    pub health: UpstreamHealth,
+    pub health: Arc<UpstreamHealth>,
 }
 
 impl Route {
-    fn build(spec: &RouteSpec, services: &mut ServiceTable) -> Route {
+    fn build(spec: &RouteSpec, services: &mut ServiceTable, health: &HealthBook) -> Route {
         let methods: Option<Box<[Method]>> = spec.methods.as_ref().map(|ms| {
             ms.iter()
                 .filter_map(|m| Method::from_bytes(m.as_bytes()).ok())
@@ -67,7 +68,7 @@ impl Route {
             .map(|addr| Upstream {
                 addr: *addr,
                 peer: make_peer(*addr, spec.connect_timeout, spec.read_timeout),
-                health: UpstreamHealth::default(),
+                health: health.entry(*addr),
             })
             .collect();
         Route {
@@ -174,9 +175,13 @@ pub struct Router {
 }
 
 impl Router {
-    /// Compiles `specs`, numbering their services in `services`.
-    pub fn build(specs: &[RouteSpec], services: &mut ServiceTable) -> Router {
-        let routes: Vec<Route> = specs.iter().map(|s| Route::build(s, services)).collect();
+    /// Compiles `specs`, numbering their services in `services` and taking
+    /// each upstream's health from `health`.
+    pub fn build(specs: &[RouteSpec], services: &mut ServiceTable, health: &HealthBook) -> Router {
+        let routes: Vec<Route> = specs
+            .iter()
+            .map(|s| Route::build(s, services, health))
+            .collect();
         let mut groups: HashMap<usize, PrefixTable> = HashMap::new();
         for (i, r) in routes.iter().enumerate() {
             groups
@@ -243,7 +248,7 @@ mod tests {
     }
 
     fn router(specs: &[RouteSpec]) -> Router {
-        Router::build(specs, &mut ServiceTable::default())
+        Router::build(specs, &mut ServiceTable::default(), &HealthBook::default())
     }
 
     #[test]

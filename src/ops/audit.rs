@@ -9,7 +9,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::time::{Duration, SystemTime};
 
@@ -17,15 +17,10 @@ use log::error;
 use prometheus::IntCounter;
 use serde::Serialize;
 
+use crate::config::AuditDest;
+
 /// Records that may wait for the writer before new ones are dropped.
 pub const QUEUE_LEN: usize = 65_536;
-
-/// Where audit lines go.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AuditDest {
-    Stderr,
-    File(PathBuf),
-}
 
 /// One request, as the audit log records it. Field names are part of the
 /// log format; keys appear only as their id.

@@ -15,8 +15,14 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
-use crate::audit::AuditDest;
-use crate::error::{LoadError, Location};
+use super::error::{LoadError, Location};
+
+/// Where audit lines go: a file the gateway appends to, or its stderr.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuditDest {
+    Stderr,
+    File(PathBuf),
+}
 
 /// How long a TCP connect to an upstream may take unless a route says otherwise.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);

@@ -1,5 +1,19 @@
 //! `ai-gateway run`: build the Pingora server around the gateway and run it
 //! in the foreground until SIGTERM or SIGINT.
+//!
+//! Owns: start-up, the listeners, reloads (SIGHUP and file changes), the
+//! active health checker, and shutdown. The only layer that spawns threads,
+//! binds sockets or builds the Pingora `Server`.
+//!
+//! May import: every other layer.
+
+mod health_check;
+mod reload;
+mod watch;
+
+pub use health_check::probe;
+pub use reload::Reloader;
+pub use watch::DEBOUNCE;
 
 use std::net::TcpListener;
 use std::path::Path;
@@ -16,13 +30,12 @@ use prometheus::IntGauge;
 use signal_hook::consts::{SIGHUP, SIGUSR1};
 use signal_hook::iterator::Signals;
 
-use crate::admin::Admin;
-use crate::audit::{AuditDest, AuditLog};
-use crate::metrics::Metrics;
+use self::watch::{next_trigger, FileWatcher, Trigger};
+use crate::config::{AuditDest, LoadError};
+use crate::ops::{Admin, AuditLog, Live, Metrics, SharedLive};
+use crate::policy::{load_timed, Snapshot};
 use crate::proxy::Gateway;
-use crate::reload::Reloader;
-use crate::snapshot::{load_timed, SharedSnapshot, Snapshot};
-use crate::watch::{next_trigger, FileWatcher, Trigger};
+use crate::state::Carried;
 
 /// Read buffer per client connection. Pingora's default (64 KiB) is held
 /// for as long as a connection lives, idle keep-alive ones included:
@@ -34,7 +47,7 @@ const CLIENT_READ_BUFFER: usize = 8 * 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error(transparent)]
-    Load(#[from] crate::error::LoadError),
+    Load(#[from] LoadError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: std::net::SocketAddr,
@@ -61,7 +74,8 @@ pub fn catch_signals() -> std::io::Result<Signals> {
 /// shutdown path (or from the drain watcher, below). With `upgrade`, the
 /// listening sockets are taken over from a running gateway instead of bound.
 pub fn run(config_path: &Path, upgrade: bool, signals: Signals) -> Result<(), StartError> {
-    let (snapshot, took) = load_timed(config_path, 1)?;
+    let carried = Arc::new(Carried::default());
+    let (snapshot, took) = load_timed(config_path, 1, &carried.upstreams)?;
     for w in &snapshot.warnings {
         warn!("{w}");
     }
@@ -100,11 +114,14 @@ pub fn run(config_path: &Path, upgrade: bool, signals: Signals) -> Result<(), St
             })?,
         ),
     };
-    let shared = Arc::new(ArcSwap::from_pointee(snapshot.with_metrics(&metrics)));
+    let shared: SharedLive = Arc::new(ArcSwap::from_pointee(Live::new(snapshot, &metrics)));
     start_reloader(
-        config_path,
-        Arc::clone(&shared),
-        Arc::clone(&metrics),
+        Reloader::new(
+            config_path,
+            Arc::clone(&shared),
+            Arc::clone(&metrics),
+            Arc::clone(&carried),
+        ),
         audit.clone(),
         signals,
     );
@@ -146,7 +163,7 @@ pub fn run(config_path: &Path, upgrade: bool, signals: Signals) -> Result<(), St
     if let Some(addr) = config.admin_listen {
         let admin = Admin {
             metrics: Arc::clone(&metrics),
-            snapshot: Arc::clone(&shared),
+            live: Arc::clone(&shared),
             listen: config.listen.clone(),
         };
         let mut svc = ListeningService::new("admin".to_string(), admin);
@@ -157,9 +174,7 @@ pub fn run(config_path: &Path, upgrade: bool, signals: Signals) -> Result<(), St
     }
 
     let checked = Arc::clone(&shared);
-    spawn_thread("health-checker", move || {
-        crate::health::run_checker(checked)
-    });
+    spawn_thread("health-checker", move || health_check::run_checker(checked));
 
     let phases = server.watch_execution_phase();
     let in_flight = metrics.in_flight.clone();
@@ -173,13 +188,7 @@ pub fn run(config_path: &Path, upgrade: bool, signals: Signals) -> Result<(), St
 /// Starts the threads that turn signals and file changes into reloads and
 /// audit log reopens. Reload triggers arrive on one channel, so reloads
 /// never run concurrently.
-fn start_reloader(
-    config_path: &Path,
-    shared: SharedSnapshot,
-    metrics: Arc<Metrics>,
-    audit: Option<AuditLog>,
-    signals: Signals,
-) {
+fn start_reloader(reloader: Reloader, audit: Option<AuditLog>, signals: Signals) {
     let (tx, rx) = mpsc::channel();
     let signal_tx = tx.clone();
     let mut signals = signals;
@@ -211,8 +220,7 @@ fn start_reloader(
             }
         }
     };
-    watch_files(&mut watcher, &shared.load());
-    let reloader = Reloader::new(config_path, Arc::clone(&shared), metrics);
+    watch_files(&mut watcher, &reloader.current().snapshot);
     spawn_thread("reloader", move || {
         while let Some(trigger) = next_trigger(&rx) {
             let why = match trigger {
@@ -221,7 +229,7 @@ fn start_reloader(
             };
             // Errors are logged by reload(); the old snapshot stays.
             if reloader.reload(why).is_ok() {
-                watch_files(&mut watcher, &shared.load());
+                watch_files(&mut watcher, &reloader.current().snapshot);
             }
         }
     });

@@ -14,7 +14,7 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
-use crate::keys::KeyDenial;
+use crate::policy::Refusal;
 
 /// Latency buckets in seconds: from a cached answer to a long generation.
 const BUCKETS: &[f64] = &[
@@ -60,24 +60,8 @@ impl UpstreamErrorKind {
     }
 }
 
-/// The fixed label of a key denial (also the audit log's `decision`).
-pub fn denial_label(d: KeyDenial) -> &'static str {
-    match d {
-        KeyDenial::Missing => "missing_key",
-        KeyDenial::Unknown => "unknown_key",
-        KeyDenial::Expired => "expired_key",
-        KeyDenial::Disabled => "disabled_key",
-        KeyDenial::WrongService => "wrong_service",
-    }
-}
-
-const DENIALS: [KeyDenial; 5] = [
-    KeyDenial::Missing,
-    KeyDenial::Unknown,
-    KeyDenial::Expired,
-    KeyDenial::Disabled,
-    KeyDenial::WrongService,
-];
+/// How many refusal kinds there are: one pre-resolved counter each.
+const REFUSALS: usize = Refusal::ALL.len();
 
 /// All of the gateway's metrics, in their own registry.
 pub struct Metrics {
@@ -88,7 +72,10 @@ pub struct Metrics {
     bytes_in: IntCounterVec,
     bytes_out: IntCounterVec,
     upstream_errors: IntCounterVec,
-    auth_failures: [IntCounter; 5],
+    /// Per refusal kind (in [`Refusal::ALL`] order): every refusal, and for
+    /// key refusals the failed-key counter too.
+    refused: [IntCounter; REFUSALS],
+    auth_failures: [Option<IntCounter>; REFUSALS],
     pub in_flight: IntGauge,
     reload_ok: IntCounter,
     reload_failed: IntCounter,
@@ -199,6 +186,12 @@ impl Metrics {
             "Requests refused for their key, by reason.",
             &["reason"],
         );
+        let refused = counter_vec(
+            &r,
+            "agw_refused_total",
+            "Requests the gateway answered itself, by reason.",
+            &["reason"],
+        );
         let reloads = counter_vec(&r, "agw_reloads_total", "Reloads by result.", &["result"]);
         Metrics {
             duration: histogram_vec(
@@ -229,7 +222,9 @@ impl Metrics {
                 "Failures talking to upstreams, by route and kind.",
                 &["route", "kind"],
             ),
-            auth_failures: DENIALS.map(|d| auth.with_label_values(&[denial_label(d)])),
+            refused: Refusal::ALL.map(|k| refused.with_label_values(&[k.label()])),
+            auth_failures: Refusal::ALL
+                .map(|k| k.key_denial().map(|_| auth.with_label_values(&[k.label()]))),
             in_flight: gauge(&r, "agw_requests_in_flight", "Requests being served now."),
             reload_ok: reloads.with_label_values(&["ok"]),
             reload_failed: reloads.with_label_values(&["error"]),
@@ -283,9 +278,13 @@ impl Metrics {
         m
     }
 
-    pub fn auth_failure(&self, d: KeyDenial) {
-        if let Some(i) = DENIALS.iter().position(|x| *x == d) {
-            if let Some(c) = self.auth_failures.get(i) {
+    /// Counts a refusal under its label (and a key refusal as a failed key).
+    pub fn refused(&self, why: Refusal) {
+        if let Some(i) = Refusal::ALL.iter().position(|k| *k == why) {
+            if let Some(c) = self.refused.get(i) {
+                c.inc();
+            }
+            if let Some(Some(c)) = self.auth_failures.get(i) {
                 c.inc();
             }
         }
@@ -326,7 +325,8 @@ mod tests {
         chat.count_status(418);
         chat.duration.observe(0.003);
         chat.upstream_error(UpstreamErrorKind::Timeout);
-        m.auth_failure(KeyDenial::Expired);
+        m.refused(Refusal::Key(crate::keys::KeyDenial::Expired));
+        m.refused(Refusal::NoRoute);
         m.reloaded(true);
         m.generation.set(3);
         assert!(Arc::ptr_eq(&chat, &m.route("chat")));
@@ -345,6 +345,18 @@ mod tests {
         );
         assert!(
             text.contains(r#"agw_auth_failures_total{reason="expired_key"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"agw_refused_total{reason="expired_key"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"agw_refused_total{reason="no_route"} 1"#),
+            "{text}"
+        );
+        assert!(
+            !text.contains(r#"agw_auth_failures_total{reason="no_route"}"#),
             "{text}"
         );
         assert!(

@@ -12,8 +12,8 @@ use http::{Response, StatusCode};
 use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 
-use crate::metrics::Metrics;
-use crate::snapshot::SharedSnapshot;
+use super::live::SharedLive;
+use super::metrics::Metrics;
 
 /// How long `/readyz` waits for a listen address to accept.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(250);
@@ -21,7 +21,7 @@ const PROBE_TIMEOUT: Duration = Duration::from_millis(250);
 /// The admin endpoints.
 pub struct Admin {
     pub metrics: Arc<Metrics>,
-    pub snapshot: SharedSnapshot,
+    pub live: SharedLive,
     /// The proxy's listen addresses, probed by `/readyz`.
     pub listen: Vec<SocketAddr>,
 }
@@ -72,7 +72,7 @@ impl ServeHttp for Admin {
                 br#"{"status":"ok"}"#.to_vec(),
             ),
             "/readyz" => {
-                let generation = self.snapshot.load().generation;
+                let generation = self.live.load().snapshot.generation;
                 if generation >= 1 && self.listeners_up().await {
                     let body = format!(r#"{{"status":"ready","generation":{generation}}}"#);
                     reply(StatusCode::OK, "application/json", body.into_bytes())

@@ -9,10 +9,11 @@ use std::time::{Duration, SystemTime};
 use base64::Engine as _;
 use serde_json::{json, Value};
 
+use super::digest::{KeyDigest, DIGEST_PREFIX};
+use super::file::{entry_digest, is_plaintext, write_atomically, KeyFile, Lock};
+use super::store::{parse_timestamp, unix_millis};
 use crate::config::Config;
-use crate::error::LoadError;
-use crate::keyfile::{entry_digest, is_plaintext, write_atomically, KeyFile, Lock};
-use crate::keys::{parse_timestamp, unix_millis, KeyDigest, DIGEST_PREFIX};
+use crate::config::LoadError;
 
 /// Every generated key starts with this, so secret scanners and people can
 /// tell what a leaked string is.

@@ -1,0 +1,19 @@
+//! What users write: the YAML configuration, its validated form, and the
+//! errors that point at a file, line and column.
+//!
+//! Owns: parsing and validating `gateway.yaml` ([`Config`], [`RouteSpec`]),
+//! and [`LoadError`], the error of every file the gateway reads (the key
+//! file's parser in `keys` reports through it too).
+//!
+//! May import: nothing else of this crate. It is the bottom layer, and it
+//! holds no runtime types: what the settings turn into lives above it.
+
+mod error;
+mod gateway;
+
+pub use error::{LoadError, Location};
+pub use gateway::{
+    AuditDest, Config, FileConfig, HealthCheckSpec, RouteSpec, DEFAULT_CHECK_INTERVAL,
+    DEFAULT_CHECK_TIMEOUT, DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT, DEFAULT_SHUTDOWN_GRACE,
+    DEFAULT_UPGRADE_SOCK,
+};

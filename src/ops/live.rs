@@ -1,0 +1,55 @@
+//! The value the proxy serves from: a policy snapshot with the metric
+//! handles of its routes resolved once, so recording a request touches only
+//! atomics and the hot path makes a single `ArcSwap` load for both.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use super::metrics::{Metrics, RouteMetrics, NO_ROUTE};
+use crate::policy::Snapshot;
+
+/// The snapshot in service, shared by the proxy, the reloader, the health
+/// checker and the admin endpoints; replaced whole on every reload.
+pub type SharedLive = Arc<ArcSwap<Live>>;
+
+/// A snapshot and its routes' metric handles.
+#[derive(Debug)]
+pub struct Live {
+    pub snapshot: Snapshot,
+    /// Per route, in the router's order.
+    route_metrics: Box<[Arc<RouteMetrics>]>,
+    /// For requests that matched no route.
+    unrouted_metrics: Arc<RouteMetrics>,
+}
+
+impl Live {
+    /// Resolves the snapshot's metric handles and publishes its gauges.
+    pub fn new(snapshot: Snapshot, metrics: &Metrics) -> Live {
+        let route_metrics = snapshot
+            .router
+            .routes()
+            .iter()
+            .map(|r| metrics.route(&r.name))
+            .collect();
+        let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        metrics.keys_loaded.set(gauge(snapshot.keys.len()));
+        metrics.routes_loaded.set(gauge(snapshot.router.len()));
+        metrics
+            .generation
+            .set(i64::try_from(snapshot.generation).unwrap_or(i64::MAX));
+        Live {
+            snapshot,
+            route_metrics,
+            unrouted_metrics: metrics.route(NO_ROUTE),
+        }
+    }
+
+    /// The metric handles for a route index, or for unrouted requests.
+    #[inline]
+    pub fn metrics_for(&self, route_index: Option<usize>) -> &RouteMetrics {
+        route_index
+            .and_then(|i| self.route_metrics.get(i))
+            .unwrap_or(&self.unrouted_metrics)
+    }
+}

@@ -1,0 +1,21 @@
+//! What operators see: metrics, the audit log, request ids, and the admin
+//! endpoints that expose them.
+//!
+//! Owns: [`Metrics`] (Prometheus, with label values only from route names
+//! and fixed words), [`AuditLog`] (one JSON line per request, written off
+//! the serving threads), request ids, [`Admin`] (`/metrics`, `/healthz`,
+//! `/readyz`), and [`Live`], the snapshot with its metric handles that the
+//! proxy serves from.
+//!
+//! May import: `config`, `keys`, `state`, `policy`.
+
+mod admin;
+mod audit;
+mod live;
+mod metrics;
+pub mod request_id;
+
+pub use admin::Admin;
+pub use audit::{AuditLog, AuditRecord, QUEUE_LEN};
+pub use live::{Live, SharedLive};
+pub use metrics::{Metrics, RouteMetrics, UpstreamErrorKind, NO_ROUTE};

@@ -1,0 +1,25 @@
+//! The rules a request is judged by: routes, path rules, where the key is
+//! found, the snapshot they are compiled into, and the decision.
+//!
+//! Owns: [`Snapshot`] (config, routes and keys compiled into one immutable
+//! value), [`Router`] (longest-prefix routes and their upstream peers),
+//! [`Refusal`] (every answer the gateway gives itself), and the request
+//! decision.
+//!
+//! Pure: no Pingora `Session`, no threads, sockets or clocks it reads
+//! itself (callers pass the time in), so benches, property tests and
+//! fuzzers call the decision directly.
+//!
+//! May import: `config`, `keys`, `state`.
+
+mod credentials;
+mod path;
+mod refusal;
+mod routes;
+mod snapshot;
+
+pub use credentials::presented_key;
+pub use path::is_ambiguous_path;
+pub use refusal::{ExtraHeader, Refusal, CHALLENGE};
+pub use routes::{Route, Router, Upstream, UPSTREAM_IDLE_TIMEOUT};
+pub use snapshot::{load_timed, Decision, Snapshot};

@@ -1,0 +1,285 @@
+//! The snapshot: configuration, routes and keys compiled together into one
+//! immutable value, and the request decision made against it.
+//!
+//! The proxy holds the current snapshot in an `ArcSwap`. A request loads it
+//! once and keeps that `Arc` to its end, so a reload never changes the rules
+//! under a request in flight, and the hot path takes no lock.
+
+use std::path::Path;
+use std::time::Instant;
+
+use http::Method;
+
+use super::path::is_ambiguous_path;
+use super::refusal::Refusal;
+use super::routes::{Route, Router};
+use crate::config::{Config, LoadError};
+use crate::keys::{KeyStore, Principal, ServiceTable};
+use crate::state::HealthBook;
+
+/// Everything a request decision needs, built once per load.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub config: Config,
+    pub router: Router,
+    pub keys: KeyStore,
+    pub services: ServiceTable,
+    /// Counts loads: 1 at start, +1 per successful reload.
+    pub generation: u64,
+    /// Things worth an operator's attention that did not stop the load.
+    pub warnings: Vec<String>,
+}
+
+impl Snapshot {
+    /// Reads the config at `config_path` and the key file it names, and
+    /// compiles both. Nothing of a previous snapshot is changed, so a
+    /// failure here leaves the running one untouched; upstream health is
+    /// taken from `health`, where it outlives snapshots.
+    pub fn load(
+        config_path: &Path,
+        generation: u64,
+        health: &HealthBook,
+    ) -> Result<Snapshot, LoadError> {
+        let config = Config::load(config_path)?;
+        let keys_text = std::fs::read_to_string(&config.keys_file)
+            .map_err(|e| LoadError::io(&config.keys_file, e))?;
+        let mut snapshot = Snapshot::compile(config, &keys_text, generation, health)?;
+        if let Some(w) = permission_warning(&snapshot.config.keys_file) {
+            snapshot.warnings.insert(0, w);
+        }
+        Ok(snapshot)
+    }
+
+    /// Compiles a parsed config and the key file's text.
+    pub fn compile(
+        config: Config,
+        keys_text: &str,
+        generation: u64,
+        health: &HealthBook,
+    ) -> Result<Snapshot, LoadError> {
+        let mut services = ServiceTable::default();
+        let router = Router::build(&config.routes, &mut services, health);
+        let keys = KeyStore::parse(&config.keys_file, keys_text, &services)?;
+        let warnings = unserved_warnings(&config, &keys);
+        Ok(Snapshot {
+            config,
+            router,
+            keys,
+            services,
+            generation,
+            warnings,
+        })
+    }
+
+    /// A one-line summary for logs and `check`.
+    pub fn summary(&self) -> String {
+        let plural =
+            |n: usize, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
+        format!(
+            "{}, {}",
+            plural(self.router.len(), "route", "routes"),
+            plural(self.keys.len(), "key", "keys")
+        )
+    }
+
+    /// Decides a request: path, route, method, then key. `now_ms` is the
+    /// current time in Unix milliseconds, against which expiry is checked.
+    /// The route is part of the answer even when the request is refused, so
+    /// callers never look it up again.
+    #[inline]
+    pub fn decide(
+        &self,
+        method: &Method,
+        path: &str,
+        key: Option<&[u8]>,
+        now_ms: i64,
+    ) -> Decision<'_> {
+        if is_ambiguous_path(path) {
+            return Decision::refused(None, Refusal::BadPath);
+        }
+        let Some(found) = self.router.find(path) else {
+            return Decision::refused(None, Refusal::NoRoute);
+        };
+        let (_, route) = found;
+        if !route.allows_method(method) {
+            return Decision::refused(Some(found), Refusal::MethodNotAllowed);
+        }
+        Decision {
+            route: Some(found),
+            verdict: self
+                .keys
+                .check(key, route.service, now_ms)
+                .map_err(Refusal::Key),
+        }
+    }
+
+    /// Every upstream address the routes name, for carrying state over.
+    pub fn upstream_addrs(&self) -> Vec<std::net::SocketAddr> {
+        self.router
+            .routes()
+            .iter()
+            .flat_map(|r| r.upstreams().iter().map(|u| u.addr))
+            .collect()
+    }
+}
+
+/// Keys that name services no route serves: most likely typos.
+fn unserved_warnings(config: &Config, keys: &KeyStore) -> Vec<String> {
+    keys.unserved_services
+        .iter()
+        .map(|(service, n)| {
+            format!(
+                "{}: service {service:?} (named by {n} key(s)) is not served by any route",
+                config.keys_file.display()
+            )
+        })
+        .collect()
+}
+
+/// A key file that others can read leaks every plaintext key in it, and
+/// lets anyone with a digest test guesses offline.
+fn permission_warning(path: &Path) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
+    (mode & 0o077 != 0).then(|| {
+        format!(
+            "{}: the key file is readable by group or others (mode {mode:04o}); fix: chmod 600 {}",
+            path.display(),
+            path.display()
+        )
+    })
+}
+
+/// The answer to a request: the route it matched, if any (with its index),
+/// and who it is admitted as, or why not.
+#[derive(Debug, Clone, Copy)]
+pub struct Decision<'a> {
+    pub route: Option<(usize, &'a Route)>,
+    pub verdict: Result<Principal<'a>, Refusal>,
+}
+
+impl<'a> Decision<'a> {
+    fn refused(route: Option<(usize, &'a Route)>, why: Refusal) -> Self {
+        Decision {
+            route,
+            verdict: Err(why),
+        }
+    }
+}
+
+/// Loads a snapshot and times it; used at start and on every reload.
+pub fn load_timed(
+    config_path: &Path,
+    generation: u64,
+    health: &HealthBook,
+) -> Result<(Snapshot, std::time::Duration), LoadError> {
+    let start = Instant::now();
+    let snap = Snapshot::load(config_path, generation, health)?;
+    Ok((snap, start.elapsed()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::{KeyDenial, KeyDigest};
+
+    fn snapshot() -> Snapshot {
+        let cfg = Config::parse(
+            Path::new("/t/g.yaml"),
+            r#"
+listen: "127.0.0.1:1"
+keys_file: k.json
+routes:
+  - {name: ollama, path_prefix: /ollama/, service: ollama-admin, strip_prefix: true, upstreams: ["127.0.0.1:2"]}
+  - {name: gen, path_prefix: /ollama/api/generate, service: ollama, strip_prefix: true, upstreams: ["127.0.0.1:2"], methods: [POST]}
+"#,
+        )
+        .unwrap();
+        let ro = KeyDigest::of(b"ro").to_hex();
+        let keys = format!(
+            r#"{{"sha256:{ro}": {{"user": "reader", "service": "ollama"}}, "admin": {{"user": "root", "service": "*"}}}}"#
+        );
+        Snapshot::compile(cfg, &keys, 1, &HealthBook::default()).unwrap()
+    }
+
+    #[test]
+    fn decision_order_route_method_key() {
+        let s = snapshot();
+        let now = 0;
+        assert_eq!(
+            s.decide(&Method::GET, "/nope", Some(b"ro"), now)
+                .verdict
+                .unwrap_err(),
+            Refusal::NoRoute
+        );
+        let d = s.decide(&Method::GET, "/ollama/api/generate", None, now);
+        assert_eq!(d.verdict.unwrap_err(), Refusal::MethodNotAllowed);
+        assert_eq!(
+            d.route.unwrap().1.name,
+            "gen",
+            "the route comes with the refusal"
+        );
+        assert_eq!(
+            s.decide(&Method::POST, "/ollama/api/generate", None, now)
+                .verdict
+                .unwrap_err(),
+            Refusal::Key(KeyDenial::Missing)
+        );
+        let ok = s.decide(&Method::POST, "/ollama/api/generate", Some(b"ro"), now);
+        assert_eq!(ok.route.unwrap().1.name, "gen");
+        assert_eq!(&*ok.verdict.unwrap().user.name, "reader");
+        assert_eq!(
+            s.decide(&Method::POST, "/ollama/api/pull", Some(b"ro"), now)
+                .verdict
+                .unwrap_err(),
+            Refusal::Key(KeyDenial::WrongService)
+        );
+        assert!(s
+            .decide(&Method::POST, "/ollama/api/pull", Some(b"admin"), now)
+            .verdict
+            .is_ok());
+    }
+
+    #[test]
+    fn dot_segments_cannot_escape_a_scoped_prefix() {
+        let s = snapshot();
+        for p in [
+            "/ollama/api/generate/../pull",
+            "/ollama/api/generate/%2e%2e/pull",
+            "/ollama/api/generate/.%2E/pull",
+            "/ollama/api/generate/%2e./pull",
+            "/ollama/api/generate/./x",
+            "/ollama/api/generate/%2E",
+            "/ollama/api/generate/..%2Fpull",
+            "/ollama/api/generate/..%5cpull",
+            "/ollama/api%2Fgenerate",
+            "/ollama/api/gener%61te",
+            "/ollama/api/generate/%zz",
+            "/ollama/api/generate/%2",
+        ] {
+            assert_eq!(
+                s.decide(&Method::POST, p, Some(b"ro"), 0)
+                    .verdict
+                    .unwrap_err(),
+                Refusal::BadPath,
+                "{p}"
+            );
+        }
+        for ok in [
+            "/ollama/api/generate/..x/.y",
+            "/ollama/api/generate/a%20b%3F%25",
+        ] {
+            assert!(
+                s.decide(&Method::POST, ok, Some(b"ro"), 0).verdict.is_ok(),
+                "{ok}"
+            );
+        }
+    }
+
+    #[test]
+    fn summary_and_warnings() {
+        let s = snapshot();
+        assert_eq!(s.summary(), "2 routes, 2 keys");
+        assert!(s.warnings.is_empty());
+    }
+}

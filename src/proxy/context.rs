@@ -1,0 +1,102 @@
+//! What the proxy keeps about one request between Pingora's hooks.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::HeaderValue;
+use prometheus::IntGauge;
+
+use crate::keys::KeyId;
+use crate::ops::Live;
+use crate::policy::{Refusal, Route};
+
+/// Per-request state. The snapshot is taken when the context is made (the
+/// first thing Pingora does with a request), so every later hook, `logging`
+/// included, has it without a branch to forget.
+pub struct RequestCtx {
+    pub start: Instant,
+    /// The snapshot this request is decided against, kept to its end so a
+    /// reload cannot change the route under it.
+    pub live: Arc<Live>,
+    /// The route, resolved once by the decision (also for refusals that
+    /// come after routing, so they are counted under their route).
+    pub route_index: Option<usize>,
+    pub request_id: Option<HeaderValue>,
+    pub user: Option<HeaderValue>,
+    pub key_id: Option<KeyId>,
+    pub outcome: Outcome,
+    pub upstream: Option<SocketAddr>,
+    pub upstream_status: Option<u16>,
+    pub ttfb: Option<Duration>,
+    /// Connect attempts retried on another upstream (at most one).
+    pub connect_retries: u8,
+    _in_flight: InFlight,
+}
+
+/// How a request ended, as far as the gateway is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Pingora gave up on the request before the gateway decided it.
+    Undecided,
+    /// Sent upstream.
+    Accepted,
+    /// Answered by the gateway.
+    Refused(Refusal),
+    /// Accepted, then the client went away before the answer was complete.
+    ClientGone,
+}
+
+impl Outcome {
+    /// The audit `decision`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Outcome::Undecided => "error",
+            Outcome::Accepted => "accepted",
+            Outcome::Refused(r) => r.label(),
+            Outcome::ClientGone => "client_closed",
+        }
+    }
+}
+
+impl RequestCtx {
+    pub fn new(live: Arc<Live>, in_flight: &IntGauge) -> RequestCtx {
+        RequestCtx {
+            start: Instant::now(),
+            live,
+            route_index: None,
+            request_id: None,
+            user: None,
+            key_id: None,
+            outcome: Outcome::Undecided,
+            upstream: None,
+            upstream_status: None,
+            ttfb: None,
+            connect_retries: 0,
+            _in_flight: InFlight::new(in_flight),
+        }
+    }
+
+    /// The route the decision resolved, if it found one.
+    #[inline]
+    pub fn route(&self) -> Option<&Route> {
+        self.route_index
+            .and_then(|i| self.live.snapshot.router.get(i))
+    }
+}
+
+/// Counts a request as in flight from its context's creation to its drop.
+struct InFlight(IntGauge);
+
+impl InFlight {
+    fn new(gauge: &IntGauge) -> Self {
+        gauge.inc();
+        InFlight(gauge.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}

@@ -1,0 +1,308 @@
+//! The Pingora `ProxyHttp` implementation: the hooks, in the order Pingora
+//! calls them (see the diagram in the module above).
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use log::debug;
+use pingora::http::ResponseHeader;
+use pingora::prelude::*;
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::ErrorSource;
+
+use super::context::{Outcome, RequestCtx};
+use super::framing::check_head;
+use super::reply::{refusal_for, send_refusal, upstream_error_kind};
+use crate::keys::unix_millis;
+use crate::ops::{request_id, AuditLog, AuditRecord, Metrics, SharedLive};
+use crate::policy::{presented_key, Refusal};
+use crate::state::Transition;
+
+/// How long an idle client keep-alive connection is kept open. Pingora's
+/// default is forever, which lets idle clients pile up.
+pub const CLIENT_KEEPALIVE_SECS: u64 = 60;
+
+/// The gateway's proxy logic: the snapshot handle, metrics and the audit log.
+pub struct Gateway {
+    live: SharedLive,
+    metrics: Arc<Metrics>,
+    audit: Option<AuditLog>,
+}
+
+impl Gateway {
+    pub fn new(live: SharedLive, metrics: Arc<Metrics>, audit: Option<AuditLog>) -> Self {
+        Gateway {
+            live,
+            metrics,
+            audit,
+        }
+    }
+}
+
+fn internal(why: &'static str) -> Box<Error> {
+    Error::explain(ErrorType::InternalError, why)
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = RequestCtx;
+
+    /// The one snapshot load of the request.
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx::new(self.live.load_full(), &self.metrics.in_flight)
+    }
+
+    async fn early_request_filter(
+        &self,
+        session: &mut Session,
+        _ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        session.set_keepalive(Some(CLIENT_KEEPALIVE_SECS));
+        Ok(())
+    }
+
+    /// The head checks, then route, method and key: the one decision.
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let req = session.req_header();
+        ctx.request_id = Some(request_id::for_request(req.headers.get("x-request-id")));
+        let verdict = match check_head(session) {
+            Err(refusal) => Err(refusal),
+            Ok(()) => {
+                let now_ms = unix_millis(SystemTime::now());
+                let decision = ctx.live.snapshot.decide(
+                    &req.method,
+                    req.uri.path(),
+                    presented_key(&req.headers),
+                    now_ms,
+                );
+                ctx.route_index = decision.route.map(|(i, _)| i);
+                decision.verdict.map(|principal| {
+                    ctx.user = Some(principal.user.header.clone());
+                    ctx.key_id = Some(principal.id);
+                })
+            }
+        };
+        match verdict {
+            Ok(()) => {
+                ctx.outcome = Outcome::Accepted;
+                Ok(false)
+            }
+            Err(refusal) => {
+                debug!("refused {} {}: {refusal:?}", req.method, req.uri.path());
+                ctx.outcome = Outcome::Refused(refusal);
+                send_refusal(session, refusal, ctx.route(), ctx.request_id.as_ref()).await?;
+                Ok(true)
+            }
+        }
+    }
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
+        let route = ctx.route().ok_or_else(|| internal("no route"))?;
+        // On a retry, `ctx.upstream` is the upstream that just failed.
+        let exclude = ctx.upstream.filter(|_| ctx.connect_retries > 0);
+        let now_ms = unix_millis(SystemTime::now());
+        let upstream = route
+            .next_upstream(now_ms, exclude)
+            .ok_or_else(|| internal("route without upstreams"))?;
+        let peer = Box::new(upstream.peer.clone());
+        ctx.upstream = Some(upstream.addr);
+        Ok(peer)
+    }
+
+    /// A failed connect takes the upstream out of rotation, and the request
+    /// is tried once more on another upstream (nothing was sent yet, so
+    /// this is safe for every method).
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        let Some(route) = ctx.route() else {
+            return e;
+        };
+        if let Some(up) = ctx.upstream.and_then(|a| route.upstream(a)) {
+            let now_ms = unix_millis(SystemTime::now());
+            let checked = route.health_check().is_some();
+            if up.health.connect_failed(now_ms, checked) == Transition::WentDown {
+                log::warn!(
+                    "upstream {} of route {:?} failed to connect ({:?}): out of rotation",
+                    up.addr,
+                    route.name,
+                    e.etype()
+                );
+            }
+        }
+        let retry = ctx.connect_retries == 0 && route.upstreams().len() > 1;
+        if retry {
+            ctx.connect_retries += 1;
+            e.set_retry(true);
+        }
+        e
+    }
+
+    async fn connected_to_upstream(
+        &self,
+        _session: &mut Session,
+        _reused: bool,
+        _peer: &HttpPeer,
+        #[cfg(unix)] _fd: std::os::unix::io::RawFd,
+        #[cfg(windows)] _sock: std::os::windows::io::RawSocket,
+        _digest: Option<&pingora::protocols::Digest>,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let Some(route) = ctx.route() else {
+            return Ok(());
+        };
+        if let Some(up) = ctx.upstream.and_then(|a| route.upstream(a)) {
+            if up.health.connected() == Transition::CameUp {
+                log::info!(
+                    "upstream {} of route {:?} answers again: back in rotation",
+                    up.addr,
+                    route.name
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The credential never goes upstream; the user it belongs to does.
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        upstream_request.remove_header("x-api-key");
+        upstream_request.remove_header("authorization");
+        if let Some(user) = ctx.user.clone() {
+            upstream_request.insert_header("x-gateway-user", user)?;
+        }
+        if let Some(id) = ctx.request_id.clone() {
+            upstream_request.insert_header("x-request-id", id)?;
+        }
+        let route = ctx.route().ok_or_else(|| internal("no route"))?;
+        let uri = &upstream_request.uri;
+        if let Some(target) = route.upstream_target(uri.path(), uri.query()) {
+            upstream_request.set_raw_path(&target)?;
+        }
+        Ok(())
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        ctx.upstream_status = Some(upstream_response.status.as_u16());
+        ctx.ttfb = Some(ctx.start.elapsed());
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let Some(id) = ctx.request_id.clone() {
+            upstream_response.insert_header("x-request-id", id)?;
+        }
+        Ok(())
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
+        let refusal = refusal_for(e);
+        ctx.outcome = match refusal {
+            Some(r) => Outcome::Refused(r),
+            None => Outcome::ClientGone,
+        };
+        if let Some(r) = refusal {
+            if let Err(err) = send_refusal(session, r, None, ctx.request_id.as_ref()).await {
+                debug!("could not send the error response: {err}");
+            }
+        }
+        FailToProxy {
+            error_code: refusal.map_or(0, Refusal::status),
+            can_reuse_downstream: false,
+        }
+    }
+
+    /// Pingora's own error lines ("Fail to proxy") end with this summary:
+    /// the method and path only, so a key sent in a query string is never
+    /// logged.
+    fn request_summary(&self, session: &Session, _ctx: &RequestCtx) -> String {
+        let req = session.req_header();
+        format!("{} {}", req.method, req.uri.path())
+    }
+
+    /// Metrics and the audit line, for every request: the context always
+    /// holds its snapshot, so no path can skip them.
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        let latency = ctx.start.elapsed();
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        let bytes_in = session.body_bytes_read() as u64;
+        let bytes_out = session.body_bytes_sent() as u64;
+        let m = ctx.live.metrics_for(ctx.route_index);
+        m.count_status(status);
+        m.duration.observe(latency.as_secs_f64());
+        if let Some(t) = ctx.ttfb {
+            m.ttfb.observe(t.as_secs_f64());
+        }
+        m.bytes_in.inc_by(bytes_in);
+        m.bytes_out.inc_by(bytes_out);
+        if let Some(e) = e.filter(|e| e.esource() == &ErrorSource::Upstream) {
+            m.upstream_error(upstream_error_kind(e));
+        }
+        if let Outcome::Refused(r) = ctx.outcome {
+            self.metrics.refused(r);
+        }
+        if ctx.live.snapshot.config.metrics_per_user {
+            if let Some(user) = ctx.user.as_ref().and_then(|u| u.to_str().ok()) {
+                self.metrics.user_request(user);
+            }
+        }
+        let Some(audit) = &self.audit else {
+            return;
+        };
+        let req = session.req_header();
+        audit.log(AuditRecord {
+            ts: SystemTime::now() - latency,
+            request_id: ctx
+                .request_id
+                .as_ref()
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string(),
+            client: session.client_addr().and_then(|a| a.as_inet()).copied(),
+            method: req.method.as_str().to_string(),
+            path: req.uri.path().to_string(),
+            route: ctx.route().map(|r| r.name.clone()),
+            key_id: ctx.key_id.map(|k| k.to_string()),
+            user: ctx
+                .user
+                .as_ref()
+                .map(|u| String::from_utf8_lossy(u.as_bytes()).into_owned()),
+            decision: ctx.outcome.label(),
+            status,
+            upstream: ctx.upstream,
+            upstream_status: ctx.upstream_status,
+            latency_ms: latency,
+            ttfb_ms: ctx.ttfb,
+            bytes_in,
+            bytes_out,
+        });
+    }
+}

@@ -1,0 +1,28 @@
+//! The request path: Pingora's `ProxyHttp` hooks, the request context, and
+//! the gateway's own replies. The only layer that names a Pingora
+//! `Session`.
+//!
+//! ```text
+//!  client ─▶ new_ctx                 the one snapshot load
+//!         ─▶ early_request_filter    bound downstream keep-alive
+//!         ─▶ request_filter          request id; head checks (framing,
+//!              │                     size); route, method, key: one decision
+//!              └ refused ─▶ JSON 4xx from the Refusal, then logging
+//!         ─▶ upstream_peer           round-robin over the route's peers
+//!         ─▶ upstream_request_filter strip credentials, add X-Gateway-User
+//!                                    and X-Request-Id, strip the prefix
+//!         ◀─▶ bodies stream both ways, chunk by chunk (Pingora's default)
+//!         ─▶ fail_to_proxy           502/504 with a JSON body
+//!         ─▶ logging                 metrics and the audit line, always
+//! ```
+//!
+//! May import: `config`, `keys`, `state`, `policy`, `ops`.
+
+mod context;
+mod framing;
+mod gateway;
+mod reply;
+
+pub use context::{Outcome, RequestCtx};
+pub use framing::MAX_HEADER_BYTES;
+pub use gateway::{Gateway, CLIENT_KEEPALIVE_SECS};

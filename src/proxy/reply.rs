@@ -1,0 +1,106 @@
+//! The gateway's own answers, and what a proxying error becomes.
+
+use bytes::Bytes;
+use http::HeaderValue;
+use pingora::http::ResponseHeader;
+use pingora::prelude::*;
+use pingora::proxy::Session;
+use pingora::{ErrorSource, ErrorType};
+
+use crate::ops::UpstreamErrorKind;
+use crate::policy::{ExtraHeader, Refusal, Route};
+
+/// Writes the refusal as a complete JSON response and closes the
+/// connection afterwards (an unread request body is never drained into the
+/// void). `route` supplies the `Allow` header of a 405.
+pub async fn send_refusal(
+    session: &mut Session,
+    refusal: Refusal,
+    route: Option<&Route>,
+    request_id: Option<&HeaderValue>,
+) -> Result<()> {
+    let body = refusal.body();
+    let mut resp = ResponseHeader::build(refusal.status(), Some(6))?;
+    resp.insert_header("content-type", "application/json")?;
+    resp.insert_header("content-length", body.len())?;
+    resp.insert_header("cache-control", "no-store")?;
+    match refusal.extra_header() {
+        Some(ExtraHeader::Challenge(c)) => resp.insert_header("www-authenticate", c)?,
+        Some(ExtraHeader::Allow) => {
+            if let Some(allow) = route.and_then(|r| r.allow_header()) {
+                resp.insert_header("allow", allow.clone())?;
+            }
+        }
+        None => {}
+    }
+    if let Some(id) = request_id {
+        resp.insert_header("x-request-id", id.clone())?;
+    }
+    session
+        .as_downstream_mut()
+        .write_error_response(resp, Bytes::from_static(body.as_bytes()))
+        .await
+}
+
+/// What a proxying error becomes: the refusal to answer with, or `None`
+/// when the client is gone and there is nobody to answer. Pingora's default
+/// maps every upstream error to 502; a timeout talking to the upstream is a
+/// 504.
+pub fn refusal_for(e: &Error) -> Option<Refusal> {
+    use ErrorType::*;
+    Some(match (e.etype(), e.esource()) {
+        (HTTPStatus(code), _) => match code {
+            413 => Refusal::BodyTooLarge,
+            431 => Refusal::HeaderTooLarge,
+            502 => Refusal::UpstreamUnavailable,
+            504 => Refusal::UpstreamTimeout,
+            400..=499 => Refusal::BadRequest,
+            _ => Refusal::Internal,
+        },
+        (
+            ConnectTimedout | ReadTimedout | WriteTimedout | TLSHandshakeTimedout,
+            ErrorSource::Upstream,
+        ) => Refusal::UpstreamTimeout,
+        (_, ErrorSource::Upstream) => Refusal::UpstreamUnavailable,
+        (WriteError | ReadError | ConnectionClosed, ErrorSource::Downstream) => return None,
+        (_, ErrorSource::Downstream) => Refusal::BadRequest,
+        _ => Refusal::Internal,
+    })
+}
+
+/// The fixed label of an upstream failure.
+pub fn upstream_error_kind(e: &Error) -> UpstreamErrorKind {
+    use ErrorType::*;
+    match e.etype() {
+        ConnectRefused | ConnectNoRoute | ConnectError => UpstreamErrorKind::Refused,
+        ConnectTimedout | ReadTimedout | WriteTimedout | TLSHandshakeTimedout => {
+            UpstreamErrorKind::Timeout
+        }
+        ConnectionClosed | ReadError | WriteError => UpstreamErrorKind::Reset,
+        InvalidHTTPHeader | H1Error | H2Error | InvalidH2 => UpstreamErrorKind::InvalidResponse,
+        _ => UpstreamErrorKind::Other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_timeouts_are_504_and_other_upstream_errors_502() {
+        let status = |e: &Error| refusal_for(e).map(Refusal::status);
+        assert_eq!(status(&Error::new_up(ErrorType::ReadTimedout)), Some(504));
+        assert_eq!(
+            status(&Error::new_up(ErrorType::ConnectTimedout)),
+            Some(504)
+        );
+        assert_eq!(status(&Error::new_up(ErrorType::ConnectRefused)), Some(502));
+        assert_eq!(status(&Error::new_down(ErrorType::ReadError)), None);
+        assert_eq!(
+            status(&Error::new_down(ErrorType::InvalidHTTPHeader)),
+            Some(400)
+        );
+        assert_eq!(status(&Error::new(ErrorType::HTTPStatus(413))), Some(413));
+        assert_eq!(status(&Error::new(ErrorType::InternalError)), Some(500));
+    }
+}

@@ -1,0 +1,26 @@
+//! State that outlives a snapshot.
+//!
+//! A snapshot is rebuilt on every reload, and `keygen` triggers one each
+//! time someone adds a key; what the gateway has learnt at run time must not
+//! be lost with it. Such state lives here, keyed by what identifies the
+//! thing it is about (an upstream's address; a key's id), never by a
+//! position in a snapshot. A snapshot build takes handles from here; after
+//! a reload, entries for things the new snapshot still names carry over
+//! and the rest are dropped.
+//!
+//! Owns: upstream health ([`HealthBook`]); per-key counters come next.
+//!
+//! May import: `config`, `keys`. No threads, sockets or clocks of its own:
+//! callers pass the time in.
+
+mod upstream_health;
+
+pub use upstream_health::{HealthBook, Transition, UpstreamHealth, PASSIVE_COOLDOWN};
+
+/// Everything that outlives a snapshot, shared by the proxy, the reloader
+/// and the health checker.
+#[derive(Debug, Default)]
+pub struct Carried {
+    /// Upstream health by address.
+    pub upstreams: HealthBook,
+}
