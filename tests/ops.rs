@@ -1,4 +1,5 @@
-mod common;
+// `pub` so rustc does not report harness items this crate leaves unused.
+pub mod common;
 
 // Operations: the audit log (fields, secrecy, reopen), Prometheus metrics,
 // health and readiness, request ids, graceful shutdown during a stream and

@@ -2,7 +2,8 @@
 //! itself, header handling, routing, load balancing, streaming and large
 //! bodies, each against the real binary and real upstreams.
 
-mod common;
+// `pub` so rustc does not report harness items this crate leaves unused.
+pub mod common;
 
 use std::io::{BufReader, Write};
 use std::net::{SocketAddr, TcpStream};

@@ -1,7 +1,8 @@
 //! Reloads (SIGHUP) and process lifecycle (SIGTERM, start-up failures),
 //! against the real binary.
 
-mod common;
+// `pub` so rustc does not report harness items this crate leaves unused.
+pub mod common;
 
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener};
