@@ -296,3 +296,71 @@ fn free_port_is_bindable() {
     assert_ne!(port, 0);
     std::net::TcpListener::bind(("127.0.0.1", port)).expect("free port can be bound");
 }
+
+/// Reads `n` responses of the recording server's fixed shape off `reader`.
+fn read_ok_responses(reader: &mut impl BufRead, n: usize) {
+    for i in 0..n {
+        let resp = read_response(reader).unwrap_or_else(|e| panic!("response {i}: {e}"));
+        assert_eq!(resp.status, 200, "response {i}");
+        assert_eq!(resp.body, b"ok", "response {i}");
+    }
+}
+
+#[test]
+fn recording_server_records_bytes_and_answers_pipelined_requests() {
+    let rec = RecordingServer::start();
+    assert_eq!(rec.total_bytes(), 0);
+    let mut s = raw_connect(rec.addr);
+    let sent: &[u8] = b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello\
+GET /b HTTP/1.1\nHost: x\nX_Under: 1\n\n\
+POST /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n";
+    s.write_all(sent).expect("write requests");
+    read_ok_responses(&mut BufReader::new(s.try_clone().expect("clone")), 3);
+    assert_eq!(rec.request_count(), 3);
+    assert_eq!(rec.connections(), vec![sent.to_vec()]);
+    assert_eq!(rec.total_bytes(), sent.len());
+    assert!(rec.received_contains(b"GET /b"));
+    assert!(!rec.received_contains(b"GET /z"));
+    let reqs = rec.requests();
+    let targets: Vec<&str> = reqs.iter().map(|r| r.head.target.as_str()).collect();
+    assert_eq!(targets, ["/a", "/b", "/c"]);
+    assert_eq!(reqs[0].body, b"hello");
+    assert!(reqs[0].raw_head.ends_with(b"Content-Length: 5\r\n\r\n"));
+    assert_eq!(
+        reqs[1].head.header("x_under"),
+        Some("1"),
+        "bare-LF head parsed"
+    );
+    assert_eq!(reqs[2].body, b"abc", "chunked body decoded");
+    assert!(reqs.iter().all(|r| r.conn == 0));
+}
+
+#[test]
+fn recording_server_surfaces_a_request_hidden_behind_an_odd_content_length() {
+    let rec = RecordingServer::start();
+    let mut s = raw_connect(rec.addr);
+    let hidden = "GET /hidden HTTP/1.1\r\nHost: x\r\n\r\n";
+    let sent = format!(
+        "POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: {n}, {n}\r\n\r\n{hidden}",
+        n = hidden.len()
+    );
+    s.write_all(sent.as_bytes()).expect("write requests");
+    read_ok_responses(&mut BufReader::new(s.try_clone().expect("clone")), 2);
+    let targets: Vec<String> = rec.requests().into_iter().map(|r| r.head.target).collect();
+    assert_eq!(targets, ["/a", "/hidden"]);
+    assert!(rec.requests()[0].body.is_empty());
+}
+
+#[test]
+fn recording_server_counts_a_head_whose_body_never_arrives() {
+    let rec = RecordingServer::start();
+    let mut s = raw_connect(rec.addr);
+    s.write_all(b"POST /a HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc")
+        .expect("write partial request");
+    assert!(wait_until(Duration::from_secs(5), || rec.total_bytes() == 43));
+    assert!(wait_until(Duration::from_secs(5), || rec.request_count() == 1));
+    assert!(
+        rec.requests().is_empty(),
+        "body incomplete, nothing answered"
+    );
+}

@@ -13,6 +13,9 @@ use tempfile::TempDir;
 
 use super::util::{free_port, wait_until};
 
+/// The `RUST_LOG` a gateway runs with unless a test asks for another.
+pub const DEFAULT_LOG_LEVEL: &str = "info";
+
 /// How long [`Gateway::start`] waits for the binary to answer HTTP.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -84,12 +87,22 @@ impl Gateway {
     /// answers HTTP. Retries on a fresh port if the chosen one was taken in
     /// the meantime. Panics (with the gateway log) if it does not come up.
     pub fn start(config_yaml_body: &str, keys_json: &str) -> Gateway {
+        Gateway::start_with_log_level(config_yaml_body, keys_json, DEFAULT_LOG_LEVEL)
+    }
+
+    /// Like [`Gateway::start`], with `RUST_LOG` set to `log_level` (e.g.
+    /// `"debug"`) instead of [`DEFAULT_LOG_LEVEL`].
+    pub fn start_with_log_level(
+        config_yaml_body: &str,
+        keys_json: &str,
+        log_level: &str,
+    ) -> Gateway {
         let mut attempt = 0;
         loop {
             attempt += 1;
             let port = free_port();
             let files = GatewayFiles::write(&default_config(port, config_yaml_body), keys_json);
-            let mut gw = Gateway::spawn(files, port);
+            let mut gw = Gateway::spawn_with_log_level(files, port, log_level);
             match gw.wait_ready(READY_TIMEOUT) {
                 Ok(()) => return gw,
                 Err(msg) => {
@@ -116,13 +129,18 @@ impl Gateway {
     /// without waiting for readiness (for tests that expect start-up to
     /// fail, or that want to time it). `port` is only used for probing/URLs.
     pub fn spawn(files: GatewayFiles, port: u16) -> Gateway {
+        Gateway::spawn_with_log_level(files, port, DEFAULT_LOG_LEVEL)
+    }
+
+    /// Like [`Gateway::spawn`], with `RUST_LOG` set to `log_level`.
+    pub fn spawn_with_log_level(files: GatewayFiles, port: u16, log_level: &str) -> Gateway {
         let log = fs::File::create(&files.log_path).expect("create gateway.log");
         let child = Command::new(gateway_bin())
             .arg("run")
             .arg("--config")
             .arg(&files.config_path)
             .current_dir(files.dir.path())
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", log_level)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(log))

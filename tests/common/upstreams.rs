@@ -3,7 +3,7 @@
 //! can observe exactly what the gateway forwarded and how.
 
 use std::collections::HashMap;
-use std::io::{self, BufReader, Write};
+use std::io::{self, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -574,5 +574,271 @@ impl SilentServer {
     /// with 504 should eventually close its side).
     pub fn open_connections(&self) -> usize {
         self.server.open_connections()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Recording upstream
+// ---------------------------------------------------------------------------
+
+/// Largest head (or chunked body) a [`RecordingServer`] waits for before it
+/// stops looking for requests on a connection; bytes are still recorded.
+const RECORDING_PARSE_LIMIT: usize = 1024 * 1024;
+
+/// One request a [`RecordingServer`] found in the bytes of a connection.
+#[derive(Debug, Clone)]
+pub struct FoundRequest {
+    /// Index of the connection it arrived on (accept order, from 0).
+    pub conn: usize,
+    /// The head, parsed leniently: names lower-cased, values trimmed.
+    pub head: RequestHead,
+    /// The exact bytes of the head, request line to blank line included.
+    pub raw_head: Vec<u8>,
+    /// The body as framed by the lenient rules (see [`RecordingServer`]);
+    /// chunked bodies are decoded.
+    pub body: Vec<u8>,
+}
+
+#[derive(Default)]
+struct RecordingState {
+    /// Raw bytes received, one entry per connection in accept order.
+    conns: Mutex<Vec<Vec<u8>>>,
+    /// Request heads found (counted before the body is complete).
+    heads: AtomicUsize,
+    /// Requests whose body was complete, in order.
+    requests: Mutex<Vec<FoundRequest>>,
+}
+
+/// Upstream that records every byte it receives, per connection, and
+/// answers each request it can find with `200`, `Content-Length: 2`, `ok`.
+///
+/// It parses leniently, the way a careless backend would, so that anything
+/// the gateway lets through is visible:
+///
+/// * a head ends at the first empty line, whether lines end in CRLF or bare
+///   LF; lines without a colon are ignored; names are lower-cased and
+///   trimmed;
+/// * a body is chunked if any `Transfer-Encoding` value mentions `chunked`;
+///   otherwise its length is the first `Content-Length` value if that is
+///   plain ASCII digits, else 0, so a request hidden in a body the gateway
+///   framed differently surfaces as a request of its own.
+///
+/// Tests use [`RecordingServer::total_bytes`] and
+/// [`RecordingServer::request_count`] to prove that nothing reached it, and
+/// [`RecordingServer::requests`] to check exactly what was forwarded.
+pub struct RecordingServer {
+    /// The address the server listens on.
+    pub addr: SocketAddr,
+    state: Arc<RecordingState>,
+    server: CustomServer,
+}
+
+impl RecordingServer {
+    /// Starts a recording server on 127.0.0.1 with an OS-assigned port.
+    pub fn start() -> RecordingServer {
+        let state = Arc::new(RecordingState::default());
+        let server = {
+            let state = Arc::clone(&state);
+            CustomServer::start(move |stream| recording_connection(stream, &state))
+        };
+        RecordingServer {
+            addr: server.addr,
+            state,
+            server,
+        }
+    }
+
+    /// Number of request heads found so far, including any whose body has
+    /// not (yet) fully arrived.
+    pub fn request_count(&self) -> usize {
+        self.state.heads.load(Ordering::SeqCst)
+    }
+
+    /// Every request whose body arrived completely, in order.
+    pub fn requests(&self) -> Vec<FoundRequest> {
+        lock(&self.state.requests).clone()
+    }
+
+    /// The raw bytes received, one entry per connection in accept order
+    /// (connections that sent nothing have an empty entry).
+    pub fn connections(&self) -> Vec<Vec<u8>> {
+        lock(&self.state.conns).clone()
+    }
+
+    /// Total number of bytes received on all connections.
+    pub fn total_bytes(&self) -> usize {
+        lock(&self.state.conns).iter().map(Vec::len).sum()
+    }
+
+    /// Whether `needle` occurs in the bytes of any one connection.
+    pub fn received_contains(&self, needle: &[u8]) -> bool {
+        lock(&self.state.conns)
+            .iter()
+            .any(|c| c.windows(needle.len()).any(|w| w == needle))
+    }
+
+    /// All bytes received, connection after connection, as lossy text (for
+    /// failure messages).
+    pub fn received_text(&self) -> String {
+        let conns = lock(&self.state.conns);
+        let all: Vec<u8> = conns.iter().flatten().copied().collect();
+        String::from_utf8_lossy(&all).into_owned()
+    }
+
+    /// Connections currently open to this upstream.
+    pub fn open_connections(&self) -> usize {
+        self.server.open_connections()
+    }
+}
+
+fn recording_connection(mut stream: TcpStream, state: &RecordingState) {
+    let _ = stream.set_nodelay(true);
+    let conn = {
+        let mut conns = lock(&state.conns);
+        conns.push(Vec::new());
+        conns.len() - 1
+    };
+    let mut pending: Vec<u8> = Vec::new();
+    // The head found at the start of `pending`, waiting for its body.
+    let mut current: Option<(RequestHead, usize)> = None;
+    let mut buf = vec![0u8; IO_BUF];
+    loop {
+        // Answer every complete request in what has arrived so far.
+        loop {
+            if current.is_none() {
+                let blank = pending
+                    .iter()
+                    .take_while(|&&b| b == b'\r' || b == b'\n')
+                    .count();
+                pending.drain(..blank);
+                if let Some(head_len) = lenient_head_end(&pending) {
+                    let head = lenient_parse_head(&pending[..head_len]);
+                    state.heads.fetch_add(1, Ordering::SeqCst);
+                    current = Some((head, head_len));
+                }
+            }
+            let Some((head, head_len)) = current.as_ref() else {
+                break;
+            };
+            let Some((body, body_len)) = lenient_body(head, &pending[*head_len..]) else {
+                break;
+            };
+            let (head, head_len) = current.take().expect("checked above");
+            let close = head
+                .header_all("connection")
+                .iter()
+                .any(|v| v.to_ascii_lowercase().contains("close"));
+            let is_head = head.method.eq_ignore_ascii_case("HEAD");
+            lock(&state.requests).push(FoundRequest {
+                conn,
+                head,
+                raw_head: pending[..head_len].to_vec(),
+                body,
+            });
+            pending.drain(..head_len + body_len);
+            let response: &[u8] = if is_head {
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\n"
+            } else {
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nok"
+            };
+            if stream.write_all(response).is_err() || stream.flush().is_err() || close {
+                return;
+            }
+        }
+        let n = match stream.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        lock(&state.conns)[conn].extend_from_slice(&buf[..n]);
+        if pending.len() < RECORDING_PARSE_LIMIT {
+            pending.extend_from_slice(&buf[..n]);
+        }
+    }
+}
+
+/// Length of the head at the start of `bytes` (through its empty line,
+/// CRLF or bare LF), if it is complete.
+fn lenient_head_end(bytes: &[u8]) -> Option<usize> {
+    let mut start = 0;
+    while let Some(off) = bytes[start..].iter().position(|&b| b == b'\n') {
+        let line = &bytes[start..start + off];
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        start += off + 1;
+        if line.is_empty() {
+            return Some(start);
+        }
+    }
+    None
+}
+
+fn lenient_parse_head(head: &[u8]) -> RequestHead {
+    let text = String::from_utf8_lossy(head);
+    let mut lines = text.split('\n').map(|l| l.strip_suffix('\r').unwrap_or(l));
+    let request_line = lines.next().unwrap_or("");
+    let mut parts = request_line.split_ascii_whitespace();
+    let method = parts.next().unwrap_or("").to_string();
+    let target = parts.next().unwrap_or("").to_string();
+    let version = parts.next().unwrap_or("").to_string();
+    let headers = lines
+        .filter_map(|line| line.split_once(':'))
+        .map(|(name, value)| {
+            (
+                name.trim().to_ascii_lowercase(),
+                value.trim_matches([' ', '\t']).to_string(),
+            )
+        })
+        .collect();
+    RequestHead {
+        method,
+        target,
+        version,
+        headers,
+    }
+}
+
+/// The body that follows `head` in `rest` and how many bytes of `rest` it
+/// takes, if it has fully arrived.
+fn lenient_body(head: &RequestHead, rest: &[u8]) -> Option<(Vec<u8>, usize)> {
+    let chunked = head
+        .header_all("transfer-encoding")
+        .iter()
+        .any(|v| v.to_ascii_lowercase().contains("chunked"));
+    if !chunked {
+        let len = head
+            .header("content-length")
+            .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(0);
+        return (rest.len() >= len).then(|| (rest[..len].to_vec(), len));
+    }
+    let mut body = Vec::new();
+    let mut pos = 0;
+    loop {
+        let off = rest[pos..].iter().position(|&b| b == b'\n')?;
+        let line = String::from_utf8_lossy(&rest[pos..pos + off]).into_owned();
+        pos += off + 1;
+        let digits: String = line
+            .trim()
+            .chars()
+            .take_while(char::is_ascii_hexdigit)
+            .collect();
+        let size = usize::from_str_radix(&digits, 16).unwrap_or(0);
+        if size == 0 {
+            // Trailer lines up to an empty one.
+            loop {
+                let off = rest[pos..].iter().position(|&b| b == b'\n')?;
+                let line = &rest[pos..pos + off];
+                pos += off + 1;
+                if line.strip_suffix(b"\r").unwrap_or(line).is_empty() {
+                    return Some((body, pos));
+                }
+            }
+        }
+        let data = rest.get(pos..pos.checked_add(size)?)?;
+        body.extend_from_slice(data);
+        pos += size;
+        // The line end after the data.
+        let off = rest[pos..].iter().position(|&b| b == b'\n')?;
+        pos += off + 1;
     }
 }
