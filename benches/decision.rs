@@ -1,6 +1,6 @@
 //! Micro-benchmarks of the per-request decision, without the network:
 //! the key check, longest-prefix routing, and the whole decision
-//! (`presented_key` + `Snapshot::decide`) as the proxy makes it.
+//! (`Request::from_head` + `Snapshot::decide`) as the proxy makes it.
 //!
 //! Run: `cargo bench --bench decision` (about two to three minutes on two
 //! cores). Benchmark ids put the size last, so `keys/hit/10` and
@@ -18,11 +18,11 @@ use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use http::{HeaderMap, HeaderValue, Method};
+use http::{HeaderMap, HeaderValue, Method, Version};
 
 use ai_gateway::config::Config;
 use ai_gateway::keys::{unix_millis, KeyDigest, KeyStore, ServiceTable};
-use ai_gateway::policy::{presented_key, Router, Snapshot};
+use ai_gateway::policy::{Request, Router, Snapshot};
 use ai_gateway::state::HealthBook;
 
 /// Key-set sizes for the key check, and the subset for the whole decision.
@@ -256,7 +256,7 @@ fn request_headers(api_key: &str) -> HeaderMap {
 }
 
 /// The whole decision as the proxy makes it per request: the clock read,
-/// `presented_key` from the headers, then `Snapshot::decide` (dot-segment
+/// `Request::from_head` (the key from the headers), then `Snapshot::decide` (dot-segment
 /// check, route, method, key).
 fn bench_decide(c: &mut Criterion) {
     const PATH: &str = "/ollama/api/generate";
@@ -268,11 +268,17 @@ fn bench_decide(c: &mut Criterion) {
         no_key.remove("x-api-key");
         let now = unix_millis(SystemTime::now());
         assert!(snap
-            .decide(&Method::POST, PATH, presented_key(&allowed), now)
+            .decide(
+                &Request::from_head(&Method::POST, PATH, Version::HTTP_11, &allowed),
+                now
+            )
             .verdict
             .is_ok());
         assert!(snap
-            .decide(&Method::POST, PATH, presented_key(&unknown), now)
+            .decide(
+                &Request::from_head(&Method::POST, PATH, Version::HTTP_11, &unknown),
+                now
+            )
             .verdict
             .is_err());
 
@@ -285,10 +291,13 @@ fn bench_decide(c: &mut Criterion) {
             g.bench_with_input(BenchmarkId::new(case, n), &n, |b, _| {
                 b.iter(|| {
                     let now = unix_millis(SystemTime::now());
-                    let key = presented_key(black_box(headers));
-                    black_box(snap.decide(&Method::POST, black_box(PATH), key, now))
-                        .verdict
-                        .is_ok()
+                    let req = Request::from_head(
+                        &Method::POST,
+                        black_box(PATH),
+                        Version::HTTP_11,
+                        black_box(headers),
+                    );
+                    black_box(snap.decide(&req, now)).verdict.is_ok()
                 })
             });
         }

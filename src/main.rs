@@ -10,7 +10,7 @@ fn main() -> ExitCode {
     // Before anything else: a SIGHUP from here on is queued for the reloader
     // instead of killing the process (its default action).
     let signals = ai_gateway::daemon::catch_signals();
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    ai_gateway::ops::logs::init();
     match cli::execute(Cli::parse().command, signals) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

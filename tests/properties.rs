@@ -12,7 +12,7 @@ use std::path::Path;
 
 use ai_gateway::config::Config;
 use ai_gateway::keys::{KeyDenial, KeyDigest, KeyStore, ServiceTable};
-use ai_gateway::policy::{presented_key, Refusal, Router, Snapshot};
+use ai_gateway::policy::{presented_key, Credential, Refusal, Request, Router, Snapshot};
 use ai_gateway::state::HealthBook;
 use http::{HeaderMap, HeaderValue, Method};
 use proptest::prelude::*;
@@ -419,22 +419,52 @@ const SEGMENTS: &[&str] = &[
     "",
     "api",
     "generate",
+    "..;",
+    ".;x",
+    "..%3b",
+    "..%3Bx",
+    "x;..",
+    "a;b=1",
+    "%252e",
+    "%2525",
+    "%25",
+    "%25zz",
+    "%00",
+    "%0a",
+    "%7F",
+    "a\\b",
 ];
 
-/// The reference: a literal `.`/`..` segment, or an escape that is
-/// malformed or decodes to an unreserved character or a (back)slash.
+/// The reference: a literal backslash; a `.`/`..` segment, also before
+/// `;` parameters (literal or `%3b`); or an escape that is malformed,
+/// decodes to an unreserved character, a (back)slash or a control
+/// character, or is `%25` followed by two hex digits (double encoding).
 fn is_ambiguous(path: &str) -> bool {
-    if path.split('/').any(|seg| seg == "." || seg == "..") {
+    if path.contains('\\') {
         return true;
     }
+    let dot = |seg: &str| {
+        let name = seg.split(';').next().unwrap_or("");
+        let name = match name.to_ascii_lowercase().find("%3b") {
+            Some(i) => name[..i].to_string(),
+            None => name.to_string(),
+        };
+        name == "." || name == ".."
+    };
+    if path.split('/').any(dot) {
+        return true;
+    }
+    let hex = |h: Option<&str>| h.and_then(|h| u8::from_str_radix(h, 16).ok());
     let mut rest = path;
     while let Some(i) = rest.find('%') {
-        let esc = rest
-            .get(i + 1..i + 3)
-            .and_then(|h| u8::from_str_radix(h, 16).ok());
-        match esc {
+        match hex(rest.get(i + 1..i + 3)) {
             None => return true,
-            Some(c) if c.is_ascii_alphanumeric() || b"-._~/\\".contains(&c) => return true,
+            Some(c)
+                if c.is_ascii_alphanumeric() || c.is_ascii_control() || b"-._~/\\".contains(&c) =>
+            {
+                return true
+            }
+            Some(b'%') if hex(rest.get(i + 3..i + 5)).is_some() => return true,
             Some(_) => rest = &rest[i + 3..],
         }
     }
@@ -449,7 +479,7 @@ proptest! {
     ) {
         let s = scoped_snapshot();
         let path = format!("{base}{}", segs.join("/"));
-        let got = s.decide(&Method::POST, &path, Some(b"k"), 0);
+        let got = s.decide(&Request::plain(&Method::POST, &path, Credential::Key(b"k")), 0);
         if is_ambiguous(&path) {
             prop_assert_eq!(got.verdict.unwrap_err(), Refusal::BadPath, "{}", path);
         } else {
@@ -469,10 +499,13 @@ proptest! {
         let mut h = HeaderMap::new();
         let value = format!("{scheme}{before}{token}{after}");
         h.insert("authorization", HeaderValue::from_str(&value).unwrap());
-        prop_assert_eq!(presented_key(&h), Some(token.as_bytes()));
-        // X-API-Key wins, as it is.
+        prop_assert_eq!(presented_key(&h), Credential::Key(token.as_bytes()));
+        // The same key in X-API-Key agrees with it.
         h.insert("x-api-key", HeaderValue::from_str(&token).unwrap());
-        prop_assert_eq!(presented_key(&h), Some(token.as_bytes()));
+        prop_assert_eq!(presented_key(&h), Credential::Key(token.as_bytes()));
+        // A different one conflicts.
+        h.insert("x-api-key", HeaderValue::from_str(&format!("{token}x")).unwrap());
+        prop_assert_eq!(presented_key(&h), Credential::Conflicting);
     }
 }
 

@@ -34,7 +34,8 @@ fuzz_target!(|data: &[u8]| {
             r.path_prefix.clone()
         })
         .collect();
-    let snapshot = Snapshot::compile(config, KEYS, 1, &HealthBook::default()).expect("a valid key file compiles");
+    let snapshot = Snapshot::compile(config, KEYS, 1, &HealthBook::default())
+        .expect("a valid key file compiles");
     for p in &prefixes {
         let (_, route) = snapshot.router.find(p).expect("a prefix finds its route");
         assert_eq!(&route.prefix, p);

@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 
 use ai_gateway::config::Config;
 use ai_gateway::keys::{KeyDenial, KeyDigest};
-use ai_gateway::policy::{presented_key, Refusal, Snapshot};
+use ai_gateway::policy::{presented_key, Credential, Refusal, Request, Snapshot};
 use ai_gateway::state::HealthBook;
 use http::{HeaderMap, HeaderValue, Method};
 use libfuzzer_sys::fuzz_target;
@@ -175,7 +175,8 @@ fn snapshot() -> &'static Snapshot {
   "k-ghost": {{"user": "ghost", "service": "no-such-service"}}
 }}"#
         );
-        let snapshot = Snapshot::compile(config, &keys, 1, &HealthBook::default()).expect("snapshot");
+        let snapshot =
+            Snapshot::compile(config, &keys, 1, &HealthBook::default()).expect("snapshot");
         assert_eq!(snapshot.router.len(), ROUTES.len());
         assert_eq!(snapshot.keys.len(), KEYS.len());
         assert!(KNOWN_KEYS.iter().all(|k| KEYS.iter().any(|m| m.key == *k)));
@@ -197,50 +198,71 @@ fn pad(n: u8) -> &'static [u8] {
 /// The model's key extraction: `X-API-Key` trimmed (unless it is empty
 /// and there is an `Authorization` header), else the token of
 /// `Authorization: Bearer`, without surrounding whitespace.
-fn model_key(headers: &HeaderMap) -> Option<Vec<u8>> {
-    if let Some(v) = headers.get("x-api-key") {
-        let v = v.as_bytes();
-        let trimmed: Vec<u8> = match v.iter().position(|b| !b.is_ascii_whitespace()) {
+/// The model's credential: `None` for none, `Some(Err(()))` for two
+/// different keys, `Some(Ok(key))` for one.
+type ModelCredential = Option<Result<Vec<u8>, ()>>;
+
+fn model_key(headers: &HeaderMap) -> ModelCredential {
+    let trim = |v: &[u8]| -> Vec<u8> {
+        match v.iter().position(|b| !b.is_ascii_whitespace()) {
             Some(first) => {
                 let last = v.iter().rposition(|b| !b.is_ascii_whitespace()).unwrap();
                 v[first..=last].to_vec()
             }
             None => Vec::new(),
-        };
-        if !trimmed.is_empty() || headers.get("authorization").is_none() {
-            return Some(trimmed);
+        }
+    };
+    let mut keys: Vec<Vec<u8>> = Vec::new();
+    if let Some(v) = headers.get("x-api-key") {
+        keys.push(trim(v.as_bytes()));
+    }
+    if let Some(auth) = headers.get("authorization").map(|a| a.as_bytes()) {
+        if auth.len() >= 7 && auth[..7].eq_ignore_ascii_case(b"bearer ") {
+            keys.push(trim(&auth[7..]));
         }
     }
-    let auth = headers.get("authorization")?.as_bytes();
-    if auth.len() < 7 || !auth[..7].eq_ignore_ascii_case(b"bearer ") {
-        return None;
+    keys.retain(|k| !k.is_empty());
+    keys.dedup();
+    match keys.len() {
+        0 => None,
+        1 => Some(Ok(keys.remove(0))),
+        _ => Some(Err(())),
     }
-    let token = &auth[7..];
-    let Some(first) = token.iter().position(|b| !b.is_ascii_whitespace()) else {
-        return Some(Vec::new());
-    };
-    let last = token
-        .iter()
-        .rposition(|b| !b.is_ascii_whitespace())
-        .unwrap();
-    Some(token[first..=last].to_vec())
 }
 
-/// A literal `.`/`..` segment, or a percent-escape that is malformed or
-/// decodes to an unreserved character or a (back)slash.
+/// A literal backslash; a `.`/`..` segment, also before `;` parameters
+/// (literal or `%3b`); or a percent-escape that is malformed or decodes to
+/// an unreserved character, a (back)slash or a control character, or `%25`
+/// before two hex digits (double encoding).
 fn model_dot_segment(path: &str) -> bool {
-    if path.split('/').any(|seg| seg == "." || seg == "..") {
+    if path.contains('\\') {
+        return true;
+    }
+    let dot = |seg: &str| {
+        let lower = seg.to_ascii_lowercase();
+        let end = [lower.find(';'), lower.find("%3b")]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(seg.len());
+        matches!(&seg[..end], "." | "..")
+    };
+    if path.split('/').any(dot) {
         return true;
     }
     let b = path.as_bytes();
+    let hex = |c: Option<&u8>| c.and_then(|c| (*c as char).to_digit(16));
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'%' {
-            let hex = |c: Option<&u8>| c.and_then(|c| (*c as char).to_digit(16));
             match (hex(b.get(i + 1)), hex(b.get(i + 2))) {
                 (Some(h), Some(l)) => {
                     let c = (h * 16 + l) as u8;
-                    if c.is_ascii_alphanumeric() || b"-._~/\\".contains(&c) {
+                    if c.is_ascii_alphanumeric() || c.is_ascii_control() || b"-._~/\\".contains(&c)
+                    {
+                        return true;
+                    }
+                    if c == b'%' && hex(b.get(i + 3)).is_some() && hex(b.get(i + 4)).is_some() {
                         return true;
                     }
                     i += 3;
@@ -265,10 +287,11 @@ enum Expect {
     MethodNotAllowed {
         route: &'static str,
     },
+    ConflictingKeys,
     Key(KeyDenial),
 }
 
-fn model_decide(method: &Method, path: &str, key: Option<&[u8]>, now: i64) -> Expect {
+fn model_decide(method: &Method, path: &str, key: &ModelCredential, now: i64) -> Expect {
     if model_dot_segment(path) {
         return Expect::BadPath;
     }
@@ -284,8 +307,10 @@ fn model_decide(method: &Method, path: &str, key: Option<&[u8]>, now: i64) -> Ex
             return Expect::MethodNotAllowed { route: route.name };
         }
     }
-    let Some(key) = key.filter(|k| !k.is_empty()) else {
-        return Expect::Key(KeyDenial::Missing);
+    let key = match key {
+        Some(Err(())) => return Expect::ConflictingKeys,
+        None => return Expect::Key(KeyDenial::Missing),
+        Some(Ok(k)) => k.as_slice(),
     };
     let Some(k) = KEYS.iter().find(|k| k.key.as_bytes() == key) else {
         return Expect::Key(KeyDenial::Unknown);
@@ -364,10 +389,17 @@ fuzz_target!(|input: Input| {
         }
     }
 
-    let key = presented_key(&headers);
-    assert_eq!(key.map(<[u8]>::to_vec), model_key(&headers), "{headers:?}");
+    let credential = presented_key(&headers);
+    let model_credential = model_key(&headers);
+    let seen: ModelCredential = match credential {
+        Credential::Absent => None,
+        Credential::Key(k) => Some(Ok(k.to_vec())),
+        Credential::Conflicting => Some(Err(())),
+    };
+    assert_eq!(seen, model_credential, "{headers:?}");
+    let key = credential.key();
 
-    let decision = snapshot.decide(&method, &path, key, now);
+    let decision = snapshot.decide(&Request::plain(&method, &path, credential), now);
     let got = match decision.verdict {
         Ok(principal) => {
             let (route_index, route) = decision.route.expect("an admitted request has a route");
@@ -376,7 +408,10 @@ fuzz_target!(|input: Input| {
             assert!(path.starts_with(&route.prefix), "{path:?}");
             assert!(!model_dot_segment(&path), "dot segment admitted: {path:?}");
             assert_eq!(principal.id, KeyDigest::of(key.unwrap()).id());
-            assert!(std::ptr::eq(route, snapshot.router.get(route_index).unwrap()));
+            assert!(std::ptr::eq(
+                route,
+                snapshot.router.get(route_index).unwrap()
+            ));
             let model = ROUTES.iter().find(|r| r.name == route.name).unwrap();
             match route.upstream_target(&path, input.query) {
                 Some(target) => {
@@ -404,12 +439,13 @@ fuzz_target!(|input: Input| {
                 .unwrap()
                 .name,
         },
+        Err(Refusal::ConflictingKeys) => Expect::ConflictingKeys,
         Err(Refusal::Key(d)) => Expect::Key(d),
         Err(other) => panic!("the decision never answers {other:?}"),
     };
     assert_eq!(
         got,
-        model_decide(&method, &path, key, now),
+        model_decide(&method, &path, &model_credential, now),
         "{method} {path:?} key {key:?} at {now}"
     );
 

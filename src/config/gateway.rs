@@ -58,6 +58,8 @@ pub struct FileConfig {
     metrics_per_user: bool,
     #[serde(default)]
     upgrade_sock: Option<PathBuf>,
+    #[serde(default)]
+    underscores_in_headers: bool,
     routes: Vec<FileRoute>,
 }
 
@@ -78,6 +80,8 @@ struct FileRoute {
     read_timeout: Option<Timeout>,
     #[serde(default)]
     health_check: Option<FileHealthCheck>,
+    #[serde(default)]
+    websocket: bool,
 }
 
 /// `health_check: {path: /, interval: 5s, timeout: 1s}` as written.
@@ -121,6 +125,10 @@ pub struct Config {
     pub metrics_per_user: bool,
     /// The socket a new process (`run --upgrade`) takes the listeners from.
     pub upgrade_sock: PathBuf,
+    /// Forward client headers whose names contain `_` (nginx's
+    /// `underscores_in_headers`). Off by default: CGI-style servers read
+    /// `X_Gateway_User` and `X-Gateway-User` as the same variable.
+    pub underscores_in_headers: bool,
     pub routes: Vec<RouteSpec>,
 }
 
@@ -140,6 +148,9 @@ pub struct RouteSpec {
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
     pub health_check: Option<HealthCheckSpec>,
+    /// Whether websocket upgrades may pass: the connection then becomes a
+    /// tunnel carrying the identity of the key that opened it.
+    pub websocket: bool,
 }
 
 impl Config {
@@ -295,6 +306,7 @@ impl FileConfig {
                     interval: h.interval.map_or(DEFAULT_CHECK_INTERVAL, |t| t.0),
                     timeout: h.timeout.map_or(DEFAULT_CHECK_TIMEOUT, |t| t.0),
                 }),
+                websocket: r.websocket,
             });
         }
 
@@ -339,6 +351,7 @@ impl FileConfig {
             upgrade_sock: self
                 .upgrade_sock
                 .map_or_else(|| PathBuf::from(DEFAULT_UPGRADE_SOCK), |p| base.join(p)),
+            underscores_in_headers: self.underscores_in_headers,
             routes,
         })
     }

@@ -4,7 +4,8 @@
 //! Owns: [`Metrics`] (Prometheus, with label values only from route names
 //! and fixed words), [`AuditLog`] (one JSON line per request, written off
 //! the serving threads), request ids, [`Admin`] (`/metrics`, `/healthz`,
-//! `/readyz`), and [`Live`], the snapshot with its metric handles that the
+//! `/readyz`), the process log with Pingora's verbose targets capped
+//! ([`logs`]), and [`Live`], the snapshot with its metric handles that the
 //! proxy serves from.
 //!
 //! May import: `config`, `keys`, `state`, `policy`.
@@ -12,6 +13,7 @@
 mod admin;
 mod audit;
 mod live;
+pub mod logs;
 mod metrics;
 pub mod request_id;
 

@@ -15,11 +15,13 @@
 mod credentials;
 mod path;
 mod refusal;
+mod request;
 mod routes;
 mod snapshot;
 
-pub use credentials::presented_key;
+pub use credentials::{presented_key, Credential};
 pub use path::is_ambiguous_path;
 pub use refusal::{ExtraHeader, Refusal, CHALLENGE};
+pub use request::{Request, Upgrade};
 pub use routes::{Route, Router, Upstream, UPSTREAM_IDLE_TIMEOUT};
 pub use snapshot::{load_timed, Decision, Snapshot};

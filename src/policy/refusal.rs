@@ -14,6 +14,15 @@ pub enum Refusal {
     /// Both `Content-Length` and `Transfer-Encoding`: the ambiguity request
     /// smuggling relies on.
     BadFraming,
+    /// `Content-Length` repeated, as a list, or not one decimal number: an
+    /// upstream could frame the body differently.
+    InvalidContentLength,
+    /// `Transfer-Encoding` other than one `chunked`.
+    InvalidTransferEncoding,
+    /// A request head with bare LF line ends.
+    MalformedHead,
+    /// An HTTP/1.1 request without exactly one `Host` (RFC 9112 §3.2).
+    BadHost,
     /// A request head over the size limit.
     HeaderTooLarge,
     /// The path has `.` or `..` segments or an escape the upstream may
@@ -23,6 +32,12 @@ pub enum Refusal {
     NoRoute,
     /// The route does not allow the method; the reply carries `Allow`.
     MethodNotAllowed,
+    /// `Upgrade` on a route without `websocket: true`, or an upgrade to
+    /// anything but websocket: the connection would become a tunnel the
+    /// key check never sees into.
+    UpgradeNotAllowed,
+    /// Two different keys in one request.
+    ConflictingKeys,
     Key(KeyDenial),
     /// A request Pingora could not read (a malformed body, say).
     BadRequest,
@@ -49,12 +64,18 @@ pub const CHALLENGE: &str = "Bearer realm=\"ai-gateway\"";
 impl Refusal {
     /// Every kind, for metrics that are resolved once at start and for
     /// tests that must cover them all.
-    pub const ALL: [Refusal; 15] = [
+    pub const ALL: [Refusal; 21] = [
         Refusal::BadFraming,
+        Refusal::InvalidContentLength,
+        Refusal::InvalidTransferEncoding,
+        Refusal::MalformedHead,
+        Refusal::BadHost,
         Refusal::HeaderTooLarge,
         Refusal::BadPath,
         Refusal::NoRoute,
         Refusal::MethodNotAllowed,
+        Refusal::UpgradeNotAllowed,
+        Refusal::ConflictingKeys,
         Refusal::Key(KeyDenial::Missing),
         Refusal::Key(KeyDenial::Unknown),
         Refusal::Key(KeyDenial::Expired),
@@ -70,7 +91,15 @@ impl Refusal {
     /// The HTTP status of the reply.
     pub const fn status(self) -> u16 {
         match self {
-            Refusal::BadFraming | Refusal::BadPath | Refusal::BadRequest => 400,
+            Refusal::BadFraming
+            | Refusal::InvalidContentLength
+            | Refusal::InvalidTransferEncoding
+            | Refusal::MalformedHead
+            | Refusal::BadHost
+            | Refusal::BadPath
+            | Refusal::UpgradeNotAllowed
+            | Refusal::ConflictingKeys
+            | Refusal::BadRequest => 400,
             Refusal::Key(KeyDenial::WrongService) => 403,
             Refusal::Key(_) => 401,
             Refusal::NoRoute => 404,
@@ -88,10 +117,16 @@ impl Refusal {
     pub const fn body(self) -> &'static str {
         match self {
             Refusal::BadFraming => r#"{"error":"both content-length and transfer-encoding"}"#,
+            Refusal::InvalidContentLength => r#"{"error":"invalid content-length"}"#,
+            Refusal::InvalidTransferEncoding => r#"{"error":"invalid transfer-encoding"}"#,
+            Refusal::MalformedHead => r#"{"error":"malformed request head"}"#,
+            Refusal::BadHost => r#"{"error":"missing or repeated host header"}"#,
             Refusal::HeaderTooLarge => r#"{"error":"request header fields too large"}"#,
             Refusal::BadPath => r#"{"error":"invalid path"}"#,
             Refusal::NoRoute => r#"{"error":"no route for this path"}"#,
             Refusal::MethodNotAllowed => r#"{"error":"method not allowed"}"#,
+            Refusal::UpgradeNotAllowed => r#"{"error":"upgrade not allowed on this route"}"#,
+            Refusal::ConflictingKeys => r#"{"error":"conflicting api keys"}"#,
             Refusal::Key(KeyDenial::Missing) => r#"{"error":"missing api key"}"#,
             Refusal::Key(KeyDenial::Unknown) => r#"{"error":"invalid api key"}"#,
             Refusal::Key(KeyDenial::Expired) => r#"{"error":"api key expired"}"#,
@@ -112,10 +147,16 @@ impl Refusal {
     pub const fn label(self) -> &'static str {
         match self {
             Refusal::BadFraming => "bad_framing",
+            Refusal::InvalidContentLength => "invalid_content_length",
+            Refusal::InvalidTransferEncoding => "invalid_transfer_encoding",
+            Refusal::MalformedHead => "malformed_head",
+            Refusal::BadHost => "bad_host",
             Refusal::HeaderTooLarge => "header_too_large",
             Refusal::BadPath => "bad_path",
             Refusal::NoRoute => "no_route",
             Refusal::MethodNotAllowed => "method_not_allowed",
+            Refusal::UpgradeNotAllowed => "upgrade_not_allowed",
+            Refusal::ConflictingKeys => "conflicting_keys",
             Refusal::Key(KeyDenial::Missing) => "missing_key",
             Refusal::Key(KeyDenial::Unknown) => "unknown_key",
             Refusal::Key(KeyDenial::Expired) => "expired_key",

@@ -40,6 +40,8 @@ pub struct Route {
     upstreams: Box<[Upstream]>,
     next: AtomicUsize,
     health_check: Option<HealthCheckSpec>,
+    /// Whether websocket upgrades may pass (`websocket: true`).
+    pub websocket: bool,
 }
 
 /// One upstream of a route: its peer, built once with the route's
@@ -82,6 +84,7 @@ impl Route {
             upstreams,
             next: AtomicUsize::new(0),
             health_check: spec.health_check.clone(),
+            websocket: spec.websocket,
         }
     }
 
@@ -244,6 +247,7 @@ mod tests {
             connect_timeout: Duration::from_secs(1),
             read_timeout: Duration::from_secs(2),
             health_check: None,
+            websocket: false,
         }
     }
 

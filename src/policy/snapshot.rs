@@ -8,10 +8,10 @@
 use std::path::Path;
 use std::time::Instant;
 
-use http::Method;
-
+use super::credentials::Credential;
 use super::path::is_ambiguous_path;
 use super::refusal::Refusal;
+use super::request::{Request, Upgrade};
 use super::routes::{Route, Router};
 use crate::config::{Config, LoadError};
 use crate::keys::{KeyStore, Principal, ServiceTable};
@@ -82,28 +82,34 @@ impl Snapshot {
         )
     }
 
-    /// Decides a request: path, route, method, then key. `now_ms` is the
-    /// current time in Unix milliseconds, against which expiry is checked.
-    /// The route is part of the answer even when the request is refused, so
-    /// callers never look it up again.
+    /// Decides a request: path, route, method, upgrade, then key. `now_ms`
+    /// is the current time in Unix milliseconds, against which expiry is
+    /// checked. The route is part of the answer even when the request is
+    /// refused, so callers never look it up again.
     #[inline]
-    pub fn decide(
-        &self,
-        method: &Method,
-        path: &str,
-        key: Option<&[u8]>,
-        now_ms: i64,
-    ) -> Decision<'_> {
-        if is_ambiguous_path(path) {
+    pub fn decide(&self, req: &Request<'_>, now_ms: i64) -> Decision<'_> {
+        if is_ambiguous_path(req.path) {
             return Decision::refused(None, Refusal::BadPath);
         }
-        let Some(found) = self.router.find(path) else {
+        let Some(found) = self.router.find(req.path) else {
             return Decision::refused(None, Refusal::NoRoute);
         };
         let (_, route) = found;
-        if !route.allows_method(method) {
+        if !route.allows_method(req.method) {
             return Decision::refused(Some(found), Refusal::MethodNotAllowed);
         }
+        match req.upgrade {
+            None => {}
+            Some(Upgrade::Websocket) if route.websocket => {}
+            Some(_) => return Decision::refused(Some(found), Refusal::UpgradeNotAllowed),
+        }
+        let key = match req.credential {
+            Credential::Conflicting => {
+                return Decision::refused(Some(found), Refusal::ConflictingKeys)
+            }
+            Credential::Absent => None,
+            Credential::Key(k) => Some(k),
+        };
         Decision {
             route: Some(found),
             verdict: self
@@ -182,6 +188,11 @@ pub fn load_timed(
 mod tests {
     use super::*;
     use crate::keys::{KeyDenial, KeyDigest};
+    use http::Method;
+
+    fn ask<'a>(m: &'a Method, path: &'a str, key: Option<&'a [u8]>) -> Request<'a> {
+        Request::plain(m, path, key.map_or(Credential::Absent, Credential::Key))
+    }
 
     fn snapshot() -> Snapshot {
         let cfg = Config::parse(
@@ -207,12 +218,12 @@ routes:
         let s = snapshot();
         let now = 0;
         assert_eq!(
-            s.decide(&Method::GET, "/nope", Some(b"ro"), now)
+            s.decide(&ask(&Method::GET, "/nope", Some(b"ro")), now)
                 .verdict
                 .unwrap_err(),
             Refusal::NoRoute
         );
-        let d = s.decide(&Method::GET, "/ollama/api/generate", None, now);
+        let d = s.decide(&ask(&Method::GET, "/ollama/api/generate", None), now);
         assert_eq!(d.verdict.unwrap_err(), Refusal::MethodNotAllowed);
         assert_eq!(
             d.route.unwrap().1.name,
@@ -220,22 +231,25 @@ routes:
             "the route comes with the refusal"
         );
         assert_eq!(
-            s.decide(&Method::POST, "/ollama/api/generate", None, now)
+            s.decide(&ask(&Method::POST, "/ollama/api/generate", None), now)
                 .verdict
                 .unwrap_err(),
             Refusal::Key(KeyDenial::Missing)
         );
-        let ok = s.decide(&Method::POST, "/ollama/api/generate", Some(b"ro"), now);
+        let ok = s.decide(
+            &ask(&Method::POST, "/ollama/api/generate", Some(b"ro")),
+            now,
+        );
         assert_eq!(ok.route.unwrap().1.name, "gen");
         assert_eq!(&*ok.verdict.unwrap().user.name, "reader");
         assert_eq!(
-            s.decide(&Method::POST, "/ollama/api/pull", Some(b"ro"), now)
+            s.decide(&ask(&Method::POST, "/ollama/api/pull", Some(b"ro")), now)
                 .verdict
                 .unwrap_err(),
             Refusal::Key(KeyDenial::WrongService)
         );
         assert!(s
-            .decide(&Method::POST, "/ollama/api/pull", Some(b"admin"), now)
+            .decide(&ask(&Method::POST, "/ollama/api/pull", Some(b"admin")), now)
             .verdict
             .is_ok());
     }
@@ -258,7 +272,7 @@ routes:
             "/ollama/api/generate/%2",
         ] {
             assert_eq!(
-                s.decide(&Method::POST, p, Some(b"ro"), 0)
+                s.decide(&ask(&Method::POST, p, Some(b"ro")), 0)
                     .verdict
                     .unwrap_err(),
                 Refusal::BadPath,
@@ -270,10 +284,31 @@ routes:
             "/ollama/api/generate/a%20b%3F%25",
         ] {
             assert!(
-                s.decide(&Method::POST, ok, Some(b"ro"), 0).verdict.is_ok(),
+                s.decide(&ask(&Method::POST, ok, Some(b"ro")), 0)
+                    .verdict
+                    .is_ok(),
                 "{ok}"
             );
         }
+    }
+
+    #[test]
+    fn upgrades_and_conflicting_keys_are_refused_after_routing() {
+        let s = snapshot();
+        let mut req = ask(&Method::POST, "/ollama/api/generate", Some(b"ro"));
+        req.upgrade = Some(Upgrade::Websocket);
+        let d = s.decide(&req, 0);
+        assert_eq!(d.verdict.unwrap_err(), Refusal::UpgradeNotAllowed);
+        assert_eq!(d.route.unwrap().1.name, "gen");
+        let req = Request::plain(
+            &Method::POST,
+            "/ollama/api/generate",
+            Credential::Conflicting,
+        );
+        assert_eq!(
+            s.decide(&req, 0).verdict.unwrap_err(),
+            Refusal::ConflictingKeys
+        );
     }
 
     #[test]

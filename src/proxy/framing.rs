@@ -1,6 +1,8 @@
 //! Checks of the request head itself, made before any routing: requests
 //! whose framing a lenient upstream could read differently are refused.
 
+use http::header::{CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
+use http::Version;
 use pingora::proxy::Session;
 
 use crate::policy::Refusal;
@@ -9,23 +11,54 @@ use crate::policy::Refusal;
 /// APIs need a few hundred bytes; a huge header is abuse or a mistake.
 pub const MAX_HEADER_BYTES: usize = 32 * 1024;
 
-/// Refuses a header block over [`MAX_HEADER_BYTES`] (431), or both
-/// `Content-Length` and `Transfer-Encoding` (400: the ambiguity request
-/// smuggling relies on). Pingora drops `Content-Length` when both are sent,
-/// so for requests with `Transfer-Encoding` (rare) the raw head is checked
-/// for it.
+/// Refuses, in this order: a head with bare LF line ends; both
+/// `Content-Length` and `Transfer-Encoding` (the ambiguity request smuggling
+/// relies on); a `Content-Length` that is repeated, a list, or not one
+/// decimal number; a `Transfer-Encoding` other than one `chunked` on
+/// HTTP/1.1; an HTTP/1.1 request without `Host`; a head over
+/// [`MAX_HEADER_BYTES`].
+///
+/// Pingora itself refuses (with a bare 400, before any hook runs) what it
+/// cannot frame at all: differing `Content-Length` values, unparsable ones,
+/// several `Host` lines, malformed header lines. What it accepts but
+/// forwards as written is refused here. It drops `Content-Length` when
+/// `Transfer-Encoding` is present, so for such requests (rare) the raw head
+/// is read for it.
 pub fn check_head(session: &Session) -> Result<(), Refusal> {
     let req = session.req_header();
     let headers = &req.headers;
-    if headers.contains_key(http::header::TRANSFER_ENCODING) {
-        let sent_length = headers.contains_key(http::header::CONTENT_LENGTH)
-            || session
-                .as_downstream()
-                .as_http1()
-                .is_some_and(|h1| has_content_length_line(&h1.get_headers_raw_bytes()));
+    let raw = session
+        .as_downstream()
+        .as_http1()
+        .map(|h1| h1.get_headers_raw_bytes());
+    if raw.as_deref().is_some_and(has_bare_lf) {
+        return Err(Refusal::MalformedHead);
+    }
+    let mut encodings = headers.get_all(TRANSFER_ENCODING).iter();
+    if let Some(first) = encodings.next() {
+        let sent_length = headers.contains_key(CONTENT_LENGTH)
+            || raw.as_deref().is_some_and(has_content_length_line);
         if sent_length {
             return Err(Refusal::BadFraming);
         }
+        let only_chunked = encodings.next().is_none()
+            && first
+                .as_bytes()
+                .trim_ascii()
+                .eq_ignore_ascii_case(b"chunked");
+        if !only_chunked || req.version != Version::HTTP_11 {
+            return Err(Refusal::InvalidTransferEncoding);
+        }
+    }
+    let mut lengths = headers.get_all(CONTENT_LENGTH).iter();
+    if let Some(first) = lengths.next() {
+        let decimal = |v: &[u8]| !v.is_empty() && v.iter().all(u8::is_ascii_digit);
+        if lengths.next().is_some() || !decimal(first.as_bytes()) {
+            return Err(Refusal::InvalidContentLength);
+        }
+    }
+    if req.version == Version::HTTP_11 && !headers.contains_key(HOST) {
+        return Err(Refusal::BadHost);
     }
     let size = req.raw_path().len()
         + headers
@@ -36,6 +69,20 @@ pub fn check_head(session: &Session) -> Result<(), Refusal> {
         return Err(Refusal::HeaderTooLarge);
     }
     Ok(())
+}
+
+/// Whether a line of the raw head ends in LF without CR. Pingora's parser
+/// accepts such lines; an upstream that splits on CRLF only would see a
+/// different request.
+fn has_bare_lf(head: &[u8]) -> bool {
+    let mut prev = 0u8;
+    for &b in head {
+        if b == b'\n' && prev != b'\r' {
+            return true;
+        }
+        prev = b;
+    }
+    false
 }
 
 /// Whether a raw request head has a `Content-Length` header line (the
@@ -51,6 +98,14 @@ fn has_content_length_line(head: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bare_lf_is_found() {
+        assert!(!has_bare_lf(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"));
+        assert!(has_bare_lf(b"GET / HTTP/1.1\nHost: a\r\n\r\n"));
+        assert!(has_bare_lf(b"GET / HTTP/1.1\r\nHost: a\r\n\n"));
+        assert!(has_bare_lf(b"\n"));
+    }
 
     #[test]
     fn content_length_lines_are_found_in_raw_heads() {

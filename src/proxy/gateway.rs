@@ -13,10 +13,11 @@ use pingora::ErrorSource;
 
 use super::context::{Outcome, RequestCtx};
 use super::framing::check_head;
+use super::headers::{rewrite_for_upstream, Identity};
 use super::reply::{refusal_for, send_refusal, upstream_error_kind};
 use crate::keys::unix_millis;
 use crate::ops::{request_id, AuditLog, AuditRecord, Metrics, SharedLive};
-use crate::policy::{presented_key, Refusal};
+use crate::policy::{Refusal, Request};
 use crate::state::Transition;
 
 /// How long an idle client keep-alive connection is kept open. Pingora's
@@ -70,12 +71,9 @@ impl ProxyHttp for Gateway {
             Err(refusal) => Err(refusal),
             Ok(()) => {
                 let now_ms = unix_millis(SystemTime::now());
-                let decision = ctx.live.snapshot.decide(
-                    &req.method,
-                    req.uri.path(),
-                    presented_key(&req.headers),
-                    now_ms,
-                );
+                let request =
+                    Request::from_head(&req.method, req.uri.path(), req.version, &req.headers);
+                let decision = ctx.live.snapshot.decide(&request, now_ms);
                 ctx.route_index = decision.route.map(|(i, _)| i);
                 decision.verdict.map(|principal| {
                     ctx.user = Some(principal.user.header.clone());
@@ -172,21 +170,24 @@ impl ProxyHttp for Gateway {
         Ok(())
     }
 
-    /// The credential never goes upstream; the user it belongs to does.
+    /// The credential never goes upstream; the user it belongs to does,
+    /// with the other headers only the gateway may set.
     async fn upstream_request_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         upstream_request: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        upstream_request.remove_header("x-api-key");
-        upstream_request.remove_header("authorization");
-        if let Some(user) = ctx.user.clone() {
-            upstream_request.insert_header("x-gateway-user", user)?;
-        }
-        if let Some(id) = ctx.request_id.clone() {
-            upstream_request.insert_header("x-request-id", id)?;
-        }
+        let who = Identity {
+            user: ctx.user.as_ref(),
+            request_id: ctx.request_id.as_ref(),
+            client_ip: session
+                .client_addr()
+                .and_then(|a| a.as_inet())
+                .map(|a| a.ip()),
+        };
+        let underscores = ctx.live.snapshot.config.underscores_in_headers;
+        rewrite_for_upstream(upstream_request, underscores, &who)?;
         let route = ctx.route().ok_or_else(|| internal("no route"))?;
         let uri = &upstream_request.uri;
         if let Some(target) = route.upstream_target(uri.path(), uri.query()) {
@@ -195,13 +196,23 @@ impl ProxyHttp for Gateway {
         Ok(())
     }
 
+    /// A `101` the client did not ask for would turn the connection into a
+    /// tunnel that no key check sees into: it is a 502 instead.
     async fn upstream_response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         ctx.upstream_status = Some(upstream_response.status.as_u16());
+        if upstream_response.status == http::StatusCode::SWITCHING_PROTOCOLS
+            && !session.is_upgrade_req()
+        {
+            return Error::e_explain(
+                ErrorType::HTTPStatus(502),
+                "the upstream switched protocols unasked",
+            );
+        }
         ctx.ttfb = Some(ctx.start.elapsed());
         Ok(())
     }

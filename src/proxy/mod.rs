@@ -6,11 +6,15 @@
 //!  client ─▶ new_ctx                 the one snapshot load
 //!         ─▶ early_request_filter    bound downstream keep-alive
 //!         ─▶ request_filter          request id; head checks (framing,
-//!              │                     size); route, method, key: one decision
+//!              │                     host, size); path, route, method,
+//!              │                     upgrade, key: one decision
 //!              └ refused ─▶ JSON 4xx from the Refusal, then logging
 //!         ─▶ upstream_peer           round-robin over the route's peers
-//!         ─▶ upstream_request_filter strip credentials, add X-Gateway-User
-//!                                    and X-Request-Id, strip the prefix
+//!         ─▶ upstream_request_filter strip credentials and client copies of
+//!                                    gateway-owned headers (underscore names
+//!                                    too), set X-Gateway-User, X-Request-Id,
+//!                                    X-Forwarded-For/-Proto; strip the prefix
+//!         ─▶ upstream_response_filter an unasked 101 becomes a 502
 //!         ◀─▶ bodies stream both ways, chunk by chunk (Pingora's default)
 //!         ─▶ fail_to_proxy           502/504 with a JSON body
 //!         ─▶ logging                 metrics and the audit line, always
@@ -21,6 +25,7 @@
 mod context;
 mod framing;
 mod gateway;
+mod headers;
 mod reply;
 
 pub use context::{Outcome, RequestCtx};
