@@ -14,6 +14,7 @@
 //! the timed loops.
 
 use std::hint::black_box;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
@@ -21,9 +22,12 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use http::{HeaderMap, HeaderValue, Method, Version};
 
 use ai_gateway::config::Config;
+
+/// The client address of benched requests.
+const CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 use ai_gateway::keys::{unix_millis, KeyDigest, KeyStore, ServiceTable};
 use ai_gateway::policy::{Request, Router, Snapshot};
-use ai_gateway::state::HealthBook;
+use ai_gateway::state::{Carried, HealthBook};
 
 /// Key-set sizes for the key check, and the subset for the whole decision.
 const KEY_SIZES: [usize; 3] = [10, 10_000, 1_000_000];
@@ -82,7 +86,7 @@ fn gateway_config() -> Config {
 /// A snapshot holding `n` keys (parsed from key file text, as at load).
 fn snapshot_with_keys(n: usize) -> Snapshot {
     let text = key_file_text(n);
-    let snap = Snapshot::compile(gateway_config(), &text, 1, &HealthBook::default())
+    let snap = Snapshot::compile(gateway_config(), &text, 1, &Carried::default())
         .expect("bench snapshot compiles");
     assert_eq!(snap.keys.len(), n);
     snap
@@ -269,14 +273,14 @@ fn bench_decide(c: &mut Criterion) {
         let now = unix_millis(SystemTime::now());
         assert!(snap
             .decide(
-                &Request::from_head(&Method::POST, PATH, Version::HTTP_11, &allowed),
+                &Request::from_head(&Method::POST, PATH, Version::HTTP_11, &allowed, CLIENT),
                 now
             )
             .verdict
             .is_ok());
         assert!(snap
             .decide(
-                &Request::from_head(&Method::POST, PATH, Version::HTTP_11, &unknown),
+                &Request::from_head(&Method::POST, PATH, Version::HTTP_11, &unknown, CLIENT),
                 now
             )
             .verdict
@@ -296,6 +300,7 @@ fn bench_decide(c: &mut Criterion) {
                         black_box(PATH),
                         Version::HTTP_11,
                         black_box(headers),
+                        CLIENT,
                     );
                     black_box(snap.decide(&req, now)).verdict.is_ok()
                 })

@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::daemon;
 use crate::keys::{self, KeyToolError, NewKey, Revoked};
 use crate::policy::Snapshot;
-use crate::state::HealthBook;
+use crate::state::Carried;
 
 /// A self-hosted API-key gateway for AI services: checks a key on every
 /// request, routes by path, and streams answers back untouched.
@@ -88,6 +88,12 @@ pub struct KeygenArgs {
     /// A free-text note stored with the entry.
     #[arg(long, value_name = "TEXT")]
     pub note: Option<String>,
+    /// The key's request rate, such as 60/min or 5/s (over it: 429).
+    #[arg(long, value_name = "N/UNIT")]
+    pub rate_limit: Option<String>,
+    /// How many requests the key may have in flight at once (over it: 429).
+    #[arg(long, value_name = "N")]
+    pub max_concurrent: Option<std::num::NonZeroU32>,
     #[command(flatten)]
     pub target: KeysTarget,
 }
@@ -141,7 +147,7 @@ pub fn execute(
 }
 
 fn check(config: &std::path::Path) -> Result<(), String> {
-    let snapshot = Snapshot::load(config, 1, &HealthBook::default()).map_err(|e| e.to_string())?;
+    let snapshot = Snapshot::load(config, 1, &Carried::default()).map_err(|e| e.to_string())?;
     for w in &snapshot.warnings {
         eprintln!("warning: {w}");
     }
@@ -171,6 +177,8 @@ fn keygen(a: &KeygenArgs) -> Result<(), KeyToolError> {
         services: &a.services,
         expires: a.expires.as_deref(),
         note: a.note.as_deref(),
+        rate_limit: a.rate_limit.as_deref(),
+        max_concurrent: a.max_concurrent,
     };
     let (key, digest) = keys::keygen(&path, &req, SystemTime::now())?;
     println!("{key}");

@@ -13,7 +13,7 @@ use std::path::Path;
 use ai_gateway::config::Config;
 use ai_gateway::keys::{KeyDenial, KeyDigest, KeyStore, ServiceTable};
 use ai_gateway::policy::{presented_key, Credential, Refusal, Request, Router, Snapshot};
-use ai_gateway::state::HealthBook;
+use ai_gateway::state::{Carried, HealthBook};
 use http::{HeaderMap, HeaderValue, Method};
 use proptest::prelude::*;
 use proptest::sample::Index;
@@ -388,7 +388,7 @@ routes:
         config,
         r#"{"k": {"user": "u", "service": "*"}}"#,
         1,
-        &HealthBook::default(),
+        &Carried::default(),
     )
     .unwrap()
 }

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use ai_gateway::config::Config;
 use ai_gateway::policy::Snapshot;
-use ai_gateway::state::HealthBook;
+use ai_gateway::state::Carried;
 use libfuzzer_sys::fuzz_target;
 
 /// A valid key file (JSON; also valid YAML, in case `keys_file` is `.yaml`).
@@ -34,8 +34,8 @@ fuzz_target!(|data: &[u8]| {
             r.path_prefix.clone()
         })
         .collect();
-    let snapshot = Snapshot::compile(config, KEYS, 1, &HealthBook::default())
-        .expect("a valid key file compiles");
+    let snapshot =
+        Snapshot::compile(config, KEYS, 1, &Carried::default()).expect("a valid key file compiles");
     for p in &prefixes {
         let (_, route) = snapshot.router.find(p).expect("a prefix finds its route");
         assert_eq!(&route.prefix, p);

@@ -11,7 +11,7 @@ use std::sync::OnceLock;
 use ai_gateway::config::Config;
 use ai_gateway::keys::{KeyDenial, KeyDigest};
 use ai_gateway::policy::{presented_key, Credential, Refusal, Request, Snapshot};
-use ai_gateway::state::HealthBook;
+use ai_gateway::state::Carried;
 use http::{HeaderMap, HeaderValue, Method};
 use libfuzzer_sys::fuzz_target;
 
@@ -175,8 +175,7 @@ fn snapshot() -> &'static Snapshot {
   "k-ghost": {{"user": "ghost", "service": "no-such-service"}}
 }}"#
         );
-        let snapshot =
-            Snapshot::compile(config, &keys, 1, &HealthBook::default()).expect("snapshot");
+        let snapshot = Snapshot::compile(config, &keys, 1, &Carried::default()).expect("snapshot");
         assert_eq!(snapshot.router.len(), ROUTES.len());
         assert_eq!(snapshot.keys.len(), KEYS.len());
         assert!(KNOWN_KEYS.iter().all(|k| KEYS.iter().any(|m| m.key == *k)));

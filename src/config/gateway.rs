@@ -9,13 +9,14 @@
 
 use std::collections::HashSet;
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::num::NonZeroUsize;
+use std::num::{NonZeroU32, NonZeroUsize};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
 use super::error::{LoadError, Location};
+use super::values::{ByteSize, IpRange, Rate};
 
 /// Where audit lines go: a file the gateway appends to, or its stderr.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,7 +61,44 @@ pub struct FileConfig {
     upgrade_sock: Option<PathBuf>,
     #[serde(default)]
     underscores_in_headers: bool,
+    #[serde(default)]
+    rate_limit: Option<Rate>,
+    #[serde(default)]
+    max_concurrent: Option<NonZeroU32>,
+    #[serde(default)]
+    max_body_size: Option<ByteSize>,
+    #[serde(default)]
+    allow: Option<Vec<IpRange>>,
+    #[serde(default)]
+    trusted_proxies: Vec<IpRange>,
+    #[serde(default)]
+    failed_key_throttle: Option<FileThrottle>,
     routes: Vec<FileRoute>,
+}
+
+/// `failed_key_throttle: {enabled, max_failures, window, cooldown}` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileThrottle {
+    #[serde(default = "yes")]
+    enabled: bool,
+    #[serde(default)]
+    max_failures: Option<NonZeroU32>,
+    #[serde(default)]
+    window: Option<Timeout>,
+    #[serde(default)]
+    cooldown: Option<Timeout>,
+}
+
+/// `cors: {origins, max_age, headers}` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileCors {
+    origins: Vec<Origin>,
+    #[serde(default)]
+    max_age: Option<Timeout>,
+    #[serde(default)]
+    headers: Option<Vec<NonEmpty>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -82,6 +120,16 @@ struct FileRoute {
     health_check: Option<FileHealthCheck>,
     #[serde(default)]
     websocket: bool,
+    #[serde(default)]
+    rate_limit: Option<Rate>,
+    #[serde(default)]
+    max_concurrent: Option<NonZeroU32>,
+    #[serde(default)]
+    max_body_size: Option<ByteSize>,
+    #[serde(default)]
+    allow: Option<Vec<IpRange>>,
+    #[serde(default)]
+    cors: Option<FileCors>,
 }
 
 /// `health_check: {path: /, interval: 5s, timeout: 1s}` as written.
@@ -129,8 +177,75 @@ pub struct Config {
     /// `underscores_in_headers`). Off by default: CGI-style servers read
     /// `X_Gateway_User` and `X-Gateway-User` as the same variable.
     pub underscores_in_headers: bool,
+    /// Defaults for every route; a route's own and a key's own win.
+    pub limits: Limits,
+    /// Client addresses allowed at all; `None` allows every address.
+    pub allow: Option<Vec<IpRange>>,
+    /// Peers whose `X-Forwarded-For` names the client.
+    pub trusted_proxies: Vec<IpRange>,
+    pub failed_key_throttle: ThrottleSpec,
     pub routes: Vec<RouteSpec>,
 }
+
+/// Per-request limits at one level (global, route or key); `None` leaves
+/// the choice to the level below.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Limits {
+    pub rate: Option<Rate>,
+    pub max_concurrent: Option<NonZeroU32>,
+    /// The largest request body, in bytes.
+    pub max_body: Option<u64>,
+}
+
+impl Limits {
+    /// `self` where it says something, else `fallback`.
+    pub fn or(self, fallback: Limits) -> Limits {
+        Limits {
+            rate: self.rate.or(fallback.rate),
+            max_concurrent: self.max_concurrent.or(fallback.max_concurrent),
+            max_body: self.max_body.or(fallback.max_body),
+        }
+    }
+}
+
+/// Blocking client addresses that keep presenting bad keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ThrottleSpec {
+    pub enabled: bool,
+    /// Failed key checks allowed within `window`; the next request is 429.
+    pub max_failures: NonZeroU32,
+    pub window: Duration,
+    /// How long a blocked address stays blocked.
+    pub cooldown: Duration,
+}
+
+impl Default for ThrottleSpec {
+    /// 20 failures a minute is far more than a person retyping a key makes.
+    fn default() -> Self {
+        ThrottleSpec {
+            enabled: true,
+            max_failures: NonZeroU32::new(20).unwrap_or(NonZeroU32::MIN),
+            window: Duration::from_secs(60),
+            cooldown: Duration::from_secs(300),
+        }
+    }
+}
+
+/// CORS for a route: which browser origins may call it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CorsSpec {
+    /// Exact origins (`https://chat.example`), or `*` for any.
+    pub origins: Vec<String>,
+    pub max_age: Duration,
+    /// Request headers a page may send (`Access-Control-Allow-Headers`).
+    pub headers: Vec<String>,
+}
+
+/// The request headers a browser page may send by default: the two ways to
+/// present a key, and JSON bodies.
+pub const DEFAULT_CORS_HEADERS: [&str; 3] = ["authorization", "content-type", "x-api-key"];
+/// How long a browser may cache a preflight answer unless a route says.
+pub const DEFAULT_CORS_MAX_AGE: Duration = Duration::from_secs(600);
 
 /// One route, validated.
 #[derive(Debug, Clone)]
@@ -151,6 +266,11 @@ pub struct RouteSpec {
     /// Whether websocket upgrades may pass: the connection then becomes a
     /// tunnel carrying the identity of the key that opened it.
     pub websocket: bool,
+    /// This route's defaults (over the global ones, under a key's own).
+    pub limits: Limits,
+    /// Client addresses allowed on this route; `None` allows every address.
+    pub allow: Option<Vec<IpRange>>,
+    pub cors: Option<CorsSpec>,
 }
 
 impl Config {
@@ -292,6 +412,8 @@ impl FileConfig {
                     ))
                 }
             };
+            let allow = non_empty_allow(path, &format!("route {name:?}: allow"), r.allow)?;
+            let cors = cors_headers_valid(path, &name, r.cors)?;
             routes.push(RouteSpec {
                 name,
                 path_prefix: r.path_prefix.0,
@@ -307,6 +429,20 @@ impl FileConfig {
                     timeout: h.timeout.map_or(DEFAULT_CHECK_TIMEOUT, |t| t.0),
                 }),
                 websocket: r.websocket,
+                limits: Limits {
+                    rate: r.rate_limit,
+                    max_concurrent: r.max_concurrent,
+                    max_body: r.max_body_size.map(|b| b.0),
+                },
+                allow,
+                cors: cors.map(|c| CorsSpec {
+                    origins: c.origins.into_iter().map(|o| o.0).collect(),
+                    max_age: c.max_age.map_or(DEFAULT_CORS_MAX_AGE, |t| t.0),
+                    headers: c.headers.map_or_else(
+                        || DEFAULT_CORS_HEADERS.map(String::from).to_vec(),
+                        |h| h.into_iter().map(|n| n.0.to_ascii_lowercase()).collect(),
+                    ),
+                }),
             });
         }
 
@@ -352,6 +488,24 @@ impl FileConfig {
                 .upgrade_sock
                 .map_or_else(|| PathBuf::from(DEFAULT_UPGRADE_SOCK), |p| base.join(p)),
             underscores_in_headers: self.underscores_in_headers,
+            limits: Limits {
+                rate: self.rate_limit,
+                max_concurrent: self.max_concurrent,
+                max_body: self.max_body_size.map(|b| b.0),
+            },
+            allow: non_empty_allow(path, "allow", self.allow)?,
+            trusted_proxies: self.trusted_proxies,
+            failed_key_throttle: self
+                .failed_key_throttle
+                .map_or_else(ThrottleSpec::default, |t| {
+                    let d = ThrottleSpec::default();
+                    ThrottleSpec {
+                        enabled: t.enabled,
+                        max_failures: t.max_failures.unwrap_or(d.max_failures),
+                        window: t.window.map_or(d.window, |w| w.0),
+                        cooldown: t.cooldown.map_or(d.cooldown, |c| c.0),
+                    }
+                }),
             routes,
         })
     }
@@ -405,6 +559,47 @@ fn locate(text: &str, key: &str, value: &str, nth: usize) -> Location {
         }
     }
     Location::default()
+}
+
+/// CORS header names must be header names: they are sent back verbatim.
+fn cors_headers_valid(
+    path: &Path,
+    route: &str,
+    cors: Option<FileCors>,
+) -> Result<Option<FileCors>, LoadError> {
+    if let Some(bad) = cors
+        .as_ref()
+        .and_then(|c| c.headers.as_ref())
+        .and_then(|h| {
+            h.iter()
+                .find(|n| http::HeaderName::from_bytes(n.0.as_bytes()).is_err())
+        })
+    {
+        return Err(LoadError::invalid(
+            path,
+            format!(
+                "route {route:?}: cors header {:?} is not a header name",
+                bad.0
+            ),
+        ));
+    }
+    Ok(cors)
+}
+
+/// An `allow` list, which must name someone: an empty one would lock
+/// everybody out, which is never what was meant.
+fn non_empty_allow(
+    path: &Path,
+    what: &str,
+    allow: Option<Vec<IpRange>>,
+) -> Result<Option<Vec<IpRange>>, LoadError> {
+    match allow {
+        Some(list) if list.is_empty() => Err(LoadError::invalid(
+            path,
+            format!("{what} is empty: nobody could connect; leave it out to allow every address"),
+        )),
+        other => Ok(other),
+    }
 }
 
 /// Resolves `host:port` once, at load, so the request path never touches DNS.
@@ -545,6 +740,28 @@ impl<'de> Deserialize<'de> for MethodName {
             )));
         }
         Ok(MethodName(s.to_ascii_uppercase()))
+    }
+}
+
+/// A CORS origin: `*`, or `scheme://host[:port]` exactly as browsers send
+/// it in `Origin` (no path, no trailing slash).
+#[derive(Debug)]
+struct Origin(String);
+
+impl<'de> Deserialize<'de> for Origin {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let t = s.trim();
+        let ok = t == "*"
+            || t.split_once("://").is_some_and(|(scheme, rest)| {
+                !scheme.is_empty() && !rest.is_empty() && !rest.contains('/')
+            });
+        if !ok {
+            return Err(serde::de::Error::custom(format!(
+                "origin {s:?} must be * or scheme://host[:port], such as https://chat.example"
+            )));
+        }
+        Ok(Origin(t.to_string()))
     }
 }
 

@@ -10,10 +10,12 @@
 
 mod error;
 mod gateway;
+mod values;
 
 pub use error::{LoadError, Location};
 pub use gateway::{
-    AuditDest, Config, FileConfig, HealthCheckSpec, RouteSpec, DEFAULT_CHECK_INTERVAL,
-    DEFAULT_CHECK_TIMEOUT, DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT, DEFAULT_SHUTDOWN_GRACE,
-    DEFAULT_UPGRADE_SOCK,
+    AuditDest, Config, CorsSpec, FileConfig, HealthCheckSpec, Limits, RouteSpec, ThrottleSpec,
+    DEFAULT_CHECK_INTERVAL, DEFAULT_CHECK_TIMEOUT, DEFAULT_CONNECT_TIMEOUT, DEFAULT_CORS_HEADERS,
+    DEFAULT_CORS_MAX_AGE, DEFAULT_READ_TIMEOUT, DEFAULT_SHUTDOWN_GRACE, DEFAULT_UPGRADE_SOCK,
 };
+pub use values::{any_contains, ByteSize, IpRange, Rate};

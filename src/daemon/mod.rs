@@ -75,7 +75,7 @@ pub fn catch_signals() -> std::io::Result<Signals> {
 /// listening sockets are taken over from a running gateway instead of bound.
 pub fn run(config_path: &Path, upgrade: bool, signals: Signals) -> Result<(), StartError> {
     let carried = Arc::new(Carried::default());
-    let (snapshot, took) = load_timed(config_path, 1, &carried.upstreams)?;
+    let (snapshot, took) = load_timed(config_path, 1, &carried)?;
     for w in &snapshot.warnings {
         warn!("{w}");
     }
@@ -148,7 +148,12 @@ pub fn run(config_path: &Path, upgrade: bool, signals: Signals) -> Result<(), St
 
     let mut service = pingora::proxy::http_proxy_service_with_name(
         &server.configuration,
-        Gateway::new(Arc::clone(&shared), Arc::clone(&metrics), audit),
+        Gateway::new(
+            Arc::clone(&shared),
+            Arc::clone(&carried),
+            Arc::clone(&metrics),
+            audit,
+        ),
         "ai-gateway",
     );
     for addr in &config.listen {

@@ -49,7 +49,7 @@ impl Reloader {
     pub fn reload(&self, why: &str) -> Result<u64, LoadError> {
         let current = self.shared.load_full();
         let generation = current.snapshot.generation + 1;
-        match load_timed(&self.config_path, generation, &self.carried.upstreams) {
+        match load_timed(&self.config_path, generation, &self.carried) {
             Ok((snapshot, took)) => {
                 let restart = current
                     .snapshot

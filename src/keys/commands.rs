@@ -12,8 +12,8 @@ use serde_json::{json, Value};
 use super::digest::{KeyDigest, DIGEST_PREFIX};
 use super::file::{entry_digest, is_plaintext, write_atomically, KeyFile, Lock};
 use super::store::{parse_timestamp, unix_millis};
-use crate::config::Config;
 use crate::config::LoadError;
+use crate::config::{Config, Rate};
 
 /// Every generated key starts with this, so secret scanners and people can
 /// tell what a leaked string is.
@@ -62,6 +62,9 @@ pub struct NewKey<'a> {
     /// RFC 3339, or a duration from now such as `30d`.
     pub expires: Option<&'a str>,
     pub note: Option<&'a str>,
+    /// `60/min`, `5/s`, ...
+    pub rate_limit: Option<&'a str>,
+    pub max_concurrent: Option<std::num::NonZeroU32>,
 }
 
 /// Adds a new key to the file and returns `(key, id)`. Only the key's
@@ -80,6 +83,10 @@ pub fn keygen(
         ));
     }
     let expires_at = req.expires.map(|e| expiry(e, now)).transpose()?;
+    let rate = req
+        .rate_limit
+        .map(|r| Rate::parse(r).map_err(|e| KeyToolError::Usage(format!("--rate-limit: {e}"))))
+        .transpose()?;
 
     let key = generate_key()?;
     let digest = KeyDigest::of(key.as_bytes());
@@ -98,6 +105,12 @@ pub fn keygen(
     }
     if let Some(n) = req.note {
         entry.insert("note".into(), json!(n));
+    }
+    if let Some(r) = rate {
+        entry.insert("rate_limit".into(), json!(r.to_string()));
+    }
+    if let Some(m) = req.max_concurrent {
+        entry.insert("max_concurrent".into(), json!(m.get()));
     }
 
     let _lock = Lock::acquire(keys_path)?;
@@ -398,6 +411,8 @@ mod tests {
                 services: &services,
                 expires: Some("30d"),
                 note: Some("laptop"),
+                rate_limit: None,
+                max_concurrent: None,
             },
             now,
         )
@@ -430,6 +445,8 @@ mod tests {
                     services,
                     expires,
                     note: None,
+                    rate_limit: None,
+                    max_concurrent: None,
                 },
                 SystemTime::now(),
             )

@@ -16,6 +16,7 @@ use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::hash::{BuildHasherDefault, Hash};
+use std::num::NonZeroU32;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -26,7 +27,7 @@ use serde::de::{DeserializeSeed, Error as _, MapAccess, Visitor};
 use serde::Deserialize;
 
 use super::digest::{DigestHasher, KeyDigest, KeyId, DIGEST_PREFIX};
-use crate::config::LoadError;
+use crate::config::{Limits, LoadError, Rate};
 
 /// An index into the route table's list of services.
 pub type ServiceId = u16;
@@ -92,10 +93,14 @@ pub struct User {
 /// What the store keeps per key: small, so a million keys fit comfortably.
 #[derive(Debug, Clone, Copy)]
 struct KeyRecord {
-    user: u32,
-    grant: u32,
     /// Milliseconds since the Unix epoch; `i64::MAX` for never.
     expires_at_ms: i64,
+    user: u32,
+    grant: u32,
+    /// Index into the store's limit sets; 0 is "none of its own".
+    limits: u32,
+    /// The key's position in the file, which numbers its per-key state.
+    ordinal: u32,
     disabled: bool,
 }
 
@@ -115,6 +120,12 @@ pub enum KeyDenial {
 pub struct Principal<'a> {
     pub id: KeyId,
     pub user: &'a User,
+    /// The key's own limits (rate, concurrency), before route and global
+    /// defaults.
+    pub limits: Limits,
+    /// The key's number in its store, `0..len()`: the index of its per-key
+    /// state.
+    pub ordinal: u32,
 }
 
 /// The compiled, immutable key set.
@@ -123,6 +134,8 @@ pub struct KeyStore {
     by_digest: HashMap<KeyDigest, KeyRecord, BuildHasherDefault<DigestHasher>>,
     users: Vec<User>,
     grants: Vec<Grant>,
+    /// Distinct limit sets of keys; the first is "none".
+    limits: Vec<Limits>,
     /// How many entries were stored in plaintext in the file.
     pub plaintext_entries: usize,
     /// Services named by keys that no route serves (likely typos), with how
@@ -165,6 +178,16 @@ impl KeyStore {
         self.by_digest.len()
     }
 
+    /// Every key's id and ordinal, for building per-key state.
+    pub fn ids(&self) -> impl Iterator<Item = (KeyId, u32)> + '_ {
+        self.by_digest.iter().map(|(d, r)| (d.id(), r.ordinal))
+    }
+
+    /// Whether some key sets a limit of its own.
+    pub fn any_own_limits(&self) -> bool {
+        self.limits.iter().any(|l| *l != Limits::default())
+    }
+
     pub fn is_empty(&self) -> bool {
         self.by_digest.is_empty()
     }
@@ -205,6 +228,12 @@ impl KeyStore {
         Ok(Principal {
             id: digest.id(),
             user,
+            limits: self
+                .limits
+                .get(rec.limits as usize)
+                .copied()
+                .unwrap_or_default(),
+            ordinal: rec.ordinal,
         })
     }
 }
@@ -233,6 +262,10 @@ struct RawEntry<'a> {
     expires_at: Option<Text<'a>>,
     #[serde(default)]
     disabled: Option<bool>,
+    #[serde(default)]
+    rate_limit: Option<Rate>,
+    #[serde(default)]
+    max_concurrent: Option<NonZeroU32>,
 }
 
 /// A string borrowed from the input when it has no escapes, owned otherwise.
@@ -373,10 +406,20 @@ impl<'s> KeyStoreBuilder<'s> {
             .user_for(&raw.user)
             .map_err(|e| format!("key {id}: {e}"))?;
 
+        let own = Limits {
+            rate: raw.rate_limit,
+            max_concurrent: raw.max_concurrent,
+            max_body: None,
+        };
+        let limits = self.limits_for(own);
+        let ordinal =
+            u32::try_from(self.store.by_digest.len()).map_err(|_| "too many keys".to_string())?;
         let record = KeyRecord {
+            expires_at_ms,
             user,
             grant,
-            expires_at_ms,
+            limits,
+            ordinal,
             disabled: raw.disabled.unwrap_or(false),
         };
         if let Some(prev) = self.store.by_digest.insert(digest, record) {
@@ -394,6 +437,22 @@ impl<'s> KeyStoreBuilder<'s> {
             self.store.plaintext_entries += 1;
         }
         Ok(())
+    }
+
+    /// The index of `own` among the store's limit sets (few distinct ones:
+    /// a linear search is fine).
+    fn limits_for(&mut self, own: Limits) -> u32 {
+        let sets = &mut self.store.limits;
+        if sets.is_empty() {
+            sets.push(Limits::default());
+        }
+        match sets.iter().position(|l| *l == own) {
+            Some(i) => u32::try_from(i).unwrap_or(0),
+            None => {
+                sets.push(own);
+                u32::try_from(sets.len() - 1).unwrap_or(0)
+            }
+        }
     }
 
     fn user_for(&mut self, name: &str) -> Result<u32, String> {

@@ -8,7 +8,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::time::{Duration, SystemTime};
@@ -29,7 +29,7 @@ pub struct AuditRecord {
     #[serde(serialize_with = "rfc3339")]
     pub ts: SystemTime,
     pub request_id: String,
-    pub client: Option<SocketAddr>,
+    pub client: Option<ClientAddr>,
     pub method: String,
     pub path: String,
     pub route: Option<String>,
@@ -46,6 +46,38 @@ pub struct AuditRecord {
     pub ttfb_ms: Option<Duration>,
     pub bytes_in: u64,
     pub bytes_out: u64,
+}
+
+/// Where a request came from: the socket's peer, or the client a trusted
+/// proxy named in `X-Forwarded-For` (no port then).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAddr {
+    Peer(SocketAddr),
+    Forwarded(IpAddr),
+}
+
+impl ClientAddr {
+    pub fn ip(self) -> IpAddr {
+        match self {
+            ClientAddr::Peer(a) => a.ip(),
+            ClientAddr::Forwarded(ip) => ip,
+        }
+    }
+}
+
+impl std::fmt::Display for ClientAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ClientAddr::Peer(a) => a.fmt(f),
+            ClientAddr::Forwarded(ip) => ip.fmt(f),
+        }
+    }
+}
+
+impl Serialize for ClientAddr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
 }
 
 fn rfc3339<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
@@ -168,7 +200,7 @@ mod tests {
         AuditRecord {
             ts: SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_123),
             request_id: "r1".into(),
-            client: Some("127.0.0.1:5000".parse().unwrap()),
+            client: Some(ClientAddr::Peer("127.0.0.1:5000".parse().unwrap())),
             method: "POST".into(),
             path: path.into(),
             route: Some("chat".into()),

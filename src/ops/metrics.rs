@@ -280,7 +280,8 @@ impl Metrics {
 
     /// Counts a refusal under its label (and a key refusal as a failed key).
     pub fn refused(&self, why: Refusal) {
-        if let Some(i) = Refusal::ALL.iter().position(|k| *k == why) {
+        // By label: kinds that carry a value (a Retry-After) are one kind.
+        if let Some(i) = Refusal::ALL.iter().position(|k| k.label() == why.label()) {
             if let Some(c) = self.refused.get(i) {
                 c.inc();
             }

@@ -18,6 +18,6 @@ mod metrics;
 pub mod request_id;
 
 pub use admin::Admin;
-pub use audit::{AuditLog, AuditRecord, QUEUE_LEN};
+pub use audit::{AuditLog, AuditRecord, ClientAddr, QUEUE_LEN};
 pub use live::{Live, SharedLive};
 pub use metrics::{Metrics, RouteMetrics, UpstreamErrorKind, NO_ROUTE};

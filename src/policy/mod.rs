@@ -12,6 +12,7 @@
 //!
 //! May import: `config`, `keys`, `state`.
 
+mod client;
 mod credentials;
 mod path;
 mod refusal;
@@ -19,9 +20,10 @@ mod request;
 mod routes;
 mod snapshot;
 
+pub use client::client_ip;
 pub use credentials::{presented_key, Credential};
 pub use path::is_ambiguous_path;
 pub use refusal::{ExtraHeader, Refusal, CHALLENGE};
 pub use request::{Request, Upgrade};
-pub use routes::{Route, Router, Upstream, UPSTREAM_IDLE_TIMEOUT};
+pub use routes::{Cors, Route, Router, Upstream, UPSTREAM_IDLE_TIMEOUT};
 pub use snapshot::{load_timed, Decision, Snapshot};

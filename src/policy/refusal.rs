@@ -38,7 +38,22 @@ pub enum Refusal {
     UpgradeNotAllowed,
     /// Two different keys in one request.
     ConflictingKeys,
+    /// The client's address is not in an `allow` list.
+    IpNotAllowed,
+    /// A CORS preflight from an allowed origin, answered by the gateway:
+    /// browsers send it without a key.
+    Preflight,
+    /// Too many failed key checks from the client's address lately.
+    KeyThrottled {
+        retry_after_s: u32,
+    },
     Key(KeyDenial),
+    /// The key's request rate is used up until the window ends.
+    RateLimited {
+        retry_after_s: u32,
+    },
+    /// The key has as many requests in flight as it may.
+    TooManyConcurrent,
     /// A request Pingora could not read (a malformed body, say).
     BadRequest,
     BodyTooLarge,
@@ -56,6 +71,10 @@ pub enum ExtraHeader {
     Allow,
     /// `WWW-Authenticate`, with this challenge.
     Challenge(&'static str),
+    /// `Retry-After`, in whole seconds.
+    RetryAfter(u32),
+    /// The route's CORS preflight headers.
+    Preflight,
 }
 
 /// The `WWW-Authenticate` challenge sent with every 401.
@@ -64,7 +83,7 @@ pub const CHALLENGE: &str = "Bearer realm=\"ai-gateway\"";
 impl Refusal {
     /// Every kind, for metrics that are resolved once at start and for
     /// tests that must cover them all.
-    pub const ALL: [Refusal; 21] = [
+    pub const ALL: [Refusal; 26] = [
         Refusal::BadFraming,
         Refusal::InvalidContentLength,
         Refusal::InvalidTransferEncoding,
@@ -76,6 +95,11 @@ impl Refusal {
         Refusal::MethodNotAllowed,
         Refusal::UpgradeNotAllowed,
         Refusal::ConflictingKeys,
+        Refusal::IpNotAllowed,
+        Refusal::Preflight,
+        Refusal::KeyThrottled { retry_after_s: 1 },
+        Refusal::RateLimited { retry_after_s: 1 },
+        Refusal::TooManyConcurrent,
         Refusal::Key(KeyDenial::Missing),
         Refusal::Key(KeyDenial::Unknown),
         Refusal::Key(KeyDenial::Expired),
@@ -91,6 +115,11 @@ impl Refusal {
     /// The HTTP status of the reply.
     pub const fn status(self) -> u16 {
         match self {
+            Refusal::Preflight => 204,
+            Refusal::IpNotAllowed => 403,
+            Refusal::KeyThrottled { .. }
+            | Refusal::RateLimited { .. }
+            | Refusal::TooManyConcurrent => 429,
             Refusal::BadFraming
             | Refusal::InvalidContentLength
             | Refusal::InvalidTransferEncoding
@@ -116,6 +145,11 @@ impl Refusal {
     /// clients may match on them, so they do not change.
     pub const fn body(self) -> &'static str {
         match self {
+            Refusal::Preflight => "",
+            Refusal::IpNotAllowed => r#"{"error":"address not allowed"}"#,
+            Refusal::KeyThrottled { .. } => r#"{"error":"too many failed key attempts"}"#,
+            Refusal::RateLimited { .. } => r#"{"error":"rate limit exceeded"}"#,
+            Refusal::TooManyConcurrent => r#"{"error":"too many concurrent requests"}"#,
             Refusal::BadFraming => r#"{"error":"both content-length and transfer-encoding"}"#,
             Refusal::InvalidContentLength => r#"{"error":"invalid content-length"}"#,
             Refusal::InvalidTransferEncoding => r#"{"error":"invalid transfer-encoding"}"#,
@@ -146,6 +180,11 @@ impl Refusal {
     /// client sent.
     pub const fn label(self) -> &'static str {
         match self {
+            Refusal::Preflight => "preflight",
+            Refusal::IpNotAllowed => "ip_not_allowed",
+            Refusal::KeyThrottled { .. } => "key_throttled",
+            Refusal::RateLimited { .. } => "rate_limited",
+            Refusal::TooManyConcurrent => "too_many_concurrent",
             Refusal::BadFraming => "bad_framing",
             Refusal::InvalidContentLength => "invalid_content_length",
             Refusal::InvalidTransferEncoding => "invalid_transfer_encoding",
@@ -173,6 +212,10 @@ impl Refusal {
     pub const fn extra_header(self) -> Option<ExtraHeader> {
         match self {
             Refusal::MethodNotAllowed => Some(ExtraHeader::Allow),
+            Refusal::Preflight => Some(ExtraHeader::Preflight),
+            Refusal::KeyThrottled { retry_after_s } | Refusal::RateLimited { retry_after_s } => {
+                Some(ExtraHeader::RetryAfter(retry_after_s))
+            }
             Refusal::Key(k) if !matches!(k, KeyDenial::WrongService) => {
                 Some(ExtraHeader::Challenge(CHALLENGE))
             }
@@ -187,6 +230,18 @@ impl Refusal {
             _ => None,
         }
     }
+
+    /// Whether this counts as a failed key check for the throttle: no key,
+    /// or one that does not work at all. A valid key on a route it is not
+    /// granted is no guess.
+    pub const fn is_failed_key(self) -> bool {
+        matches!(
+            self,
+            Refusal::Key(
+                KeyDenial::Missing | KeyDenial::Unknown | KeyDenial::Expired | KeyDenial::Disabled
+            )
+        )
+    }
 }
 
 #[cfg(test)]
@@ -195,7 +250,7 @@ mod tests {
 
     #[test]
     fn every_body_is_json_with_an_error_field() {
-        for r in Refusal::ALL {
+        for r in Refusal::ALL.into_iter().filter(|r| r.status() != 204) {
             let v: serde_json::Value = serde_json::from_str(r.body()).unwrap();
             assert!(v.get("error").and_then(|e| e.as_str()).is_some(), "{r:?}");
         }
@@ -227,7 +282,14 @@ mod tests {
 
     #[test]
     fn labels_are_metric_safe_words() {
+        let mut seen = std::collections::HashMap::new();
         for r in Refusal::ALL {
+            if let Some(other) = seen.insert(r.label(), r) {
+                assert!(
+                    matches!(other, Refusal::UpstreamUnavailable) && r == Refusal::UpstreamTimeout,
+                    "{other:?} and {r:?} share a label"
+                );
+            }
             let l = r.label();
             assert!(
                 !l.is_empty() && l.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'),

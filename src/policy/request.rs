@@ -1,7 +1,9 @@
 //! What the decision looks at in a request, read off its head once.
 
-use http::header::UPGRADE;
-use http::{HeaderMap, Method, Version};
+use std::net::IpAddr;
+
+use http::header::{ACCESS_CONTROL_REQUEST_METHOD, CONTENT_LENGTH, ORIGIN, UPGRADE};
+use http::{HeaderMap, HeaderValue, Method, Version};
 
 use super::credentials::{presented_key, Credential};
 
@@ -14,7 +16,19 @@ pub struct Request<'a> {
     pub credential: Credential<'a>,
     /// What the client asks to switch to (`Upgrade`), if anything.
     pub upgrade: Option<Upgrade>,
+    /// The client's address (the socket's peer, or from `X-Forwarded-For`
+    /// when the peer is a trusted proxy).
+    pub client: IpAddr,
+    /// The page that sent it (`Origin`), for CORS.
+    pub origin: Option<&'a HeaderValue>,
+    /// An `OPTIONS` with `Access-Control-Request-Method`: a CORS preflight.
+    pub preflight: bool,
+    /// The declared body size (already checked to be one decimal number).
+    pub content_length: Option<u64>,
 }
+
+/// The address a request without one is taken to come from (benches, tests).
+const UNSPECIFIED: IpAddr = IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED);
 
 /// A protocol switch a client asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,6 +47,7 @@ impl<'a> Request<'a> {
         path: &'a str,
         version: Version,
         headers: &'a HeaderMap,
+        client: IpAddr,
     ) -> Self {
         let upgrade = match headers.get(UPGRADE) {
             Some(v) if version == Version::HTTP_11 => {
@@ -49,6 +64,14 @@ impl<'a> Request<'a> {
             path,
             credential: presented_key(headers),
             upgrade,
+            client,
+            origin: headers.get(ORIGIN),
+            preflight: method == Method::OPTIONS
+                && headers.contains_key(ACCESS_CONTROL_REQUEST_METHOD),
+            content_length: headers
+                .get(CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok()),
         }
     }
 
@@ -60,6 +83,10 @@ impl<'a> Request<'a> {
             path,
             credential,
             upgrade: None,
+            client: UNSPECIFIED,
+            origin: None,
+            preflight: false,
+            content_length: None,
         }
     }
 }

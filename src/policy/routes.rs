@@ -15,7 +15,7 @@ use std::time::Duration;
 use http::{HeaderValue, Method};
 use pingora::upstreams::peer::HttpPeer;
 
-use crate::config::{HealthCheckSpec, RouteSpec};
+use crate::config::{CorsSpec, HealthCheckSpec, IpRange, Limits, RouteSpec};
 use crate::keys::{ServiceId, ServiceTable};
 use crate::state::{HealthBook, UpstreamHealth};
 
@@ -42,6 +42,47 @@ pub struct Route {
     health_check: Option<HealthCheckSpec>,
     /// Whether websocket upgrades may pass (`websocket: true`).
     pub websocket: bool,
+    /// The route's own limits (a key's own win; global ones fill the rest).
+    pub limits: Limits,
+    /// Client addresses allowed; `None` allows every address.
+    pub allowed_clients: Option<Box<[IpRange]>>,
+    pub cors: Option<Cors>,
+}
+
+/// A route's CORS answers, built once.
+#[derive(Debug)]
+pub struct Cors {
+    /// `*` was listed: every origin is allowed (and echoed back).
+    any: bool,
+    origins: Box<[Box<[u8]>]>,
+    pub allow_methods: HeaderValue,
+    pub allow_headers: HeaderValue,
+    pub max_age: HeaderValue,
+}
+
+/// `Access-Control-Allow-Methods` of a route that allows every method.
+const ALL_METHODS: &str = "GET, POST, PUT, PATCH, DELETE, OPTIONS";
+
+impl Cors {
+    fn build(spec: &CorsSpec, methods: Option<&[String]>) -> Option<Cors> {
+        let allow_methods = match methods {
+            Some(ms) => HeaderValue::from_str(&ms.join(", ")).ok()?,
+            None => HeaderValue::from_static(ALL_METHODS),
+        };
+        Some(Cors {
+            any: spec.origins.iter().any(|o| o == "*"),
+            origins: spec.origins.iter().map(|o| o.as_bytes().into()).collect(),
+            allow_methods,
+            allow_headers: HeaderValue::from_str(&spec.headers.join(", ")).ok()?,
+            max_age: HeaderValue::from(spec.max_age.as_secs()),
+        })
+    }
+
+    /// Whether a page from `origin` may call the route.
+    #[inline]
+    pub fn allows(&self, origin: &[u8]) -> bool {
+        self.any || self.origins.iter().any(|o| **o == *origin)
+    }
 }
 
 /// One upstream of a route: its peer, built once with the route's
@@ -85,7 +126,20 @@ impl Route {
             next: AtomicUsize::new(0),
             health_check: spec.health_check.clone(),
             websocket: spec.websocket,
+            limits: spec.limits,
+            allowed_clients: spec.allow.as_deref().map(Box::from),
+            cors: spec
+                .cors
+                .as_ref()
+                .and_then(|c| Cors::build(c, spec.methods.as_deref())),
         }
+    }
+
+    /// The request's origin, if the route has CORS and allows it.
+    #[inline]
+    pub fn cors_origin<'o>(&self, origin: Option<&'o HeaderValue>) -> Option<&'o HeaderValue> {
+        let cors = self.cors.as_ref()?;
+        origin.filter(|o| cors.allows(o.as_bytes()))
     }
 
     #[inline]
@@ -248,6 +302,9 @@ mod tests {
             read_timeout: Duration::from_secs(2),
             health_check: None,
             websocket: false,
+            limits: Default::default(),
+            allow: None,
+            cors: None,
         }
     }
 

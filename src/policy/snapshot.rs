@@ -6,6 +6,7 @@
 //! under a request in flight, and the hot path takes no lock.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Instant;
 
 use super::credentials::Credential;
@@ -13,9 +14,9 @@ use super::path::is_ambiguous_path;
 use super::refusal::Refusal;
 use super::request::{Request, Upgrade};
 use super::routes::{Route, Router};
-use crate::config::{Config, LoadError};
+use crate::config::{any_contains, Config, Limits, LoadError};
 use crate::keys::{KeyStore, Principal, ServiceTable};
-use crate::state::HealthBook;
+use crate::state::{Carried, InFlightGuard, KeyCounter};
 
 /// Everything a request decision needs, built once per load.
 #[derive(Debug)]
@@ -28,6 +29,10 @@ pub struct Snapshot {
     pub generation: u64,
     /// Things worth an operator's attention that did not stop the load.
     pub warnings: Vec<String>,
+    /// Per-key rate and concurrency counters by key ordinal, taken from
+    /// [`Carried`] so they outlive the snapshot; empty when no limit is set
+    /// anywhere.
+    key_counters: Box<[Arc<KeyCounter>]>,
 }
 
 impl Snapshot {
@@ -38,12 +43,12 @@ impl Snapshot {
     pub fn load(
         config_path: &Path,
         generation: u64,
-        health: &HealthBook,
+        carried: &Carried,
     ) -> Result<Snapshot, LoadError> {
         let config = Config::load(config_path)?;
         let keys_text = std::fs::read_to_string(&config.keys_file)
             .map_err(|e| LoadError::io(&config.keys_file, e))?;
-        let mut snapshot = Snapshot::compile(config, &keys_text, generation, health)?;
+        let mut snapshot = Snapshot::compile(config, &keys_text, generation, carried)?;
         if let Some(w) = permission_warning(&snapshot.config.keys_file) {
             snapshot.warnings.insert(0, w);
         }
@@ -55,12 +60,27 @@ impl Snapshot {
         config: Config,
         keys_text: &str,
         generation: u64,
-        health: &HealthBook,
+        carried: &Carried,
     ) -> Result<Snapshot, LoadError> {
         let mut services = ServiceTable::default();
-        let router = Router::build(&config.routes, &mut services, health);
+        let router = Router::build(&config.routes, &mut services, &carried.upstreams);
         let keys = KeyStore::parse(&config.keys_file, keys_text, &services)?;
         let warnings = unserved_warnings(&config, &keys);
+        let limited = |l: &Limits| l.rate.is_some() || l.max_concurrent.is_some();
+        let any_limit = limited(&config.limits)
+            || config.routes.iter().any(|r| limited(&r.limits))
+            || keys.any_own_limits();
+        let key_counters = if any_limit {
+            let mut by_ordinal: Vec<_> = keys.ids().collect();
+            by_ordinal.sort_unstable_by_key(|(_, ordinal)| *ordinal);
+            carried
+                .keys
+                .handles(by_ordinal.into_iter().map(|(id, _)| id))
+                .into_boxed_slice()
+        } else {
+            carried.keys.handles(std::iter::empty());
+            Box::default()
+        };
         Ok(Snapshot {
             config,
             router,
@@ -68,6 +88,7 @@ impl Snapshot {
             services,
             generation,
             warnings,
+            key_counters,
         })
     }
 
@@ -88,6 +109,11 @@ impl Snapshot {
     /// refused, so callers never look it up again.
     #[inline]
     pub fn decide(&self, req: &Request<'_>, now_ms: i64) -> Decision<'_> {
+        if let Some(allow) = &self.config.allow {
+            if !any_contains(allow, req.client) {
+                return Decision::refused(None, Refusal::IpNotAllowed);
+            }
+        }
         if is_ambiguous_path(req.path) {
             return Decision::refused(None, Refusal::BadPath);
         }
@@ -95,6 +121,14 @@ impl Snapshot {
             return Decision::refused(None, Refusal::NoRoute);
         };
         let (_, route) = found;
+        if let Some(allow) = &route.allowed_clients {
+            if !any_contains(allow, req.client) {
+                return Decision::refused(Some(found), Refusal::IpNotAllowed);
+            }
+        }
+        if req.preflight && route.cors_origin(req.origin).is_some() {
+            return Decision::refused(Some(found), Refusal::Preflight);
+        }
         if !route.allows_method(req.method) {
             return Decision::refused(Some(found), Refusal::MethodNotAllowed);
         }
@@ -110,12 +144,65 @@ impl Snapshot {
             Credential::Absent => None,
             Credential::Key(k) => Some(k),
         };
+        let verdict = match self.keys.check(key, route.service, now_ms) {
+            Err(denial) => Err(Refusal::Key(denial)),
+            Ok(principal) => {
+                let max_body = route.limits.max_body.or(self.config.limits.max_body);
+                if req
+                    .content_length
+                    .zip(max_body)
+                    .is_some_and(|(n, max)| n > max)
+                {
+                    Err(Refusal::BodyTooLarge)
+                } else {
+                    Ok(principal)
+                }
+            }
+        };
         Decision {
             route: Some(found),
-            verdict: self
-                .keys
-                .check(key, route.service, now_ms)
-                .map_err(Refusal::Key),
+            verdict,
+        }
+    }
+
+    /// The limits that apply to `principal` on `route`: the key's own, else
+    /// the route's, else the global ones.
+    #[inline]
+    pub fn limits_for(&self, principal: &Principal<'_>, route: &Route) -> Limits {
+        principal.limits.or(route.limits).or(self.config.limits)
+    }
+
+    /// Takes what an admitted request uses of its key's limits at `now_ms`
+    /// (a monotonic clock): one request of the rate, and a slot among the
+    /// concurrent ones, held by the guard until the request ends.
+    pub fn admit(
+        &self,
+        principal: &Principal<'_>,
+        route: &Route,
+        now_ms: u64,
+    ) -> Result<Option<InFlightGuard>, Refusal> {
+        let limits = self.limits_for(principal, route);
+        if limits.rate.is_none() && limits.max_concurrent.is_none() {
+            return Ok(None);
+        }
+        let Some(counter) = self.key_counters.get(principal.ordinal as usize) else {
+            return Ok(None);
+        };
+        if let Some(rate) = limits.rate {
+            counter
+                .take(rate, now_ms)
+                .map_err(|wait| Refusal::RateLimited {
+                    retry_after_s: u32::try_from(wait.as_millis().div_ceil(1000))
+                        .unwrap_or(u32::MAX)
+                        .max(1),
+                })?;
+        }
+        match limits.max_concurrent {
+            None => Ok(None),
+            Some(max) => counter
+                .enter(max.get())
+                .map(Some)
+                .ok_or(Refusal::TooManyConcurrent),
         }
     }
 
@@ -177,10 +264,10 @@ impl<'a> Decision<'a> {
 pub fn load_timed(
     config_path: &Path,
     generation: u64,
-    health: &HealthBook,
+    carried: &Carried,
 ) -> Result<(Snapshot, std::time::Duration), LoadError> {
     let start = Instant::now();
-    let snap = Snapshot::load(config_path, generation, health)?;
+    let snap = Snapshot::load(config_path, generation, carried)?;
     Ok((snap, start.elapsed()))
 }
 
@@ -210,7 +297,7 @@ routes:
         let keys = format!(
             r#"{{"sha256:{ro}": {{"user": "reader", "service": "ollama"}}, "admin": {{"user": "root", "service": "*"}}}}"#
         );
-        Snapshot::compile(cfg, &keys, 1, &HealthBook::default()).unwrap()
+        Snapshot::compile(cfg, &keys, 1, &Carried::default()).unwrap()
     }
 
     #[test]

@@ -8,8 +8,9 @@ use http::HeaderValue;
 use prometheus::IntGauge;
 
 use crate::keys::KeyId;
-use crate::ops::Live;
+use crate::ops::{ClientAddr, Live};
 use crate::policy::{Refusal, Route};
+use crate::state::InFlightGuard;
 
 /// Per-request state. The snapshot is taken when the context is made (the
 /// first thing Pingora does with a request), so every later hook, `logging`
@@ -31,6 +32,17 @@ pub struct RequestCtx {
     pub ttfb: Option<Duration>,
     /// Connect attempts retried on another upstream (at most one).
     pub connect_retries: u8,
+    /// The client's address (the peer, or from a trusted proxy's
+    /// `X-Forwarded-For`), as the allowlist, the throttle and the audit
+    /// line see it.
+    pub client: Option<ClientAddr>,
+    /// The page origin to name in CORS headers, when the route allows it.
+    pub cors_origin: Option<HeaderValue>,
+    /// The largest body this request may send, and how much it has sent.
+    pub max_body: Option<u64>,
+    pub body_seen: u64,
+    /// The key's concurrency slot, held until the request ends.
+    pub key_slot: Option<InFlightGuard>,
     _in_flight: InFlight,
 }
 
@@ -73,6 +85,11 @@ impl RequestCtx {
             upstream_status: None,
             ttfb: None,
             connect_retries: 0,
+            client: None,
+            cors_origin: None,
+            max_body: None,
+            body_seen: 0,
+            key_slot: None,
             _in_flight: InFlight::new(in_flight),
         }
     }

@@ -1,11 +1,13 @@
 //! The Pingora `ProxyHttp` implementation: the hooks, in the order Pingora
 //! calls them (see the diagram in the module above).
 
+use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 use async_trait::async_trait;
-use log::debug;
+use bytes::Bytes;
+use log::{debug, warn};
 use pingora::http::ResponseHeader;
 use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
@@ -14,29 +16,44 @@ use pingora::ErrorSource;
 use super::context::{Outcome, RequestCtx};
 use super::framing::check_head;
 use super::headers::{rewrite_for_upstream, Identity};
-use super::reply::{refusal_for, send_refusal, upstream_error_kind};
+use super::reply::{add_cors, refusal_for, send_refusal, upstream_error_kind};
+use crate::config::any_contains;
 use crate::keys::unix_millis;
-use crate::ops::{request_id, AuditLog, AuditRecord, Metrics, SharedLive};
-use crate::policy::{Refusal, Request};
-use crate::state::Transition;
+use crate::ops::{request_id, AuditLog, AuditRecord, ClientAddr, Metrics, SharedLive};
+use crate::policy::{client_ip, Refusal, Request};
+use crate::state::{Carried, Transition};
 
 /// How long an idle client keep-alive connection is kept open. Pingora's
 /// default is forever, which lets idle clients pile up.
 pub const CLIENT_KEEPALIVE_SECS: u64 = 60;
 
-/// The gateway's proxy logic: the snapshot handle, metrics and the audit log.
+/// The address taken for a client whose socket has none (a Unix socket).
+const UNKNOWN_CLIENT: IpAddr = IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED);
+
+/// The gateway's proxy logic: the snapshot handle, the state that outlives
+/// it, metrics and the audit log.
 pub struct Gateway {
     live: SharedLive,
+    carried: Arc<Carried>,
     metrics: Arc<Metrics>,
     audit: Option<AuditLog>,
+    /// The zero of the monotonic clock per-key rate windows are kept in.
+    started: Instant,
 }
 
 impl Gateway {
-    pub fn new(live: SharedLive, metrics: Arc<Metrics>, audit: Option<AuditLog>) -> Self {
+    pub fn new(
+        live: SharedLive,
+        carried: Arc<Carried>,
+        metrics: Arc<Metrics>,
+        audit: Option<AuditLog>,
+    ) -> Self {
         Gateway {
             live,
+            carried,
             metrics,
             audit,
+            started: Instant::now(),
         }
     }
 }
@@ -63,24 +80,62 @@ impl ProxyHttp for Gateway {
         Ok(())
     }
 
-    /// The head checks, then route, method and key: the one decision.
+    /// The head checks, the failed-key throttle, then the one decision
+    /// (addresses, path, route, method, key, body size), then the key's
+    /// rate and concurrency limits.
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let req = session.req_header();
         ctx.request_id = Some(request_id::for_request(req.headers.get("x-request-id")));
-        let verdict = match check_head(session) {
-            Err(refusal) => Err(refusal),
-            Ok(()) => {
-                let now_ms = unix_millis(SystemTime::now());
-                let request =
-                    Request::from_head(&req.method, req.uri.path(), req.version, &req.headers);
-                let decision = ctx.live.snapshot.decide(&request, now_ms);
-                ctx.route_index = decision.route.map(|(i, _)| i);
-                decision.verdict.map(|principal| {
-                    ctx.user = Some(principal.user.header.clone());
-                    ctx.key_id = Some(principal.id);
-                })
+        let snapshot = &ctx.live.snapshot;
+        let config = &snapshot.config;
+        let peer = session.client_addr().and_then(|a| a.as_inet()).copied();
+        let ip = peer.map_or(UNKNOWN_CLIENT, |p| {
+            client_ip(p.ip(), &req.headers, &config.trusted_proxies)
+        });
+        ctx.client = peer.map(|p| {
+            if p.ip() == ip {
+                ClientAddr::Peer(p)
+            } else {
+                ClientAddr::Forwarded(ip)
             }
-        };
+        });
+        let now_ms = unix_millis(SystemTime::now());
+        let now_s = u32::try_from(now_ms / 1000).unwrap_or(u32::MAX);
+        let throttle = &config.failed_key_throttle;
+        let verdict =
+            check_head(session).and_then(|()| match self.carried.failed_keys.blocked(ip, now_s) {
+                Some(retry_after_s) if throttle.enabled => {
+                    Err(Refusal::KeyThrottled { retry_after_s })
+                }
+                _ => Ok(()),
+            });
+        let verdict = verdict.and_then(|()| {
+            let request =
+                Request::from_head(&req.method, req.uri.path(), req.version, &req.headers, ip);
+            let decision = snapshot.decide(&request, now_ms);
+            ctx.route_index = decision.route.map(|(i, _)| i);
+            let route = decision.route.map(|(_, r)| r);
+            ctx.cors_origin = route.and_then(|r| r.cors_origin(request.origin)).cloned();
+            let principal = decision.verdict.inspect_err(|r| {
+                if r.is_failed_key()
+                    && throttle.enabled
+                    && self.carried.failed_keys.failed(ip, now_s, throttle)
+                {
+                    warn!(
+                        "client {ip} blocked for {}s after {} failed key checks",
+                        throttle.cooldown.as_secs(),
+                        throttle.max_failures
+                    );
+                }
+            })?;
+            let route = route.ok_or(Refusal::Internal)?;
+            ctx.user = Some(principal.user.header.clone());
+            ctx.key_id = Some(principal.id);
+            ctx.max_body = snapshot.limits_for(&principal, route).max_body;
+            let now = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+            ctx.key_slot = snapshot.admit(&principal, route, now)?;
+            Ok(())
+        });
         match verdict {
             Ok(()) => {
                 ctx.outcome = Outcome::Accepted;
@@ -89,10 +144,39 @@ impl ProxyHttp for Gateway {
             Err(refusal) => {
                 debug!("refused {} {}: {refusal:?}", req.method, req.uri.path());
                 ctx.outcome = Outcome::Refused(refusal);
-                send_refusal(session, refusal, ctx.route(), ctx.request_id.as_ref()).await?;
+                send_refusal(
+                    session,
+                    refusal,
+                    ctx.route(),
+                    ctx.cors_origin.as_ref(),
+                    ctx.request_id.as_ref(),
+                )
+                .await?;
                 Ok(true)
             }
         }
+    }
+
+    /// Counts a streamed body against the route's `max_body_size`: past it,
+    /// the request fails before the rest goes upstream (the upstream sees
+    /// the request broken off, never a body that looks complete).
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let (Some(max), Some(chunk)) = (ctx.max_body, body.as_ref()) {
+            ctx.body_seen = ctx.body_seen.saturating_add(chunk.len() as u64);
+            if ctx.body_seen > max {
+                return Error::e_explain(
+                    ErrorType::HTTPStatus(413),
+                    "the request body grew past max_body_size",
+                );
+            }
+        }
+        Ok(())
     }
 
     async fn upstream_peer(
@@ -178,15 +262,18 @@ impl ProxyHttp for Gateway {
         upstream_request: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        let config = &ctx.live.snapshot.config;
+        let peer = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
         let who = Identity {
             user: ctx.user.as_ref(),
             request_id: ctx.request_id.as_ref(),
-            client_ip: session
-                .client_addr()
-                .and_then(|a| a.as_inet())
-                .map(|a| a.ip()),
+            peer,
+            peer_trusted: peer.is_some_and(|p| any_contains(&config.trusted_proxies, p)),
         };
-        let underscores = ctx.live.snapshot.config.underscores_in_headers;
+        let underscores = config.underscores_in_headers;
         rewrite_for_upstream(upstream_request, underscores, &who)?;
         let route = ctx.route().ok_or_else(|| internal("no route"))?;
         let uri = &upstream_request.uri;
@@ -226,6 +313,9 @@ impl ProxyHttp for Gateway {
         if let Some(id) = ctx.request_id.clone() {
             upstream_response.insert_header("x-request-id", id)?;
         }
+        if let Some(origin) = &ctx.cors_origin {
+            add_cors(upstream_response, origin)?;
+        }
         Ok(())
     }
 
@@ -241,7 +331,15 @@ impl ProxyHttp for Gateway {
             None => Outcome::ClientGone,
         };
         if let Some(r) = refusal {
-            if let Err(err) = send_refusal(session, r, None, ctx.request_id.as_ref()).await {
+            let sent = send_refusal(
+                session,
+                r,
+                None,
+                ctx.cors_origin.as_ref(),
+                ctx.request_id.as_ref(),
+            )
+            .await;
+            if let Err(err) = sent {
                 debug!("could not send the error response: {err}");
             }
         }
@@ -297,7 +395,7 @@ impl ProxyHttp for Gateway {
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or_default()
                 .to_string(),
-            client: session.client_addr().and_then(|a| a.as_inet()).copied(),
+            client: ctx.client,
             method: req.method.as_str().to_string(),
             path: req.uri.path().to_string(),
             route: ctx.route().map(|r| r.name.clone()),

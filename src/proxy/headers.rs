@@ -27,8 +27,11 @@ const GATEWAY_OWNED: [&str; 9] = [
 pub struct Identity<'a> {
     pub user: Option<&'a HeaderValue>,
     pub request_id: Option<&'a HeaderValue>,
-    /// The client's address, as the socket saw it.
-    pub client_ip: Option<IpAddr>,
+    /// The socket's peer.
+    pub peer: Option<IpAddr>,
+    /// Whether the peer is a trusted proxy, whose `X-Forwarded-For` chain
+    /// is passed on (with the peer appended) instead of replaced.
+    pub peer_trusted: bool,
 }
 
 /// Removes the client's credential and gateway-owned headers, drops header
@@ -40,6 +43,23 @@ pub fn rewrite_for_upstream(
     underscores: bool,
     who: &Identity<'_>,
 ) -> Result<()> {
+    let forwarded_for = match who.peer {
+        Some(peer) if who.peer_trusted => {
+            let chain: Vec<&str> = req
+                .headers
+                .get_all("x-forwarded-for")
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .collect();
+            Some(if chain.is_empty() {
+                peer.to_string()
+            } else {
+                format!("{}, {peer}", chain.join(", "))
+            })
+        }
+        Some(peer) => Some(peer.to_string()),
+        None => None,
+    };
     for name in GATEWAY_OWNED {
         req.remove_header(name);
     }
@@ -62,8 +82,8 @@ pub fn rewrite_for_upstream(
     if let Some(id) = who.request_id {
         req.insert_header("x-request-id", id.clone())?;
     }
-    if let Some(ip) = who.client_ip {
-        req.insert_header("x-forwarded-for", ip.to_string())?;
+    if let Some(chain) = forwarded_for {
+        req.insert_header("x-forwarded-for", chain)?;
     }
     req.insert_header("x-forwarded-proto", "http")?;
     Ok(())
@@ -116,7 +136,8 @@ mod tests {
         let who = Identity {
             user: Some(&user),
             request_id: None,
-            client_ip: Some(IpAddr::from([127, 0, 0, 1])),
+            peer: Some(IpAddr::from([127, 0, 0, 1])),
+            peer_trusted: false,
         };
         rewrite_for_upstream(&mut r, false, &who).unwrap();
         assert_eq!(
@@ -145,9 +166,29 @@ mod tests {
         let who = Identity {
             user: None,
             request_id: None,
-            client_ip: None,
+            peer: None,
+            peer_trusted: false,
         };
         rewrite_for_upstream(&mut r, true, &who).unwrap();
         assert_eq!(names(&r), ["x-forwarded-proto", "x_custom"]);
+    }
+
+    #[test]
+    fn a_trusted_proxys_chain_is_extended() {
+        let mut r = request(&[
+            ("X-Forwarded-For", "192.0.2.7"),
+            ("X-Forwarded-For", "10.0.0.2"),
+        ]);
+        let who = Identity {
+            user: None,
+            request_id: None,
+            peer: Some(IpAddr::from([127, 0, 0, 1])),
+            peer_trusted: true,
+        };
+        rewrite_for_upstream(&mut r, false, &who).unwrap();
+        assert_eq!(
+            r.headers["x-forwarded-for"],
+            "192.0.2.7, 10.0.0.2, 127.0.0.1"
+        );
     }
 }

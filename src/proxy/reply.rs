@@ -10,19 +10,24 @@ use pingora::{ErrorSource, ErrorType};
 use crate::ops::UpstreamErrorKind;
 use crate::policy::{ExtraHeader, Refusal, Route};
 
-/// Writes the refusal as a complete JSON response and closes the
-/// connection afterwards (an unread request body is never drained into the
-/// void). `route` supplies the `Allow` header of a 405.
+/// Writes the refusal as a complete response (JSON, but for a preflight's
+/// empty 204) and closes the connection afterwards (an unread request body
+/// is never drained into the void). `route` supplies the `Allow` header of
+/// a 405 and the CORS headers of a preflight; `cors_origin` is the page
+/// origin the route allows, if any, so a browser can read the refusal.
 pub async fn send_refusal(
     session: &mut Session,
     refusal: Refusal,
     route: Option<&Route>,
+    cors_origin: Option<&HeaderValue>,
     request_id: Option<&HeaderValue>,
 ) -> Result<()> {
     let body = refusal.body();
-    let mut resp = ResponseHeader::build(refusal.status(), Some(6))?;
-    resp.insert_header("content-type", "application/json")?;
-    resp.insert_header("content-length", body.len())?;
+    let mut resp = ResponseHeader::build(refusal.status(), Some(10))?;
+    if !body.is_empty() {
+        resp.insert_header("content-type", "application/json")?;
+        resp.insert_header("content-length", body.len())?;
+    }
     resp.insert_header("cache-control", "no-store")?;
     match refusal.extra_header() {
         Some(ExtraHeader::Challenge(c)) => resp.insert_header("www-authenticate", c)?,
@@ -31,7 +36,18 @@ pub async fn send_refusal(
                 resp.insert_header("allow", allow.clone())?;
             }
         }
+        Some(ExtraHeader::RetryAfter(s)) => resp.insert_header("retry-after", s)?,
+        Some(ExtraHeader::Preflight) => {
+            if let Some(cors) = route.and_then(|r| r.cors.as_ref()) {
+                resp.insert_header("access-control-allow-methods", cors.allow_methods.clone())?;
+                resp.insert_header("access-control-allow-headers", cors.allow_headers.clone())?;
+                resp.insert_header("access-control-max-age", cors.max_age.clone())?;
+            }
+        }
         None => {}
+    }
+    if let Some(origin) = cors_origin {
+        add_cors(&mut resp, origin)?;
     }
     if let Some(id) = request_id {
         resp.insert_header("x-request-id", id.clone())?;
@@ -40,6 +56,14 @@ pub async fn send_refusal(
         .as_downstream_mut()
         .write_error_response(resp, Bytes::from_static(body.as_bytes()))
         .await
+}
+
+/// The CORS headers of every answer to an allowed origin.
+pub fn add_cors(resp: &mut ResponseHeader, origin: &HeaderValue) -> Result<()> {
+    resp.insert_header("access-control-allow-origin", origin.clone())?;
+    resp.insert_header("access-control-expose-headers", "x-request-id, retry-after")?;
+    resp.append_header("vary", "origin")?;
+    Ok(())
 }
 
 /// What a proxying error becomes: the refusal to answer with, or `None`

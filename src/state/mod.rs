@@ -8,13 +8,19 @@
 //! a reload, entries for things the new snapshot still names carry over
 //! and the rest are dropped.
 //!
-//! Owns: upstream health ([`HealthBook`]); per-key counters come next.
+//! Owns: upstream health ([`HealthBook`]), per-key rate and concurrency
+//! counters ([`KeyCounters`]), and failed key checks per client address
+//! ([`FailedKeys`], a table of fixed size).
 //!
 //! May import: `config`, `keys`. No threads, sockets or clocks of its own:
 //! callers pass the time in.
 
+mod failed_keys;
+mod key_counters;
 mod upstream_health;
 
+pub use failed_keys::FailedKeys;
+pub use key_counters::{InFlightGuard, KeyCounter, KeyCounters};
 pub use upstream_health::{HealthBook, Transition, UpstreamHealth, PASSIVE_COOLDOWN};
 
 /// Everything that outlives a snapshot, shared by the proxy, the reloader
@@ -23,4 +29,8 @@ pub use upstream_health::{HealthBook, Transition, UpstreamHealth, PASSIVE_COOLDO
 pub struct Carried {
     /// Upstream health by address.
     pub upstreams: HealthBook,
+    /// Rate and concurrency counters by key id.
+    pub keys: KeyCounters,
+    /// Failed key checks by client address.
+    pub failed_keys: FailedKeys,
 }
