@@ -349,6 +349,13 @@ impl ProxyHttp for Gateway {
         }
     }
 
+    /// A body over `max_body_size` is the client's doing, answered and
+    /// audited: no error line for each one (the log stays bounded whatever
+    /// clients send).
+    fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, error: &Error) -> bool {
+        matches!(error.etype(), ErrorType::HTTPStatus(413))
+    }
+
     /// Pingora's own error lines ("Fail to proxy") end with this summary:
     /// the method and path only, so a key sent in a query string is never
     /// logged.
