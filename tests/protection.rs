@@ -20,13 +20,33 @@ use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
 use common::*;
+
+// ---------------------------------------------------------------------------
+// Running beside the load test
+// ---------------------------------------------------------------------------
+
+/// The 100,000-address test keeps both CPUs busy on purpose; tests that
+/// measure time (a burst against a per-second limit, an answer "at once",
+/// a 2 s cool-down) must not run beside it. Every other test holds this
+/// shared, the load test holds it exclusively.
+static LOAD: RwLock<()> = RwLock::new(());
+
+/// Taken first by every test but the load test.
+fn shared() -> RwLockReadGuard<'static, ()> {
+    LOAD.read().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Taken first by the load test.
+fn exclusive() -> RwLockWriteGuard<'static, ()> {
+    LOAD.write().unwrap_or_else(|e| e.into_inner())
+}
 
 // ---------------------------------------------------------------------------
 // Configs and keys
@@ -466,6 +486,7 @@ const RATE_B: &str = "prot-rate-key-b-0002";
 
 #[test]
 fn rate_limit_allows_n_then_429_with_retry_after_then_recovers_and_keys_do_not_share_a_budget() {
+    let _load = shared();
     let echo = EchoServer::start();
     let gw = Gateway::start(
         &config("", &[route("chat", "/chat/", "chat", echo.addr, "")]),
@@ -536,6 +557,7 @@ fn rate_limit_allows_n_then_429_with_retry_after_then_recovers_and_keys_do_not_s
 
 #[test]
 fn rate_limit_precedence_is_key_then_route_then_global_and_a_key_has_one_counter() {
+    let _load = shared();
     let echo = EchoServer::start();
     let gw = Gateway::start(
         &config(
@@ -635,6 +657,7 @@ fn conc_keys() -> String {
 
 #[test]
 fn max_concurrent_refuses_a_third_stream_at_once_and_a_finished_stream_frees_its_slot() {
+    let _load = shared();
     // 30 chunks 100 ms apart: each stream lasts about 3 s.
     let up = StreamServer::start(30, Duration::from_millis(100));
     let gw = Gateway::start(
@@ -685,6 +708,7 @@ fn max_concurrent_refuses_a_third_stream_at_once_and_a_finished_stream_frees_its
 
 #[test]
 fn a_client_disconnecting_mid_stream_frees_its_concurrency_slot() {
+    let _load = shared();
     // 200 chunks 50 ms apart: a stream would last 10 s if nobody left.
     let up = StreamServer::start(200, Duration::from_millis(50));
     let gw = Gateway::start(
@@ -727,6 +751,7 @@ fn a_client_disconnecting_mid_stream_frees_its_concurrency_slot() {
 
 #[test]
 fn an_exhausted_rate_limit_stays_exhausted_across_a_keygen_reload() {
+    let _load = shared();
     let echo = EchoServer::start();
     let key = "prot-reload-rate-0001";
     let gw = Gateway::start(
@@ -777,6 +802,7 @@ fn an_exhausted_rate_limit_stays_exhausted_across_a_keygen_reload() {
 
 #[test]
 fn revoking_and_re_enabling_a_key_mid_stream_leaks_no_concurrency_slot() {
+    let _load = shared();
     // 20 chunks 100 ms apart: about 2 s per stream.
     let up = StreamServer::start(20, Duration::from_millis(100));
     let gw = Gateway::start(
@@ -846,6 +872,7 @@ fn revoking_and_re_enabling_a_key_mid_stream_leaks_no_concurrency_slot() {
 
 #[test]
 fn protection_settings_apply_on_config_reload() {
+    let _load = shared();
     let echo = EchoServer::start();
     let key = "prot-cfg-reload-0001";
     let fresh = "prot-cfg-reload-0002";
@@ -929,6 +956,7 @@ fn protection_settings_apply_on_config_reload() {
 
 #[test]
 fn keygen_writes_rate_limit_and_max_concurrent_and_the_gateway_applies_them() {
+    let _load = shared();
     let echo = EchoServer::start();
     let gw = Gateway::start(
         &config("", &[route("chat", "/chat/", "chat", echo.addr, "")]),
@@ -1040,6 +1068,7 @@ fn get_as(gw: &Gateway, ip: &str, key: Option<&str>) -> RawResponse {
 
 #[test]
 fn failed_key_throttle_blocks_an_address_even_with_a_valid_key_then_lifts_after_cooldown() {
+    let _load = shared();
     let echo = EchoServer::start();
     let gw = Gateway::start(
         &config(
@@ -1136,6 +1165,7 @@ fn failed_key_throttle_blocks_an_address_even_with_a_valid_key_then_lifts_after_
 
 #[test]
 fn failed_key_throttle_is_on_by_default_with_20_failures_and_a_300s_cooldown() {
+    let _load = shared();
     let echo = EchoServer::start();
     let gw = Gateway::start(
         &config(
@@ -1169,6 +1199,7 @@ fn failed_key_throttle_is_on_by_default_with_20_failures_and_a_300s_cooldown() {
 
 #[test]
 fn failed_key_throttle_can_be_turned_off() {
+    let _load = shared();
     let echo = EchoServer::start();
     let gw = Gateway::start(
         &config(
@@ -1195,6 +1226,7 @@ fn failed_key_throttle_can_be_turned_off() {
 
 #[test]
 fn failed_key_attempts_older_than_the_window_are_forgotten_and_a_wrong_service_is_not_a_failure() {
+    let _load = shared();
     let echo = EchoServer::start();
     let gw = Gateway::start(
         &config(
@@ -1333,6 +1365,7 @@ fn guess_from_addresses(
 
 #[test]
 fn a_hundred_thousand_guessing_addresses_keep_the_gateway_serving_in_bounded_memory() {
+    let _load = exclusive();
     const ADDRESSES: u32 = 100_000;
     const RSS_BOUND_KIB: u64 = 64 * 1024;
     let echo = EchoServer::start();
@@ -1411,6 +1444,7 @@ fn send_chunked(addr: SocketAddr, path: &str, chunks: &[Vec<u8>]) -> io::Result<
 
 #[test]
 fn max_body_size_refuses_declared_and_chunked_bodies_over_it_and_passes_exactly_it() {
+    let _load = shared();
     let declared_up = RecordingServer::start();
     let chunked_up = RecordingServer::start();
     // Only ever sent the request that must be aborted, so its connection
@@ -1528,6 +1562,7 @@ fn max_body_size_refuses_declared_and_chunked_bodies_over_it_and_passes_exactly_
 
 #[test]
 fn max_body_size_units_are_decimal_and_binary_and_a_bare_number_is_bytes() {
+    let _load = shared();
     let echo = EchoServer::start();
     let gw = Gateway::start(
         &config(
@@ -1587,6 +1622,7 @@ fn allow_keys() -> String {
 
 #[test]
 fn an_address_outside_allow_gets_403_before_the_key_check_and_it_is_no_failed_attempt() {
+    let _load = shared();
     let up = RecordingServer::start();
     let gw = Gateway::start(
         &config(
@@ -1646,6 +1682,7 @@ fn an_address_outside_allow_gets_403_before_the_key_check_and_it_is_no_failed_at
 
 #[test]
 fn a_global_allow_list_applies_to_every_route_and_loopback_in_it_works() {
+    let _load = shared();
     let echo = EchoServer::start();
     let closed = Gateway::start(
         &config(
@@ -1686,6 +1723,7 @@ fn a_global_allow_list_applies_to_every_route_and_loopback_in_it_works() {
 
 #[test]
 fn x_forwarded_for_counts_only_from_trusted_proxies() {
+    let _load = shared();
     let echo = EchoServer::start();
     let route_line = route("chat", "/chat/", "chat", echo.addr, "");
     let trusting = Gateway::start(
@@ -1744,6 +1782,7 @@ fn x_forwarded_for_counts_only_from_trusted_proxies() {
 
 #[test]
 fn x_forwarded_for_is_read_from_the_right_skipping_trusted_hops() {
+    let _load = shared();
     let echo = EchoServer::start();
     let gw = Gateway::start(
         &config(
@@ -1791,6 +1830,7 @@ fn x_forwarded_for_is_read_from_the_right_skipping_trusted_hops() {
 
 #[test]
 fn allow_lists_match_ipv6_addresses_and_ranges() {
+    let _load = shared();
     let echo = EchoServer::start();
     // Direct IPv6 clients: a second listener on [::1].
     let v6_listener = match TcpListener::bind("[::1]:0") {
@@ -1924,6 +1964,7 @@ fn assert_allows_origin(r: &RawResponse, what: &str) {
 
 #[test]
 fn cors_preflight_from_an_allowed_origin_is_answered_204_without_a_key_or_the_upstream() {
+    let _load = shared();
     let echo = EchoServer::start();
     let gw = cors_gateway(&echo);
 
@@ -1984,6 +2025,7 @@ fn cors_preflight_from_an_allowed_origin_is_answered_204_without_a_key_or_the_up
 
 #[test]
 fn cors_headers_are_on_every_answer_to_an_allowed_origin_including_refusals() {
+    let _load = shared();
     let echo = EchoServer::start();
     let gw = cors_gateway(&echo);
     let origin = [("Origin", ORIGIN)];
@@ -2017,6 +2059,7 @@ fn cors_headers_are_on_every_answer_to_an_allowed_origin_including_refusals() {
 
 #[test]
 fn cors_gives_a_disallowed_origin_nothing_and_routes_without_cors_are_unchanged() {
+    let _load = shared();
     let echo = EchoServer::start();
     let gw = cors_gateway(&echo);
 
@@ -2078,6 +2121,7 @@ fn cors_gives_a_disallowed_origin_nothing_and_routes_without_cors_are_unchanged(
 
 #[test]
 fn every_protection_refusal_is_counted_by_reason_and_audited_with_the_same_word() {
+    let _load = shared();
     let echo = EchoServer::start();
     let up = StreamServer::start(50, Duration::from_millis(100));
     let (gw, admin) = start_with_admin(
@@ -2277,6 +2321,7 @@ const CHECK_KEYS: &str = r#"{"prot-check-key-0001": {"user": "ann", "service": "
 
 #[test]
 fn check_accepts_every_documented_form_of_the_protection_settings() {
+    let _load = shared();
     let up: SocketAddr = "127.0.0.1:9".parse().unwrap();
     let body = config(
         "rate_limit: \"1000/day\"\nmax_concurrent: 8\nmax_body_size: \"10MB\"\nallow: [\"127.0.0.1\", \"10.0.0.0/8\", \"::1\", \"fd00::/8\"]\ntrusted_proxies: [\"127.0.0.1\", \"10.0.0.0/8\", \"::1\"]\nfailed_key_throttle: {enabled: true, max_failures: 20, window: 60s, cooldown: 300s}\n",
@@ -2330,6 +2375,7 @@ fn check_accepts_every_documented_form_of_the_protection_settings() {
 
 #[test]
 fn check_names_the_file_and_line_of_a_bad_rate_limit() {
+    let _load = shared();
     let text = default_config(
         free_port(),
         "rate_limit: \"five\"\nroutes:\n  - name: chat\n    path_prefix: /chat/\n    service: chat\n    upstreams: [\"127.0.0.1:9\"]\n",
@@ -2346,6 +2392,7 @@ fn check_names_the_file_and_line_of_a_bad_rate_limit() {
 
 #[test]
 fn check_names_the_file_and_line_of_a_bad_max_body_size() {
+    let _load = shared();
     let text = default_config(
         free_port(),
         "routes:\n  - name: chat\n    path_prefix: /chat/\n    service: chat\n    max_body_size: \"10XB\"\n    upstreams: [\"127.0.0.1:9\"]\n",
@@ -2362,6 +2409,7 @@ fn check_names_the_file_and_line_of_a_bad_max_body_size() {
 
 #[test]
 fn check_names_the_file_and_line_of_a_bad_allow_address() {
+    let _load = shared();
     let text = default_config(
         free_port(),
         "routes:\n  - name: chat\n    path_prefix: /chat/\n    service: chat\n    upstreams: [\"127.0.0.1:9\"]\n    allow:\n      - \"10.0.0.0/8\"\n      - \"300.1.1.1\"\n",
@@ -2378,6 +2426,7 @@ fn check_names_the_file_and_line_of_a_bad_allow_address() {
 
 #[test]
 fn check_names_the_key_file_and_the_key_id_of_a_bad_limit_in_a_key_entry() {
+    let _load = shared();
     let text = default_config(
         free_port(),
         "routes:\n  - name: chat\n    path_prefix: /chat/\n    service: chat\n    upstreams: [\"127.0.0.1:9\"]\n",
