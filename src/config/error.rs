@@ -63,6 +63,23 @@ impl LoadError {
         LoadError::at(path, location, strip_yaml_position(&err.to_string()))
     }
 
+    /// Wraps a serde_yaml error about `text`. serde_yaml places an error
+    /// raised by a value's own check at the start of the mapping that holds
+    /// it; when the message quotes the value, the position is moved to
+    /// where that value is written, so the line points at the mistake.
+    pub fn from_yaml_in(path: &Path, err: &serde_yaml::Error, text: &str) -> Self {
+        let mut e = LoadError::from_yaml(path, err);
+        if let LoadError::Invalid {
+            location, message, ..
+        } = &mut e
+        {
+            if let Some(found) = quoted_value_location(text, message, *location) {
+                *location = found;
+            }
+        }
+        e
+    }
+
     /// Wraps a serde_json error, keeping its line and column.
     pub fn from_json(path: &Path, err: &serde_json::Error) -> Self {
         let location = if err.line() > 0 {
@@ -72,6 +89,16 @@ impl LoadError {
         };
         LoadError::at(path, location, strip_json_position(&err.to_string()))
     }
+}
+
+/// Where the first value quoted in `message` is written in `text`, at or
+/// after `from`.
+fn quoted_value_location(text: &str, message: &str, from: Location) -> Option<Location> {
+    let quoted = message.split('"').nth(1).filter(|q| !q.is_empty())?;
+    text.lines()
+        .enumerate()
+        .skip(from.line.unwrap_or(1).saturating_sub(1))
+        .find_map(|(i, line)| line.find(quoted).map(|col| Location::new(i + 1, col + 1)))
 }
 
 /// A 1-based line and column, printed the way compilers print them

@@ -284,7 +284,7 @@ impl Config {
     /// (relative paths inside resolve against `path`'s folder).
     pub fn parse(path: &Path, text: &str) -> Result<Config, LoadError> {
         let file: FileConfig =
-            serde_yaml::from_str(text).map_err(|e| LoadError::from_yaml(path, &e))?;
+            serde_yaml::from_str(text).map_err(|e| LoadError::from_yaml_in(path, &e, text))?;
         file.validate(path, text)
     }
 
@@ -1009,9 +1009,9 @@ routes:
     fn prefix_must_start_with_slash() {
         let e = err(&GOOD.replace("path_prefix: /tts/", "path_prefix: tts/"));
         assert!(e.contains("must start with '/'"), "{e}");
-        // serde_yaml points at the start of the route that holds the bad value.
+        // The error points at the bad value itself.
         assert!(
-            e.starts_with("/etc/agw/gateway.yaml:12:5: routes[1]"),
+            e.starts_with("/etc/agw/gateway.yaml:13:18: routes[1]"),
             "{e}"
         );
         let e = err(&GOOD.replace("path_prefix: /tts/", "path_prefix: /tts?x"));

@@ -122,7 +122,7 @@ impl ProxyHttp for Gateway {
                     && self.carried.failed_keys.failed(ip, now_s, throttle)
                 {
                     warn!(
-                        "client {ip} blocked for {}s after {} failed key checks",
+                        "client {ip} throttled: blocked for {}s after {} failed key checks",
                         throttle.cooldown.as_secs(),
                         throttle.max_failures
                     );
