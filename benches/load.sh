@@ -233,7 +233,7 @@ EOF
 bench_key() { printf 'agw_bench%027d' "$1"; }
 KEY=$(bench_key 5) # present in every key set
 
-read -r P_UP P_STREAM P_NGX_SMALL P_NGX_BIG P_GW_SMALL P_GW_BIG < <(free_ports 6)
+read -r P_UP P_STREAM P_NGX_SMALL P_NGX_BIG P_GW_SMALL P_GW_BIG P_GW_LIMITS < <(free_ports 7)
 
 # The ~300-byte body of a non-streaming Ollama /api/generate answer (the
 # same text examples/bench_upstream.rs sends).
@@ -404,9 +404,12 @@ EOF
     say "nginx with $n keys ready after $((SECONDS - t0)) s"
 }
 
-# The gateway: $1 = key count, $2 = port.
+# The gateway: $1 = key count, $2 = port, $3 = a name for its folder
+# (default: the key count), $4 = extra top-level settings (default: the
+# failed-key throttle off, as nginx has none).
 start_gateway() {
-    local n=$1 port=$2 d=$TMP/gateway-$1
+    local n=$1 port=$2 d=$TMP/gateway-${3:-$1}
+    local extra=${4:-"failed_key_throttle: {enabled: false}"}
     mkdir -p "$d"
     cat >"$d/gateway.yaml" <<EOF
 listen: "127.0.0.1:$port"
@@ -415,6 +418,7 @@ threads: 2
 watch: false
 shutdown_grace: 1s
 upgrade_sock: $d/upgrade.sock
+$extra
 routes:
   - name: ollama
     path_prefix: /ollama/
@@ -557,6 +561,11 @@ fi
 start_gateway "$SMALL_KEYS" "$P_GW_SMALL"
 GW_SMALL_PID=$GATEWAY_PID
 RSS_GW_SMALL_START=$(rss_mb "$GW_SMALL_PID")
+# Fair-use limits on, for the benched key: a rate and a concurrency cap it
+# never reaches, and the failed-key throttle (on by default).
+start_gateway "$SMALL_KEYS" "$P_GW_LIMITS" limits "rate_limit: \"1000000000/min\"
+max_concurrent: 100000"
+GW_LIMITS_PID=$GATEWAY_PID
 start_gateway "$BIG_KEYS" "$P_GW_BIG"
 GW_BIG_PID=$GATEWAY_PID
 RSS_GW_BIG_START=$(rss_mb "$GW_BIG_PID")
@@ -568,6 +577,7 @@ PSS_NGX_SMALL="-" PSS_NGX_BIG="-"
 TARGETS+=("upstream direct|-|http://127.0.0.1:$P_UP/api/generate|$UPSTREAM_PID")
 [ -n "$NGX_SMALL_PID" ] && TARGETS+=("nginx|$SMALL_KEYS|http://127.0.0.1:$P_NGX_SMALL/ollama/api/generate|$NGX_SMALL_PID")
 TARGETS+=("ai-gateway|$SMALL_KEYS|http://127.0.0.1:$P_GW_SMALL/ollama/api/generate|$GW_SMALL_PID")
+TARGETS+=("ai-gateway, limits on|$SMALL_KEYS|http://127.0.0.1:$P_GW_LIMITS/ollama/api/generate|$GW_LIMITS_PID")
 [ -n "$NGX_BIG_PID" ] && TARGETS+=("nginx|$BIG_KEYS|http://127.0.0.1:$P_NGX_BIG/ollama/api/generate|$NGX_BIG_PID")
 TARGETS+=("ai-gateway|$BIG_KEYS|http://127.0.0.1:$P_GW_BIG/ollama/api/generate|$GW_BIG_PID")
 
@@ -790,6 +800,12 @@ report() {
     echo "## Throughput"
     echo
     throughput_table
+    echo
+    local on off
+    on=$(col "ai-gateway, limits on" "$SMALL_KEYS" 4)
+    off=$(col ai-gateway "$SMALL_KEYS" 4)
+    echo "Fair-use limits on (a rate limit and \`max_concurrent\` the benched key never reaches, the failed-key"
+    echo "throttle on) against off, same run: $(awk -v a="$on" -v b="$off" 'BEGIN { if (b > 0) printf "%.3f×", a / b; else print "-" }') req/s."
     echo
     echo "## Streaming (time to first chunk)"
     echo
