@@ -102,13 +102,16 @@ impl ProxyHttp for Gateway {
         let now_ms = unix_millis(SystemTime::now());
         let now_s = u32::try_from(now_ms / 1000).unwrap_or(u32::MAX);
         let throttle = &config.failed_key_throttle;
-        let verdict =
-            check_head(session).and_then(|()| match self.carried.failed_keys.blocked(ip, now_s) {
-                Some(retry_after_s) if throttle.enabled => {
-                    Err(Refusal::KeyThrottled { retry_after_s })
-                }
-                _ => Ok(()),
-            });
+        let verdict = check_head(session).and_then(|()| {
+            let blocked = throttle
+                .enabled
+                .then(|| self.carried.failed_keys.blocked(ip, now_s))
+                .flatten();
+            match blocked {
+                Some(retry_after_s) => Err(Refusal::KeyThrottled { retry_after_s }),
+                None => Ok(()),
+            }
+        });
         let verdict = verdict.and_then(|()| {
             let request =
                 Request::from_head(&req.method, req.uri.path(), req.version, &req.headers, ip);
