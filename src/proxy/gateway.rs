@@ -11,6 +11,7 @@ use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::ErrorSource;
 
+use super::connection;
 use super::context::{Outcome, RequestCtx};
 use super::framing::check_head;
 use super::reply::{refusal_for, send_refusal, upstream_error_kind};
@@ -18,10 +19,6 @@ use crate::keys::unix_millis;
 use crate::ops::{request_id, AuditLog, AuditRecord, Metrics, SharedLive};
 use crate::policy::{presented_key, Refusal};
 use crate::state::Transition;
-
-/// How long an idle client keep-alive connection is kept open. Pingora's
-/// default is forever, which lets idle clients pile up.
-pub const CLIENT_KEEPALIVE_SECS: u64 = 60;
 
 /// The gateway's proxy logic: the snapshot handle, metrics and the audit log.
 pub struct Gateway {
@@ -53,12 +50,13 @@ impl ProxyHttp for Gateway {
         RequestCtx::new(self.live.load_full(), &self.metrics.in_flight)
     }
 
+    /// The head is in: its clock stops, the body's reads get theirs.
     async fn early_request_filter(
         &self,
         session: &mut Session,
-        _ctx: &mut RequestCtx,
+        ctx: &mut RequestCtx,
     ) -> Result<()> {
-        session.set_keepalive(Some(CLIENT_KEEPALIVE_SECS));
+        connection::head_complete(session, &ctx.live.snapshot.config.clients);
         Ok(())
     }
 
@@ -224,6 +222,14 @@ impl ProxyHttp for Gateway {
         e: &Error,
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
+        if connection::is_body_timeout(e) {
+            ctx.outcome = Outcome::ClientTimeout;
+            let status = connection::end_body_timeout(session, &self.metrics).await;
+            return FailToProxy {
+                error_code: status,
+                can_reuse_downstream: false,
+            };
+        }
         let refusal = refusal_for(e);
         ctx.outcome = match refusal {
             Some(r) => Outcome::Refused(r),
@@ -238,6 +244,12 @@ impl ProxyHttp for Gateway {
             error_code: refusal.map_or(0, Refusal::status),
             can_reuse_downstream: false,
         }
+    }
+
+    /// A stalled request body is the client's doing and is counted in
+    /// metrics: no error line for it.
+    fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, e: &Error) -> bool {
+        connection::is_body_timeout(e)
     }
 
     /// Pingora's own error lines ("Fail to proxy") end with this summary:

@@ -4,7 +4,8 @@
 //!
 //! ```text
 //!  client ─▶ new_ctx                 the one snapshot load
-//!         ─▶ early_request_filter    bound downstream keep-alive
+//!         ─▶ early_request_filter    stop the head's clock (see `connection`),
+//!                                    bound each read of the body
 //!         ─▶ request_filter          request id; head checks (framing,
 //!              │                     size); route, method, key: one decision
 //!              └ refused ─▶ JSON 4xx from the Refusal, then logging
@@ -18,11 +19,13 @@
 //!
 //! May import: `config`, `keys`, `state`, `policy`, `ops`.
 
+mod connection;
 mod context;
 mod framing;
 mod gateway;
 mod reply;
 
+pub use connection::ClientApp;
 pub use context::{Outcome, RequestCtx};
 pub use framing::MAX_HEADER_BYTES;
-pub use gateway::{Gateway, CLIENT_KEEPALIVE_SECS};
+pub use gateway::Gateway;
