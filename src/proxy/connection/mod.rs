@@ -264,9 +264,13 @@ pub fn is_body_timeout(e: &Error) -> bool {
 }
 
 /// Answers a stalled request body with a 408 (unless a response has
-/// started) and counts it; returns the status sent.
+/// started: then the connection just closes) and counts it; returns the
+/// status sent, 0 for none.
 pub async fn end_body_timeout(session: &mut Session, metrics: &Metrics) -> u16 {
     metrics.client_timeout(ClientTimeout::Body);
+    if session.response_written().is_some() {
+        return 0;
+    }
     let sent = async {
         let mut resp = ResponseHeader::build(408, Some(4))?;
         resp.insert_header("content-type", "application/json")?;
