@@ -175,6 +175,7 @@ impl Client {
 
 /// `elapsed` is within `[at, at + 1 s)`.
 fn assert_closed_at(what: &str, elapsed: Duration, at: Duration) {
+    eprintln!("{what}: closed after {elapsed:?} (timeout {at:?})");
     assert!(
         elapsed >= at && elapsed < at + Duration::from_secs(1),
         "{what}: closed after {elapsed:?}, expected between {at:?} and {:?}",
@@ -408,6 +409,10 @@ fn refused_quickly(addr: SocketAddr) -> Duration {
     let _ = c.r.read_to_end(&mut bytes);
     let took = c.connected.elapsed();
     let text = String::from_utf8_lossy(&bytes);
+    eprintln!(
+        "over the cap: {} after {took:?}",
+        if text.is_empty() { "closed" } else { "503" }
+    );
     assert!(
         text.is_empty() || text.starts_with("HTTP/1.1 503 "),
         "over the cap: {text:?}"

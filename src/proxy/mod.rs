@@ -1,6 +1,8 @@
 //! The request path: Pingora's `ProxyHttp` hooks, the request context, and
 //! the gateway's own replies. The only layer that names a Pingora
-//! `Session`.
+//! `Session`. Connections reach these hooks through
+//! [`connection::ClientApp`], which holds the connection cap and the client
+//! timeouts.
 //!
 //! ```text
 //!  client ─▶ new_ctx                 the one snapshot load
@@ -13,7 +15,8 @@
 //!         ─▶ upstream_request_filter strip credentials, add X-Gateway-User
 //!                                    and X-Request-Id, strip the prefix
 //!         ◀─▶ bodies stream both ways, chunk by chunk (Pingora's default)
-//!         ─▶ fail_to_proxy           502/504 with a JSON body
+//!         ─▶ fail_to_proxy           502/504 with a JSON body; 408 for a
+//!                                    stalled request body (see `connection`)
 //!         ─▶ logging                 metrics and the audit line, always
 //! ```
 //!
