@@ -152,6 +152,7 @@ fn check(config: &std::path::Path) -> Result<(), String> {
         eprintln!("warning: {w}");
     }
     println!("{}: ok, {}", config.display(), snapshot.summary());
+    println!("{}", snapshot.config.clients.describe());
     Ok(())
 }
 

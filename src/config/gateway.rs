@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+use super::clients::{parse_timeout, ClientLimits, ClientSettings};
 use super::error::{LoadError, Location};
 use super::values::{ByteSize, IpRange, Rate};
 
@@ -49,6 +50,14 @@ pub struct FileConfig {
     shutdown_grace: Option<Timeout>,
     #[serde(default)]
     threads: Option<NonZeroUsize>,
+    #[serde(default)]
+    client_header_timeout: Option<String>,
+    #[serde(default)]
+    client_idle_timeout: Option<String>,
+    #[serde(default)]
+    client_body_timeout: Option<String>,
+    #[serde(default)]
+    max_connections: Option<u64>,
     #[serde(default = "yes")]
     watch: bool,
     #[serde(default)]
@@ -163,6 +172,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Worker threads for the proxy service.
     pub threads: usize,
+    /// Client timeouts and the connection cap (reloadable).
+    pub clients: ClientLimits,
     /// Reload when the config or key file changes (besides on SIGHUP).
     pub watch: bool,
     /// Where audit lines go; `None` for no audit log.
@@ -473,6 +484,14 @@ impl FileConfig {
             Some(n) => n.get(),
             None => std::thread::available_parallelism().map_or(1, NonZeroUsize::get),
         };
+        let settings = ClientSettings {
+            header_timeout: self.client_header_timeout.as_deref(),
+            idle_timeout: self.client_idle_timeout.as_deref(),
+            body_timeout: self.client_body_timeout.as_deref(),
+            max_connections: self.max_connections,
+        };
+        let clients = ClientLimits::from_settings(&settings, threads)
+            .map_err(|e| LoadError::at(path, locate(text, e.key, &e.value, 0), e.to_string()))?;
 
         Ok(Config {
             path: path.to_path_buf(),
@@ -480,6 +499,7 @@ impl FileConfig {
             keys_file: base.join(self.keys_file),
             shutdown_grace: self.shutdown_grace.map_or(DEFAULT_SHUTDOWN_GRACE, |t| t.0),
             threads,
+            clients,
             watch: self.watch,
             audit_log,
             admin_listen,
@@ -647,15 +667,9 @@ struct Timeout(Duration);
 impl<'de> Deserialize<'de> for Timeout {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        let dur = humantime::parse_duration(s.trim()).map_err(|e| {
-            serde::de::Error::custom(format!(
-                "invalid duration {s:?} ({e}); write it like 5s, 300ms or 2m"
-            ))
-        })?;
-        if dur.is_zero() {
-            return Err(serde::de::Error::custom("a timeout of zero is not allowed"));
-        }
-        Ok(Timeout(dur))
+        parse_timeout(&s)
+            .map(Timeout)
+            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -1073,6 +1087,56 @@ routes:
         assert!(e.contains("also a listen address"), "{e}");
         let e = err(&format!("{GOOD}admin_listen: \"nope\"\n"));
         assert!(e.contains("admin_listen"), "{e}");
+    }
+
+    #[test]
+    fn client_limits() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(
+            c.clients,
+            ClientLimits::from_settings(&ClientSettings::default(), c.threads).unwrap()
+        );
+        let c = parse(&format!(
+            "{GOOD}client_header_timeout: 2s\nclient_idle_timeout: 500ms\nclient_body_timeout: 1m\nmax_connections: 3\n"
+        ))
+        .unwrap();
+        assert_eq!(c.clients.header_timeout, Duration::from_secs(2));
+        assert_eq!(c.clients.idle_timeout, Duration::from_millis(500));
+        assert_eq!(c.clients.body_timeout, Duration::from_secs(60));
+        assert_eq!(c.clients.max_connections, 3);
+        // Each error names the setting and its line (16: the first line
+        // after GOOD).
+        for (bad, why) in [
+            ("max_connections: 0", "max_connections: must be at least 1"),
+            ("max_connections: -5", "max_connections: invalid type"),
+            ("max_connections: lots", "max_connections: invalid type"),
+            (
+                "client_header_timeout: 0s",
+                "client_header_timeout: a timeout of zero",
+            ),
+            (
+                "client_idle_timeout: forever",
+                "client_idle_timeout: invalid duration",
+            ),
+            (
+                "client_body_timeout: \"-1s\"",
+                "client_body_timeout: invalid duration",
+            ),
+            (
+                "client_body_timeout: 5",
+                "client_body_timeout: invalid duration \"5\" (time unit needed",
+            ),
+        ] {
+            let e = err(&format!("{GOOD}{bad}\n"));
+            assert!(e.starts_with("/etc/agw/gateway.yaml:16:"), "{bad}: {e}");
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+        // Reloadable: never reported as needing a restart.
+        let d = parse(&format!(
+            "{GOOD}max_connections: 9\nclient_body_timeout: 1s\n"
+        ))
+        .unwrap();
+        assert!(parse(GOOD).unwrap().restart_only_differences(&d).is_empty());
     }
 
     #[test]

@@ -8,10 +8,15 @@
 //! May import: nothing else of this crate. It is the bottom layer, and it
 //! holds no runtime types: what the settings turn into lives above it.
 
+mod clients;
 mod error;
 mod gateway;
 mod values;
 
+pub use clients::{
+    cap_for_open_files, open_file_limit, CapSource, ClientLimits, ClientSettings,
+    DEFAULT_CLIENT_BODY_TIMEOUT, DEFAULT_CLIENT_HEADER_TIMEOUT, DEFAULT_CLIENT_IDLE_TIMEOUT,
+};
 pub use error::{LoadError, Location};
 pub use gateway::{
     AuditDest, Config, CorsSpec, FileConfig, HealthCheckSpec, Limits, RouteSpec, ThrottleSpec,

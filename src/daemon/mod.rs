@@ -34,7 +34,7 @@ use self::watch::{next_trigger, FileWatcher, Trigger};
 use crate::config::{AuditDest, LoadError};
 use crate::ops::{Admin, AuditLog, Live, Metrics, SharedLive};
 use crate::policy::{load_timed, Snapshot};
-use crate::proxy::Gateway;
+use crate::proxy::{ClientApp, Gateway};
 use crate::state::Carried;
 
 /// Read buffer per client connection. Pingora's default (64 KiB) is held
@@ -98,6 +98,7 @@ pub fn run(config_path: &Path, upgrade: bool, signals: Signals) -> Result<(), St
         snapshot.summary(),
         took.as_millis()
     );
+    info!("{}", config.clients.describe());
 
     let metrics = Arc::new(Metrics::new());
     let audit = match &config.audit_log {
@@ -146,7 +147,8 @@ pub fn run(config_path: &Path, upgrade: bool, signals: Signals) -> Result<(), St
     // process (and exits 1 if there is none to receive them from).
     server.bootstrap();
 
-    let mut service = pingora::proxy::http_proxy_service_with_name(
+    // Pingora's proxy, behind the connection cap and the client timeouts.
+    let proxy = pingora::proxy::http_proxy(
         &server.configuration,
         Gateway::new(
             Arc::clone(&shared),
@@ -154,8 +156,9 @@ pub fn run(config_path: &Path, upgrade: bool, signals: Signals) -> Result<(), St
             Arc::clone(&metrics),
             audit,
         ),
-        "ai-gateway",
     );
+    let app = ClientApp::new(proxy, Arc::clone(&shared), Arc::clone(&metrics));
+    let mut service = ListeningService::new("ai-gateway".to_string(), app);
     for addr in &config.listen {
         service.add_listener(
             ListenerConfig::tcp(addr.to_string())

@@ -60,6 +60,34 @@ impl UpstreamErrorKind {
     }
 }
 
+/// Which client timeout closed a connection or ended a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientTimeout {
+    /// The request head did not arrive within `client_header_timeout`.
+    Header,
+    /// A keep-alive connection waited longer than `client_idle_timeout`
+    /// for its next request.
+    Idle,
+    /// A read of the request body waited longer than `client_body_timeout`.
+    Body,
+}
+
+impl ClientTimeout {
+    const ALL: [ClientTimeout; 3] = [
+        ClientTimeout::Header,
+        ClientTimeout::Idle,
+        ClientTimeout::Body,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            ClientTimeout::Header => "header",
+            ClientTimeout::Idle => "idle",
+            ClientTimeout::Body => "body",
+        }
+    }
+}
+
 /// How many refusal kinds there are: one pre-resolved counter each.
 const REFUSALS: usize = Refusal::ALL.len();
 
@@ -83,6 +111,11 @@ pub struct Metrics {
     pub routes_loaded: IntGauge,
     pub generation: IntGauge,
     pub audit_dropped: IntCounter,
+    /// Open client connections on the proxy listeners.
+    pub client_connections: IntGauge,
+    /// Client connections refused because `max_connections` were open.
+    pub client_refused: IntCounter,
+    client_timeouts: [IntCounter; 3],
     per_user: IntCounterVec,
     route_cache: std::sync::Mutex<HashMap<String, Arc<RouteMetrics>>>,
 }
@@ -193,6 +226,12 @@ impl Metrics {
             &["reason"],
         );
         let reloads = counter_vec(&r, "agw_reloads_total", "Reloads by result.", &["result"]);
+        let client_timeouts = counter_vec(
+            &r,
+            "agw_client_timeouts_total",
+            "Client connections closed (header, idle) or requests ended (body) by a client timeout, by kind.",
+            &["kind"],
+        );
         Metrics {
             duration: histogram_vec(
                 &r,
@@ -245,6 +284,23 @@ impl Metrics {
                     .expect("metric registered once");
                 c
             },
+            client_connections: gauge(
+                &r,
+                "agw_client_connections",
+                "Open client connections on the proxy listeners.",
+            ),
+            client_refused: {
+                let c = IntCounter::new(
+                    "agw_client_connections_refused_total",
+                    "Client connections refused because max_connections were open.",
+                )
+                .expect("static metric definition");
+                r.register(Box::new(c.clone()))
+                    .expect("metric registered once");
+                c
+            },
+            client_timeouts: ClientTimeout::ALL
+                .map(|k| client_timeouts.with_label_values(&[k.label()])),
             per_user: counter_vec(
                 &r,
                 "agw_user_requests_total",
@@ -291,6 +347,15 @@ impl Metrics {
         }
     }
 
+    /// Counts a connection or request ended by a client timeout.
+    pub fn client_timeout(&self, kind: ClientTimeout) {
+        if let Some(i) = ClientTimeout::ALL.iter().position(|k| *k == kind) {
+            if let Some(c) = self.client_timeouts.get(i) {
+                c.inc();
+            }
+        }
+    }
+
     pub fn user_request(&self, user: &str) {
         self.per_user.with_label_values(&[user]).inc();
     }
@@ -330,6 +395,10 @@ mod tests {
         m.refused(Refusal::NoRoute);
         m.reloaded(true);
         m.generation.set(3);
+        m.client_timeout(ClientTimeout::Idle);
+        m.client_timeout(ClientTimeout::Idle);
+        m.client_refused.inc();
+        m.client_connections.set(2);
         assert!(Arc::ptr_eq(&chat, &m.route("chat")));
         let text = String::from_utf8(m.render()).unwrap();
         assert!(
@@ -365,6 +434,19 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("agw_snapshot_generation 3"), "{text}");
+        assert!(
+            text.contains(r#"agw_client_timeouts_total{kind="idle"} 2"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"agw_client_timeouts_total{kind="header"} 0"#),
+            "{text}"
+        );
+        assert!(
+            text.contains("agw_client_connections_refused_total 1"),
+            "{text}"
+        );
+        assert!(text.contains("agw_client_connections 2"), "{text}");
         assert!(
             text.contains(r#"agw_request_duration_seconds_bucket{route="chat",le="0.005"} 1"#),
             "{text}"

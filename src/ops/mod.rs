@@ -20,4 +20,4 @@ pub mod request_id;
 pub use admin::Admin;
 pub use audit::{AuditLog, AuditRecord, ClientAddr, QUEUE_LEN};
 pub use live::{Live, SharedLive};
-pub use metrics::{Metrics, RouteMetrics, UpstreamErrorKind, NO_ROUTE};
+pub use metrics::{ClientTimeout, Metrics, RouteMetrics, UpstreamErrorKind, NO_ROUTE};

@@ -13,6 +13,7 @@ use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::ErrorSource;
 
+use super::connection;
 use super::context::{Outcome, RequestCtx};
 use super::framing::check_head;
 use super::headers::{rewrite_for_upstream, Identity};
@@ -22,10 +23,6 @@ use crate::keys::unix_millis;
 use crate::ops::{request_id, AuditLog, AuditRecord, ClientAddr, Metrics, SharedLive};
 use crate::policy::{client_ip, Refusal, Request};
 use crate::state::{Carried, Transition};
-
-/// How long an idle client keep-alive connection is kept open. Pingora's
-/// default is forever, which lets idle clients pile up.
-pub const CLIENT_KEEPALIVE_SECS: u64 = 60;
 
 /// The address taken for a client whose socket has none (a Unix socket).
 const UNKNOWN_CLIENT: IpAddr = IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED);
@@ -71,12 +68,13 @@ impl ProxyHttp for Gateway {
         RequestCtx::new(self.live.load_full(), &self.metrics.in_flight)
     }
 
+    /// The head is in: its clock stops, the body's reads get theirs.
     async fn early_request_filter(
         &self,
         session: &mut Session,
-        _ctx: &mut RequestCtx,
+        ctx: &mut RequestCtx,
     ) -> Result<()> {
-        session.set_keepalive(Some(CLIENT_KEEPALIVE_SECS));
+        connection::head_complete(session, &ctx.live.snapshot.config.clients);
         Ok(())
     }
 
@@ -328,6 +326,14 @@ impl ProxyHttp for Gateway {
         e: &Error,
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
+        if connection::is_body_timeout(e) {
+            ctx.outcome = Outcome::ClientTimeout;
+            let status = connection::end_body_timeout(session, &self.metrics).await;
+            return FailToProxy {
+                error_code: status,
+                can_reuse_downstream: false,
+            };
+        }
         let refusal = refusal_for(e);
         ctx.outcome = match refusal {
             Some(r) => Outcome::Refused(r),
@@ -352,11 +358,11 @@ impl ProxyHttp for Gateway {
         }
     }
 
-    /// A body over `max_body_size` is the client's doing, answered and
-    /// audited: no error line for each one (the log stays bounded whatever
-    /// clients send).
-    fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, error: &Error) -> bool {
-        matches!(error.etype(), ErrorType::HTTPStatus(413))
+    /// A body over `max_body_size` or a stalled one is the client's doing,
+    /// answered, audited and counted: no error line for each one (the log
+    /// stays bounded whatever clients send).
+    fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, e: &Error) -> bool {
+        matches!(e.etype(), ErrorType::HTTPStatus(413)) || connection::is_body_timeout(e)
     }
 
     /// Pingora's own error lines ("Fail to proxy") end with this summary:

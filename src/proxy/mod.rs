@@ -1,10 +1,13 @@
 //! The request path: Pingora's `ProxyHttp` hooks, the request context, and
 //! the gateway's own replies. The only layer that names a Pingora
-//! `Session`.
+//! `Session`. Connections reach these hooks through
+//! [`connection::ClientApp`], which holds the connection cap and the client
+//! timeouts.
 //!
 //! ```text
 //!  client ─▶ new_ctx                 the one snapshot load
-//!         ─▶ early_request_filter    bound downstream keep-alive
+//!         ─▶ early_request_filter    stop the head's clock (see `connection`),
+//!                                    bound each read of the body
 //!         ─▶ request_filter          request id; head checks (framing,
 //!              │                     host, size); path, route, method,
 //!              │                     upgrade, key: one decision
@@ -16,18 +19,21 @@
 //!                                    X-Forwarded-For/-Proto; strip the prefix
 //!         ─▶ upstream_response_filter an unasked 101 becomes a 502
 //!         ◀─▶ bodies stream both ways, chunk by chunk (Pingora's default)
-//!         ─▶ fail_to_proxy           502/504 with a JSON body
+//!         ─▶ fail_to_proxy           502/504 with a JSON body; 408 for a
+//!                                    stalled request body (see `connection`)
 //!         ─▶ logging                 metrics and the audit line, always
 //! ```
 //!
 //! May import: `config`, `keys`, `state`, `policy`, `ops`.
 
+mod connection;
 mod context;
 mod framing;
 mod gateway;
 mod headers;
 mod reply;
 
+pub use connection::ClientApp;
 pub use context::{Outcome, RequestCtx};
 pub use framing::MAX_HEADER_BYTES;
-pub use gateway::{Gateway, CLIENT_KEEPALIVE_SECS};
+pub use gateway::Gateway;

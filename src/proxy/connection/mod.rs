@@ -1,0 +1,318 @@
+//! Client connections, before and between requests: the connection cap and
+//! the client timeouts. Pingora 0.9 has neither a total deadline for a
+//! request head nor a connection cap, so the proxy service runs this
+//! application, which wraps Pingora's own HTTP proxy:
+//!
+//! ```text
+//!  accept ─▶ ClientApp::process_new
+//!     ├ max_connections open ─▶ 503 JSON, Connection: close (counted, not logged)
+//!     ├ HTTP/2 (ALPN h2) ─▶ Pingora's proxy as it is (no head clock)
+//!     └ HTTP/1 ─▶ the stream wrapped in a ClientStream; then per request:
+//!          head clock (from accept, later from the head's first byte)
+//!          │  or idle clock (between requests, until that first byte)
+//!          ├ Pingora's process_new_http: read head ─▶ early_request_filter
+//!          │     (HeadComplete: no clock; body reads get client_body_timeout)
+//!          │     ─▶ … the request, as in the diagram of `proxy` …
+//!          ├ clock runs out first ─▶ connection dropped, counted, not logged
+//!          └ connection kept ─▶ next request
+//! ```
+//!
+//! One timer per connection serves both clocks; it lives in this task's
+//! future, so a connection costs one allocation (the stream wrapper) on top
+//! of Pingora's own. The limits are read from the snapshot in service when
+//! the connection is accepted and when each next request is awaited, so a
+//! reload applies them to new connections and requests.
+//!
+//! A request head that runs out of time is not handed back to Pingora as a
+//! read error (Pingora would log a "Fail to proxy" line per connection,
+//! with no hook to quiet it): the loop drops Pingora's future instead.
+
+mod events;
+mod slots;
+mod stream;
+
+use std::future::{poll_fn, Future};
+use std::pin::{pin, Pin};
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use pingora::apps::{HttpServerApp, ReusedHttpStream, ServerApp};
+use pingora::http::ResponseHeader;
+use pingora::protocols::http::ServerSession;
+use pingora::protocols::{Stream, ALPN};
+use pingora::proxy::{HttpProxy, Session};
+use pingora::server::ShutdownWatch;
+use pingora::{Error, ErrorSource, ErrorType};
+use tokio::io::AsyncWriteExt;
+use tokio::time::{Instant, Sleep};
+
+use self::events::Event;
+use self::slots::Slots;
+use self::stream::ClientStream;
+use super::gateway::Gateway;
+use crate::config::ClientLimits;
+use crate::ops::{ClientTimeout, Metrics, SharedLive};
+
+/// What a client over the cap gets before the connection is closed.
+const OVER_CAP_RESPONSE: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
+Content-Type: application/json\r\n\
+Content-Length: 32\r\n\
+Cache-Control: no-store\r\n\
+Retry-After: 1\r\n\
+Connection: close\r\n\
+\r\n\
+{\"error\":\"too many connections\"}";
+
+/// How long writing that answer may take (it fits any fresh socket's send
+/// buffer, so this only matters for a peer that is already gone).
+const OVER_CAP_WRITE: Duration = Duration::from_secs(1);
+
+/// The body of the answer to a request whose body stalled.
+const BODY_TIMEOUT_BODY: &str = r#"{"error":"request body timed out"}"#;
+
+/// The proxy service's application: Pingora's HTTP proxy behind the
+/// connection cap and the client timeouts.
+pub struct ClientApp {
+    proxy: Arc<HttpProxy<Gateway>>,
+    live: SharedLive,
+    metrics: Arc<Metrics>,
+    slots: Slots,
+}
+
+impl ClientApp {
+    /// `proxy` is what `pingora::proxy::http_proxy` built around the gateway.
+    pub fn new(proxy: HttpProxy<Gateway>, live: SharedLive, metrics: Arc<Metrics>) -> ClientApp {
+        ClientApp {
+            proxy: Arc::new(proxy),
+            live,
+            slots: Slots::new(metrics.client_connections.clone()),
+            metrics,
+        }
+    }
+
+    fn limits(&self) -> ClientLimits {
+        self.live.load().snapshot.config.clients.clone()
+    }
+
+    /// Whether the connection speaks plain HTTP/1 (no ALPN, or `http/1.1`)
+    /// and Pingora would not look for an h2c preface on it.
+    fn is_http1(&self, stream: &Stream) -> bool {
+        let h2c = self.proxy.server_options().is_some_and(|o| o.h2c);
+        !h2c && matches!(stream.selected_alpn_proto(), None | Some(ALPN::H1))
+    }
+
+    /// Serves an HTTP/1 connection to its end: Pingora's keep-alive loop
+    /// (`pingora-core` `apps/mod.rs`), with the clocks around each request.
+    async fn serve_http1(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+        accepted: Instant,
+        limits: &ClientLimits,
+    ) {
+        let mut header_timeout = limits.header_timeout;
+        let mut clock = Clock::Head;
+        let mut timer = pin!(tokio::time::sleep_until(accepted + header_timeout));
+        let mut session = ServerSession::new_http1(Box::new(ClientStream::new(stream)));
+        loop {
+            // The clocks bound every wait for a head; Pingora's own limit
+            // (whole seconds, per read) stays out of the way. A connection
+            // accepted during shutdown is served once and not kept.
+            session.set_keepalive(if *shutdown.borrow() { None } else { Some(0) });
+            let fut = self.proxy.process_new_http(session, shutdown);
+            let ended = serve_request(fut, &mut clock, timer.as_mut(), header_timeout).await;
+            let reused = match ended {
+                Ok(Some(reused)) => reused,
+                Ok(None) => return,
+                Err(kind) => {
+                    self.metrics.client_timeout(kind);
+                    return;
+                }
+            };
+            let (stream, settings) = reused.consume();
+            if let Some(ours) = stream.as_any().downcast_ref::<ClientStream>() {
+                ours.await_next_head();
+            }
+            session = ServerSession::new_http1(stream);
+            if let Some(settings) = settings {
+                settings.apply_to_session(&mut session);
+            }
+            let limits = self.limits();
+            header_timeout = limits.header_timeout;
+            clock = Clock::Idle;
+            timer.as_mut().reset(Instant::now() + limits.idle_timeout);
+        }
+    }
+}
+
+/// Which clock runs for the current request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Clock {
+    /// Waiting for the first byte of the next request.
+    Idle,
+    /// Reading a request head.
+    Head,
+    /// The head is in; the request is Pingora's (body reads have their own
+    /// per-read limit).
+    Off,
+}
+
+/// Polls one request of Pingora's until it ends, or until the running
+/// clock (`timer`) runs out first: then the request is dropped (and with it
+/// the connection) and the kind of timeout returned.
+async fn serve_request(
+    mut fut: Pin<Box<dyn Future<Output = Option<ReusedHttpStream>> + Send + '_>>,
+    clock: &mut Clock,
+    mut timer: Pin<&mut Sleep>,
+    header_timeout: Duration,
+) -> Result<Option<ReusedHttpStream>, ClientTimeout> {
+    poll_fn(|cx| {
+        // Pingora's future first, so bytes that have arrived are never
+        // refused for a timeout.
+        let _ = events::take();
+        if let Poll::Ready(ended) = fut.as_mut().poll(cx) {
+            return Poll::Ready(Ok(ended));
+        }
+        match events::take() {
+            Some(Event::HeadStarted) => {
+                *clock = Clock::Head;
+                timer.as_mut().reset(Instant::now() + header_timeout);
+            }
+            Some(Event::HeadComplete) => *clock = Clock::Off,
+            None => {}
+        }
+        let kind = match *clock {
+            Clock::Off => return Poll::Pending,
+            Clock::Idle => ClientTimeout::Idle,
+            Clock::Head => ClientTimeout::Header,
+        };
+        timer.as_mut().poll(cx).map(|()| Err(kind))
+    })
+    .await
+}
+
+/// Closes a connection over the cap with a short 503.
+async fn refuse(mut stream: Stream) {
+    let answered = tokio::time::timeout(OVER_CAP_WRITE, async {
+        stream.write_all(OVER_CAP_RESPONSE).await?;
+        stream.flush().await
+    })
+    .await;
+    if matches!(answered, Ok(Ok(()))) {
+        pingora::protocols::Shutdown::shutdown(&mut *stream).await;
+    }
+}
+
+#[async_trait]
+impl ServerApp for ClientApp {
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let accepted = Instant::now();
+        let limits = self.limits();
+        let Some(_slot) = self.slots.take(limits.max_connections) else {
+            self.metrics.client_refused.inc();
+            refuse(stream).await;
+            return None;
+        };
+        if self.is_http1(&stream) {
+            self.serve_http1(stream, shutdown, accepted, &limits).await;
+            None
+        } else {
+            // HTTP/2 is not offered yet; should it be, it runs as Pingora
+            // runs it, inside the cap but without the head clock.
+            ServerApp::process_new(&self.proxy, stream, shutdown).await
+        }
+    }
+
+    /// Wakes the keep-alive connections parked in Pingora's proxy, so they
+    /// close at shutdown instead of waiting out their idle time.
+    async fn cleanup(&self) {
+        ServerApp::cleanup(&*self.proxy).await;
+    }
+}
+
+/// Called from `early_request_filter`: the request head is in. Stops the
+/// head's clock and bounds each read of the body by `client_body_timeout`
+/// (Pingora's per-read limit, which a later request resets).
+pub fn head_complete(session: &mut Session, limits: &ClientLimits) {
+    let downstream = session.as_downstream_mut();
+    downstream.set_read_timeout(Some(limits.body_timeout));
+    let ours = downstream
+        .stream()
+        .and_then(|s| s.as_any().downcast_ref::<ClientStream>());
+    match ours {
+        Some(stream) => stream.head_complete(),
+        // Not from the loop above (HTTP/2): Pingora's own idle limit.
+        None => downstream.set_keepalive(Some(whole_seconds(limits.idle_timeout))),
+    }
+}
+
+fn whole_seconds(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+/// Whether a proxying error is a client's request body that stalled
+/// longer than `client_body_timeout`.
+pub fn is_body_timeout(e: &Error) -> bool {
+    e.etype() == &ErrorType::ReadTimedout && e.esource() == &ErrorSource::Downstream
+}
+
+/// Answers a stalled request body with a 408 (unless a response has
+/// started: then the connection just closes) and counts it; returns the
+/// status sent, 0 for none.
+pub async fn end_body_timeout(session: &mut Session, metrics: &Metrics) -> u16 {
+    metrics.client_timeout(ClientTimeout::Body);
+    if session.response_written().is_some() {
+        return 0;
+    }
+    let sent = async {
+        let mut resp = ResponseHeader::build(408, Some(4))?;
+        resp.insert_header("content-type", "application/json")?;
+        resp.insert_header("content-length", BODY_TIMEOUT_BODY.len())?;
+        resp.insert_header("cache-control", "no-store")?;
+        session
+            .as_downstream_mut()
+            .write_error_response(resp, Bytes::from_static(BODY_TIMEOUT_BODY.as_bytes()))
+            .await
+    };
+    match sent.await {
+        Ok(()) => 408,
+        Err(e) => {
+            log::debug!("could not answer a stalled request body: {e}");
+            0
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_over_cap_answer_is_well_formed() {
+        let text = std::str::from_utf8(OVER_CAP_RESPONSE).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 503 "));
+        assert!(head.contains(&format!("Content-Length: {}", body.len())));
+        assert!(head.contains("Connection: close"));
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(body).unwrap()["error"],
+            "too many connections"
+        );
+    }
+
+    #[test]
+    fn body_timeouts_are_told_apart() {
+        assert!(is_body_timeout(&Error::new_down(ErrorType::ReadTimedout)));
+        assert!(!is_body_timeout(&Error::new_up(ErrorType::ReadTimedout)));
+        assert!(!is_body_timeout(&Error::new_down(ErrorType::ReadError)));
+        assert_eq!(whole_seconds(Duration::from_millis(1500)), 2);
+        assert_eq!(whole_seconds(Duration::from_secs(60)), 60);
+    }
+}

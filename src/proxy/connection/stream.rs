@@ -1,0 +1,241 @@
+//! The client's stream as Pingora sees it: the accepted stream, unchanged,
+//! plus one flag that notices the first byte of the next request head.
+//!
+//! Every method of Pingora's `IO` traits is forwarded, those with default
+//! bodies included: the HTTP session takes the client address from
+//! `get_socket_digest`, TLS information from `get_ssl*`, and so on, and a
+//! default left in place would silently answer "none".
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pingora::protocols::raw_connect::ProxyDigest;
+use pingora::protocols::tls::{SslDigest, TlsRef};
+use pingora::protocols::{
+    GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl, Stream,
+    TimingDigest, UniqueID, UniqueIDType, ALPN,
+};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use super::events::{self, Event};
+
+/// A client connection's stream.
+#[derive(Debug)]
+pub struct ClientStream {
+    inner: Stream,
+    /// Between two requests of a keep-alive connection: the first read that
+    /// returns data starts the next head's clock. (Atomic only because
+    /// Pingora hands the stream out by shared reference; one relaxed load
+    /// per read.)
+    awaiting_head: AtomicBool,
+}
+
+impl ClientStream {
+    /// Wraps a freshly accepted stream (whose first head's clock started
+    /// at accept, so nothing is awaited).
+    pub fn new(inner: Stream) -> ClientStream {
+        ClientStream {
+            inner,
+            awaiting_head: AtomicBool::new(false),
+        }
+    }
+
+    /// The previous request is done and the connection is kept: report the
+    /// first byte of the next one.
+    pub fn await_next_head(&self) {
+        self.awaiting_head.store(true, Ordering::Relaxed);
+    }
+
+    /// The request head has been parsed (called from the request hooks,
+    /// which only see the stream by shared reference).
+    pub fn head_complete(&self) {
+        events::post(Event::HeadComplete);
+    }
+}
+
+impl AsyncRead for ClientStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.awaiting_head.load(Ordering::Relaxed) {
+            return Pin::new(&mut this.inner).poll_read(cx, buf);
+        }
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            this.awaiting_head.store(false, Ordering::Relaxed);
+            events::post(Event::HeadStarted);
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for ClientStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[async_trait]
+impl Shutdown for ClientStream {
+    async fn shutdown(&mut self) {
+        Shutdown::shutdown(&mut *self.inner).await;
+    }
+}
+
+impl UniqueID for ClientStream {
+    fn id(&self) -> UniqueIDType {
+        self.inner.id()
+    }
+}
+
+impl Ssl for ClientStream {
+    fn get_ssl(&self) -> Option<&TlsRef> {
+        self.inner.get_ssl()
+    }
+
+    fn get_ssl_digest(&self) -> Option<Arc<SslDigest>> {
+        self.inner.get_ssl_digest()
+    }
+
+    fn selected_alpn_proto(&self) -> Option<ALPN> {
+        self.inner.selected_alpn_proto()
+    }
+}
+
+impl GetTimingDigest for ClientStream {
+    fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
+        self.inner.get_timing_digest()
+    }
+
+    fn get_read_pending_time(&self) -> Duration {
+        self.inner.get_read_pending_time()
+    }
+
+    fn get_write_pending_time(&self) -> Duration {
+        self.inner.get_write_pending_time()
+    }
+}
+
+impl GetProxyDigest for ClientStream {
+    fn get_proxy_digest(&self) -> Option<Arc<ProxyDigest>> {
+        self.inner.get_proxy_digest()
+    }
+
+    fn set_proxy_digest(&mut self, digest: ProxyDigest) {
+        self.inner.set_proxy_digest(digest);
+    }
+}
+
+impl GetSocketDigest for ClientStream {
+    fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
+        self.inner.get_socket_digest()
+    }
+
+    fn set_socket_digest(&mut self, socket_digest: SocketDigest) {
+        self.inner.set_socket_digest(socket_digest);
+    }
+}
+
+#[async_trait]
+impl Peek for ClientStream {
+    async fn try_peek(&mut self, buf: &mut [u8]) -> io::Result<bool> {
+        self.inner.try_peek(buf).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a test runtime")
+    }
+
+    #[test]
+    fn reports_the_first_byte_of_the_next_head_once() {
+        runtime().block_on(async {
+            let (client, server) = tokio::io::duplex(64);
+            let mut client = client;
+            let s = ClientStream::new(Box::new(server));
+            let mut s = s;
+            let mut buf = [0u8; 8];
+            let _ = events::take();
+
+            // A fresh connection's first head was started at accept.
+            client.write_all(b"GET").await.unwrap();
+            assert_eq!(s.read(&mut buf).await.unwrap(), 3);
+            assert_eq!(events::take(), None);
+
+            s.await_next_head();
+            client.write_all(b"\r\n").await.unwrap();
+            assert_eq!(s.read(&mut buf).await.unwrap(), 2);
+            assert_eq!(events::take(), Some(Event::HeadStarted));
+            client.write_all(b"x").await.unwrap();
+            assert_eq!(s.read(&mut buf).await.unwrap(), 1);
+            assert_eq!(events::take(), None, "only the first byte counts");
+
+            s.head_complete();
+            assert_eq!(events::take(), Some(Event::HeadComplete));
+
+            // End of stream is not the start of a head.
+            s.await_next_head();
+            drop(client);
+            assert_eq!(s.read(&mut buf).await.unwrap(), 0);
+            assert_eq!(events::take(), None);
+        });
+    }
+
+    #[test]
+    fn writes_and_the_stream_identity_pass_through() {
+        runtime().block_on(async {
+            let (mut client, server) = tokio::io::duplex(64);
+            let inner: Stream = Box::new(server);
+            let id = inner.id();
+            let mut s = ClientStream::new(inner);
+            assert_eq!(s.id(), id);
+            assert!(s.selected_alpn_proto().is_none());
+            s.write_all(b"HTTP/1.1 200 OK\r\n").await.unwrap();
+            s.flush().await.unwrap();
+            let mut buf = [0u8; 17];
+            client.read_exact(&mut buf).await.unwrap();
+            assert_eq!(&buf, b"HTTP/1.1 200 OK\r\n");
+        });
+    }
+}
