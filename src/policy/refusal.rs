@@ -56,6 +56,8 @@ pub enum Refusal {
     TooManyConcurrent,
     /// A request Pingora could not read (a malformed body, say).
     BadRequest,
+    /// The request body stalled longer than `client_body_timeout`.
+    BodyTimeout,
     BodyTooLarge,
     /// The upstream could not be reached or broke off.
     UpstreamUnavailable,
@@ -83,7 +85,7 @@ pub const CHALLENGE: &str = "Bearer realm=\"ai-gateway\"";
 impl Refusal {
     /// Every kind, for metrics that are resolved once at start and for
     /// tests that must cover them all.
-    pub const ALL: [Refusal; 26] = [
+    pub const ALL: [Refusal; 27] = [
         Refusal::BadFraming,
         Refusal::InvalidContentLength,
         Refusal::InvalidTransferEncoding,
@@ -106,6 +108,7 @@ impl Refusal {
         Refusal::Key(KeyDenial::Disabled),
         Refusal::Key(KeyDenial::WrongService),
         Refusal::BadRequest,
+        Refusal::BodyTimeout,
         Refusal::BodyTooLarge,
         Refusal::UpstreamUnavailable,
         Refusal::UpstreamTimeout,
@@ -133,6 +136,7 @@ impl Refusal {
             Refusal::Key(_) => 401,
             Refusal::NoRoute => 404,
             Refusal::MethodNotAllowed => 405,
+            Refusal::BodyTimeout => 408,
             Refusal::BodyTooLarge => 413,
             Refusal::HeaderTooLarge => 431,
             Refusal::Internal => 500,
@@ -169,6 +173,7 @@ impl Refusal {
                 r#"{"error":"api key not allowed for this service"}"#
             }
             Refusal::BadRequest => r#"{"error":"bad request"}"#,
+            Refusal::BodyTimeout => r#"{"error":"request body timed out"}"#,
             Refusal::BodyTooLarge => r#"{"error":"request body too large"}"#,
             Refusal::UpstreamUnavailable => r#"{"error":"upstream unavailable"}"#,
             Refusal::UpstreamTimeout => r#"{"error":"upstream timed out"}"#,
@@ -202,6 +207,7 @@ impl Refusal {
             Refusal::Key(KeyDenial::Disabled) => "disabled_key",
             Refusal::Key(KeyDenial::WrongService) => "wrong_service",
             Refusal::BadRequest => "bad_request",
+            Refusal::BodyTimeout => "client_timeout",
             Refusal::BodyTooLarge => "body_too_large",
             Refusal::UpstreamUnavailable | Refusal::UpstreamTimeout => "upstream_error",
             Refusal::Internal => "internal_error",

@@ -57,9 +57,6 @@ pub enum Outcome {
     Refused(Refusal),
     /// Accepted, then the client went away before the answer was complete.
     ClientGone,
-    /// Accepted, then the client's body stalled longer than
-    /// `client_body_timeout`.
-    ClientTimeout,
 }
 
 impl Outcome {
@@ -70,7 +67,6 @@ impl Outcome {
             Outcome::Accepted => "accepted",
             Outcome::Refused(r) => r.label(),
             Outcome::ClientGone => "client_closed",
-            Outcome::ClientTimeout => "client_timeout",
         }
     }
 }

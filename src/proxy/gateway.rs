@@ -20,7 +20,9 @@ use super::headers::{rewrite_for_upstream, Identity};
 use super::reply::{add_cors, refusal_for, send_refusal, upstream_error_kind};
 use crate::config::any_contains;
 use crate::keys::unix_millis;
-use crate::ops::{request_id, AuditLog, AuditRecord, ClientAddr, Metrics, SharedLive};
+use crate::ops::{
+    request_id, AuditLog, AuditRecord, ClientAddr, ClientTimeout, Metrics, SharedLive,
+};
 use crate::policy::{client_ip, Refusal, Request};
 use crate::state::{Carried, Transition};
 
@@ -326,20 +328,18 @@ impl ProxyHttp for Gateway {
         e: &Error,
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
-        if connection::is_body_timeout(e) {
-            ctx.outcome = Outcome::ClientTimeout;
-            let status = connection::end_body_timeout(session, &self.metrics).await;
-            return FailToProxy {
-                error_code: status,
-                can_reuse_downstream: false,
-            };
-        }
         let refusal = refusal_for(e);
         ctx.outcome = match refusal {
             Some(r) => Outcome::Refused(r),
             None => Outcome::ClientGone,
         };
-        if let Some(r) = refusal {
+        if refusal == Some(Refusal::BodyTimeout) {
+            self.metrics.client_timeout(ClientTimeout::Body);
+        }
+        // Once the upstream's answer has started, all that can be done is
+        // to end the connection.
+        let answerable = session.response_written().is_none();
+        if let Some(r) = refusal.filter(|_| answerable) {
             let sent = send_refusal(
                 session,
                 r,
@@ -353,7 +353,7 @@ impl ProxyHttp for Gateway {
             }
         }
         FailToProxy {
-            error_code: refusal.map_or(0, Refusal::status),
+            error_code: refusal.filter(|_| answerable).map_or(0, Refusal::status),
             can_reuse_downstream: false,
         }
     }
@@ -362,7 +362,10 @@ impl ProxyHttp for Gateway {
     /// answered, audited and counted: no error line for each one (the log
     /// stays bounded whatever clients send).
     fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, e: &Error) -> bool {
-        matches!(e.etype(), ErrorType::HTTPStatus(413)) || connection::is_body_timeout(e)
+        matches!(
+            refusal_for(e),
+            Some(Refusal::BodyTooLarge | Refusal::BodyTimeout)
+        )
     }
 
     /// Pingora's own error lines ("Fail to proxy") end with this summary:

@@ -87,6 +87,7 @@ pub fn refusal_for(e: &Error) -> Option<Refusal> {
         ) => Refusal::UpstreamTimeout,
         (_, ErrorSource::Upstream) => Refusal::UpstreamUnavailable,
         (WriteError | ReadError | ConnectionClosed, ErrorSource::Downstream) => return None,
+        (ReadTimedout, ErrorSource::Downstream) => Refusal::BodyTimeout,
         (_, ErrorSource::Downstream) => Refusal::BadRequest,
         _ => Refusal::Internal,
     })
@@ -120,6 +121,7 @@ mod tests {
         );
         assert_eq!(status(&Error::new_up(ErrorType::ConnectRefused)), Some(502));
         assert_eq!(status(&Error::new_down(ErrorType::ReadError)), None);
+        assert_eq!(status(&Error::new_down(ErrorType::ReadTimedout)), Some(408));
         assert_eq!(
             status(&Error::new_down(ErrorType::InvalidHTTPHeader)),
             Some(400)

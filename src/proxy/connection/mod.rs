@@ -38,14 +38,11 @@ use std::task::Poll;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::Bytes;
 use pingora::apps::{HttpServerApp, ReusedHttpStream, ServerApp};
-use pingora::http::ResponseHeader;
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::{Stream, ALPN};
 use pingora::proxy::{HttpProxy, Session};
 use pingora::server::ShutdownWatch;
-use pingora::{Error, ErrorSource, ErrorType};
 use tokio::io::AsyncWriteExt;
 use tokio::time::{Instant, Sleep};
 
@@ -69,9 +66,6 @@ Connection: close\r\n\
 /// How long writing that answer may take (it fits any fresh socket's send
 /// buffer, so this only matters for a peer that is already gone).
 const OVER_CAP_WRITE: Duration = Duration::from_secs(1);
-
-/// The body of the answer to a request whose body stalled.
-const BODY_TIMEOUT_BODY: &str = r#"{"error":"request body timed out"}"#;
 
 /// The proxy service's application: Pingora's HTTP proxy behind the
 /// connection cap and the client timeouts.
@@ -257,39 +251,6 @@ fn whole_seconds(d: Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }
 
-/// Whether a proxying error is a client's request body that stalled
-/// longer than `client_body_timeout`.
-pub fn is_body_timeout(e: &Error) -> bool {
-    e.etype() == &ErrorType::ReadTimedout && e.esource() == &ErrorSource::Downstream
-}
-
-/// Answers a stalled request body with a 408 (unless a response has
-/// started: then the connection just closes) and counts it; returns the
-/// status sent, 0 for none.
-pub async fn end_body_timeout(session: &mut Session, metrics: &Metrics) -> u16 {
-    metrics.client_timeout(ClientTimeout::Body);
-    if session.response_written().is_some() {
-        return 0;
-    }
-    let sent = async {
-        let mut resp = ResponseHeader::build(408, Some(4))?;
-        resp.insert_header("content-type", "application/json")?;
-        resp.insert_header("content-length", BODY_TIMEOUT_BODY.len())?;
-        resp.insert_header("cache-control", "no-store")?;
-        session
-            .as_downstream_mut()
-            .write_error_response(resp, Bytes::from_static(BODY_TIMEOUT_BODY.as_bytes()))
-            .await
-    };
-    match sent.await {
-        Ok(()) => 408,
-        Err(e) => {
-            log::debug!("could not answer a stalled request body: {e}");
-            0
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -308,10 +269,7 @@ mod tests {
     }
 
     #[test]
-    fn body_timeouts_are_told_apart() {
-        assert!(is_body_timeout(&Error::new_down(ErrorType::ReadTimedout)));
-        assert!(!is_body_timeout(&Error::new_up(ErrorType::ReadTimedout)));
-        assert!(!is_body_timeout(&Error::new_down(ErrorType::ReadError)));
+    fn idle_limits_round_up_to_whole_seconds() {
         assert_eq!(whole_seconds(Duration::from_millis(1500)), 2);
         assert_eq!(whole_seconds(Duration::from_secs(60)), 60);
     }
