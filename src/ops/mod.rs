@@ -20,4 +20,6 @@ pub mod request_id;
 pub use admin::Admin;
 pub use audit::{AuditLog, AuditRecord, ClientAddr, QUEUE_LEN};
 pub use live::{Live, SharedLive};
-pub use metrics::{Metrics, RouteMetrics, UpstreamErrorKind, NO_ROUTE};
+pub use metrics::{
+    Metrics, RouteMetrics, UpstreamErrorKind, MAX_SEEN_MODELS, NO_MODEL, NO_ROUTE, OTHER_MODEL,
+};

@@ -22,12 +22,13 @@
 //!
 //! May import: `config`, `keys`, `state`, `policy`, `ops`.
 
+mod ai;
 mod context;
 mod framing;
 mod gateway;
 mod headers;
 mod reply;
 
-pub use context::{Outcome, RequestCtx};
+pub use context::{AiRequest, Outcome, Replay, RequestCtx};
 pub use framing::MAX_HEADER_BYTES;
 pub use gateway::{Gateway, CLIENT_KEEPALIVE_SECS};
