@@ -63,9 +63,8 @@ pub enum Refusal {
     /// twice).
     ModelNotAllowed,
     /// The key may use only some models, and the request's model could not
-    /// be read: no `model` in the JSON body, a body that is not a JSON
-    /// object, or a `model` past the part of the body read before it is
-    /// sent on.
+    /// be read: a body that is not one JSON object, a `model` that is not
+    /// a model name, or none at all.
     ModelUnreadable,
     /// A request Pingora could not read (a malformed body, say).
     BadRequest,
@@ -172,7 +171,7 @@ impl Refusal {
             Refusal::TokenBudgetExceeded { .. } => r#"{"error":"token budget exceeded"}"#,
             Refusal::ModelNotAllowed => r#"{"error":"model not allowed for this key"}"#,
             Refusal::ModelUnreadable => {
-                r#"{"error":"this key needs the model named in the first 64 KiB of a JSON request body"}"#
+                r#"{"error":"the request body must be a JSON object that names the model"}"#
             }
             Refusal::BadFraming => r#"{"error":"both content-length and transfer-encoding"}"#,
             Refusal::InvalidContentLength => r#"{"error":"invalid content-length"}"#,

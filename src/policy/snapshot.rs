@@ -243,14 +243,14 @@ pub struct Admission {
 /// Judges the models a request names (`model`, and Ollama's `name`) for a
 /// key that may use only `allowed`: every one must be allowed, so that
 /// whichever the upstream acts on is (JSON decoders differ on a repeated
-/// member: Go's takes the last, matching names in any case). `complete`
-/// says whether the whole body has been read; until then, finding no
-/// model yet is no verdict.
+/// member: Go's takes the last, matching names in any case). `named` may
+/// be the models found since the last verdict; `ended_without_model` says
+/// the whole body has been read and named none.
 pub fn judge_models(
     allowed: &[ModelPattern],
     named: &[NamedModel],
     single_object: bool,
-    complete: bool,
+    ended_without_model: bool,
 ) -> Result<(), Refusal> {
     if !single_object {
         return Err(Refusal::ModelUnreadable);
@@ -262,7 +262,7 @@ pub fn judge_models(
             NamedModel::Unreadable => return Err(Refusal::ModelUnreadable),
         }
     }
-    if complete && named.is_empty() {
+    if ended_without_model {
         return Err(Refusal::ModelUnreadable);
     }
     Ok(())

@@ -156,7 +156,7 @@ pub async fn read_body_start(
             allowed,
             &inspector.models,
             inspector.single_object(),
-            done && inspector.complete(),
+            done && !inspector.named_any(),
         );
         if let Err(r) = verdict {
             return Ok(Err(r));
@@ -181,8 +181,13 @@ pub async fn read_body_start(
         ai.inspector = Some(inspector);
     }
     debug!(
-        "read {} body bytes before choosing an upstream (model {:?}, pool {})",
+        "read {} body bytes before choosing an upstream, {} (model {:?}, pool {})",
         held.len(),
+        if truncated {
+            "past the retry buffer: sent in front of the next piece"
+        } else {
+            "in the retry buffer"
+        },
         ai.model,
         ai.pool
     );
@@ -234,7 +239,7 @@ pub fn request_body(
         allowed,
         &inspector.models,
         inspector.single_object(),
-        end_of_stream && inspector.complete(),
+        end_of_stream && !inspector.named_any(),
     );
     let verdict = verdict.and_then(|()| {
         if end_of_stream && !inspector.complete() {

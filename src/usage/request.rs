@@ -40,6 +40,8 @@ pub struct RequestInspector {
     /// Every `model` (and `name`) member, in order; read by the caller and
     /// cleared as it pleases.
     pub models: Vec<NamedModel>,
+    /// How many there have been, cleared or not.
+    named: usize,
     /// Top-level values begun.
     values: u32,
     /// Where the first object's `{` is.
@@ -57,6 +59,7 @@ impl RequestInspector {
             scanner: Scanner::new(WANTED),
             read_name: api == ApiKind::Ollama,
             models: Vec::new(),
+            named: 0,
             values: 0,
             object_at: None,
             complete: false,
@@ -71,6 +74,7 @@ impl RequestInspector {
             scanner,
             read_name,
             models,
+            named,
             values,
             object_at,
             complete,
@@ -95,8 +99,14 @@ impl RequestInspector {
                     return;
                 }
                 match key {
-                    MODEL => models.push(model_value(raw, truncated)),
-                    NAME if *read_name => models.push(model_value(raw, truncated)),
+                    MODEL => {
+                        *named += 1;
+                        models.push(model_value(raw, truncated));
+                    }
+                    NAME if *read_name => {
+                        *named += 1;
+                        models.push(model_value(raw, truncated));
+                    }
                     STREAM => *stream = Some(raw == b"true"),
                     STREAM_OPTIONS => *stream_options = Some((at, raw.to_vec(), truncated)),
                     _ => {}
@@ -104,6 +114,11 @@ impl RequestInspector {
             }
             Event::NotObjects => {}
         });
+    }
+
+    /// Whether some model has been named so far.
+    pub fn named_any(&self) -> bool {
+        self.named > 0
     }
 
     /// Whether what was read so far is (the start of) one JSON object and
