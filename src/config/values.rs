@@ -80,9 +80,9 @@ impl TokenRate {
 impl fmt::Display for TokenRate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let n = self.count.get();
-        if n % 1_000_000 == 0 {
+        if n.is_multiple_of(1_000_000) {
             write!(f, "{}M", n / 1_000_000)?;
-        } else if n % 1_000 == 0 {
+        } else if n.is_multiple_of(1_000) {
             write!(f, "{}k", n / 1_000)?;
         } else {
             write!(f, "{n}")?;

@@ -45,26 +45,34 @@ use crate::usage::{
     INSPECT_LIMIT,
 };
 
-/// Starts the handling of a request on a route with `api`, and checks a
-/// model named in the path (`GET /v1/models/{id}`).
+/// Starts the handling of a request on a route with `api`; `None` on
+/// other routes.
 pub fn start(
     route: &Route,
     path: &str,
     allowed: Option<&Arc<[ModelPattern]>>,
-) -> Option<Result<Box<AiRequest>, (Box<AiRequest>, Refusal)>> {
+) -> Option<Box<AiRequest>> {
     let api = route.api?;
     let upstream_path = route.upstream_path(path);
     let endpoint = Endpoint::of(api, upstream_path);
     let mut ai = Box::new(AiRequest::new(api, endpoint, allowed.cloned()));
     if endpoint == Endpoint::OpenaiModel {
-        if let Some(id) = model_in_path(upstream_path) {
-            ai.model = Some(id.to_string());
-            if allowed.is_some_and(|a| !any_model_matches(a, id)) {
-                return Some(Err((ai, Refusal::ModelNotAllowed)));
-            }
-        }
+        ai.model = model_in_path(upstream_path).map(str::to_owned);
     }
-    Some(Ok(ai))
+    Some(ai)
+}
+
+/// Judges a model named in the path (`GET /v1/models/{id}`) for a key
+/// limited to some.
+pub fn check_path_model(ai: &AiRequest) -> Result<(), Refusal> {
+    match (&ai.allowed, &ai.model) {
+        (Some(allowed), Some(id))
+            if ai.endpoint == Endpoint::OpenaiModel && !any_model_matches(allowed, id) =>
+        {
+            Err(Refusal::ModelNotAllowed)
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Whether the body must be read before an upstream is chosen.

@@ -143,17 +143,8 @@ impl ProxyHttp for Gateway {
             ctx.max_body = snapshot.limits_for(&principal, route).max_body;
             let now = self.now_ms();
             ctx.admission = snapshot.admit(&principal, route, now)?;
-            match ai::start(route, req.uri.path(), principal.models) {
-                None => Ok(()),
-                Some(Ok(started)) => {
-                    ctx.ai = Some(started);
-                    Ok(())
-                }
-                Some(Err((started, refusal))) => {
-                    ctx.ai = Some(started);
-                    Err(refusal)
-                }
-            }
+            ctx.ai = ai::start(route, req.uri.path(), principal.models);
+            ctx.ai.as_deref().map_or(Ok(()), ai::check_path_model)
         });
         // A request to an API may need its model before an upstream is
         // chosen: read the start of the body (the only await before the

@@ -151,7 +151,7 @@ pub fn audit_files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
             }
         }
     }
-    numbered.sort_by(|a, b| b.0.cmp(&a.0));
+    numbered.sort_by_key(|(n, _)| std::cmp::Reverse(*n));
     dated.sort();
     let mut files: Vec<PathBuf> = dated.into_iter().map(|(_, p)| p).collect();
     files.extend(numbered.into_iter().map(|(_, p)| p));

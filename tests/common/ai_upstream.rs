@@ -94,6 +94,8 @@ impl AiRequest {
 pub struct Sent {
     /// When each data record (or SSE event) was flushed, in order.
     pub written: Vec<Instant>,
+    /// The same, on the wall clock (for clients in other processes).
+    pub written_wall: Vec<SystemTime>,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     /// Whether the answer carried its usage (final record, usage chunk or
@@ -227,6 +229,7 @@ fn answer(w: &mut TcpStream, req: &AiRequest, state: &State, opts: &AiOptions) -
     let single = |body: serde_json::Value, reported: bool| -> (Vec<u8>, Sent) {
         let sent = Sent {
             written: vec![Instant::now()],
+            written_wall: vec![SystemTime::now()],
             prompt_tokens: p,
             completion_tokens: if path.ends_with("embed") || path.ends_with("embeddings") {
                 0
@@ -427,6 +430,7 @@ fn stream_chunked(
         let mut sent = lock(&state.sent);
         sent.push(Sent {
             written: Vec::new(),
+            written_wall: Vec::new(),
             prompt_tokens: prompt,
             completion_tokens: completion,
             reported: false,
@@ -455,6 +459,7 @@ fn stream_chunked(
         }
         if let Some(s) = lock(&state.sent).get_mut(index) {
             s.written.push(Instant::now());
+            s.written_wall.push(SystemTime::now());
         }
     }
     if let Some(s) = lock(&state.sent).get_mut(index) {
