@@ -164,6 +164,26 @@ impl RouteMetrics {
     }
 }
 
+/// The label of `model` (see [`Metrics::model_label`]).
+fn label_of<'a>(labels: &'a mut ModelLabels, model: Option<&'a str>) -> &'a str {
+    let Some(model) = model else {
+        return NO_MODEL;
+    };
+    if !labels.named.is_empty() {
+        if let Some(label) = labels.named.get(&ModelPattern::folded(model)) {
+            return label;
+        }
+    }
+    if labels.seen.contains(model) {
+        return model;
+    }
+    if labels.seen.len() < MAX_SEEN_MODELS {
+        labels.seen.insert(model.to_string());
+        return model;
+    }
+    OTHER_MODEL
+}
+
 fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let c = IntCounterVec::new(Opts::new(name, help), labels).expect("static metric definition");
     registry
@@ -356,41 +376,37 @@ impl Metrics {
     /// name itself while fewer than [`MAX_SEEN_MODELS`] others are labels,
     /// else [`OTHER_MODEL`].
     pub fn model_label(&self, model: Option<&str>) -> String {
-        let Some(model) = model else {
-            return NO_MODEL.to_string();
-        };
-        let mut labels = self
+        let labels = &mut *self
             .model_labels
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if let Some(label) = labels.named.get(&ModelPattern::folded(model)) {
-            return label.clone();
-        }
-        if labels.seen.contains(model) {
-            return model.to_string();
-        }
-        if labels.seen.len() < MAX_SEEN_MODELS {
-            labels.seen.insert(model.to_string());
-            return model.to_string();
-        }
-        OTHER_MODEL.to_string()
+        label_of(labels, model).to_string()
     }
 
-    /// Counts the tokens of one answer, and where its counts came from.
+    /// Counts the tokens of one answer of `model`, and where its counts
+    /// came from. Allocates only for a model never seen before.
     pub fn tokens(
         &self,
         route: &str,
-        model: &str,
+        model: Option<&str>,
         source: &str,
         prompt: Option<u64>,
         completion: Option<u64>,
         user: Option<&str>,
     ) {
         self.usage_sources.with_label_values(&[route, source]).inc();
+        if prompt.is_none() && completion.is_none() {
+            return;
+        }
+        let labels = &mut *self
+            .model_labels
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let label = label_of(labels, model);
         for (kind, n) in [("prompt", prompt), ("completion", completion)] {
             let Some(n) = n else { continue };
             self.tokens
-                .with_label_values(&[route, model, kind])
+                .with_label_values(&[route, label, kind])
                 .inc_by(n);
             if let Some(user) = user {
                 self.user_tokens.with_label_values(&[user, kind]).inc_by(n);
@@ -496,19 +512,21 @@ mod tests {
         );
         m.tokens(
             "chat",
-            "llama3.2",
+            Some("llama3.2:latest"),
             "reported",
             Some(26),
             Some(290),
             Some("ann"),
         );
-        m.tokens("chat", "llama3.2", "estimated", None, Some(4), None);
+        m.tokens("chat", Some("llama3.2"), "estimated", None, Some(4), None);
+        m.tokens("chat", Some("m0"), "unknown", None, None, None);
         let text = String::from_utf8(m.render()).unwrap();
         for want in [
             r#"agw_tokens_total{kind="prompt",model="llama3.2",route="chat"} 26"#,
             r#"agw_tokens_total{kind="completion",model="llama3.2",route="chat"} 294"#,
             r#"agw_user_tokens_total{kind="completion",user="ann"} 290"#,
             r#"agw_usage_total{route="chat",source="estimated"} 1"#,
+            r#"agw_usage_total{route="chat",source="unknown"} 1"#,
         ] {
             assert!(text.contains(want), "{want} in {text}");
         }

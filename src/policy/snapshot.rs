@@ -262,7 +262,7 @@ pub fn judge_models(
             NamedModel::Unreadable => return Err(Refusal::ModelUnreadable),
         }
     }
-    if ended_without_model {
+    if ended_without_model && named.is_empty() {
         return Err(Refusal::ModelUnreadable);
     }
     Ok(())

@@ -473,7 +473,7 @@ impl ProxyHttp for Gateway {
             let route = ctx.route().map_or(NO_ROUTE, |r| r.name.as_str());
             self.metrics.tokens(
                 route,
-                &self.metrics.model_label(model.as_deref()),
+                model.as_deref(),
                 u.source.label(),
                 u.prompt_tokens,
                 u.completion_tokens,

@@ -156,20 +156,25 @@ impl Scanner {
                         self.fail(on);
                     }
                 }
-                State::Key | State::KeyEscape => {
-                    let escaped = self.state == State::KeyEscape;
+                State::KeyEscape => {
                     self.state = State::Key;
-                    if !escaped && b == b'"' {
+                    self.keep_key(&[b]);
+                }
+                State::Key => {
+                    // Take the key up to its closing quote or an escape.
+                    let rest = input.get(i..).unwrap_or_default();
+                    let n = rest
+                        .iter()
+                        .position(|c| *c == b'"' || *c == b'\\')
+                        .unwrap_or(rest.len());
+                    self.keep_key(rest.get(..n).unwrap_or_default());
+                    i += n;
+                    let Some(&c) = input.get(i) else { break };
+                    if c == b'"' {
                         self.state = State::Colon;
                     } else {
-                        if !escaped && b == b'\\' {
-                            self.state = State::KeyEscape;
-                        }
-                        if self.key.len() < KEY_LIMIT {
-                            self.key.push(b);
-                        } else {
-                            self.key_overflow = true;
-                        }
+                        self.keep_key(&[c]);
+                        self.state = State::KeyEscape;
                     }
                 }
                 State::Colon => {
@@ -290,6 +295,15 @@ impl Scanner {
         if self.state == State::Scalar {
             self.member_done(on);
         }
+    }
+
+    fn keep_key(&mut self, bytes: &[u8]) {
+        let room = KEY_LIMIT.saturating_sub(self.key.len());
+        if bytes.len() > room {
+            self.key_overflow = true;
+        }
+        self.key
+            .extend_from_slice(bytes.get(..room.min(bytes.len())).unwrap_or_default());
     }
 
     fn keep(&mut self, bytes: &[u8]) {
