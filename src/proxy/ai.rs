@@ -282,8 +282,13 @@ pub fn upstream_request(ai: &AiRequest, req: &mut RequestHeader) -> Result<()> {
 /// Prepares to read the answer whose head is `resp`: the usage meter, the
 /// hider of the usage-only event, or the model list filter. Changes the
 /// framing headers when the body will change.
-pub fn answer_head(ai: &mut AiRequest, resp: &mut ResponseHeader, client: Version) -> Result<()> {
-    if !resp.status.is_success() {
+pub fn answer_head(
+    ai: &mut AiRequest,
+    resp: &mut ResponseHeader,
+    client: Version,
+    method: &http::Method,
+) -> Result<()> {
+    if !resp.status.is_success() || method == http::Method::HEAD {
         return Ok(());
     }
     let header = |name| {
@@ -297,7 +302,7 @@ pub fn answer_head(ai: &mut AiRequest, resp: &mut ResponseHeader, client: Versio
         e.is_empty() || e.eq_ignore_ascii_case(b"identity")
     });
     let mut body_changes = false;
-    if ai.endpoint.lists_models() {
+    if ai.endpoint.lists_models() && resp.status == http::StatusCode::OK {
         if let Some(allowed) = &ai.allowed {
             let json = header(CONTENT_TYPE).is_none_or(|c| {
                 let c = c.to_ascii_lowercase();

@@ -358,7 +358,8 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         if let Some(ai) = ctx.ai.as_mut() {
-            ai::answer_head(ai, upstream_response, session.req_header().version)?;
+            let req = session.req_header();
+            ai::answer_head(ai, upstream_response, req.version, &req.method)?;
         }
         if let Some(id) = ctx.request_id.clone() {
             upstream_response.insert_header("x-request-id", id)?;
