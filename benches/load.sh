@@ -16,6 +16,8 @@
 #   RELOAD_SECS=10            each of the two reload-under-load wrk runs
 #   IDLE_CONNS=10000          idle keep-alive client connections held open
 #   STREAM_N=50               streaming requests per target
+#   AI_ROUNDS=8               rounds of the usage accounting comparison (each
+#                             a pair of wrk runs, on and off, order alternating)
 #   NO_NGINX=1                act as if nginx were not installed
 #   SKIP_BUILD=1              use the existing release binaries
 #   KEEP_TMP=1                keep the temp dir (configs, logs, wrk output)
@@ -36,6 +38,7 @@ NGINX_BIG_TIMEOUT=${NGINX_BIG_TIMEOUT:-180}
 RELOAD_SECS=${RELOAD_SECS:-10}
 IDLE_CONNS=${IDLE_CONNS:-10000}
 STREAM_N=${STREAM_N:-50}
+AI_ROUNDS=${AI_ROUNDS:-8}
 SKIP_BUILD=${SKIP_BUILD:-0}
 KEEP_TMP=${KEEP_TMP:-0}
 SMALL_KEYS=10
@@ -233,7 +236,7 @@ EOF
 bench_key() { printf 'agw_bench%027d' "$1"; }
 KEY=$(bench_key 5) # present in every key set
 
-read -r P_UP P_STREAM P_NGX_SMALL P_NGX_BIG P_GW_SMALL P_GW_BIG P_GW_LIMITS < <(free_ports 7)
+read -r P_UP P_STREAM P_FAST P_NGX_SMALL P_NGX_BIG P_GW_SMALL P_GW_BIG P_ADM_SMALL P_ADM_BIG P_GW_LIMITS P_ADM_LIMITS < <(free_ports 11)
 
 # The ~300-byte body of a non-streaming Ollama /api/generate answer (the
 # same text examples/bench_upstream.rs sends).
@@ -404,15 +407,16 @@ EOF
     say "nginx with $n keys ready after $((SECONDS - t0)) s"
 }
 
-# The gateway: $1 = key count, $2 = port, $3 = a name for its folder
-# (default: the key count), $4 = extra top-level settings (default: the
-# failed-key throttle off, as nginx has none).
+# The gateway: $1 = key count, $2 = port, $3 = admin port, $4 = a name for
+# its folder (default: the key count), $5 = extra top-level settings
+# (default: the failed-key throttle off, as nginx has none).
 start_gateway() {
-    local n=$1 port=$2 d=$TMP/gateway-${3:-$1}
-    local extra=${4:-"failed_key_throttle: {enabled: false}"}
+    local n=$1 port=$2 admin=$3 d=$TMP/gateway-${4:-$1}
+    local extra=${5:-"failed_key_throttle: {enabled: false}"}
     mkdir -p "$d"
     cat >"$d/gateway.yaml" <<EOF
 listen: "127.0.0.1:$port"
+admin_listen: "127.0.0.1:$admin"
 keys_file: $TMP/keys-$n.json
 threads: 2
 watch: false
@@ -430,6 +434,25 @@ routes:
     service: ollama
     strip_prefix: true
     upstreams: ["127.0.0.1:$P_STREAM"]
+  # The same streams with usage accounting on.
+  - name: stream-ai
+    path_prefix: /stream-ai/
+    service: ollama
+    strip_prefix: true
+    api: ollama
+    upstreams: ["127.0.0.1:$P_STREAM"]
+  # Streams without pauses (CPU-bound), without and with usage accounting.
+  - name: fast
+    path_prefix: /fast/
+    service: ollama
+    strip_prefix: true
+    upstreams: ["127.0.0.1:$P_FAST"]
+  - name: fast-ai
+    path_prefix: /fast-ai/
+    service: ollama
+    strip_prefix: true
+    api: ollama
+    upstreams: ["127.0.0.1:$P_FAST"]
 EOF
     local t0=$SECONDS
     RUST_LOG=${RUST_LOG:-info} start_bg "$d/gateway.log" "$GATEWAY_BIN" run --config "$d/gateway.yaml"
@@ -538,6 +561,11 @@ start_bg "$TMP/stream-upstream.log" "$UPSTREAM_BIN" --listen "127.0.0.1:$P_STREA
 STREAM_PID=$STARTED_PID
 wait_ready "http://127.0.0.1:$P_STREAM/api/generate" 200 20 "$STREAM_PID" ||
     die "the streaming upstream did not start: $(tail -n 3 "$TMP/stream-upstream.log")"
+start_bg "$TMP/fast-upstream.log" "$UPSTREAM_BIN" --listen "127.0.0.1:$P_FAST" --mode ndjson \
+    --chunks 10 --first-ms 0 --interval-ms 0
+FAST_PID=$STARTED_PID
+wait_ready "http://127.0.0.1:$P_FAST/api/generate" 200 20 "$FAST_PID" ||
+    die "the fast streaming upstream did not start: $(tail -n 3 "$TMP/fast-upstream.log")"
 
 # target name | keys | url | pid (for CPU)
 TARGETS=()
@@ -558,15 +586,15 @@ if [ -n "$NGINX" ]; then
     esac
 fi
 
-start_gateway "$SMALL_KEYS" "$P_GW_SMALL"
+start_gateway "$SMALL_KEYS" "$P_GW_SMALL" "$P_ADM_SMALL"
 GW_SMALL_PID=$GATEWAY_PID
 RSS_GW_SMALL_START=$(rss_mb "$GW_SMALL_PID")
 # Fair-use limits on, for the benched key: a rate and a concurrency cap it
 # never reaches, and the failed-key throttle (on by default).
-start_gateway "$SMALL_KEYS" "$P_GW_LIMITS" limits "rate_limit: \"1000000000/min\"
+start_gateway "$SMALL_KEYS" "$P_GW_LIMITS" "$P_ADM_LIMITS" limits "rate_limit: \"1000000000/min\"
 max_concurrent: 100000"
 GW_LIMITS_PID=$GATEWAY_PID
-start_gateway "$BIG_KEYS" "$P_GW_BIG"
+start_gateway "$BIG_KEYS" "$P_GW_BIG" "$P_ADM_BIG"
 GW_BIG_PID=$GATEWAY_PID
 RSS_GW_BIG_START=$(rss_mb "$GW_BIG_PID")
 GW_BIG_LOAD_MS=$(sed -n 's/.*loaded .*: .* keys in \([0-9]*\) ms.*/\1/p' "$TMP/gateway-$BIG_KEYS/gateway.log" | tail -n 1)
@@ -632,6 +660,7 @@ say "streaming: $STREAM_N requests each, direct and through the gateway"
 cat >"$TMP/stream_client.py" <<'EOF'
 import http.client, statistics, sys, time
 direct_port, gw_port, key, n = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+# The order of the targets rotates, so none always runs just after another.
 body = b'{"model":"llama3.2:1b","prompt":"Why is the sky blue?","stream":true}'
 def one(port, path, headers):
     c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
@@ -647,15 +676,16 @@ def one(port, path, headers):
     if r.status != 200 or not first.startswith(b"{") or b'"done":true' not in rest:
         raise SystemExit("bad streaming response from port %d: %d %r" % (port, r.status, first[:80]))
     return (t_head - t0) * 1000, (t_first - t0) * 1000, (t_end - t0) * 1000
-res = {"direct": [], "gateway": []}
-def direct():
-    res["direct"].append(one(direct_port, "/api/generate", {"Content-Type": "application/json"}))
-def gateway():
-    res["gateway"].append(one(gw_port, "/stream/api/generate", {"Content-Type": "application/json", "X-API-Key": key}))
+targets = [
+    ("direct", direct_port, "/api/generate", {"Content-Type": "application/json"}),
+    ("gateway", gw_port, "/stream/api/generate", {"Content-Type": "application/json", "X-API-Key": key}),
+    ("gateway-ai", gw_port, "/stream-ai/api/generate", {"Content-Type": "application/json", "X-API-Key": key}),
+]
+res = {name: [] for name, _, _, _ in targets}
 for i in range(n):
-    # Alternate which goes first, so neither always runs just after the other.
-    for f in ((direct, gateway) if i % 2 == 0 else (gateway, direct)):
-        f()
+    for k in range(len(targets)):
+        name, port, path, headers = targets[(i + k) % len(targets)]
+        res[name].append(one(port, path, headers))
 for name, rows in res.items():
     head, first, total = (statistics.median(col) for col in zip(*rows))
     print("%s %.2f %.2f %.2f" % (name, head, first, total))
@@ -664,11 +694,55 @@ STREAM_OUT=$TMP/stream.txt
 if run_fg timeout 300 python3 "$TMP/stream_client.py" "$P_STREAM" "$P_GW_SMALL" "$KEY" "$STREAM_N" >"$STREAM_OUT" 2>&1; then
     read -r _ SD_HEAD SD_FIRST SD_TOTAL < <(grep '^direct ' "$STREAM_OUT")
     read -r _ SG_HEAD SG_FIRST SG_TOTAL < <(grep '^gateway ' "$STREAM_OUT")
+    read -r _ SA_HEAD SA_FIRST SA_TOTAL < <(grep '^gateway-ai ' "$STREAM_OUT")
     STREAM_OK=1
 else
     note "streaming phase failed: $(tail -n 3 "$STREAM_OUT" | tr '\n' ' ')"
     STREAM_OK=0
 fi
+
+# ---------------------------------------------------------------- usage accounting
+
+say "usage accounting: CPU-bound NDJSON streams through /fast/ (no api) and /fast-ai/ (api: ollama), $AI_ROUNDS round(s)"
+AI_TSV=$TMP/ai.tsv
+: >"$AI_TSV"
+tokens_counted() {
+    curl -s -m 5 "http://127.0.0.1:$P_ADM_SMALL/metrics" |
+        awk '/^agw_tokens_total\{/ { n += $2 } END { printf "%.0f", n }'
+}
+AI_TOKENS_BEFORE=$(tokens_counted)
+for round in $(seq 1 "$AI_ROUNDS"); do
+    # Alternate which goes first.
+    pair=("off|/fast/" "on|/fast-ai/")
+    [ $((round % 2)) = 0 ] && pair=("on|/fast-ai/" "off|/fast/")
+    for t in "${pair[@]}"; do
+        IFS='|' read -r mode path <<<"$t"
+        say "usage accounting round $round/$AI_ROUNDS: $mode ($path)"
+        run_wrk "$TMP/wrk-ai-$mode-$round.txt" "http://127.0.0.1:$P_GW_SMALL${path}api/generate" "$DURATION" "$GW_SMALL_PID"
+        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$mode" "$round" "$WRK_RPS" "$WRK_P50" "$WRK_P99" \
+            "$WRK_CPU" "$WRK_NON2XX" "$WRK_SOCKERR" >>"$AI_TSV"
+        [ $((WRK_NON2XX + WRK_SOCKERR)) = 0 ] ||
+            note "usage accounting $mode round $round: $WRK_NON2XX non-2xx responses, $WRK_SOCKERR socket errors"
+    done
+done
+AI_TOKENS=$(($(tokens_counted) - AI_TOKENS_BEFORE))
+ai_col() {
+    local values
+    mapfile -t values < <(awk -F'\t' -v m="$1" -v c="$2" '$1 == m { print $c }' "$AI_TSV")
+    median "${values[@]}"
+}
+# The ratio of each round's pair (on / off): paired, so that the load of a
+# shared machine, which moves between rounds, cancels out.
+mapfile -t AI_RATIOS < <(awk -F'\t' '
+    $1 == "off" { off[$2] = $3 } $1 == "on" { on[$2] = $3 }
+    END { for (r in on) if (off[r] > 0) printf "%.4f\n", on[r] / off[r] }' "$AI_TSV")
+AI_RATIO_MEDIAN=$(median "${AI_RATIOS[@]}")
+mapfile -t AI_CPU_RATIOS < <(awk -F'\t' '
+    $1 == "off" { off[$2] = $6 } $1 == "on" { on[$2] = $6 }
+    END { for (r in on) if (off[r] > 0) printf "%.4f\n", on[r] / off[r] }' "$AI_TSV")
+AI_CPU_RATIO_MEDIAN=$(median "${AI_CPU_RATIOS[@]}")
+AI_RATIO_LIST=$(printf '%s\n' "${AI_RATIOS[@]}" | sort -g | awk '{ printf "%s%.2f", (NR > 1 ? ", " : ""), $1 }')
+[ "$AI_TOKENS" -gt 0 ] || note "usage accounting: no tokens were counted on /fast-ai/ (agw_tokens_total did not grow)"
 
 # ---------------------------------------------------------------- reload under load
 
@@ -817,11 +891,31 @@ report() {
         echo "|---|---:|---:|---:|"
         echo "| upstream direct | $SD_HEAD | $SD_FIRST | $SD_TOTAL |"
         echo "| through ai-gateway | $SG_HEAD | $SG_FIRST | $SG_TOTAL |"
+        echo "| through ai-gateway, \`api: ollama\` (usage read) | $SA_HEAD | $SA_FIRST | $SA_TOTAL |"
         echo
         awk -v a="$SD_FIRST" -v b="$SG_FIRST" 'BEGIN { printf "The gateway adds **%.2f ms** to the time to first chunk.\n", b - a }'
+        awk -v a="$SG_FIRST" -v b="$SA_FIRST" 'BEGIN { printf "Reading usage (`api: ollama`) changes it by **%+.2f ms**.\n", b - a }'
     else
         echo "Failed; see the notes."
     fi
+    echo
+    echo "## Usage accounting (api: ollama) on streams"
+    echo
+    echo "The same gateway, two routes to one NDJSON upstream that streams 10 lines without pauses (CPU-bound:"
+    echo "examples/bench_upstream.rs \`--mode ndjson --first-ms 0 --interval-ms 0\`, the last line with"
+    echo "\`prompt_eval_count\` and \`eval_count\`): \`/fast/\` without \`api\`, \`/fast-ai/\` with \`api: ollama\`"
+    echo "(every answer read for usage, tokens counted in metrics). Same wrk settings, $AI_ROUNDS round(s) of one run"
+    echo "each, the order alternating; medians over rounds."
+    echo
+    echo "| route | req/s | p50 ms | p99 ms | CPU µs/req |"
+    echo "|---|---:|---:|---:|---:|"
+    echo "| without \`api\` | $(ai_col off 3) | $(ai_col off 4) | $(ai_col off 5) | $(ai_col off 6) |"
+    echo "| \`api: ollama\` | $(ai_col on 3) | $(ai_col on 4) | $(ai_col on 5) | $(ai_col on 6) |"
+    echo
+    awk -v a="$(ai_col off 3)" -v b="$(ai_col on 3)" -v m="$AI_RATIO_MEDIAN" -v l="$AI_RATIO_LIST" 'BEGIN {
+        if (a > 0) printf "req/s with usage accounting / without: **%.3f** as the median of the per-round ratios (%s); %.3f as the ratio of the medians (goal: at least 0.98).\n", m, l, b / a }'
+    awk -v c="$AI_CPU_RATIO_MEDIAN" 'BEGIN { printf "The gateway'"'"'s CPU time per request with usage accounting / without: %.3f (median of the per-round ratios).\n", c }'
+    echo "Tokens the gateway counted on \`/fast-ai/\` during these runs: $AI_TOKENS (agw_tokens_total)."
     echo
     echo "## Reload under load ($BIG_KEYS keys)"
     echo

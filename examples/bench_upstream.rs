@@ -10,8 +10,8 @@
 //!   JSON body of about 300 bytes with a `Content-Length`.
 //! - `ndjson` streams like a streaming `/api/generate`: the response header at
 //!   once, the first NDJSON line after `--first-ms`, then one line every
-//!   `--interval-ms`, `--chunks` lines in all (the last one `"done":true`),
-//!   chunked.
+//!   `--interval-ms`, `--chunks` lines in all (the last one `"done":true`,
+//!   with `prompt_eval_count` and `eval_count` as Ollama's), chunked.
 //!
 //! On start it prints `listening on <addr>` (the real port when given port
 //! 0) on stdout. The request body is read and discarded.
@@ -188,7 +188,10 @@ fn stream_ndjson(
             thread::sleep(interval);
         }
         let line = if i + 1 == chunks {
-            r#"{"model":"llama3.2:1b","created_at":"2026-11-25T12:00:00Z","response":"","done":true,"done_reason":"stop","eval_count":10}"#.to_string() + "\n"
+            format!(
+                r#"{{"model":"llama3.2:1b","created_at":"2026-11-25T12:00:00Z","response":"","done":true,"done_reason":"stop","prompt_eval_count":26,"eval_count":{}}}"#,
+                chunks - 1
+            ) + "\n"
         } else {
             format!(
                 r#"{{"model":"llama3.2:1b","created_at":"2026-11-25T12:00:00Z","response":"token{i} ","done":false}}"#

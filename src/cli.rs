@@ -7,10 +7,12 @@ use std::time::SystemTime;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::config::{AuditDest, Config};
 use crate::daemon;
 use crate::keys::{self, KeyToolError, NewKey, Revoked};
 use crate::policy::Snapshot;
 use crate::state::Carried;
+use crate::usage::report;
 
 /// A self-hosted API-key gateway for AI services: checks a key on every
 /// request, routes by path, and streams answers back untouched.
@@ -37,6 +39,28 @@ pub enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// Requests, tokens and errors per user, key, model, route or day,
+    /// from the audit log and its rotated files (PATH.1, PATH.2.gz, ...).
+    Usage(UsageArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct UsageArgs {
+    /// The audit log (default: the config's `audit_log`).
+    #[arg(long, value_name = "PATH")]
+    pub audit_log: Option<PathBuf>,
+    /// Only requests since then: a duration back from now (7d, 12h), a
+    /// date (2026-11-01) or an RFC 3339 time.
+    #[arg(long, value_name = "WHEN")]
+    pub since: Option<String>,
+    /// What to total by: user, key, model, route or day.
+    #[arg(long, value_name = "GROUP", default_value = "user")]
+    pub by: String,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub config: ConfigArg,
 }
 
 #[derive(Debug, Args)]
@@ -94,6 +118,14 @@ pub struct KeygenArgs {
     /// How many requests the key may have in flight at once (over it: 429).
     #[arg(long, value_name = "N")]
     pub max_concurrent: Option<std::num::NonZeroU32>,
+    /// The key's token budget on routes with `api`, such as 200k/day or
+    /// 1.5M/day (over it: 429 until the window ends).
+    #[arg(long, value_name = "N/UNIT")]
+    pub token_limit: Option<String>,
+    /// A model the key may use, such as llama3.2 or "qwen*" (repeat for
+    /// several; without it, every model).
+    #[arg(long = "model", value_name = "MODEL")]
+    pub models: Vec<String>,
     #[command(flatten)]
     pub target: KeysTarget,
 }
@@ -143,7 +175,53 @@ pub fn execute(
         Command::Check(args) => check(&args.config),
         Command::Keygen(a) => keygen(&a).map_err(|e| e.to_string()),
         Command::Keys { command } => keys_command(command).map_err(|e| e.to_string()),
+        Command::Usage(a) => usage(&a),
     }
+}
+
+fn usage(a: &UsageArgs) -> Result<(), String> {
+    let by = report::GroupBy::parse(&a.by)?;
+    let since = a
+        .since
+        .as_deref()
+        .map(|s| report::parse_since(s, SystemTime::now()))
+        .transpose()?;
+    let path = match &a.audit_log {
+        Some(p) => p.clone(),
+        None => {
+            let c = Config::load(&a.config.config).map_err(|e| e.to_string())?;
+            match c.audit_log {
+                Some(AuditDest::File(p)) => p,
+                Some(AuditDest::Stderr) => {
+                    return Err(format!(
+                        "{}: audit_log is \"-\" (stderr); give the file with --audit-log",
+                        c.path.display()
+                    ))
+                }
+                None => {
+                    return Err(format!(
+                        "{}: no audit_log is set; give the file with --audit-log",
+                        c.path.display()
+                    ))
+                }
+            }
+        }
+    };
+    let files = report::audit_files(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if files.is_empty() {
+        return Err(format!(
+            "{}: no audit log there (nor rotated files)",
+            path.display()
+        ));
+    }
+    let r = report::build(&files, by, since).map_err(|e| e.to_string())?;
+    if a.json {
+        let text = serde_json::to_string_pretty(&r).map_err(|e| e.to_string())?;
+        println!("{text}");
+    } else {
+        print!("{}", report::render_table(&r));
+    }
+    Ok(())
 }
 
 fn check(config: &std::path::Path) -> Result<(), String> {
@@ -180,6 +258,8 @@ fn keygen(a: &KeygenArgs) -> Result<(), KeyToolError> {
         note: a.note.as_deref(),
         rate_limit: a.rate_limit.as_deref(),
         max_concurrent: a.max_concurrent,
+        token_limit: a.token_limit.as_deref(),
+        models: &a.models,
     };
     let (key, digest) = keys::keygen(&path, &req, SystemTime::now())?;
     println!("{key}");

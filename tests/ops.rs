@@ -178,7 +178,7 @@ fn poll<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T
 // Audit log helpers
 // ---------------------------------------------------------------------------
 
-const AUDIT_FIELDS: [&str; 16] = [
+const AUDIT_FIELDS: [&str; 20] = [
     "ts",
     "request_id",
     "client",
@@ -195,6 +195,10 @@ const AUDIT_FIELDS: [&str; 16] = [
     "ttfb_ms",
     "bytes_in",
     "bytes_out",
+    "model",
+    "prompt_tokens",
+    "completion_tokens",
+    "usage",
 ];
 
 /// The complete lines of an audit file (a line still being written is

@@ -1,5 +1,6 @@
 //! Property tests (proptest): digests, key files, longest-prefix routing,
-//! upstream targets and dot segments, and parsers that must never panic.
+//! upstream targets and dot segments, parsers that must never panic, and
+//! AI API bodies read in pieces split anywhere.
 //! They run in the ordinary `cargo test`, with proptest's default 256 cases
 //! each (`PROPTEST_CASES=5000 cargo test --test properties` for a longer run).
 //!
@@ -651,5 +652,131 @@ fn fragment_tables_are_distinct() {
     for table in [CONFIG_LINES, KEY_FRAGMENTS, SEGMENTS] {
         let set: HashSet<_> = table.iter().collect();
         assert_eq!(set.len(), table.len());
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Reading AI API bodies in pieces: whatever the split, the same reading.
+
+use ai_gateway::config::ApiKind;
+use ai_gateway::usage::{AnswerMeter, NamedModel, RequestInspector, Scanner, SseHider};
+
+const SCAN_WANTED: &[(&str, usize)] = &[("model", 32), ("usage", 64), ("done", 8)];
+
+/// Every event of `input` fed in the pieces `cuts` makes, as text.
+fn scan_events(input: &[u8], cuts: &[Index]) -> Vec<String> {
+    let mut points: Vec<usize> = cuts.iter().map(|c| c.index(input.len() + 1)).collect();
+    points.sort_unstable();
+    let mut s = Scanner::new(SCAN_WANTED);
+    let mut out = Vec::new();
+    let mut from = 0;
+    for p in points.into_iter().chain([input.len()]) {
+        s.feed(&input[from..p], &mut |e| out.push(format!("{e:?}")));
+        from = p;
+    }
+    s.finish(&mut |e| out.push(format!("{e:?}")));
+    out
+}
+
+/// A JSON value: scalars, strings with escapes and brackets, nesting.
+fn json_value() -> impl Strategy<Value = serde_json::Value> {
+    let leaf = prop_oneof![
+        Just(serde_json::Value::Null),
+        any::<bool>().prop_map(serde_json::Value::Bool),
+        any::<i64>().prop_map(|n| serde_json::json!(n)),
+        "[a-z{}\\[\\]\"\\\\:, \u{e9}\u{1f600}]{0,12}".prop_map(serde_json::Value::String),
+    ];
+    leaf.prop_recursive(3, 24, 4, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::Array),
+            prop::collection::btree_map("[a-z]{1,6}", inner, 0..4)
+                .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+proptest! {
+    #[test]
+    fn the_scanner_reads_the_same_whatever_the_pieces(
+        bytes in prop::collection::vec(any::<u8>(), 0..300),
+        cuts in prop::collection::vec(any::<Index>(), 0..12),
+    ) {
+        prop_assert_eq!(scan_events(&bytes, &cuts), scan_events(&bytes, &[]));
+    }
+
+    #[test]
+    fn the_model_is_found_among_any_members_in_any_pieces(
+        members in prop::collection::vec(("[a-z_]{1,8}", json_value()), 0..6),
+        at in any::<Index>(),
+        model in "[a-z0-9.:-]{1,20}",
+        cuts in prop::collection::vec(any::<Index>(), 0..10),
+        pretty in any::<bool>(),
+    ) {
+        let mut map = serde_json::Map::new();
+        let pos = at.index(members.len() + 1);
+        for (i, (k, v)) in members.into_iter().enumerate() {
+            if i == pos {
+                map.insert("model".into(), model.clone().into());
+            }
+            if k != "model" && k != "name" {
+                map.insert(k, v);
+            }
+        }
+        map.entry("model").or_insert_with(|| model.clone().into());
+        let doc = serde_json::Value::Object(map);
+        let body = if pretty { serde_json::to_vec_pretty(&doc) } else { serde_json::to_vec(&doc) }.unwrap();
+        let mut points: Vec<usize> = cuts.iter().map(|c| c.index(body.len() + 1)).collect();
+        points.sort_unstable();
+        let mut r = RequestInspector::new(ApiKind::Ollama);
+        let mut from = 0;
+        for p in points.into_iter().chain([body.len()]) {
+            r.feed(&body[from..p]);
+            from = p;
+        }
+        prop_assert_eq!(r.models.clone(), vec![NamedModel::Name(model)]);
+        prop_assert!(r.complete());
+    }
+
+    #[test]
+    fn the_usage_event_is_hidden_and_every_other_byte_kept(
+        chunks in prop::collection::vec("[a-zA-Z \u{e9}]{0,8}", 0..8),
+        with_usage in any::<bool>(),
+        crlf in any::<bool>(),
+        cuts in prop::collection::vec(any::<Index>(), 0..16),
+    ) {
+        let nl = if crlf { "\r\n" } else { "\n" };
+        let event = |data: String| format!("data: {data}{nl}{nl}");
+        let shown: Vec<String> = chunks
+            .iter()
+            .map(|c| event(serde_json::json!({"choices": [{"delta": {"content": c}}], "usage": null}).to_string()))
+            .collect();
+        let usage = event(r#"{"choices":[],"usage":{"prompt_tokens":9,"completion_tokens":3}}"#.to_string());
+        let done = event("[DONE]".to_string());
+        let mut body = shown.concat();
+        if with_usage {
+            body.push_str(&usage);
+        }
+        body.push_str(&done);
+        let want = shown.concat() + &done;
+        let bytes = body.as_bytes();
+        let mut points: Vec<usize> = cuts.iter().map(|c| c.index(bytes.len() + 1)).collect();
+        points.sort_unstable();
+        points.dedup();
+        let mut meter = AnswerMeter::new(Some(b"text/event-stream"), None);
+        let mut hider = SseHider::default();
+        let mut got = Vec::new();
+        let mut from = 0;
+        let ends: Vec<usize> = points.into_iter().chain([bytes.len()]).collect();
+        for (i, p) in ends.iter().enumerate() {
+            got.extend_from_slice(&hider.filter(&bytes[from..*p], i + 1 == ends.len(), &mut meter));
+            from = *p;
+        }
+        prop_assert_eq!(String::from_utf8(got).unwrap(), want);
+        let u = meter.usage();
+        if with_usage {
+            prop_assert_eq!((u.prompt_tokens, u.completion_tokens), (Some(9), Some(3)));
+        } else if !chunks.is_empty() {
+            prop_assert_eq!(u.completion_tokens, Some(chunks.len() as u64));
+        }
     }
 }

@@ -17,7 +17,7 @@ use serde::{Deserialize, Deserializer};
 
 use super::clients::{parse_timeout, ClientLimits, ClientSettings};
 use super::error::{LoadError, Location};
-use super::values::{ByteSize, IpRange, Rate};
+use super::values::{ByteSize, IpRange, ModelPattern, Rate, TokenRate};
 
 /// Where audit lines go: a file the gateway appends to, or its stderr.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,6 +76,8 @@ pub struct FileConfig {
     max_concurrent: Option<NonZeroU32>,
     #[serde(default)]
     max_body_size: Option<ByteSize>,
+    #[serde(default)]
+    token_limit: Option<TokenRate>,
     #[serde(default)]
     allow: Option<Vec<IpRange>>,
     #[serde(default)]
@@ -136,9 +138,80 @@ struct FileRoute {
     #[serde(default)]
     max_body_size: Option<ByteSize>,
     #[serde(default)]
+    token_limit: Option<TokenRate>,
+    #[serde(default)]
     allow: Option<Vec<IpRange>>,
     #[serde(default)]
     cors: Option<FileCors>,
+    #[serde(default)]
+    api: Option<ApiKind>,
+    #[serde(default)]
+    include_usage: bool,
+    #[serde(default)]
+    models: Option<ModelRoutes>,
+}
+
+/// The API a route's upstream speaks, which lets the gateway read models
+/// from requests and token usage from answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ApiKind {
+    /// Ollama's own API (`/api/generate`, `/api/chat`, `/api/embed`,
+    /// `/api/tags`, ...) and the OpenAI-compatible one it also serves
+    /// under `/v1/`.
+    Ollama,
+    /// An OpenAI-compatible server (`/v1/chat/completions`,
+    /// `/v1/completions`, `/v1/embeddings`, `/v1/models`).
+    Openai,
+}
+
+impl ApiKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            ApiKind::Ollama => "ollama",
+            ApiKind::Openai => "openai",
+        }
+    }
+}
+
+/// `models: {"llama3*": ["127.0.0.1:11434"], ...}` as written, in order.
+#[derive(Debug, Default)]
+struct ModelRoutes(Vec<(ModelPattern, Vec<UpstreamAddr>)>);
+
+impl<'de> Deserialize<'de> for ModelRoutes {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ModelRoutes;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str(r#"a map of model patterns to upstream lists, such as {"llama3*": ["127.0.0.1:11434"]}"#)
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<ModelRoutes, A::Error> {
+                let mut out: Vec<(ModelPattern, Vec<UpstreamAddr>)> = Vec::new();
+                while let Some(pattern) = map.next_key::<ModelPattern>()? {
+                    if out.iter().any(|(p, _)| p == &pattern) {
+                        return Err(serde::de::Error::custom(format!(
+                            "model pattern {:?} is listed twice",
+                            pattern.as_str()
+                        )));
+                    }
+                    let ups: Vec<UpstreamAddr> = map.next_value()?;
+                    if ups.is_empty() {
+                        return Err(serde::de::Error::custom(format!(
+                            "model pattern {:?} has no upstreams",
+                            pattern.as_str()
+                        )));
+                    }
+                    out.push((pattern, ups));
+                }
+                Ok(ModelRoutes(out))
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// `health_check: {path: /, interval: 5s, timeout: 1s}` as written.
@@ -206,6 +279,8 @@ pub struct Limits {
     pub max_concurrent: Option<NonZeroU32>,
     /// The largest request body, in bytes.
     pub max_body: Option<u64>,
+    /// Tokens (prompt and completion) per period, on routes with `api`.
+    pub tokens: Option<TokenRate>,
 }
 
 impl Limits {
@@ -215,7 +290,13 @@ impl Limits {
             rate: self.rate.or(fallback.rate),
             max_concurrent: self.max_concurrent.or(fallback.max_concurrent),
             max_body: self.max_body.or(fallback.max_body),
+            tokens: self.tokens.or(fallback.tokens),
         }
+    }
+
+    /// Whether a per-key counter is needed to enforce these.
+    pub fn counted(&self) -> bool {
+        self.rate.is_some() || self.max_concurrent.is_some() || self.tokens.is_some()
     }
 }
 
@@ -282,6 +363,14 @@ pub struct RouteSpec {
     /// Client addresses allowed on this route; `None` allows every address.
     pub allow: Option<Vec<IpRange>>,
     pub cors: Option<CorsSpec>,
+    /// The API the upstreams speak; `None` proxies without reading bodies.
+    pub api: Option<ApiKind>,
+    /// Ask OpenAI-compatible upstreams for usage on streams
+    /// (`stream_options.include_usage`) when the client did not.
+    pub include_usage: bool,
+    /// Upstreams by model, in the order written: the first pattern that
+    /// matches the request's model wins; other models go to `upstreams`.
+    pub model_upstreams: Vec<(ModelPattern, Vec<SocketAddr>)>,
 }
 
 impl Config {
@@ -425,6 +514,34 @@ impl FileConfig {
             };
             let allow = non_empty_allow(path, &format!("route {name:?}: allow"), r.allow)?;
             let cors = cors_headers_valid(path, &name, r.cors)?;
+            if r.api.is_none() && (r.include_usage || r.models.is_some()) {
+                let what = if r.include_usage {
+                    "include_usage"
+                } else {
+                    "models"
+                };
+                return Err(LoadError::invalid(
+                    path,
+                    format!("route {name:?}: {what} needs `api: ollama` or `api: openai` (the gateway reads models and usage only from APIs it knows)"),
+                ));
+            }
+            let mut model_upstreams = Vec::new();
+            for (pattern, ups) in r.models.map(|m| m.0).unwrap_or_default() {
+                let mut addrs = Vec::with_capacity(ups.len());
+                for u in &ups {
+                    addrs.push(resolve(&u.0).map_err(|why| {
+                        LoadError::invalid(
+                            path,
+                            format!(
+                                "route {name:?}: models {:?}: upstream {:?}: {why}",
+                                pattern.as_str(),
+                                u.0
+                            ),
+                        )
+                    })?);
+                }
+                model_upstreams.push((pattern, addrs));
+            }
             routes.push(RouteSpec {
                 name,
                 path_prefix: r.path_prefix.0,
@@ -444,6 +561,7 @@ impl FileConfig {
                     rate: r.rate_limit,
                     max_concurrent: r.max_concurrent,
                     max_body: r.max_body_size.map(|b| b.0),
+                    tokens: r.token_limit,
                 },
                 allow,
                 cors: cors.map(|c| CorsSpec {
@@ -454,6 +572,9 @@ impl FileConfig {
                         |h| h.into_iter().map(|n| n.0.to_ascii_lowercase()).collect(),
                     ),
                 }),
+                api: r.api,
+                include_usage: r.include_usage,
+                model_upstreams,
             });
         }
 
@@ -512,6 +633,7 @@ impl FileConfig {
                 rate: self.rate_limit,
                 max_concurrent: self.max_concurrent,
                 max_body: self.max_body_size.map(|b| b.0),
+                tokens: self.token_limit,
             },
             allow: non_empty_allow(path, "allow", self.allow)?,
             trusted_proxies: self.trusted_proxies,
@@ -1137,6 +1259,64 @@ routes:
         ))
         .unwrap();
         assert!(parse(GOOD).unwrap().restart_only_differences(&d).is_empty());
+    }
+
+    #[test]
+    fn ai_settings() {
+        let c = parse(&(GOOD.replace(
+            "    connect_timeout: 2s",
+            "    connect_timeout: 2s\n    api: openai\n    include_usage: true\n    token_limit: 200k/day\n    models: {\"llama3*\": [\"127.0.0.1:11434\"], \"qwen*\": [\"127.0.0.1:11435\", \"127.0.0.1:11436\"]}",
+        ) + "token_limit: 1M/day\n"))
+        .unwrap();
+        let chat = &c.routes[0];
+        assert_eq!(chat.api, Some(ApiKind::Openai));
+        assert!(chat.include_usage);
+        assert_eq!(chat.limits.tokens.unwrap().count.get(), 200_000);
+        assert_eq!(c.limits.tokens.unwrap().count.get(), 1_000_000);
+        let names: Vec<&str> = chat
+            .model_upstreams
+            .iter()
+            .map(|(p, _)| p.as_str())
+            .collect();
+        assert_eq!(names, ["llama3*", "qwen*"], "in the order written");
+        assert_eq!(chat.model_upstreams[1].1.len(), 2);
+        assert_eq!(c.routes[1].api, None);
+        assert!(c.routes[1].model_upstreams.is_empty());
+        let ollama = parse(&GOOD.replace("    connect_timeout: 2s", "    api: ollama")).unwrap();
+        assert_eq!(ollama.routes[0].api, Some(ApiKind::Ollama));
+
+        let e = err(&GOOD.replace("    connect_timeout: 2s", "    include_usage: true"));
+        assert!(
+            e.contains("include_usage needs `api: ollama` or `api: openai`"),
+            "{e}"
+        );
+        let e = err(&GOOD.replace(
+            "    connect_timeout: 2s",
+            "    models: {\"a\": [\"127.0.0.1:1\"]}",
+        ));
+        assert!(e.contains("models needs `api"), "{e}");
+        let e = err(&GOOD.replace("    connect_timeout: 2s", "    api: grpc"));
+        assert!(e.contains("unknown variant `grpc`"), "{e}");
+        let e = err(&GOOD.replace(
+            "    connect_timeout: 2s",
+            "    api: ollama\n    models: {\"a\": []}",
+        ));
+        assert!(e.contains("has no upstreams"), "{e}");
+        let e = err(&GOOD.replace(
+            "    connect_timeout: 2s",
+            "    api: ollama\n    models: {\"a b\": [\"127.0.0.1:1\"]}",
+        ));
+        assert!(e.contains("must not contain spaces"), "{e}");
+        let e = err(&GOOD.replace(
+            "    connect_timeout: 2s",
+            "    api: ollama\n    models: {\"a\": [\"no-such-host.invalid:1\"]}",
+        ));
+        assert!(
+            e.contains(r#"models "a": upstream "no-such-host.invalid:1""#),
+            "{e}"
+        );
+        let e = err(&format!("{GOOD}token_limit: 5/fortnight\n"));
+        assert!(e.contains("invalid token limit"), "{e}");
     }
 
     #[test]

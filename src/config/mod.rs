@@ -19,8 +19,12 @@ pub use clients::{
 };
 pub use error::{LoadError, Location};
 pub use gateway::{
-    AuditDest, Config, CorsSpec, FileConfig, HealthCheckSpec, Limits, RouteSpec, ThrottleSpec,
-    DEFAULT_CHECK_INTERVAL, DEFAULT_CHECK_TIMEOUT, DEFAULT_CONNECT_TIMEOUT, DEFAULT_CORS_HEADERS,
-    DEFAULT_CORS_MAX_AGE, DEFAULT_READ_TIMEOUT, DEFAULT_SHUTDOWN_GRACE, DEFAULT_UPGRADE_SOCK,
+    ApiKind, AuditDest, Config, CorsSpec, FileConfig, HealthCheckSpec, Limits, RouteSpec,
+    ThrottleSpec, DEFAULT_CHECK_INTERVAL, DEFAULT_CHECK_TIMEOUT, DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_CORS_HEADERS, DEFAULT_CORS_MAX_AGE, DEFAULT_READ_TIMEOUT, DEFAULT_SHUTDOWN_GRACE,
+    DEFAULT_UPGRADE_SOCK,
 };
-pub use values::{any_contains, ByteSize, IpRange, Rate};
+pub use values::{
+    any_contains, any_model_matches, ByteSize, IpRange, ModelPattern, Rate, TokenRate,
+    MAX_MODEL_NAME, MAX_TOKEN_BUDGET,
+};

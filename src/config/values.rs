@@ -28,29 +28,14 @@ impl Rate {
         let count = NonZeroU32::new(count).ok_or_else(|| {
             format!("a rate of {s:?} lets nothing through; leave the limit out instead")
         })?;
-        let secs = match unit.trim().to_ascii_lowercase().as_str() {
-            "s" | "sec" | "second" => 1,
-            "m" | "min" | "minute" => 60,
-            "h" | "hour" => 3_600,
-            "d" | "day" => 86_400,
-            _ => return Err(bad()),
-        };
-        Ok(Rate {
-            count,
-            period: Duration::from_secs(secs),
-        })
+        let period = period_of(unit).ok_or_else(bad)?;
+        Ok(Rate { count, period })
     }
 }
 
 impl fmt::Display for Rate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let unit = match self.period.as_secs() {
-            1 => "s",
-            60 => "min",
-            3_600 => "h",
-            _ => "day",
-        };
-        write!(f, "{}/{unit}", self.count)
+        write!(f, "{}/{}", self.count, period_name(self.period))
     }
 }
 
@@ -59,6 +44,227 @@ impl<'de> Deserialize<'de> for Rate {
         let s = String::deserialize(d)?;
         Rate::parse(&s).map_err(serde::de::Error::custom)
     }
+}
+
+/// A token budget: `count` tokens (prompt and completion together) per
+/// `period`, written like a rate with an optional `k` (thousand) or `M`
+/// (million) suffix: `200k/day`, `1.5M/day`, `5000/h`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TokenRate {
+    pub count: std::num::NonZeroU64,
+    pub period: Duration,
+}
+
+/// The largest token budget per period: counters hold 32 bits.
+pub const MAX_TOKEN_BUDGET: u64 = 4_000_000_000;
+
+impl TokenRate {
+    pub fn parse(s: &str) -> Result<TokenRate, String> {
+        let bad =
+            || format!("invalid token limit {s:?}; write it like 200k/day, 1.5M/day or 5000/h");
+        let (n, unit) = s.trim().split_once('/').ok_or_else(bad)?;
+        let count = parse_count(n.trim()).ok_or_else(bad)?;
+        if count > MAX_TOKEN_BUDGET {
+            return Err(format!(
+                "token limit {s:?} is over the largest budget, 4000M per period"
+            ));
+        }
+        let count = std::num::NonZeroU64::new(count).ok_or_else(|| {
+            format!("a token limit of {s:?} lets nothing through; leave the limit out instead")
+        })?;
+        let period = period_of(unit).ok_or_else(bad)?;
+        Ok(TokenRate { count, period })
+    }
+}
+
+impl fmt::Display for TokenRate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.count.get();
+        if n.is_multiple_of(1_000_000) {
+            write!(f, "{}M", n / 1_000_000)?;
+        } else if n.is_multiple_of(1_000) {
+            write!(f, "{}k", n / 1_000)?;
+        } else {
+            write!(f, "{n}")?;
+        }
+        write!(f, "/{}", period_name(self.period))
+    }
+}
+
+impl<'de> Deserialize<'de> for TokenRate {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        TokenRate::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// `123`, `200k`, `1.5M`: a count with an optional k (10^3) or M (10^6)
+/// suffix; a fraction only with a suffix, and only as fine as one token.
+fn parse_count(s: &str) -> Option<u64> {
+    let (digits, mult) = match s.as_bytes().last()? {
+        b'k' | b'K' => (s.get(..s.len() - 1)?, 1_000u64),
+        b'M' => (s.get(..s.len() - 1)?, 1_000_000u64),
+        _ => (s, 1u64),
+    };
+    let (int, frac) = match digits.split_once('.') {
+        Some((i, f)) if mult > 1 => (i, f),
+        Some(_) => return None,
+        None => (digits, ""),
+    };
+    let all_digits = |t: &str| t.bytes().all(|b| b.is_ascii_digit());
+    if int.is_empty() || !all_digits(int) || !all_digits(frac) {
+        return None;
+    }
+    let whole = int.parse::<u64>().ok()?.checked_mul(mult)?;
+    let mut part = 0u64;
+    let mut scale = mult;
+    for b in frac.bytes() {
+        scale /= 10;
+        if scale == 0 {
+            return None;
+        }
+        part += u64::from(b - b'0') * scale;
+    }
+    whole.checked_add(part)
+}
+
+/// The period of `s`, `min`, `h`, `day` (and their long forms).
+fn period_of(unit: &str) -> Option<Duration> {
+    let secs = match unit.trim().to_ascii_lowercase().as_str() {
+        "s" | "sec" | "second" => 1,
+        "m" | "min" | "minute" => 60,
+        "h" | "hour" => 3_600,
+        "d" | "day" => 86_400,
+        _ => return None,
+    };
+    Some(Duration::from_secs(secs))
+}
+
+fn period_name(period: Duration) -> &'static str {
+    match period.as_secs() {
+        1 => "s",
+        60 => "min",
+        3_600 => "h",
+        _ => "day",
+    }
+}
+
+/// A model name or a pattern of them: `llama3.2`, `qwen*` (`*` stands for
+/// any run of characters). Matching ignores ASCII case and a `:latest`
+/// tag on either side, as Ollama does (`llama3.2` and `llama3.2:latest`
+/// are one model).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ModelPattern {
+    /// As written.
+    text: String,
+    /// Lower case, without a trailing `:latest`: what is matched.
+    folded: Box<[u8]>,
+}
+
+/// The longest model name or pattern accepted.
+pub const MAX_MODEL_NAME: usize = 256;
+
+impl ModelPattern {
+    pub fn parse(s: &str) -> Result<ModelPattern, String> {
+        let t = s.trim();
+        if t.is_empty() {
+            return Err("a model name must not be empty".into());
+        }
+        if t.len() > MAX_MODEL_NAME {
+            return Err(format!(
+                "model name {:?}... is longer than {MAX_MODEL_NAME} bytes",
+                t.chars().take(32).collect::<String>()
+            ));
+        }
+        if t.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(format!(
+                "model name {t:?} must not contain spaces or control characters"
+            ));
+        }
+        Ok(ModelPattern {
+            text: t.to_string(),
+            folded: fold_model(t).into(),
+        })
+    }
+
+    /// The pattern as written.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// Whether this names one model (no `*`).
+    pub fn is_exact(&self) -> bool {
+        !self.text.contains('*')
+    }
+
+    /// The form of `model` that matching compares (lower case, without
+    /// `:latest`): two names with the same form are one model.
+    pub fn folded(model: &str) -> String {
+        String::from_utf8_lossy(&fold_model(model)).into_owned()
+    }
+
+    /// Whether `model` (as a request or an answer names it) matches.
+    pub fn matches(&self, model: &str) -> bool {
+        glob_match(&self.folded, &fold_model(model))
+    }
+}
+
+impl fmt::Display for ModelPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl<'de> Deserialize<'de> for ModelPattern {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        ModelPattern::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Whether `model` matches one of `patterns`.
+pub fn any_model_matches(patterns: &[ModelPattern], model: &str) -> bool {
+    patterns.iter().any(|p| p.matches(model))
+}
+
+/// A model name as it is compared: ASCII lower case, without a trailing
+/// `:latest` (Ollama's default tag).
+fn fold_model(name: &str) -> Vec<u8> {
+    let name = name.trim();
+    let lower = name.to_ascii_lowercase();
+    let base = lower.strip_suffix(":latest").unwrap_or(&lower);
+    base.as_bytes().to_vec()
+}
+
+/// Whether `text` matches `pattern`, where `*` matches any run of bytes
+/// (none included). Linear in practice: one backtrack point at a time.
+fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
+    let (mut p, mut t) = (0usize, 0usize);
+    // Where the last `*` was, and where in `text` its match would resume.
+    let mut star: Option<(usize, usize)> = None;
+    while t < text.len() {
+        match pattern.get(p) {
+            Some(b'*') => {
+                star = Some((p, t));
+                p += 1;
+            }
+            Some(c) if Some(c) == text.get(t) => {
+                p += 1;
+                t += 1;
+            }
+            _ => match star {
+                Some((sp, st)) => {
+                    p = sp + 1;
+                    t = st + 1;
+                    star = Some((sp, st + 1));
+                }
+                None => return false,
+            },
+        }
+    }
+    pattern
+        .get(p..)
+        .is_some_and(|rest| rest.iter().all(|b| *b == b'*'))
 }
 
 /// A size in bytes: a number, or one with a unit (`B`, `KB`, `MB`, `GB` in
@@ -159,6 +365,71 @@ mod tests {
         for bad in ["five", "5", "5/fortnight", "0/s", "-1/s", "/s"] {
             assert!(Rate::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn token_rates() {
+        let t = TokenRate::parse("200k/day").unwrap();
+        assert_eq!(t.count.get(), 200_000);
+        assert_eq!(t.period, Duration::from_secs(86_400));
+        assert_eq!(TokenRate::parse("1.5M/h").unwrap().count.get(), 1_500_000);
+        assert_eq!(TokenRate::parse("2.25k/min").unwrap().count.get(), 2_250);
+        assert_eq!(TokenRate::parse(" 5000 / s ").unwrap().count.get(), 5_000);
+        assert_eq!(
+            TokenRate::parse("200k/day").unwrap().to_string(),
+            "200k/day"
+        );
+        assert_eq!(
+            TokenRate::parse("1.5M/day").unwrap().to_string(),
+            "1500k/day"
+        );
+        assert_eq!(TokenRate::parse("1234/h").unwrap().to_string(), "1234/h");
+        assert_eq!(
+            TokenRate::parse("4000M/day").unwrap().count.get(),
+            MAX_TOKEN_BUDGET
+        );
+        for bad in [
+            "0/day",
+            "0k/day",
+            "k/day",
+            "1.5/day",
+            "1.0000005M/day",
+            "5G/day",
+            "5M",
+            "5M/week",
+            "-1k/day",
+            "4001M/day",
+            "99999999999999999999/day",
+            "1.x k/day",
+        ] {
+            assert!(TokenRate::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn model_patterns() {
+        let p = |s: &str| ModelPattern::parse(s).unwrap();
+        assert!(p("llama3.2").matches("llama3.2"));
+        assert!(p("llama3.2").matches("llama3.2:latest"));
+        assert!(p("llama3.2:latest").matches("llama3.2"));
+        assert!(p("llama3.2").matches("Llama3.2"));
+        assert!(!p("llama3.2").matches("llama3.2:1b"));
+        assert!(!p("llama3.2").matches("llama3.21"));
+        assert!(p("qwen*").matches("qwen2.5:7b"));
+        assert!(p("qwen*").matches("qwen"));
+        assert!(!p("qwen*").matches("xqwen"));
+        assert!(p("*").matches("anything:at-all"));
+        assert!(p("*-instruct").matches("mistral-7b-instruct"));
+        assert!(!p("*-instruct").matches("mistral-7b-instruct-v2"));
+        assert!(p("a*b*c").matches("aXXbYYc"));
+        assert!(!p("a*b*c").matches("aXXbYY"));
+        assert!(p("**").matches(""));
+        assert!(p("llama3.2").is_exact() && !p("qwen*").is_exact());
+        assert_eq!(p(" llama3.2 ").as_str(), "llama3.2");
+        for bad in ["", " ", "a b", "a\tb"] {
+            assert!(ModelPattern::parse(bad).is_err(), "{bad:?}");
+        }
+        assert!(ModelPattern::parse(&"x".repeat(MAX_MODEL_NAME + 1)).is_err());
     }
 
     #[test]

@@ -13,7 +13,7 @@ use super::digest::{KeyDigest, DIGEST_PREFIX};
 use super::file::{entry_digest, is_plaintext, write_atomically, KeyFile, Lock};
 use super::store::{parse_timestamp, unix_millis};
 use crate::config::LoadError;
-use crate::config::{Config, Rate};
+use crate::config::{Config, ModelPattern, Rate, TokenRate};
 
 /// Every generated key starts with this, so secret scanners and people can
 /// tell what a leaked string is.
@@ -65,6 +65,10 @@ pub struct NewKey<'a> {
     /// `60/min`, `5/s`, ...
     pub rate_limit: Option<&'a str>,
     pub max_concurrent: Option<std::num::NonZeroU32>,
+    /// `200k/day`, `1.5M/day`, ...
+    pub token_limit: Option<&'a str>,
+    /// Models the key may use (`llama3.2`, `qwen*`); empty for all.
+    pub models: &'a [String],
 }
 
 /// Adds a new key to the file and returns `(key, id)`. Only the key's
@@ -87,6 +91,17 @@ pub fn keygen(
         .rate_limit
         .map(|r| Rate::parse(r).map_err(|e| KeyToolError::Usage(format!("--rate-limit: {e}"))))
         .transpose()?;
+    let tokens = req
+        .token_limit
+        .map(|t| {
+            TokenRate::parse(t).map_err(|e| KeyToolError::Usage(format!("--token-limit: {e}")))
+        })
+        .transpose()?;
+    let models = req
+        .models
+        .iter()
+        .map(|m| ModelPattern::parse(m).map_err(|e| KeyToolError::Usage(format!("--model: {e}"))))
+        .collect::<Result<Vec<_>, _>>()?;
 
     let key = generate_key()?;
     let digest = KeyDigest::of(key.as_bytes());
@@ -111,6 +126,13 @@ pub fn keygen(
     }
     if let Some(m) = req.max_concurrent {
         entry.insert("max_concurrent".into(), json!(m.get()));
+    }
+    if let Some(t) = tokens {
+        entry.insert("token_limit".into(), json!(t.to_string()));
+    }
+    if !models.is_empty() {
+        let names: Vec<&str> = models.iter().map(ModelPattern::as_str).collect();
+        entry.insert("models".into(), json!(names));
     }
 
     let _lock = Lock::acquire(keys_path)?;
@@ -413,6 +435,8 @@ mod tests {
                 note: Some("laptop"),
                 rate_limit: None,
                 max_concurrent: None,
+                token_limit: None,
+                models: &[],
             },
             now,
         )
@@ -433,6 +457,46 @@ mod tests {
     }
 
     #[test]
+    fn keygen_writes_token_limits_and_models() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("keys.json");
+        let services = ["chat".to_string()];
+        let models = ["llama3.2".to_string(), "qwen*".to_string()];
+        let req = NewKey {
+            user: "ann",
+            services: &services,
+            expires: None,
+            note: None,
+            rate_limit: None,
+            max_concurrent: None,
+            token_limit: Some("1.5M/day"),
+            models: &models,
+        };
+        let (key, _) = keygen(&p, &req, SystemTime::now()).unwrap();
+        let text = std::fs::read_to_string(&p).unwrap();
+        assert!(text.contains("\"token_limit\": \"1500k/day\""), "{text}");
+        let s = store(&p);
+        let k = s
+            .check(Some(key.as_bytes()), 0, unix_millis(SystemTime::now()))
+            .unwrap();
+        assert_eq!(k.limits.tokens.unwrap().count.get(), 1_500_000);
+        assert_eq!(k.models.unwrap().len(), 2);
+        let bad = NewKey {
+            token_limit: Some("lots/day"),
+            ..req
+        };
+        let e = keygen(&p, &bad, SystemTime::now()).unwrap_err().to_string();
+        assert!(e.contains("--token-limit"), "{e}");
+        let bad_models = ["a b".to_string()];
+        let bad = NewKey {
+            models: &bad_models,
+            ..req
+        };
+        let e = keygen(&p, &bad, SystemTime::now()).unwrap_err().to_string();
+        assert!(e.contains("--model"), "{e}");
+    }
+
+    #[test]
     fn keygen_rejects_bad_input() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("keys.json");
@@ -447,6 +511,8 @@ mod tests {
                     note: None,
                     rate_limit: None,
                     max_concurrent: None,
+                    token_limit: None,
+                    models: &[],
                 },
                 SystemTime::now(),
             )

@@ -27,7 +27,7 @@ use serde::de::{DeserializeSeed, Error as _, MapAccess, Visitor};
 use serde::Deserialize;
 
 use super::digest::{DigestHasher, KeyDigest, KeyId, DIGEST_PREFIX};
-use crate::config::{Limits, LoadError, Rate};
+use crate::config::{Limits, LoadError, ModelPattern, Rate, TokenRate};
 
 /// An index into the route table's list of services.
 pub type ServiceId = u16;
@@ -99,6 +99,8 @@ struct KeyRecord {
     grant: u32,
     /// Index into the store's limit sets; 0 is "none of its own".
     limits: u32,
+    /// Index into the store's model lists; 0 is "every model".
+    models: u32,
     /// The key's position in the file, which numbers its per-key state.
     ordinal: u32,
     disabled: bool,
@@ -126,6 +128,8 @@ pub struct Principal<'a> {
     /// The key's number in its store, `0..len()`: the index of its per-key
     /// state.
     pub ordinal: u32,
+    /// The models the key may use (`models` in its entry); `None` for all.
+    pub models: Option<&'a Arc<[ModelPattern]>>,
 }
 
 /// The compiled, immutable key set.
@@ -136,6 +140,8 @@ pub struct KeyStore {
     grants: Vec<Grant>,
     /// Distinct limit sets of keys; the first is "none".
     limits: Vec<Limits>,
+    /// Distinct model lists of keys; the first (empty) is "every model".
+    model_lists: Vec<Arc<[ModelPattern]>>,
     /// How many entries were stored in plaintext in the file.
     pub plaintext_entries: usize,
     /// Services named by keys that no route serves (likely typos), with how
@@ -234,7 +240,19 @@ impl KeyStore {
                 .copied()
                 .unwrap_or_default(),
             ordinal: rec.ordinal,
+            models: match rec.models {
+                0 => None,
+                i => Some(self.model_lists.get(i as usize).ok_or(KeyDenial::Unknown)?),
+            },
         })
+    }
+
+    /// Every model name (without `*`) that some key's `models` names.
+    pub fn named_models(&self) -> impl Iterator<Item = &ModelPattern> + '_ {
+        self.model_lists
+            .iter()
+            .flat_map(|l| l.iter())
+            .filter(|p| p.is_exact())
     }
 }
 
@@ -266,6 +284,10 @@ struct RawEntry<'a> {
     rate_limit: Option<Rate>,
     #[serde(default)]
     max_concurrent: Option<NonZeroU32>,
+    #[serde(default)]
+    token_limit: Option<TokenRate>,
+    #[serde(default)]
+    models: Option<Vec<ModelPattern>>,
 }
 
 /// A string borrowed from the input when it has no escapes, owned otherwise.
@@ -324,6 +346,8 @@ struct KeyStoreBuilder<'s> {
     grant_ids: HashMap<Grant, u32>,
     /// One-service grants by name, and whether no route serves it.
     single_grants: HashMap<String, (u32, bool)>,
+    /// Model lists already stored, by content.
+    model_list_ids: HashMap<Box<[ModelPattern]>, u32>,
 }
 
 impl<'s> KeyStoreBuilder<'s> {
@@ -334,6 +358,7 @@ impl<'s> KeyStoreBuilder<'s> {
             user_ids: HashMap::new(),
             grant_ids: HashMap::new(),
             single_grants: HashMap::new(),
+            model_list_ids: HashMap::new(),
         }
     }
 
@@ -410,8 +435,19 @@ impl<'s> KeyStoreBuilder<'s> {
             rate: raw.rate_limit,
             max_concurrent: raw.max_concurrent,
             max_body: None,
+            tokens: raw.token_limit,
         };
         let limits = self.limits_for(own);
+        let models = match raw.models {
+            None => 0,
+            Some(list) if list.is_empty() => {
+                return Err(format!(
+                    "key {id} (user {:?}): `models` is empty, so the key could use no model; leave it out to allow every model",
+                    raw.user
+                ))
+            }
+            Some(list) => self.models_for(list.into_boxed_slice()),
+        };
         let ordinal =
             u32::try_from(self.store.by_digest.len()).map_err(|_| "too many keys".to_string())?;
         let record = KeyRecord {
@@ -419,6 +455,7 @@ impl<'s> KeyStoreBuilder<'s> {
             user,
             grant,
             limits,
+            models,
             ordinal,
             disabled: raw.disabled.unwrap_or(false),
         };
@@ -453,6 +490,22 @@ impl<'s> KeyStoreBuilder<'s> {
                 u32::try_from(sets.len() - 1).unwrap_or(0)
             }
         }
+    }
+
+    /// The index of `list` among the store's model lists (shared by every
+    /// key that names the same list).
+    fn models_for(&mut self, list: Box<[ModelPattern]>) -> u32 {
+        let lists = &mut self.store.model_lists;
+        if lists.is_empty() {
+            lists.push(Arc::from(Vec::new()));
+        }
+        if let Some(i) = self.model_list_ids.get(&list) {
+            return *i;
+        }
+        let i = u32::try_from(lists.len()).unwrap_or(0);
+        lists.push(Arc::from(list.clone()));
+        self.model_list_ids.insert(list, i);
+        i
     }
 
     fn user_for(&mut self, name: &str) -> Result<u32, String> {
@@ -675,6 +728,55 @@ mod tests {
             s.check(Some(b""), chat, NOW).unwrap_err(),
             KeyDenial::Missing
         );
+    }
+
+    #[test]
+    fn token_limits_and_model_lists() {
+        let s = parse(
+            "k.json",
+            r#"{"a": {"user": "u", "service": "chat", "token_limit": "200k/day", "models": ["llama3.2", "qwen*"]},
+                "b": {"user": "v", "service": "chat", "models": ["qwen*", "llama3.2"]},
+                "c": {"user": "w", "service": "chat", "models": ["llama3.2", "qwen*"]},
+                "d": {"user": "x", "service": "chat"}}"#,
+        )
+        .unwrap();
+        let a = s.check(Some(b"a"), 0, NOW).unwrap();
+        assert_eq!(a.limits.tokens.unwrap().count.get(), 200_000);
+        let models: Vec<&str> = a.models.unwrap().iter().map(|m| m.as_str()).collect();
+        assert_eq!(models, ["llama3.2", "qwen*"]);
+        let c = s.check(Some(b"c"), 0, NOW).unwrap();
+        assert!(
+            Arc::ptr_eq(a.models.unwrap(), c.models.unwrap()),
+            "one list, shared"
+        );
+        assert_eq!(
+            s.check(Some(b"b"), 0, NOW).unwrap().models.unwrap().len(),
+            2
+        );
+        assert!(s.check(Some(b"d"), 0, NOW).unwrap().models.is_none());
+        assert!(s.any_own_limits());
+        let named: Vec<&str> = s.named_models().map(|m| m.as_str()).collect();
+        assert!(
+            named.contains(&"llama3.2") && !named.contains(&"qwen*"),
+            "{named:?}"
+        );
+
+        let e = err(
+            "k.json",
+            r#"{"secret-k": {"user": "u", "service": "chat", "models": []}}"#,
+        );
+        assert!(e.contains("`models` is empty"), "{e}");
+        assert!(!e.contains("secret-k"), "{e}");
+        let e = err(
+            "k.json",
+            r#"{"k": {"user": "u", "service": "chat", "token_limit": "lots"}}"#,
+        );
+        assert!(e.contains("invalid token limit"), "{e}");
+        let e = err(
+            "k.json",
+            r#"{"k": {"user": "u", "service": "chat", "models": ["a b"]}}"#,
+        );
+        assert!(e.contains("must not contain spaces"), "{e}");
     }
 
     #[test]

@@ -46,6 +46,14 @@ pub struct AuditRecord {
     pub ttfb_ms: Option<Duration>,
     pub bytes_in: u64,
     pub bytes_out: u64,
+    /// The model the answer (else the request) named, on routes with `api`.
+    pub model: Option<String>,
+    /// Tokens of the prompt and of the completion, when known.
+    pub prompt_tokens: Option<u64>,
+    pub completion_tokens: Option<u64>,
+    /// Where the token counts come from: `reported`, `estimated`,
+    /// `unknown`; null where the endpoint has no usage.
+    pub usage: Option<&'static str>,
 }
 
 /// Where a request came from: the socket's peer, or the client a trusted
@@ -214,6 +222,10 @@ mod tests {
             ttfb_ms: None,
             bytes_in: 10,
             bytes_out: 20,
+            model: Some("llama3.2".into()),
+            prompt_tokens: Some(26),
+            completion_tokens: None,
+            usage: Some("estimated"),
         }
     }
 
@@ -245,6 +257,10 @@ mod tests {
         assert_eq!(v["ttfb_ms"], serde_json::Value::Null);
         assert_eq!(v["decision"], "accepted");
         assert_eq!(v["client"], "127.0.0.1:5000");
+        assert_eq!(v["model"], "llama3.2");
+        assert_eq!(v["prompt_tokens"], 26);
+        assert_eq!(v["completion_tokens"], serde_json::Value::Null);
+        assert_eq!(v["usage"], "estimated");
 
         let moved = dir.path().join("audit.log.1");
         std::fs::rename(&p, &moved).unwrap();

@@ -38,6 +38,14 @@ impl Live {
         metrics
             .generation
             .set(i64::try_from(snapshot.generation).unwrap_or(i64::MAX));
+        metrics.set_named_models(
+            snapshot
+                .router
+                .routes()
+                .iter()
+                .flat_map(|r| r.named_models())
+                .chain(snapshot.keys.named_models()),
+        );
         Live {
             snapshot,
             route_metrics,

@@ -2,18 +2,22 @@
 //!
 //! Label values come only from route names and fixed reason strings, never
 //! from a key, a user (unless the config asks for per-user counts) or a
-//! path, so cardinality stays bounded whatever clients send. Each route's
+//! path, so cardinality stays bounded whatever clients send. Model names
+//! are labels only when the config or the key file names them, or while
+//! fewer than [`MAX_SEEN_MODELS`] others have been seen; the rest count as
+//! `other`. Each route's
 //! handles are resolved once when a snapshot is built, so recording a
 //! request touches only atomics.
 
-use std::collections::HashMap;
-use std::sync::{Arc, OnceLock};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
     Registry, TextEncoder,
 };
 
+use crate::config::ModelPattern;
 use crate::policy::Refusal;
 
 /// Latency buckets in seconds: from a cached answer to a long generation.
@@ -29,6 +33,25 @@ const COMMON_STATUSES: [u16; 14] = [
 
 /// The `route` label of requests that matched no route.
 pub const NO_ROUTE: &str = "-";
+
+/// How many model names not named in the config become labels; later
+/// ones are counted as [`OTHER_MODEL`].
+pub const MAX_SEEN_MODELS: usize = 32;
+/// The `model` label of models past the cap.
+pub const OTHER_MODEL: &str = "other";
+/// The `model` label when no model is known.
+pub const NO_MODEL: &str = "-";
+
+/// Which model names are labels.
+#[derive(Debug, Default)]
+struct ModelLabels {
+    /// Exact names from the config and the key file (current snapshot),
+    /// by their folded form.
+    named: HashMap<String, String>,
+    /// Others seen, up to the cap; never forgotten, so a label never
+    /// changes meaning.
+    seen: HashSet<String>,
+}
 
 /// Why a request failed upstream, as a fixed label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,6 +140,10 @@ pub struct Metrics {
     pub client_refused: IntCounter,
     client_timeouts: [IntCounter; 3],
     per_user: IntCounterVec,
+    tokens: IntCounterVec,
+    user_tokens: IntCounterVec,
+    usage_sources: IntCounterVec,
+    model_labels: Mutex<ModelLabels>,
     route_cache: std::sync::Mutex<HashMap<String, Arc<RouteMetrics>>>,
 }
 
@@ -168,6 +195,26 @@ impl RouteMetrics {
             }
         }
     }
+}
+
+/// The label of `model` (see [`Metrics::model_label`]).
+fn label_of<'a>(labels: &'a mut ModelLabels, model: Option<&'a str>) -> &'a str {
+    let Some(model) = model else {
+        return NO_MODEL;
+    };
+    if !labels.named.is_empty() {
+        if let Some(label) = labels.named.get(&ModelPattern::folded(model)) {
+            return label;
+        }
+    }
+    if labels.seen.contains(model) {
+        return model;
+    }
+    if labels.seen.len() < MAX_SEEN_MODELS {
+        labels.seen.insert(model.to_string());
+        return model;
+    }
+    OTHER_MODEL
 }
 
 fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -307,6 +354,25 @@ impl Metrics {
                 "Requests by user (only when metrics_per_user is on).",
                 &["user"],
             ),
+            tokens: counter_vec(
+                &r,
+                "agw_tokens_total",
+                "Tokens by route, model and kind (prompt, completion), on routes with api.",
+                &["route", "model", "kind"],
+            ),
+            user_tokens: counter_vec(
+                &r,
+                "agw_user_tokens_total",
+                "Tokens by user and kind (only when metrics_per_user is on).",
+                &["user", "kind"],
+            ),
+            usage_sources: counter_vec(
+                &r,
+                "agw_usage_total",
+                "Answers that carry usage, by route and where their counts come from (reported, estimated, unknown).",
+                &["route", "source"],
+            ),
+            model_labels: Mutex::default(),
             requests,
             registry: r,
             route_cache: Default::default(),
@@ -352,6 +418,63 @@ impl Metrics {
         if let Some(i) = ClientTimeout::ALL.iter().position(|k| *k == kind) {
             if let Some(c) = self.client_timeouts.get(i) {
                 c.inc();
+            }
+        }
+    }
+
+    /// Makes the exact model names of the current snapshot labels.
+    pub fn set_named_models<'a>(
+        &self,
+        named: impl Iterator<Item = &'a crate::config::ModelPattern>,
+    ) {
+        let named = named
+            .filter(|p| p.is_exact())
+            .map(|p| (ModelPattern::folded(p.as_str()), p.as_str().to_string()))
+            .collect();
+        self.model_labels
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .named = named;
+    }
+
+    /// The `model` label for `model`: the name the config gives it, the
+    /// name itself while fewer than [`MAX_SEEN_MODELS`] others are labels,
+    /// else [`OTHER_MODEL`].
+    pub fn model_label(&self, model: Option<&str>) -> String {
+        let labels = &mut *self
+            .model_labels
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        label_of(labels, model).to_string()
+    }
+
+    /// Counts the tokens of one answer of `model`, and where its counts
+    /// came from. Allocates only for a model never seen before.
+    pub fn tokens(
+        &self,
+        route: &str,
+        model: Option<&str>,
+        source: &str,
+        prompt: Option<u64>,
+        completion: Option<u64>,
+        user: Option<&str>,
+    ) {
+        self.usage_sources.with_label_values(&[route, source]).inc();
+        if prompt.is_none() && completion.is_none() {
+            return;
+        }
+        let labels = &mut *self
+            .model_labels
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let label = label_of(labels, model);
+        for (kind, n) in [("prompt", prompt), ("completion", completion)] {
+            let Some(n) = n else { continue };
+            self.tokens
+                .with_label_values(&[route, label, kind])
+                .inc_by(n);
+            if let Some(user) = user {
+                self.user_tokens.with_label_values(&[user, kind]).inc_by(n);
             }
         }
     }
@@ -451,5 +574,43 @@ mod tests {
             text.contains(r#"agw_request_duration_seconds_bucket{route="chat",le="0.005"} 1"#),
             "{text}"
         );
+    }
+
+    #[test]
+    fn model_labels_are_bounded() {
+        let m = Metrics::new();
+        m.set_named_models([ModelPattern::parse("llama3.2").unwrap()].iter());
+        assert_eq!(m.model_label(Some("llama3.2:latest")), "llama3.2");
+        assert_eq!(m.model_label(None), NO_MODEL);
+        for i in 0..MAX_SEEN_MODELS {
+            assert_eq!(m.model_label(Some(&format!("m{i}"))), format!("m{i}"));
+        }
+        assert_eq!(m.model_label(Some("m0")), "m0", "a label once given stays");
+        assert_eq!(m.model_label(Some("one-too-many")), OTHER_MODEL);
+        assert_eq!(
+            m.model_label(Some("LLAMA3.2")),
+            "llama3.2",
+            "named ones are never capped"
+        );
+        m.tokens(
+            "chat",
+            Some("llama3.2:latest"),
+            "reported",
+            Some(26),
+            Some(290),
+            Some("ann"),
+        );
+        m.tokens("chat", Some("llama3.2"), "estimated", None, Some(4), None);
+        m.tokens("chat", Some("m0"), "unknown", None, None, None);
+        let text = String::from_utf8(m.render()).unwrap();
+        for want in [
+            r#"agw_tokens_total{kind="prompt",model="llama3.2",route="chat"} 26"#,
+            r#"agw_tokens_total{kind="completion",model="llama3.2",route="chat"} 294"#,
+            r#"agw_user_tokens_total{kind="completion",user="ann"} 290"#,
+            r#"agw_usage_total{route="chat",source="estimated"} 1"#,
+            r#"agw_usage_total{route="chat",source="unknown"} 1"#,
+        ] {
+            assert!(text.contains(want), "{want} in {text}");
+        }
     }
 }

@@ -20,4 +20,7 @@ pub mod request_id;
 pub use admin::Admin;
 pub use audit::{AuditLog, AuditRecord, ClientAddr, QUEUE_LEN};
 pub use live::{Live, SharedLive};
-pub use metrics::{ClientTimeout, Metrics, RouteMetrics, UpstreamErrorKind, NO_ROUTE};
+pub use metrics::{
+    ClientTimeout, Metrics, RouteMetrics, UpstreamErrorKind, MAX_SEEN_MODELS, NO_MODEL, NO_ROUTE,
+    OTHER_MODEL,
+};

@@ -10,7 +10,7 @@
 //! itself (callers pass the time in), so benches, property tests and
 //! fuzzers call the decision directly.
 //!
-//! May import: `config`, `keys`, `state`.
+//! May import: `config`, `keys`, `state`, `usage`.
 
 mod client;
 mod credentials;
@@ -25,5 +25,5 @@ pub use credentials::{presented_key, Credential};
 pub use path::is_ambiguous_path;
 pub use refusal::{ExtraHeader, Refusal, CHALLENGE};
 pub use request::{Request, Upgrade};
-pub use routes::{Cors, Route, Router, Upstream, UPSTREAM_IDLE_TIMEOUT};
-pub use snapshot::{load_timed, Decision, Snapshot};
+pub use routes::{Cors, Route, Router, Upstream, DEFAULT_POOL, UPSTREAM_IDLE_TIMEOUT};
+pub use snapshot::{judge_models, load_timed, Admission, Decision, Snapshot};

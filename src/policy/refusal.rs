@@ -54,6 +54,18 @@ pub enum Refusal {
     },
     /// The key has as many requests in flight as it may.
     TooManyConcurrent,
+    /// The key used up its token budget; it may try again when the
+    /// window ends.
+    TokenBudgetExceeded {
+        retry_after_s: u32,
+    },
+    /// The request names a model the key may not use (or names the model
+    /// twice).
+    ModelNotAllowed,
+    /// The key may use only some models, and the request's model could not
+    /// be read: a body that is not one JSON object, a `model` that is not
+    /// a model name, or none at all.
+    ModelUnreadable,
     /// A request Pingora could not read (a malformed body, say).
     BadRequest,
     /// The request body stalled longer than `client_body_timeout`.
@@ -85,7 +97,7 @@ pub const CHALLENGE: &str = "Bearer realm=\"ai-gateway\"";
 impl Refusal {
     /// Every kind, for metrics that are resolved once at start and for
     /// tests that must cover them all.
-    pub const ALL: [Refusal; 27] = [
+    pub const ALL: [Refusal; 30] = [
         Refusal::BadFraming,
         Refusal::InvalidContentLength,
         Refusal::InvalidTransferEncoding,
@@ -102,6 +114,9 @@ impl Refusal {
         Refusal::KeyThrottled { retry_after_s: 1 },
         Refusal::RateLimited { retry_after_s: 1 },
         Refusal::TooManyConcurrent,
+        Refusal::TokenBudgetExceeded { retry_after_s: 1 },
+        Refusal::ModelNotAllowed,
+        Refusal::ModelUnreadable,
         Refusal::Key(KeyDenial::Missing),
         Refusal::Key(KeyDenial::Unknown),
         Refusal::Key(KeyDenial::Expired),
@@ -122,7 +137,9 @@ impl Refusal {
             Refusal::IpNotAllowed => 403,
             Refusal::KeyThrottled { .. }
             | Refusal::RateLimited { .. }
-            | Refusal::TooManyConcurrent => 429,
+            | Refusal::TooManyConcurrent
+            | Refusal::TokenBudgetExceeded { .. } => 429,
+            Refusal::ModelNotAllowed => 403,
             Refusal::BadFraming
             | Refusal::InvalidContentLength
             | Refusal::InvalidTransferEncoding
@@ -131,6 +148,7 @@ impl Refusal {
             | Refusal::BadPath
             | Refusal::UpgradeNotAllowed
             | Refusal::ConflictingKeys
+            | Refusal::ModelUnreadable
             | Refusal::BadRequest => 400,
             Refusal::Key(KeyDenial::WrongService) => 403,
             Refusal::Key(_) => 401,
@@ -154,6 +172,11 @@ impl Refusal {
             Refusal::KeyThrottled { .. } => r#"{"error":"too many failed key attempts"}"#,
             Refusal::RateLimited { .. } => r#"{"error":"rate limit exceeded"}"#,
             Refusal::TooManyConcurrent => r#"{"error":"too many concurrent requests"}"#,
+            Refusal::TokenBudgetExceeded { .. } => r#"{"error":"token budget exceeded"}"#,
+            Refusal::ModelNotAllowed => r#"{"error":"model not allowed for this key"}"#,
+            Refusal::ModelUnreadable => {
+                r#"{"error":"the request body must be a JSON object that names the model"}"#
+            }
             Refusal::BadFraming => r#"{"error":"both content-length and transfer-encoding"}"#,
             Refusal::InvalidContentLength => r#"{"error":"invalid content-length"}"#,
             Refusal::InvalidTransferEncoding => r#"{"error":"invalid transfer-encoding"}"#,
@@ -190,6 +213,9 @@ impl Refusal {
             Refusal::KeyThrottled { .. } => "key_throttled",
             Refusal::RateLimited { .. } => "rate_limited",
             Refusal::TooManyConcurrent => "too_many_concurrent",
+            Refusal::TokenBudgetExceeded { .. } => "token_budget_exceeded",
+            Refusal::ModelNotAllowed => "model_not_allowed",
+            Refusal::ModelUnreadable => "model_unreadable",
             Refusal::BadFraming => "bad_framing",
             Refusal::InvalidContentLength => "invalid_content_length",
             Refusal::InvalidTransferEncoding => "invalid_transfer_encoding",
@@ -219,7 +245,9 @@ impl Refusal {
         match self {
             Refusal::MethodNotAllowed => Some(ExtraHeader::Allow),
             Refusal::Preflight => Some(ExtraHeader::Preflight),
-            Refusal::KeyThrottled { retry_after_s } | Refusal::RateLimited { retry_after_s } => {
+            Refusal::KeyThrottled { retry_after_s }
+            | Refusal::RateLimited { retry_after_s }
+            | Refusal::TokenBudgetExceeded { retry_after_s } => {
                 Some(ExtraHeader::RetryAfter(retry_after_s))
             }
             Refusal::Key(k) if !matches!(k, KeyDenial::WrongService) => {

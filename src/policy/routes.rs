@@ -15,7 +15,7 @@ use std::time::Duration;
 use http::{HeaderValue, Method};
 use pingora::upstreams::peer::HttpPeer;
 
-use crate::config::{CorsSpec, HealthCheckSpec, IpRange, Limits, RouteSpec};
+use crate::config::{ApiKind, CorsSpec, HealthCheckSpec, IpRange, Limits, ModelPattern, RouteSpec};
 use crate::keys::{ServiceId, ServiceTable};
 use crate::state::{HealthBook, UpstreamHealth};
 
@@ -37,8 +37,13 @@ pub struct Route {
     pub service_name: String,
     /// What `upstream_target` removes from the front of the path.
     strip: Option<String>,
+    /// Every upstream of the route, each address once.
     upstreams: Box<[Upstream]>,
-    next: AtomicUsize,
+    /// Groups of upstreams, by index into `upstreams`: the first is the
+    /// route's `upstreams`, the others those of its `models` entries.
+    pools: Box<[Pool]>,
+    /// `models` entries: a pattern and its pool, in the order written.
+    model_pools: Box<[(ModelPattern, usize)]>,
     health_check: Option<HealthCheckSpec>,
     /// Whether websocket upgrades may pass (`websocket: true`).
     pub websocket: bool,
@@ -47,7 +52,21 @@ pub struct Route {
     /// Client addresses allowed; `None` allows every address.
     pub allowed_clients: Option<Box<[IpRange]>>,
     pub cors: Option<Cors>,
+    /// The API the upstreams speak; `None` for a plain proxy.
+    pub api: Option<ApiKind>,
+    /// Add `stream_options.include_usage` to streaming OpenAI requests.
+    pub include_usage: bool,
 }
+
+/// A group of a route's upstreams, used round-robin.
+#[derive(Debug)]
+struct Pool {
+    members: Box<[usize]>,
+    next: AtomicUsize,
+}
+
+/// The default pool of a route: its `upstreams`.
+pub const DEFAULT_POOL: usize = 0;
 
 /// A route's CORS answers, built once.
 #[derive(Debug)]
@@ -105,15 +124,36 @@ impl Route {
             .methods
             .as_ref()
             .and_then(|ms| HeaderValue::from_str(&ms.join(", ")).ok());
-        let upstreams = spec
-            .upstreams
-            .iter()
-            .map(|addr| Upstream {
-                addr: *addr,
-                peer: make_peer(*addr, spec.connect_timeout, spec.read_timeout),
-                health: health.entry(*addr),
-            })
-            .collect();
+        let mut upstreams: Vec<Upstream> = Vec::new();
+        let mut pool_of = |addrs: &[SocketAddr]| {
+            let mut members: Vec<usize> = Vec::with_capacity(addrs.len());
+            for addr in addrs {
+                let i = match upstreams.iter().position(|u| u.addr == *addr) {
+                    Some(i) => i,
+                    None => {
+                        upstreams.push(Upstream {
+                            addr: *addr,
+                            peer: make_peer(*addr, spec.connect_timeout, spec.read_timeout),
+                            health: health.entry(*addr),
+                        });
+                        upstreams.len() - 1
+                    }
+                };
+                if !members.contains(&i) {
+                    members.push(i);
+                }
+            }
+            Pool {
+                members: members.into_boxed_slice(),
+                next: AtomicUsize::new(0),
+            }
+        };
+        let mut pools = vec![pool_of(&spec.upstreams)];
+        let mut model_pools = Vec::with_capacity(spec.model_upstreams.len());
+        for (pattern, addrs) in &spec.model_upstreams {
+            pools.push(pool_of(addrs));
+            model_pools.push((pattern.clone(), pools.len() - 1));
+        }
         Route {
             name: spec.name.clone(),
             prefix: spec.path_prefix.clone(),
@@ -122,8 +162,9 @@ impl Route {
             service: services.intern(&spec.service),
             service_name: spec.service.clone(),
             strip: spec.strip_prefix.clone(),
-            upstreams,
-            next: AtomicUsize::new(0),
+            upstreams: upstreams.into_boxed_slice(),
+            pools: pools.into_boxed_slice(),
+            model_pools: model_pools.into_boxed_slice(),
             health_check: spec.health_check.clone(),
             websocket: spec.websocket,
             limits: spec.limits,
@@ -132,7 +173,35 @@ impl Route {
                 .cors
                 .as_ref()
                 .and_then(|c| Cors::build(c, spec.methods.as_deref())),
+            api: spec.api,
+            include_usage: spec.include_usage,
         }
+    }
+
+    /// The pool that serves `model`: that of the first `models` pattern
+    /// that matches it, else the route's `upstreams`.
+    pub fn pool_for(&self, model: Option<&str>) -> usize {
+        model
+            .and_then(|m| self.model_pools.iter().find(|(p, _)| p.matches(m)))
+            .map_or(DEFAULT_POOL, |(_, pool)| *pool)
+    }
+
+    /// Whether the route sends some models to upstreams of their own.
+    pub fn routes_by_model(&self) -> bool {
+        !self.model_pools.is_empty()
+    }
+
+    /// The model names (without `*`) the route's `models` map names.
+    pub fn named_models(&self) -> impl Iterator<Item = &ModelPattern> + '_ {
+        self.model_pools
+            .iter()
+            .map(|(p, _)| p)
+            .filter(|p| p.is_exact())
+    }
+
+    /// How many upstreams a pool has.
+    pub fn pool_len(&self, pool: usize) -> usize {
+        self.pools.get(pool).map_or(0, |p| p.members.len())
     }
 
     /// The request's origin, if the route has CORS and allows it.
@@ -152,17 +221,32 @@ impl Route {
         self.allow.as_ref()
     }
 
-    /// The next upstream in round-robin order, skipping those out of
-    /// rotation and `exclude` (the one a retry just failed on). When every
-    /// upstream is out, the round-robin one is tried anyway: it may be back.
+    /// The next upstream of the route's default pool (see
+    /// [`Route::next_upstream_in`]).
     #[inline]
     pub fn next_upstream(&self, now_ms: i64, exclude: Option<SocketAddr>) -> Option<&Upstream> {
-        let n = self.upstreams.len();
+        self.next_upstream_in(DEFAULT_POOL, now_ms, exclude)
+    }
+
+    /// The next upstream of `pool` in round-robin order, skipping those
+    /// out of rotation and `exclude` (the one a retry just failed on). When
+    /// every upstream is out, the round-robin one is tried anyway: it may
+    /// be back.
+    #[inline]
+    pub fn next_upstream_in(
+        &self,
+        pool: usize,
+        now_ms: i64,
+        exclude: Option<SocketAddr>,
+    ) -> Option<&Upstream> {
+        let pool = self.pools.get(pool)?;
+        let n = pool.members.len();
+        let member = |i: Option<&usize>| i.and_then(|i| self.upstreams.get(*i));
         if n == 1 {
-            return self.upstreams.first();
+            return member(pool.members.first());
         }
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let nth = |k: usize| self.upstreams.get(start.wrapping_add(k) % n.max(1));
+        let start = pool.next.fetch_add(1, Ordering::Relaxed);
+        let nth = |k: usize| member(pool.members.get(start.wrapping_add(k) % n.max(1)));
         (0..n)
             .filter_map(nth)
             .find(|u| Some(u.addr) != exclude && u.health.is_up(now_ms))
@@ -181,6 +265,21 @@ impl Route {
 
     pub fn health_check(&self) -> Option<&HealthCheckSpec> {
         self.health_check.as_ref()
+    }
+
+    /// The path the upstream sees for `path` (which this route matched),
+    /// without the leading `/` a stripped path gets: enough to tell which
+    /// endpoint a request is for, without building the target.
+    pub fn upstream_path<'p>(&self, path: &'p str) -> &'p str {
+        let Some(strip) = self.strip.as_deref() else {
+            return path;
+        };
+        let cut = if strip.ends_with('/') {
+            strip.len() - 1
+        } else {
+            strip.len()
+        };
+        path.get(cut..).unwrap_or("")
     }
 
     /// The request target to send upstream for `path` (which this route
@@ -305,6 +404,9 @@ mod tests {
             limits: Default::default(),
             allow: None,
             cors: None,
+            api: None,
+            include_usage: false,
+            model_upstreams: Vec::new(),
         }
     }
 
@@ -359,7 +461,10 @@ mod tests {
         );
         assert_eq!(tts.upstream_target("/tts", None).unwrap(), b"/");
         assert_eq!(tts.upstream_target("/ttsx", None).unwrap(), b"/x");
+        assert_eq!(chat.upstream_path("/chat/api/generate"), "/api/generate");
+        assert_eq!(tts.upstream_path("/ttsx"), "x");
         let keep = r.find("/keep/a").unwrap().1;
+        assert_eq!(keep.upstream_path("/keep/a"), "/keep/a");
         assert!(keep.upstream_target("/keep/a", None).is_none());
         let mut part = spec("gen", "/ollama/api/generate", false);
         part.strip_prefix = Some("/ollama".into());
@@ -405,6 +510,42 @@ mod tests {
             .connect_failed(0, false);
         // Every upstream out: still something to try.
         assert!(route.next_upstream(1, None).is_some());
+    }
+
+    #[test]
+    fn models_choose_their_pool_and_others_the_default() {
+        let mut s = spec("chat", "/v1/", false);
+        let addr = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
+        s.api = Some(ApiKind::Openai);
+        s.model_upstreams = vec![
+            (ModelPattern::parse("llama3*").unwrap(), vec![addr(11434)]),
+            (
+                ModelPattern::parse("qwen*").unwrap(),
+                vec![addr(11435), addr(2)],
+            ),
+            (ModelPattern::parse("qwen2.5").unwrap(), vec![addr(9)]),
+        ];
+        let r = router(&[s]);
+        let route = r.get(0).unwrap();
+        assert!(route.routes_by_model());
+        assert_eq!(route.upstreams().len(), 5, "each address once");
+        let pick = |m: Option<&str>| {
+            let pool = route.pool_for(m);
+            route.next_upstream_in(pool, 0, None).unwrap().addr
+        };
+        assert_eq!(pick(Some("llama3.2:latest")), addr(11434));
+        assert_eq!(pick(Some("LLAMA3.1")), addr(11434));
+        let qwen: Vec<_> = (0..2).map(|_| pick(Some("qwen2.5"))).collect();
+        assert!(
+            qwen.contains(&addr(11435)) && qwen.contains(&addr(2)),
+            "the first match wins, round-robin"
+        );
+        let default: Vec<_> = (0..2).map(|_| pick(Some("mistral"))).collect();
+        assert!(default.contains(&addr(1)) && default.contains(&addr(2)));
+        assert!([addr(1), addr(2)].contains(&pick(None)));
+        assert_eq!(route.pool_len(route.pool_for(Some("llama3"))), 1);
+        let named: Vec<&str> = route.named_models().map(|m| m.as_str()).collect();
+        assert_eq!(named, ["qwen2.5"]);
     }
 
     #[test]

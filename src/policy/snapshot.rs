@@ -14,9 +14,10 @@ use super::path::is_ambiguous_path;
 use super::refusal::Refusal;
 use super::request::{Request, Upgrade};
 use super::routes::{Route, Router};
-use crate::config::{any_contains, Config, Limits, LoadError};
+use crate::config::{any_contains, any_model_matches, Config, Limits, LoadError, ModelPattern};
 use crate::keys::{KeyStore, Principal, ServiceTable};
-use crate::state::{Carried, InFlightGuard, KeyCounter};
+use crate::state::{Carried, InFlightGuard, KeyCounter, TokenMeter};
+use crate::usage::NamedModel;
 
 /// Everything a request decision needs, built once per load.
 #[derive(Debug)]
@@ -66,9 +67,8 @@ impl Snapshot {
         let router = Router::build(&config.routes, &mut services, &carried.upstreams);
         let keys = KeyStore::parse(&config.keys_file, keys_text, &services)?;
         let warnings = unserved_warnings(&config, &keys);
-        let limited = |l: &Limits| l.rate.is_some() || l.max_concurrent.is_some();
-        let any_limit = limited(&config.limits)
-            || config.routes.iter().any(|r| limited(&r.limits))
+        let any_limit = config.limits.counted()
+            || config.routes.iter().any(|r| r.limits.counted())
             || keys.any_own_limits();
         let key_counters = if any_limit {
             let mut by_ordinal: Vec<_> = keys.ids().collect();
@@ -174,20 +174,32 @@ impl Snapshot {
 
     /// Takes what an admitted request uses of its key's limits at `now_ms`
     /// (a monotonic clock): one request of the rate, and a slot among the
-    /// concurrent ones, held by the guard until the request ends.
+    /// concurrent ones, held by the guard until the request ends. On a
+    /// route with `api`, a key whose token budget is used up is refused;
+    /// the meter counts the request's tokens into it when it ends.
     pub fn admit(
         &self,
         principal: &Principal<'_>,
         route: &Route,
         now_ms: u64,
-    ) -> Result<Option<InFlightGuard>, Refusal> {
-        let limits = self.limits_for(principal, route);
-        if limits.rate.is_none() && limits.max_concurrent.is_none() {
-            return Ok(None);
+    ) -> Result<Admission, Refusal> {
+        let mut limits = self.limits_for(principal, route);
+        if route.api.is_none() {
+            limits.tokens = None;
+        }
+        if !limits.counted() {
+            return Ok(Admission::default());
         }
         let Some(counter) = self.key_counters.get(principal.ordinal as usize) else {
-            return Ok(None);
+            return Ok(Admission::default());
         };
+        if let Some(budget) = limits.tokens {
+            counter
+                .tokens_left(budget, now_ms)
+                .map_err(|wait| Refusal::TokenBudgetExceeded {
+                    retry_after_s: u32::try_from(wait.as_secs()).unwrap_or(u32::MAX).max(1),
+                })?;
+        }
         if let Some(rate) = limits.rate {
             counter
                 .take(rate, now_ms)
@@ -197,13 +209,16 @@ impl Snapshot {
                         .max(1),
                 })?;
         }
-        match limits.max_concurrent {
-            None => Ok(None),
-            Some(max) => counter
-                .enter(max.get())
-                .map(Some)
-                .ok_or(Refusal::TooManyConcurrent),
-        }
+        let slot = match limits.max_concurrent {
+            None => None,
+            Some(max) => Some(counter.enter(max.get()).ok_or(Refusal::TooManyConcurrent)?),
+        };
+        Ok(Admission {
+            slot,
+            tokens: limits
+                .tokens
+                .map(|budget| TokenMeter::new(Arc::clone(counter), budget)),
+        })
     }
 
     /// Every upstream address the routes name, for carrying state over.
@@ -214,6 +229,43 @@ impl Snapshot {
             .flat_map(|r| r.upstreams().iter().map(|u| u.addr))
             .collect()
     }
+}
+
+/// What an admitted request holds of its key's limits until it ends.
+#[derive(Debug, Default)]
+pub struct Admission {
+    /// Its place among the key's concurrent requests.
+    pub slot: Option<InFlightGuard>,
+    /// Where its tokens are counted, when a budget applies.
+    pub tokens: Option<TokenMeter>,
+}
+
+/// Judges the models a request names (`model`, and Ollama's `name`) for a
+/// key that may use only `allowed`: every one must be allowed, so that
+/// whichever the upstream acts on is (JSON decoders differ on a repeated
+/// member: Go's takes the last, matching names in any case). `named` may
+/// be the models found since the last verdict; `ended_without_model` says
+/// the whole body has been read and named none.
+pub fn judge_models(
+    allowed: &[ModelPattern],
+    named: &[NamedModel],
+    single_object: bool,
+    ended_without_model: bool,
+) -> Result<(), Refusal> {
+    if !single_object {
+        return Err(Refusal::ModelUnreadable);
+    }
+    for m in named {
+        match m {
+            NamedModel::Name(name) if any_model_matches(allowed, name) => {}
+            NamedModel::Name(_) => return Err(Refusal::ModelNotAllowed),
+            NamedModel::Unreadable => return Err(Refusal::ModelUnreadable),
+        }
+    }
+    if ended_without_model && named.is_empty() {
+        return Err(Refusal::ModelUnreadable);
+    }
+    Ok(())
 }
 
 /// Keys that name services no route serves: most likely typos.
@@ -395,6 +447,46 @@ routes:
         assert_eq!(
             s.decide(&req, 0).verdict.unwrap_err(),
             Refusal::ConflictingKeys
+        );
+    }
+
+    #[test]
+    fn every_model_named_must_be_allowed() {
+        let allowed: Vec<ModelPattern> = ["llama3.2", "qwen*"]
+            .iter()
+            .map(|p| ModelPattern::parse(p).unwrap())
+            .collect();
+        let name = |s: &str| NamedModel::Name(s.into());
+        assert_eq!(judge_models(&allowed, &[name("qwen2")], true, true), Ok(()));
+        assert_eq!(
+            judge_models(
+                &allowed,
+                &[name("llama3.2:latest"), name("qwen2")],
+                true,
+                true
+            ),
+            Ok(())
+        );
+        assert_eq!(
+            judge_models(&allowed, &[name("qwen2"), name("mistral")], true, true),
+            Err(Refusal::ModelNotAllowed)
+        );
+        assert_eq!(
+            judge_models(&allowed, &[NamedModel::Unreadable], true, false),
+            Err(Refusal::ModelUnreadable)
+        );
+        assert_eq!(
+            judge_models(&allowed, &[], true, false),
+            Ok(()),
+            "not read yet"
+        );
+        assert_eq!(
+            judge_models(&allowed, &[], true, true),
+            Err(Refusal::ModelUnreadable)
+        );
+        assert_eq!(
+            judge_models(&allowed, &[name("qwen2")], false, false),
+            Err(Refusal::ModelUnreadable)
         );
     }
 

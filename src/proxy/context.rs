@@ -4,13 +4,15 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use http::HeaderValue;
 use prometheus::IntGauge;
 
+use crate::config::{ApiKind, ModelPattern};
 use crate::keys::KeyId;
 use crate::ops::{ClientAddr, Live};
-use crate::policy::{Refusal, Route};
-use crate::state::InFlightGuard;
+use crate::policy::{Admission, Refusal, Route, DEFAULT_POOL};
+use crate::usage::{AnswerMeter, Endpoint, ModelListFilter, RequestInspector, SseHider};
 
 /// Per-request state. The snapshot is taken when the context is made (the
 /// first thing Pingora does with a request), so every later hook, `logging`
@@ -41,9 +43,83 @@ pub struct RequestCtx {
     /// The largest body this request may send, and how much it has sent.
     pub max_body: Option<u64>,
     pub body_seen: u64,
-    /// The key's concurrency slot, held until the request ends.
-    pub key_slot: Option<InFlightGuard>,
+    /// The key's concurrency slot (held until the request ends) and token
+    /// meter.
+    pub admission: Admission,
+    /// A refusal decided while the body was streaming upstream, answered
+    /// by `fail_to_proxy`.
+    pub late_refusal: Option<Refusal>,
+    /// What the gateway reads and changes of a request to an API (routes
+    /// with `api`); `None` elsewhere, so plain routes carry nothing more.
+    pub ai: Option<Box<AiRequest>>,
     _in_flight: InFlight,
+}
+
+/// A request on a route with `api`.
+#[derive(Debug)]
+pub struct AiRequest {
+    pub api: ApiKind,
+    pub endpoint: Endpoint,
+    /// The models the key may use, when it may not use them all.
+    pub allowed: Option<Arc<[ModelPattern]>>,
+    /// The first model the request names (body, or `/models/{id}` path).
+    pub model: Option<String>,
+    /// The group of the route's upstreams that serves the model.
+    pub pool: usize,
+    /// How the body bytes read before choosing the upstream reach it.
+    pub replay: Replay,
+    /// The body the upstream gets instead of the one read (with
+    /// `stream_options.include_usage` added).
+    pub rewritten: Option<Bytes>,
+    /// The `Content-Length` that goes with `rewritten`.
+    pub content_length: Option<usize>,
+    /// The gateway answered `Expect: 100-continue` itself.
+    pub continued: bool,
+    /// The next call of the request body filter is the first of an
+    /// attempt (set when an upstream is chosen).
+    pub fresh_attempt: bool,
+    /// Reads the rest of the body as it streams, for a key limited to some
+    /// models whose whole body was not read first.
+    pub inspector: Option<RequestInspector>,
+    /// The gateway asked for the usage-only SSE event: hide it.
+    pub hide_usage: bool,
+    pub meter: Option<AnswerMeter>,
+    pub hider: Option<SseHider>,
+    pub list_filter: Option<ModelListFilter>,
+}
+
+/// How the part of a body read before the upstream was chosen gets there.
+#[derive(Debug)]
+pub enum Replay {
+    /// Nothing was read.
+    Nothing,
+    /// Pingora's retry buffer holds it (at most 64 KiB) and sends it first.
+    RetryBuffer,
+    /// It outgrew the retry buffer (the read that crossed 64 KiB): the
+    /// gateway puts it in front of the next piece of the body.
+    Prefix(Bytes),
+}
+
+impl AiRequest {
+    pub fn new(api: ApiKind, endpoint: Endpoint, allowed: Option<Arc<[ModelPattern]>>) -> Self {
+        AiRequest {
+            api,
+            endpoint,
+            allowed,
+            model: None,
+            pool: DEFAULT_POOL,
+            replay: Replay::Nothing,
+            rewritten: None,
+            content_length: None,
+            continued: false,
+            fresh_attempt: false,
+            inspector: None,
+            hide_usage: false,
+            meter: None,
+            hider: None,
+            list_filter: None,
+        }
+    }
 }
 
 /// How a request ended, as far as the gateway is concerned.
@@ -89,7 +165,9 @@ impl RequestCtx {
             cors_origin: None,
             max_body: None,
             body_seen: 0,
-            key_slot: None,
+            admission: Admission::default(),
+            late_refusal: None,
+            ai: None,
             _in_flight: InFlight::new(in_flight),
         }
     }

@@ -13,6 +13,7 @@ use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::ErrorSource;
 
+use super::ai;
 use super::connection;
 use super::context::{Outcome, RequestCtx};
 use super::framing::check_head;
@@ -21,10 +22,11 @@ use super::reply::{add_cors, refusal_for, send_refusal, upstream_error_kind};
 use crate::config::any_contains;
 use crate::keys::unix_millis;
 use crate::ops::{
-    request_id, AuditLog, AuditRecord, ClientAddr, ClientTimeout, Metrics, SharedLive,
+    request_id, AuditLog, AuditRecord, ClientAddr, ClientTimeout, Metrics, SharedLive, NO_ROUTE,
 };
-use crate::policy::{client_ip, Refusal, Request};
+use crate::policy::{client_ip, Refusal, Request, DEFAULT_POOL};
 use crate::state::{Carried, Transition};
+use crate::usage::AnswerMeter;
 
 /// The address taken for a client whose socket has none (a Unix socket).
 const UNKNOWN_CLIENT: IpAddr = IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED);
@@ -54,6 +56,13 @@ impl Gateway {
             audit,
             started: Instant::now(),
         }
+    }
+}
+
+impl Gateway {
+    /// Milliseconds of the monotonic clock per-key windows are kept in.
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 }
 
@@ -135,10 +144,31 @@ impl ProxyHttp for Gateway {
             ctx.user = Some(principal.user.header.clone());
             ctx.key_id = Some(principal.id);
             ctx.max_body = snapshot.limits_for(&principal, route).max_body;
-            let now = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
-            ctx.key_slot = snapshot.admit(&principal, route, now)?;
-            Ok(())
+            let now = self.now_ms();
+            ctx.admission = snapshot.admit(&principal, route, now)?;
+            ctx.ai = ai::start(route, req.uri.path(), principal.models);
+            ctx.ai.as_deref().map_or(Ok(()), ai::check_path_model)
         });
+        // A request to an API may need its model before an upstream is
+        // chosen: read the start of the body (the only await before the
+        // verdict is answered).
+        let verdict = match (verdict, ctx.ai.take()) {
+            (Ok(()), Some(mut started)) => {
+                let route = ctx.route().ok_or_else(|| internal("no route"))?;
+                let read = if ai::wants_body(&started, route) && !session.is_body_empty() {
+                    ai::read_body_start(session, &mut started, route).await
+                } else {
+                    Ok(Ok(()))
+                };
+                ctx.ai = Some(started);
+                read?
+            }
+            (verdict, started) => {
+                ctx.ai = started;
+                verdict
+            }
+        };
+        let req = session.req_header();
         match verdict {
             Ok(()) => {
                 ctx.outcome = Outcome::Accepted;
@@ -167,9 +197,18 @@ impl ProxyHttp for Gateway {
         &self,
         _session: &mut Session,
         body: &mut Option<Bytes>,
-        _end_of_stream: bool,
+        end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        if let Some(ai) = ctx.ai.as_mut() {
+            if let Err(refusal) = ai::request_body(ai, body, end_of_stream) {
+                ctx.late_refusal = Some(refusal);
+                return Error::e_explain(
+                    ErrorType::HTTPStatus(refusal.status()),
+                    "the request body names a model the key may not use",
+                );
+            }
+        }
         if let (Some(max), Some(chunk)) = (ctx.max_body, body.as_ref()) {
             ctx.body_seen = ctx.body_seen.saturating_add(chunk.len() as u64);
             if ctx.body_seen > max {
@@ -191,11 +230,15 @@ impl ProxyHttp for Gateway {
         // On a retry, `ctx.upstream` is the upstream that just failed.
         let exclude = ctx.upstream.filter(|_| ctx.connect_retries > 0);
         let now_ms = unix_millis(SystemTime::now());
+        let pool = ctx.ai.as_ref().map_or(DEFAULT_POOL, |ai| ai.pool);
         let upstream = route
-            .next_upstream(now_ms, exclude)
+            .next_upstream_in(pool, now_ms, exclude)
             .ok_or_else(|| internal("route without upstreams"))?;
         let peer = Box::new(upstream.peer.clone());
         ctx.upstream = Some(upstream.addr);
+        if let Some(ai) = ctx.ai.as_mut() {
+            ai.fresh_attempt = true;
+        }
         Ok(peer)
     }
 
@@ -224,7 +267,8 @@ impl ProxyHttp for Gateway {
                 );
             }
         }
-        let retry = ctx.connect_retries == 0 && route.upstreams().len() > 1;
+        let pool = ctx.ai.as_ref().map_or(DEFAULT_POOL, |ai| ai.pool);
+        let retry = ctx.connect_retries == 0 && route.pool_len(pool) > 1;
         if retry {
             ctx.connect_retries += 1;
             e.set_retry(true);
@@ -283,6 +327,9 @@ impl ProxyHttp for Gateway {
         if let Some(target) = route.upstream_target(uri.path(), uri.query()) {
             upstream_request.set_raw_path(&target)?;
         }
+        if let Some(ai) = ctx.ai.as_ref() {
+            ai::upstream_request(ai, upstream_request)?;
+        }
         Ok(())
     }
 
@@ -309,10 +356,14 @@ impl ProxyHttp for Gateway {
 
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        if let Some(ai) = ctx.ai.as_mut() {
+            let req = session.req_header();
+            ai::answer_head(ai, upstream_response, req.version, &req.method)?;
+        }
         if let Some(id) = ctx.request_id.clone() {
             upstream_response.insert_header("x-request-id", id)?;
         }
@@ -322,13 +373,28 @@ impl ProxyHttp for Gateway {
         Ok(())
     }
 
+    /// Answers stream through untouched; on routes with `api` each piece
+    /// is read for usage as it passes (see `ai::answer_body`).
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<std::time::Duration>> {
+        if let Some(ai) = ctx.ai.as_mut() {
+            ai::answer_body(ai, body, end_of_stream);
+        }
+        Ok(None)
+    }
+
     async fn fail_to_proxy(
         &self,
         session: &mut Session,
         e: &Error,
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
-        let refusal = refusal_for(e);
+        let refusal = ctx.late_refusal.or_else(|| refusal_for(e));
         ctx.outcome = match refusal {
             Some(r) => Outcome::Refused(r),
             None => Outcome::ClientGone,
@@ -358,14 +424,15 @@ impl ProxyHttp for Gateway {
         }
     }
 
-    /// A body over `max_body_size` or a stalled one is the client's doing,
+    /// A body over `max_body_size` or a stalled one, or a refusal decided
+    /// late (a model the key may not use), is the client's doing,
     /// answered, audited and counted: no error line for each one (the log
     /// stays bounded whatever clients send).
-    fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, e: &Error) -> bool {
+    fn suppress_error_log(&self, _session: &Session, ctx: &RequestCtx, e: &Error) -> bool {
         matches!(
             refusal_for(e),
             Some(Refusal::BodyTooLarge | Refusal::BodyTimeout)
-        )
+        ) || ctx.late_refusal.is_some()
     }
 
     /// Pingora's own error lines ("Fail to proxy") end with this summary:
@@ -397,10 +464,35 @@ impl ProxyHttp for Gateway {
         if let Outcome::Refused(r) = ctx.outcome {
             self.metrics.refused(r);
         }
-        if ctx.live.snapshot.config.metrics_per_user {
-            if let Some(user) = ctx.user.as_ref().and_then(|u| u.to_str().ok()) {
+        let per_user = ctx.live.snapshot.config.metrics_per_user;
+        let user = ctx.user.as_ref().and_then(|u| u.to_str().ok());
+        if per_user {
+            if let Some(user) = user {
                 self.metrics.user_request(user);
             }
+        }
+        // Usage, on routes with `api`: counted into the key's budget (the
+        // request that crosses it completes; the next is refused) and the
+        // metrics, and written to the audit line.
+        let ai = ctx.ai.as_deref();
+        let usage = ai.and_then(|ai| ai.meter.as_ref()).map(AnswerMeter::usage);
+        let model = usage
+            .as_ref()
+            .and_then(|u| u.model.clone())
+            .or_else(|| ai.and_then(|ai| ai.model.clone()));
+        if let Some(u) = &usage {
+            if let Some(meter) = &ctx.admission.tokens {
+                meter.add(u.total(), self.now_ms());
+            }
+            let route = ctx.route().map_or(NO_ROUTE, |r| r.name.as_str());
+            self.metrics.tokens(
+                route,
+                model.as_deref(),
+                u.source.label(),
+                u.prompt_tokens,
+                u.completion_tokens,
+                user.filter(|_| per_user),
+            );
         }
         let Some(audit) = &self.audit else {
             return;
@@ -431,6 +523,10 @@ impl ProxyHttp for Gateway {
             ttfb_ms: ctx.ttfb,
             bytes_in,
             bytes_out,
+            model,
+            prompt_tokens: usage.as_ref().and_then(|u| u.prompt_tokens),
+            completion_tokens: usage.as_ref().and_then(|u| u.completion_tokens),
+            usage: usage.as_ref().map(|u| u.source.label()),
         });
     }
 }

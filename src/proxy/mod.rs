@@ -26,6 +26,7 @@
 //!
 //! May import: `config`, `keys`, `state`, `policy`, `ops`.
 
+mod ai;
 mod connection;
 mod context;
 mod framing;
@@ -34,6 +35,7 @@ mod headers;
 mod reply;
 
 pub use connection::ClientApp;
-pub use context::{Outcome, RequestCtx};
+
+pub use context::{AiRequest, Outcome, Replay, RequestCtx};
 pub use framing::MAX_HEADER_BYTES;
 pub use gateway::Gateway;

@@ -1,5 +1,5 @@
-//! Per-key request counters: a rate (a window per period) and requests in
-//! flight.
+//! Per-key counters: a request rate (a window per period), requests in
+//! flight, and a token budget (a window per period).
 //!
 //! Each key that a limit applies to has one [`KeyCounter`], kept here by
 //! key id so a reload (a key added by `keygen`, say) hands every remaining
@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use crate::config::Rate;
+use crate::config::{Rate, TokenRate};
 use crate::keys::KeyId;
 
 /// One key's counters. Lock-free: a request makes one compare-and-swap on
@@ -22,6 +22,10 @@ pub struct KeyCounter {
     /// the low 24, so one compare-and-swap updates both.
     window: AtomicU64,
     in_flight: AtomicU32,
+    /// The current token window: its start (whole seconds of the caller's
+    /// monotonic clock, plus one, so that 0 means "none yet") in the high
+    /// 32 bits, the tokens counted in it (saturating) in the low 32.
+    tokens: AtomicU64,
 }
 
 /// Bits of [`KeyCounter::window`] that hold the count.
@@ -81,6 +85,101 @@ impl KeyCounter {
     /// Requests in flight now.
     pub fn in_flight(&self) -> u32 {
         self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Whether the key may start a request under its token `budget` at
+    /// `now_ms` (monotonic milliseconds). `Err` carries how long until the
+    /// window in which the budget was used up ends. A request is admitted
+    /// while the budget is not used up: the one that crosses it completes.
+    pub fn tokens_left(&self, budget: TokenRate, now_ms: u64) -> Result<(), Duration> {
+        let now = secs(now_ms);
+        let current = self.tokens.load(Ordering::Relaxed);
+        let (start, used) = unpack_tokens(current);
+        match start {
+            Some(start) if !expired(start, now, budget) && used >= budget.count.get() => {
+                let ends = u64::from(start) + budget.period.as_secs();
+                Err(Duration::from_secs(
+                    ends.saturating_sub(u64::from(now)).max(1),
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Counts `n` tokens at `now_ms`: into the current window, or into a
+    /// new one that starts now when there is none or it has ended.
+    pub fn add_tokens(&self, budget: TokenRate, n: u64, now_ms: u64) {
+        let now = secs(now_ms);
+        let n = u32::try_from(n).unwrap_or(u32::MAX);
+        let mut current = self.tokens.load(Ordering::Relaxed);
+        loop {
+            let (start, used) = unpack_tokens(current);
+            let next = match start {
+                Some(start) if !expired(start, now, budget) => pack_tokens(
+                    start,
+                    u32::try_from(used).unwrap_or(u32::MAX).saturating_add(n),
+                ),
+                _ => pack_tokens(now, n),
+            };
+            match self.tokens.compare_exchange_weak(
+                current,
+                next,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return,
+                Err(seen) => current = seen,
+            }
+        }
+    }
+
+    /// Tokens counted in the window that is current at `now_ms`.
+    pub fn tokens_used(&self, budget: TokenRate, now_ms: u64) -> u64 {
+        match unpack_tokens(self.tokens.load(Ordering::Relaxed)) {
+            (Some(start), used) if !expired(start, secs(now_ms), budget) => used,
+            _ => 0,
+        }
+    }
+}
+
+/// Whole seconds of a monotonic millisecond clock.
+fn secs(now_ms: u64) -> u32 {
+    u32::try_from(now_ms / 1000).unwrap_or(u32::MAX)
+}
+
+fn expired(start: u32, now: u32, budget: TokenRate) -> bool {
+    u64::from(now.saturating_sub(start)) >= budget.period.as_secs()
+}
+
+fn pack_tokens(start: u32, used: u32) -> u64 {
+    (u64::from(start.saturating_add(1)) << 32) | u64::from(used)
+}
+
+/// The window start (if a window was opened) and the tokens counted.
+fn unpack_tokens(v: u64) -> (Option<u32>, u64) {
+    let start = (v >> 32) as u32;
+    (start.checked_sub(1), v & u64::from(u32::MAX))
+}
+
+/// What a request adds to its key's token budget when it ends.
+#[derive(Debug, Clone)]
+pub struct TokenMeter {
+    counter: Arc<KeyCounter>,
+    budget: TokenRate,
+}
+
+impl TokenMeter {
+    pub fn new(counter: Arc<KeyCounter>, budget: TokenRate) -> Self {
+        TokenMeter { counter, budget }
+    }
+
+    /// Counts `n` tokens at `now_ms` (the monotonic clock of admission).
+    pub fn add(&self, n: u64, now_ms: u64) {
+        self.counter.add_tokens(self.budget, n, now_ms);
+    }
+
+    pub fn used(&self, now_ms: u64) -> u64 {
+        self.counter.tokens_used(self.budget, now_ms)
     }
 }
 
@@ -172,6 +271,42 @@ mod tests {
             let in_window = admitted[i..].iter().filter(|u| **u < t + 60 * SEC).count();
             assert!(in_window <= 10, "{in_window} in the minute from {t}");
         }
+    }
+
+    #[test]
+    fn a_token_budget_admits_until_used_up_then_waits_for_the_window() {
+        let c = KeyCounter::default();
+        let budget = TokenRate::parse("1k/min").unwrap();
+        let t0 = 5 * SEC;
+        assert!(c.tokens_left(budget, t0).is_ok(), "nothing used yet");
+        c.add_tokens(budget, 600, t0);
+        assert!(c.tokens_left(budget, t0 + SEC).is_ok());
+        // The request that crosses the budget was admitted; it completes.
+        c.add_tokens(budget, 600, t0 + 2 * SEC);
+        assert_eq!(c.tokens_used(budget, t0 + 2 * SEC), 1_200);
+        assert_eq!(
+            c.tokens_left(budget, t0 + 10 * SEC).unwrap_err(),
+            Duration::from_secs(50),
+            "until the minute that began with the first tokens ends"
+        );
+        assert_eq!(
+            c.tokens_left(budget, t0 + 59 * SEC + 999).unwrap_err(),
+            Duration::from_secs(1)
+        );
+        assert!(c.tokens_left(budget, t0 + 60 * SEC).is_ok(), "a new window");
+        c.add_tokens(budget, 10, t0 + 61 * SEC);
+        assert_eq!(c.tokens_used(budget, t0 + 61 * SEC), 10, "counted afresh");
+        assert_eq!(c.tokens_used(budget, t0 + 200 * SEC), 0);
+    }
+
+    #[test]
+    fn token_counts_saturate_and_a_window_can_start_at_zero() {
+        let c = KeyCounter::default();
+        let budget = TokenRate::parse("4000M/day").unwrap();
+        c.add_tokens(budget, u64::MAX, 0);
+        c.add_tokens(budget, 5, 0);
+        assert_eq!(c.tokens_used(budget, 0), u64::from(u32::MAX));
+        assert!(c.tokens_left(budget, 0).is_err());
     }
 
     #[test]

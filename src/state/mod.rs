@@ -8,8 +8,8 @@
 //! a reload, entries for things the new snapshot still names carry over
 //! and the rest are dropped.
 //!
-//! Owns: upstream health ([`HealthBook`]), per-key rate and concurrency
-//! counters ([`KeyCounters`]), and failed key checks per client address
+//! Owns: upstream health ([`HealthBook`]), per-key rate, concurrency and
+//! token counters ([`KeyCounters`]), and failed key checks per client address
 //! ([`FailedKeys`], a table of fixed size).
 //!
 //! May import: `config`, `keys`. No threads, sockets or clocks of its own:
@@ -20,7 +20,7 @@ mod key_counters;
 mod upstream_health;
 
 pub use failed_keys::FailedKeys;
-pub use key_counters::{InFlightGuard, KeyCounter, KeyCounters};
+pub use key_counters::{InFlightGuard, KeyCounter, KeyCounters, TokenMeter};
 pub use upstream_health::{HealthBook, Transition, UpstreamHealth, PASSIVE_COOLDOWN};
 
 /// Everything that outlives a snapshot, shared by the proxy, the reloader

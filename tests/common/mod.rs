@@ -1,5 +1,8 @@
 //! Shared support code for the `ai-gateway` integration tests.
 //!
+//! * [`ai_upstream`]: a mock model server speaking Ollama's and the
+//!   OpenAI-compatible API, streaming with delays, with predictable token
+//!   counts;
 //! * [`upstreams`]: small, dependency-free HTTP/1.1 upstream servers (echo,
 //!   streaming, silent, custom) that run on background threads, so tests can
 //!   observe exactly what the gateway forwarded and how it forwarded it;
@@ -18,11 +21,13 @@
 //! are reachable from the crate root, so no `dead_code` allowance is needed
 //! (private items that are unused are still reported).
 
+pub mod ai_upstream;
 pub mod gateway;
 pub mod raw_http;
 pub mod upstreams;
 pub mod util;
 
+pub use ai_upstream::*;
 pub use gateway::*;
 pub use raw_http::*;
 pub use upstreams::*;

@@ -1,0 +1,648 @@
+//! Token usage read off an answer as it streams past, and the removal of
+//! the usage-only SSE event a client did not ask for.
+//!
+//! [`AnswerMeter`] is fed every piece of the answer body as the gateway
+//! forwards it; it keeps a few counters and at most a few KiB of the
+//! members it reads (see [`Scanner`]), never the body. It reads:
+//!
+//! - Ollama: `prompt_eval_count` and `eval_count` in the final NDJSON record
+//!   (`"done": true`), or in the one object of an answer that does not
+//!   stream;
+//! - OpenAI-compatible servers: `usage` in the JSON answer, or in the last
+//!   SSE event of a stream (with `stream_options.include_usage`).
+//!
+//! A stream that ends without usage (cut by the upstream, or an OpenAI
+//! stream without `include_usage`) is *estimated*: one completion token
+//! per content record, the way both servers stream; prompt tokens unknown.
+//! An answer that is compressed, not JSON, or has no usage is *unknown*.
+
+use bytes::{Bytes, BytesMut};
+
+use super::scan::{Event, Scanner};
+use crate::config::MAX_MODEL_NAME;
+
+/// Members read from answers, with the most bytes kept of each.
+const WANTED: &[(&str, usize)] = &[
+    ("model", MAX_MODEL_NAME * 6 + 2),
+    ("done", 8),
+    ("prompt_eval_count", 24),
+    ("eval_count", 24),
+    ("usage", 4096),
+    ("choices", 16),
+];
+const MODEL: usize = 0;
+const DONE: usize = 1;
+const PROMPT_EVAL_COUNT: usize = 2;
+const EVAL_COUNT: usize = 3;
+const USAGE: usize = 4;
+const CHOICES: usize = 5;
+
+/// How the answer body is framed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// One JSON object, or NDJSON: a sequence of them.
+    Json,
+    /// `text/event-stream`: JSON in `data:` lines.
+    Sse,
+    /// Compressed, or not JSON: nothing is read.
+    Opaque,
+}
+
+/// Where the usage of an answer comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UsageSource {
+    /// The upstream's own counts.
+    Reported,
+    /// Counted from the records of a stream that reported none.
+    Estimated,
+    /// Nothing to count from.
+    Unknown,
+}
+
+impl UsageSource {
+    pub fn label(self) -> &'static str {
+        match self {
+            UsageSource::Reported => "reported",
+            UsageSource::Estimated => "estimated",
+            UsageSource::Unknown => "unknown",
+        }
+    }
+}
+
+/// The usage of one answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Usage {
+    pub model: Option<String>,
+    pub prompt_tokens: Option<u64>,
+    pub completion_tokens: Option<u64>,
+    pub source: UsageSource,
+}
+
+impl Usage {
+    /// What counts against a token budget.
+    pub fn total(&self) -> u64 {
+        self.prompt_tokens
+            .unwrap_or(0)
+            .saturating_add(self.completion_tokens.unwrap_or(0))
+    }
+}
+
+/// The members of the record being read.
+#[derive(Debug, Default)]
+struct Record {
+    model: Option<String>,
+    done: Option<bool>,
+    prompt_eval_count: Option<u64>,
+    eval_count: Option<u64>,
+    usage: Option<(u64, u64)>,
+    /// `choices` is a non-empty array.
+    has_choices: bool,
+    /// `choices` is `[]`.
+    empty_choices: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Line {
+    /// At the start of a line.
+    Start,
+    /// Reading the field name (up to `:`).
+    Field,
+    /// After `data:`; a single space may follow.
+    DataSpace,
+    /// The first byte of a `data:` value.
+    DataFirst,
+    /// In the value of a `data:` line, fed to the scanner.
+    Data,
+    /// In a line that is not read (another field, `[DONE]`, a comment).
+    Skip,
+}
+
+/// Reads usage off an answer; see the module documentation.
+#[derive(Debug)]
+pub struct AnswerMeter {
+    framing: Framing,
+    streamed: bool,
+    scanner: Scanner,
+    line: Line,
+    field: [u8; 8],
+    field_len: usize,
+    record: Record,
+    records: u64,
+    content_records: u64,
+    model: Option<String>,
+    prompt: Option<u64>,
+    completion: Option<u64>,
+    reported: bool,
+    /// Set when a record that ended during the last feed had usage and no
+    /// choices: an OpenAI usage-only chunk.
+    usage_only_seen: bool,
+}
+
+impl AnswerMeter {
+    /// A meter for an answer with these headers (raw values).
+    pub fn new(content_type: Option<&[u8]>, content_encoding: Option<&[u8]>) -> AnswerMeter {
+        let encoded = content_encoding.is_some_and(|e| {
+            let e = e.trim_ascii();
+            !e.is_empty() && !e.eq_ignore_ascii_case(b"identity")
+        });
+        let ct = content_type
+            .map(|c| {
+                let c = c.split(|b| *b == b';').next().unwrap_or_default();
+                c.trim_ascii().to_ascii_lowercase()
+            })
+            .unwrap_or_default();
+        let (framing, streamed) = if encoded {
+            (Framing::Opaque, false)
+        } else if ct == b"text/event-stream" {
+            (Framing::Sse, true)
+        } else if ct == b"application/x-ndjson" || ct == b"application/jsonl" {
+            (Framing::Json, true)
+        } else if ct.is_empty() || ct == b"application/json" || ct.ends_with(b"+json") {
+            (Framing::Json, false)
+        } else {
+            (Framing::Opaque, false)
+        };
+        AnswerMeter {
+            framing,
+            streamed,
+            scanner: Scanner::new(WANTED),
+            line: Line::Start,
+            field: [0; 8],
+            field_len: 0,
+            record: Record::default(),
+            records: 0,
+            content_records: 0,
+            model: None,
+            prompt: None,
+            completion: None,
+            reported: false,
+            usage_only_seen: false,
+        }
+    }
+
+    /// Whether the answer is SSE.
+    pub fn is_sse(&self) -> bool {
+        self.framing == Framing::Sse
+    }
+
+    /// Reads the next piece of the answer.
+    pub fn feed(&mut self, piece: &[u8]) {
+        self.usage_only_seen = false;
+        match self.framing {
+            Framing::Opaque => {}
+            Framing::Json => self.scan(piece),
+            Framing::Sse => self.feed_sse(piece),
+        }
+    }
+
+    /// Whether a usage-only record (usage, and `choices: []`) ended during
+    /// the last [`AnswerMeter::feed`].
+    pub fn saw_usage_only(&self) -> bool {
+        self.usage_only_seen
+    }
+
+    fn feed_sse(&mut self, piece: &[u8]) {
+        let mut i = 0;
+        while i < piece.len() {
+            let Some(&b) = piece.get(i) else { break };
+            let eol = b == b'\n' || b == b'\r';
+            match self.line {
+                Line::Start | Line::Field => {
+                    if eol {
+                        self.line = Line::Start;
+                    } else if b == b':' {
+                        let name = self.field.get(..self.field_len).unwrap_or_default();
+                        self.line = if self.line == Line::Field && name == b"data" {
+                            Line::DataSpace
+                        } else {
+                            Line::Skip
+                        };
+                    } else if self.field_len < self.field.len() {
+                        if let Some(slot) = self.field.get_mut(self.field_len) {
+                            *slot = b;
+                        }
+                        self.field_len += 1;
+                        self.line = Line::Field;
+                    } else {
+                        self.line = Line::Skip;
+                    }
+                    if self.line != Line::Field {
+                        self.field_len = 0;
+                    }
+                    i += 1;
+                }
+                Line::DataSpace => {
+                    self.line = Line::DataFirst;
+                    if b == b' ' {
+                        i += 1;
+                    }
+                }
+                Line::DataFirst if b == b' ' || b == b'\t' => i += 1,
+                Line::DataFirst => {
+                    // `[DONE]` and other values that are not objects are
+                    // not read (unless an object spans several lines).
+                    self.line = if self.scanner.between() && !(b == b'{' || eol) {
+                        Line::Skip
+                    } else {
+                        Line::Data
+                    };
+                }
+                Line::Data => {
+                    let rest = piece.get(i..).unwrap_or_default();
+                    let n = rest
+                        .iter()
+                        .position(|c| *c == b'\n' || *c == b'\r')
+                        .unwrap_or(rest.len());
+                    let data = rest.get(..n).unwrap_or_default();
+                    self.scan(data);
+                    i += n;
+                    if n < rest.len() {
+                        // Lines of one event's data are joined by a newline.
+                        self.scan(b"\n");
+                        self.line = Line::Start;
+                        i += 1;
+                    }
+                }
+                Line::Skip => {
+                    if eol {
+                        self.line = Line::Start;
+                    }
+                    i += 1;
+                }
+            }
+        }
+    }
+
+    fn scan(&mut self, bytes: &[u8]) {
+        let AnswerMeter {
+            scanner,
+            record,
+            records,
+            content_records,
+            model,
+            prompt,
+            completion,
+            reported,
+            usage_only_seen,
+            ..
+        } = self;
+        scanner.feed(bytes, &mut |e| match e {
+            Event::ObjectStart { .. } => *record = Record::default(),
+            Event::Member {
+                key,
+                raw,
+                truncated,
+                ..
+            } => read_member(record, key, raw, truncated),
+            Event::ObjectEnd { .. } => {
+                let r = std::mem::take(record);
+                *records += 1;
+                if r.done == Some(false) || r.has_choices {
+                    *content_records += 1;
+                }
+                if model.is_none() {
+                    *model = r.model;
+                }
+                if let Some((p, c)) = r.usage {
+                    *prompt = Some(p);
+                    *completion = Some(c);
+                    *reported = true;
+                    if r.empty_choices {
+                        *usage_only_seen = true;
+                    }
+                } else if r.prompt_eval_count.is_some() || r.eval_count.is_some() {
+                    *prompt = Some(r.prompt_eval_count.unwrap_or(0));
+                    *completion = Some(r.eval_count.unwrap_or(0));
+                    *reported = true;
+                }
+            }
+            Event::NotObjects => {}
+        });
+    }
+
+    /// The usage read so far: call when the answer has ended (or broke off).
+    pub fn usage(&self) -> Usage {
+        let failed = self.framing == Framing::Opaque || self.scanner.failed();
+        let source = if self.reported && !failed {
+            UsageSource::Reported
+        } else if !failed && (self.streamed || self.records > 1) && self.content_records > 0 {
+            UsageSource::Estimated
+        } else {
+            UsageSource::Unknown
+        };
+        let (prompt_tokens, completion_tokens) = match source {
+            UsageSource::Reported => (self.prompt, self.completion),
+            UsageSource::Estimated => (None, Some(self.content_records)),
+            UsageSource::Unknown => (None, None),
+        };
+        Usage {
+            model: if failed { None } else { self.model.clone() },
+            prompt_tokens,
+            completion_tokens,
+            source,
+        }
+    }
+}
+
+fn read_member(record: &mut Record, key: usize, raw: &[u8], truncated: bool) {
+    let number = || -> Option<u64> {
+        if truncated {
+            return None;
+        }
+        std::str::from_utf8(raw).ok()?.parse().ok()
+    };
+    match key {
+        MODEL if !truncated => {
+            record.model = serde_json::from_slice::<String>(raw)
+                .ok()
+                .filter(|m| !m.is_empty() && m.len() <= MAX_MODEL_NAME);
+        }
+        DONE => record.done = Some(raw == b"true"),
+        PROMPT_EVAL_COUNT => record.prompt_eval_count = number(),
+        EVAL_COUNT => record.eval_count = number(),
+        USAGE if !truncated => record.usage = openai_usage(raw),
+        CHOICES => {
+            let inner: Vec<u8> = raw
+                .iter()
+                .copied()
+                .filter(|b| !b.is_ascii_whitespace())
+                .collect();
+            record.empty_choices = !truncated && inner == b"[]";
+            record.has_choices = raw.first() == Some(&b'[') && !record.empty_choices;
+        }
+        _ => {}
+    }
+}
+
+/// `(prompt_tokens, completion_tokens)` of an OpenAI `usage` object;
+/// `None` for `null` or something else.
+fn openai_usage(raw: &[u8]) -> Option<(u64, u64)> {
+    #[derive(serde::Deserialize)]
+    struct U {
+        prompt_tokens: Option<u64>,
+        completion_tokens: Option<u64>,
+    }
+    let u: Option<U> = serde_json::from_slice(raw).ok()?;
+    let u = u?;
+    if u.prompt_tokens.is_none() && u.completion_tokens.is_none() {
+        return None;
+    }
+    Some((
+        u.prompt_tokens.unwrap_or(0),
+        u.completion_tokens.unwrap_or(0),
+    ))
+}
+
+/// The most of an unfinished SSE event held back while it may still turn
+/// out to be the usage-only event: such events are a few hundred bytes.
+pub const HELD_EVENT_LIMIT: usize = 16 * 1024;
+
+/// Removes the usage-only SSE event (the one `include_usage` adds) from a
+/// stream, forwarding everything else as soon as it is complete. Only an
+/// unfinished trailing event is ever held back, and at most
+/// [`HELD_EVENT_LIMIT`] of it.
+#[derive(Debug, Default)]
+pub struct SseHider {
+    /// The unfinished event, held back.
+    held: BytesMut,
+    /// The current event grew past the limit: it is passed through to its
+    /// end without being looked at.
+    passing: bool,
+    /// The current line has had something besides line ends.
+    line_has_text: bool,
+}
+
+impl SseHider {
+    /// What to forward of `piece` (the next piece of the answer; `end` when
+    /// it is the last). Complete events go to `meter`, and the usage-only
+    /// one is left out.
+    pub fn filter(&mut self, piece: &[u8], end: bool, meter: &mut AnswerMeter) -> Bytes {
+        let mut out = BytesMut::new();
+        let mut from = 0;
+        for (i, b) in piece.iter().enumerate() {
+            match b {
+                b'\n' => {
+                    if !self.line_has_text {
+                        // A blank line: the event ends here.
+                        let event = piece.get(from..=i).unwrap_or_default();
+                        self.event_done(event, &mut out, meter);
+                        from = i + 1;
+                    }
+                    self.line_has_text = false;
+                }
+                b'\r' => {}
+                _ => self.line_has_text = true,
+            }
+        }
+        let rest = piece.get(from..).unwrap_or_default();
+        if self.passing {
+            meter.feed(rest);
+            out.extend_from_slice(rest);
+        } else {
+            self.held.extend_from_slice(rest);
+            if self.held.len() > HELD_EVENT_LIMIT {
+                // Too big for a usage-only event: let it through.
+                self.passing = true;
+                meter.feed(&self.held);
+                out.extend_from_slice(&self.held);
+                self.held.clear();
+            }
+        }
+        if end && !self.held.is_empty() {
+            meter.feed(&self.held);
+            out.extend_from_slice(&self.held);
+            self.held.clear();
+        }
+        out.freeze()
+    }
+
+    fn event_done(&mut self, tail: &[u8], out: &mut BytesMut, meter: &mut AnswerMeter) {
+        if self.passing {
+            self.passing = false;
+            meter.feed(tail);
+            out.extend_from_slice(tail);
+            return;
+        }
+        self.held.extend_from_slice(tail);
+        meter.feed(&self.held);
+        if !meter.saw_usage_only() {
+            out.extend_from_slice(&self.held);
+        }
+        self.held.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meter(ct: &str, body: &str, step: usize) -> Usage {
+        let mut m = AnswerMeter::new(Some(ct.as_bytes()), None);
+        for piece in body.as_bytes().chunks(step.max(1)) {
+            m.feed(piece);
+        }
+        m.usage()
+    }
+
+    fn each_step(ct: &str, body: &str) -> Usage {
+        let whole = meter(ct, body, body.len());
+        for step in [1, 2, 5, 13] {
+            assert_eq!(meter(ct, body, step), whole, "pieces of {step}");
+        }
+        whole
+    }
+
+    const OLLAMA_STREAM: &str = concat!(
+        "{\"model\":\"llama3.2\",\"response\":\"The\",\"done\":false}\n",
+        "{\"model\":\"llama3.2\",\"response\":\" sky\",\"done\":false}\n",
+        "{\"model\":\"llama3.2\",\"response\":\"\",\"done\":true,\"context\":[1,2,3,4,5],",
+        "\"prompt_eval_count\":26,\"eval_count\":290}\n"
+    );
+
+    #[test]
+    fn ollama_streams_and_single_answers() {
+        let u = each_step("application/x-ndjson", OLLAMA_STREAM);
+        assert_eq!(u.model.as_deref(), Some("llama3.2"));
+        assert_eq!(
+            (u.prompt_tokens, u.completion_tokens),
+            (Some(26), Some(290))
+        );
+        assert_eq!(u.source, UsageSource::Reported);
+        let one = r#"{"model":"m","message":{"content":"hi"},"done":true,"prompt_eval_count":3,"eval_count":4}"#;
+        let u = each_step("application/json; charset=utf-8", one);
+        assert_eq!((u.prompt_tokens, u.completion_tokens), (Some(3), Some(4)));
+        let embed = r#"{"model":"e","embeddings":[[0.1,0.2]],"prompt_eval_count":8}"#;
+        let u = each_step("application/json", embed);
+        assert_eq!((u.prompt_tokens, u.completion_tokens), (Some(8), Some(0)));
+    }
+
+    #[test]
+    fn a_cut_stream_is_estimated_and_a_huge_final_record_costs_nothing() {
+        let cut = OLLAMA_STREAM.lines().take(2).collect::<Vec<_>>().join("\n");
+        let u = each_step("application/x-ndjson", &cut);
+        assert_eq!(u.source, UsageSource::Estimated);
+        assert_eq!((u.prompt_tokens, u.completion_tokens), (None, Some(2)));
+        let context = (0..200_000)
+            .map(|i| i.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        let big = format!(
+            "{{\"done\":false}}\n{{\"done\":true,\"context\":[{context}],\"prompt_eval_count\":5,\"eval_count\":6}}\n"
+        );
+        let mut m = AnswerMeter::new(Some(b"application/x-ndjson"), None);
+        for piece in big.as_bytes().chunks(4096) {
+            m.feed(piece);
+        }
+        let u = m.usage();
+        assert_eq!((u.prompt_tokens, u.completion_tokens), (Some(5), Some(6)));
+        assert!(m.scanner.offset() > 1_000_000);
+    }
+
+    fn sse(events: &[&str]) -> String {
+        events.iter().map(|e| format!("data: {e}\n\n")).collect()
+    }
+
+    const CHUNK: &str = r#"{"id":"c","object":"chat.completion.chunk","model":"qwen2","choices":[{"index":0,"delta":{"content":"Hi"}}],"usage":null}"#;
+    const USAGE_ONLY: &str = r#"{"id":"c","object":"chat.completion.chunk","model":"qwen2","choices":[],"usage":{"prompt_tokens":11,"completion_tokens":2,"total_tokens":13}}"#;
+
+    #[test]
+    fn openai_answers() {
+        let body = sse(&[CHUNK, CHUNK, USAGE_ONLY, "[DONE]"]);
+        let u = each_step("text/event-stream; charset=utf-8", &body);
+        assert_eq!(u.model.as_deref(), Some("qwen2"));
+        assert_eq!((u.prompt_tokens, u.completion_tokens), (Some(11), Some(2)));
+        assert_eq!(u.source, UsageSource::Reported);
+        let crlf = body.replace('\n', "\r\n").replace("data: ", "data:");
+        assert_eq!(each_step("text/event-stream", &crlf), u);
+
+        let without = sse(&[CHUNK, CHUNK, CHUNK, "[DONE]"]);
+        let u = each_step("text/event-stream", &without);
+        assert_eq!(u.source, UsageSource::Estimated);
+        assert_eq!(u.completion_tokens, Some(3));
+
+        let json = r#"{"id":"x","object":"chat.completion","model":"m","choices":[{"message":{"content":"x"}}],"usage":{"prompt_tokens":7,"completion_tokens":9,"total_tokens":16}}"#;
+        let u = each_step("application/json", json);
+        assert_eq!(
+            (u.prompt_tokens, u.completion_tokens, u.source),
+            (Some(7), Some(9), UsageSource::Reported)
+        );
+        let emb = r#"{"object":"list","data":[{"embedding":[0.1]}],"model":"e","usage":{"prompt_tokens":4,"total_tokens":4}}"#;
+        let u = each_step("application/json", emb);
+        assert_eq!((u.prompt_tokens, u.completion_tokens), (Some(4), Some(0)));
+        let comments = ": keep-alive\nevent: message\nid: 3\nretry: 10\n\n".to_string() + &body;
+        assert_eq!(
+            each_step("text/event-stream", &comments).prompt_tokens,
+            Some(11)
+        );
+    }
+
+    #[test]
+    fn what_cannot_be_read_is_unknown() {
+        let mut gz = AnswerMeter::new(Some(b"application/json"), Some(b"gzip"));
+        gz.feed(b"\x1f\x8b\x08\x00garbage");
+        assert_eq!(gz.usage().source, UsageSource::Unknown);
+        let u = each_step("text/plain", "prompt_eval_count: 5");
+        assert_eq!(u.source, UsageSource::Unknown);
+        let u = each_step("application/json", "<html>oops</html>");
+        assert_eq!((u.source, u.model), (UsageSource::Unknown, None));
+        let u = each_step("application/json", r#"{"model":"m","choices":[{"x":1}]}"#);
+        assert_eq!(u.source, UsageSource::Unknown, "one answer without usage");
+        let mut id = AnswerMeter::new(Some(b"application/json"), Some(b"identity"));
+        id.feed(br#"{"usage":{"prompt_tokens":1,"completion_tokens":1}}"#);
+        assert_eq!(id.usage().source, UsageSource::Reported);
+    }
+
+    /// What a client receives through the hider when the upstream writes
+    /// `body` in pieces of `step`, and the usage read.
+    fn hide(body: &str, step: usize) -> (String, Usage) {
+        let mut m = AnswerMeter::new(Some(b"text/event-stream"), None);
+        let mut h = SseHider::default();
+        let mut out = Vec::new();
+        let pieces: Vec<&[u8]> = body.as_bytes().chunks(step.max(1)).collect();
+        for (i, p) in pieces.iter().enumerate() {
+            out.extend_from_slice(&h.filter(p, i + 1 == pieces.len(), &mut m));
+        }
+        (String::from_utf8(out).unwrap(), m.usage())
+    }
+
+    #[test]
+    fn the_usage_only_event_is_hidden_and_everything_else_kept() {
+        let body = sse(&[CHUNK, CHUNK, USAGE_ONLY, "[DONE]"]);
+        let want = sse(&[CHUNK, CHUNK, "[DONE]"]);
+        for step in [1, 3, 7, 64, body.len()] {
+            let (got, u) = hide(&body, step);
+            assert_eq!(got, want, "pieces of {step}");
+            assert_eq!((u.prompt_tokens, u.completion_tokens), (Some(11), Some(2)));
+        }
+        let crlf = body.replace('\n', "\r\n");
+        assert_eq!(hide(&crlf, 5).0, want.replace('\n', "\r\n"));
+        // An unfinished last event is forwarded at the end.
+        let (got, _) = hide("data: {\"choices\":[1]}\n\ndata: [DONE]", 4);
+        assert_eq!(got, "data: {\"choices\":[1]}\n\ndata: [DONE]");
+    }
+
+    #[test]
+    fn complete_events_are_never_held_back() {
+        let mut m = AnswerMeter::new(Some(b"text/event-stream"), None);
+        let mut h = SseHider::default();
+        let first = format!("data: {CHUNK}\n\ndata: {{\"choi");
+        let out = h.filter(first.as_bytes(), false, &mut m);
+        assert_eq!(
+            out,
+            format!("data: {CHUNK}\n\n").as_bytes(),
+            "only the unfinished event waits"
+        );
+        let out = h.filter(b"ces\":[{}]}\n\n", false, &mut m);
+        assert_eq!(out, &b"data: {\"choices\":[{}]}\n\n"[..]);
+        // A huge event is not held past the limit.
+        let huge = format!(
+            "data: {{\"choices\":[\"{}",
+            "x".repeat(HELD_EVENT_LIMIT + 1)
+        );
+        let out = h.filter(huge.as_bytes(), false, &mut m);
+        assert_eq!(out.len(), huge.len());
+        let out = h.filter(b"\"]}\n\n", false, &mut m);
+        assert_eq!(out, &b"\"]}\n\n"[..]);
+        assert_eq!(m.usage().completion_tokens, Some(3));
+    }
+}

@@ -1,0 +1,28 @@
+//! What AI APIs say, read without holding bodies back: the model a request
+//! names, the token usage an answer reports, model lists cut down to what a
+//! key may use, and the usage report over the audit log.
+//!
+//! Owns: [`Scanner`] (an incremental reader of top-level JSON members:
+//! bounded memory, any split), [`RequestInspector`] (models, `stream`, the
+//! `include_usage` edit), [`AnswerMeter`] and [`SseHider`] (usage read off
+//! NDJSON, JSON and SSE answers as they stream; the usage-only event hidden
+//! from clients that did not ask for it), [`ModelListFilter`], [`Endpoint`],
+//! and the [`report`].
+//!
+//! Pure: no sockets, threads or clocks; the report reads the files it is
+//! given.
+//!
+//! May import: `config`, `keys`, `state`.
+
+mod answer;
+mod endpoint;
+mod model_list;
+pub mod report;
+mod request;
+mod scan;
+
+pub use answer::{AnswerMeter, SseHider, Usage, UsageSource, HELD_EVENT_LIMIT};
+pub use endpoint::{model_in_path, Endpoint};
+pub use model_list::{ModelListFilter, MODEL_LIST_LIMIT};
+pub use request::{Edit, NamedModel, RequestInspector, INSPECT_LIMIT};
+pub use scan::{Event, Scanner};

@@ -1,0 +1,514 @@
+//! An incremental scanner of top-level JSON object members.
+//!
+//! Bodies arrive in pieces of any size, split anywhere (inside a key, a
+//! string escape, a number). The scanner is fed each piece as it comes and
+//! reports, for every top-level object, the members whose keys the caller
+//! asked for, with their raw value bytes (up to a limit per key) and their
+//! offset in the whole input. Every other value is skipped without being
+//! kept, so memory stays bounded whatever the size of the body: a
+//! 100,000-token `context` array or a base64 image costs nothing.
+//!
+//! Keys are compared the way the upstreams' JSON decoders compare them, so
+//! that what the gateway reads is what the upstream acts on: escapes are
+//! decoded (`"mod\u0065l"` is `model`) and case is ignored, as Go's
+//! `encoding/json` (Ollama) does, including its two non-ASCII folds (`ſ` is
+//! `s`, the Kelvin sign is `k`).
+//!
+//! It is not a validator: inside values it only tracks strings and
+//! brackets. Structure is right for valid JSON; what it reports for invalid
+//! JSON does not matter, because the upstream refuses such a body.
+
+/// Raw key bytes kept for comparison: enough for any wanted key written
+/// entirely in `\uXXXX` escapes.
+const KEY_LIMIT: usize = 128;
+
+/// What the scanner reports.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Event<'a> {
+    /// A top-level object begins at this offset (its `{`).
+    ObjectStart { at: u64 },
+    /// A wanted member: the index of its key in the wanted list, its raw
+    /// value (at most the key's limit; `truncated` when longer), and the
+    /// offset of the value's first byte.
+    Member {
+        key: usize,
+        raw: &'a [u8],
+        at: u64,
+        truncated: bool,
+    },
+    /// The top-level object that began last ends at this offset (its `}`).
+    ObjectEnd { at: u64 },
+    /// The input is not a sequence of JSON objects (a top-level value of
+    /// another kind, or a syntax error between members). Nothing more is
+    /// reported.
+    NotObjects,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Between top-level values.
+    Between,
+    /// After `{` of a top-level object: a key or `}`.
+    KeyOrEnd,
+    /// After `,` in a top-level object: a key.
+    KeyNext,
+    Key,
+    KeyEscape,
+    Colon,
+    /// After `:`: the value's first byte.
+    Value,
+    Str,
+    StrEscape,
+    /// Inside an object or array value, `depth` levels deep.
+    Nested,
+    NestedStr,
+    NestedStrEscape,
+    /// A number or literal.
+    Scalar,
+    /// After a member's value: `,` or `}`.
+    CommaOrEnd,
+    Failed,
+}
+
+/// See the module documentation.
+#[derive(Debug)]
+pub struct Scanner {
+    wanted: &'static [(&'static str, usize)],
+    state: State,
+    /// Offset of the next byte fed.
+    offset: u64,
+    depth: u32,
+    key: Vec<u8>,
+    key_overflow: bool,
+    /// The wanted key whose value is being read, if any.
+    capturing: Option<usize>,
+    capture: Vec<u8>,
+    capture_at: u64,
+    capture_truncated: bool,
+}
+
+fn is_ws(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\n' | b'\r')
+}
+
+impl Scanner {
+    /// A scanner reporting the members named in `wanted` (lower-case keys,
+    /// each with the most value bytes to keep).
+    pub fn new(wanted: &'static [(&'static str, usize)]) -> Scanner {
+        Scanner {
+            wanted,
+            state: State::Between,
+            offset: 0,
+            depth: 0,
+            key: Vec::new(),
+            key_overflow: false,
+            capturing: None,
+            capture: Vec::new(),
+            capture_at: 0,
+            capture_truncated: false,
+        }
+    }
+
+    /// Whether the input so far is not a sequence of objects.
+    pub fn failed(&self) -> bool {
+        self.state == State::Failed
+    }
+
+    /// Whether the scanner is between top-level values (no object open).
+    pub fn between(&self) -> bool {
+        self.state == State::Between
+    }
+
+    /// Bytes fed so far.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// Scans `input`, the next piece of the body, calling `on` for each
+    /// event.
+    pub fn feed(&mut self, input: &[u8], on: &mut impl FnMut(Event<'_>)) {
+        let mut i = 0;
+        while i < input.len() {
+            let Some(&b) = input.get(i) else { break };
+            let at = self.offset + i as u64;
+            match self.state {
+                State::Failed => {
+                    i = input.len();
+                    continue;
+                }
+                State::Between => {
+                    if b == b'{' {
+                        self.state = State::KeyOrEnd;
+                        on(Event::ObjectStart { at });
+                    } else if !is_ws(b) {
+                        self.fail(on);
+                    }
+                }
+                State::KeyOrEnd | State::KeyNext => {
+                    if b == b'"' {
+                        self.key.clear();
+                        self.key_overflow = false;
+                        self.state = State::Key;
+                    } else if b == b'}' && self.state == State::KeyOrEnd {
+                        self.state = State::Between;
+                        on(Event::ObjectEnd { at });
+                    } else if !is_ws(b) {
+                        self.fail(on);
+                    }
+                }
+                State::KeyEscape => {
+                    self.state = State::Key;
+                    self.keep_key(&[b]);
+                }
+                State::Key => {
+                    // Take the key up to its closing quote or an escape.
+                    let rest = input.get(i..).unwrap_or_default();
+                    let n = rest
+                        .iter()
+                        .position(|c| *c == b'"' || *c == b'\\')
+                        .unwrap_or(rest.len());
+                    self.keep_key(rest.get(..n).unwrap_or_default());
+                    i += n;
+                    let Some(&c) = input.get(i) else { break };
+                    if c == b'"' {
+                        self.state = State::Colon;
+                    } else {
+                        self.keep_key(&[c]);
+                        self.state = State::KeyEscape;
+                    }
+                }
+                State::Colon => {
+                    if b == b':' {
+                        self.capturing = if self.key_overflow {
+                            None
+                        } else {
+                            wanted_index(self.wanted, &self.key)
+                        };
+                        self.state = State::Value;
+                    } else if !is_ws(b) {
+                        self.fail(on);
+                    }
+                }
+                State::Value => {
+                    if is_ws(b) {
+                        i += 1;
+                        continue;
+                    }
+                    self.capture.clear();
+                    self.capture_at = at;
+                    self.capture_truncated = false;
+                    self.keep(&[b]);
+                    self.state = match b {
+                        b'"' => State::Str,
+                        b'{' | b'[' => {
+                            self.depth = 1;
+                            State::Nested
+                        }
+                        b',' | b'}' | b']' | b':' => {
+                            self.fail(on);
+                            State::Failed
+                        }
+                        _ => State::Scalar,
+                    };
+                }
+                State::Str | State::NestedStr => {
+                    // Skip ahead to the next quote or backslash.
+                    let rest = input.get(i..).unwrap_or_default();
+                    let n = rest
+                        .iter()
+                        .position(|c| *c == b'"' || *c == b'\\')
+                        .unwrap_or(rest.len());
+                    self.keep(rest.get(..n).unwrap_or_default());
+                    i += n;
+                    let Some(&c) = input.get(i) else { break };
+                    self.keep(&[c]);
+                    if c == b'\\' {
+                        self.state = if self.state == State::Str {
+                            State::StrEscape
+                        } else {
+                            State::NestedStrEscape
+                        };
+                    } else if self.state == State::Str {
+                        self.member_done(on);
+                    } else {
+                        self.state = State::Nested;
+                    }
+                }
+                State::StrEscape => {
+                    self.keep(&[b]);
+                    self.state = State::Str;
+                }
+                State::NestedStrEscape => {
+                    self.keep(&[b]);
+                    self.state = State::NestedStr;
+                }
+                State::Nested => {
+                    // Skip ahead to the next byte that matters.
+                    let rest = input.get(i..).unwrap_or_default();
+                    let n = rest
+                        .iter()
+                        .position(|c| matches!(c, b'"' | b'{' | b'[' | b'}' | b']'))
+                        .unwrap_or(rest.len());
+                    self.keep(rest.get(..n).unwrap_or_default());
+                    i += n;
+                    let Some(&c) = input.get(i) else { break };
+                    self.keep(&[c]);
+                    match c {
+                        b'"' => self.state = State::NestedStr,
+                        b'{' | b'[' => self.depth = self.depth.saturating_add(1),
+                        _ => {
+                            self.depth = self.depth.saturating_sub(1);
+                            if self.depth == 0 {
+                                self.member_done(on);
+                            }
+                        }
+                    }
+                }
+                State::Scalar => {
+                    if is_ws(b) || matches!(b, b',' | b'}' | b']') {
+                        self.member_done(on);
+                        // The delimiter belongs to what follows the value.
+                        continue;
+                    }
+                    self.keep(&[b]);
+                }
+                State::CommaOrEnd => {
+                    if b == b',' {
+                        self.state = State::KeyNext;
+                    } else if b == b'}' {
+                        self.state = State::Between;
+                        on(Event::ObjectEnd { at });
+                    } else if !is_ws(b) {
+                        self.fail(on);
+                    }
+                }
+            }
+            i += 1;
+        }
+        self.offset += input.len() as u64;
+    }
+
+    /// Ends the input: a number or literal that ends the body with nothing
+    /// after it is complete only now. (A top-level object always ends with
+    /// `}`, so for valid input this reports nothing.)
+    pub fn finish(&mut self, on: &mut impl FnMut(Event<'_>)) {
+        if self.state == State::Scalar {
+            self.member_done(on);
+        }
+    }
+
+    fn keep_key(&mut self, bytes: &[u8]) {
+        let room = KEY_LIMIT.saturating_sub(self.key.len());
+        if bytes.len() > room {
+            self.key_overflow = true;
+        }
+        self.key
+            .extend_from_slice(bytes.get(..room.min(bytes.len())).unwrap_or_default());
+    }
+
+    fn keep(&mut self, bytes: &[u8]) {
+        let Some(key) = self.capturing else { return };
+        let limit = self.wanted.get(key).map_or(0, |(_, l)| *l);
+        let room = limit.saturating_sub(self.capture.len());
+        if bytes.len() > room {
+            self.capture_truncated = true;
+        }
+        self.capture
+            .extend_from_slice(bytes.get(..room.min(bytes.len())).unwrap_or_default());
+    }
+
+    fn member_done(&mut self, on: &mut impl FnMut(Event<'_>)) {
+        self.state = State::CommaOrEnd;
+        if let Some(key) = self.capturing.take() {
+            on(Event::Member {
+                key,
+                raw: &self.capture,
+                at: self.capture_at,
+                truncated: self.capture_truncated,
+            });
+        }
+    }
+
+    fn fail(&mut self, on: &mut impl FnMut(Event<'_>)) {
+        self.state = State::Failed;
+        self.capturing = None;
+        on(Event::NotObjects);
+    }
+}
+
+/// The index in `wanted` of the key whose raw (still escaped) bytes are
+/// `raw`, compared as Go's `encoding/json` compares keys.
+fn wanted_index(wanted: &[(&str, usize)], raw: &[u8]) -> Option<usize> {
+    let simple = raw.iter().all(|b| b.is_ascii() && *b != b'\\');
+    if simple {
+        return wanted
+            .iter()
+            .position(|(k, _)| k.as_bytes().eq_ignore_ascii_case(raw));
+    }
+    // Escapes or non-ASCII: decode, then fold.
+    let mut quoted = Vec::with_capacity(raw.len() + 2);
+    quoted.push(b'"');
+    quoted.extend_from_slice(raw);
+    quoted.push(b'"');
+    let decoded: String = serde_json::from_slice(&quoted).ok()?;
+    let folded: String = decoded
+        .chars()
+        .map(|c| match c {
+            '\u{17f}' => 's',
+            '\u{212a}' => 'k',
+            c => c.to_ascii_lowercase(),
+        })
+        .collect();
+    wanted.iter().position(|(k, _)| *k == folded)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WANTED: &[(&str, usize)] = &[("model", 64), ("stream", 8), ("usage", 16)];
+
+    /// Every event for `input` fed in pieces of `step` bytes, as text.
+    fn events(input: &str, step: usize) -> Vec<String> {
+        let mut s = Scanner::new(WANTED);
+        let mut out = Vec::new();
+        for piece in input.as_bytes().chunks(step) {
+            s.feed(piece, &mut |e| out.push(describe(&e)));
+        }
+        s.finish(&mut |e| out.push(describe(&e)));
+        out
+    }
+
+    fn describe(e: &Event<'_>) -> String {
+        match e {
+            Event::ObjectStart { at } => format!("start@{at}"),
+            Event::ObjectEnd { at } => format!("end@{at}"),
+            Event::Member {
+                key,
+                raw,
+                at,
+                truncated,
+            } => format!(
+                "{}={}@{at}{}",
+                WANTED[*key].0,
+                String::from_utf8_lossy(raw),
+                if *truncated { "..." } else { "" }
+            ),
+            Event::NotObjects => "not-objects".into(),
+        }
+    }
+
+    /// The same events whatever the pieces the input arrives in.
+    fn check(input: &str, expected: &[&str]) {
+        for step in [1, 2, 3, 7, 64, input.len().max(1)] {
+            assert_eq!(
+                events(input, step),
+                expected,
+                "{input:?} in pieces of {step}"
+            );
+        }
+    }
+
+    #[test]
+    fn top_level_members_only() {
+        check(
+            r#"{"messages":[{"model":"no","content":"{\"model\":\"x\"}"}],"model":"llama3.2","stream":true}"#,
+            &[
+                "start@0",
+                r#"model="llama3.2"@67"#,
+                "stream=true@87",
+                "end@91",
+            ],
+        );
+    }
+
+    #[test]
+    fn keys_fold_like_go() {
+        check(
+            r#"{"MODEL":"a","mod\u0065l":"b","Mo\u0044EL":"c","\u017ftream":false}"#,
+            &[
+                "start@0",
+                r#"model="a"@9"#,
+                r#"model="b"@26"#,
+                r#"model="c"@43"#,
+                "stream=false@61",
+                "end@66",
+            ],
+        );
+        // Not the same key: longer, shorter, or only similar.
+        check(
+            r#"{"models":"a","mode":"b","model ":"c"}"#,
+            &["start@0", "end@37"],
+        );
+    }
+
+    #[test]
+    fn nested_values_and_strings_with_brackets_are_skipped() {
+        check(
+            r#"{"a":{"b":[1,{"c":"]}\"}"}]},"x":[[],[]],"model":"m","e":"\\"}"#,
+            &["start@0", r#"model="m"@49"#, "end@61"],
+        );
+    }
+
+    #[test]
+    fn values_longer_than_the_limit_are_truncated() {
+        let long = "x".repeat(100);
+        let input = format!(r#"{{"model":"{long}","usage":{{"prompt_tokens":12345}}}}"#);
+        let ev = events(&input, 5);
+        assert_eq!(ev.len(), 4, "{ev:?}");
+        assert!(
+            ev[1].starts_with("model=\"xxx") && ev[1].ends_with("..."),
+            "{ev:?}"
+        );
+        assert_eq!(ev[1].len(), "model=".len() + 64 + "@9...".len(), "{ev:?}");
+        assert_eq!(ev[2], r#"usage={"prompt_tokens"@120..."#);
+    }
+
+    #[test]
+    fn a_sequence_of_objects_as_ndjson() {
+        check(
+            "{\"model\":\"m\",\"done\":false}\n{\"done\":true,\"model\":\"m\"}\n",
+            &[
+                "start@0",
+                r#"model="m"@9"#,
+                "end@25",
+                "start@27",
+                r#"model="m"@48"#,
+                "end@51",
+            ],
+        );
+    }
+
+    #[test]
+    fn scalars_end_at_delimiters_and_at_the_end_of_input() {
+        check(
+            r#"{ "stream" : true , "usage":null}"#,
+            &["start@0", "stream=true@13", "usage=null@28", "end@32"],
+        );
+        check(r#"{"stream":12"#, &["start@0", "stream=12@10"]);
+    }
+
+    #[test]
+    fn what_is_not_an_object_stops_the_scanner() {
+        check("[1,2]", &["not-objects"]);
+        check("hello", &["not-objects"]);
+        check(r#"{"model" "x"}{"model":"y"}"#, &["start@0", "not-objects"]);
+        check(r#"{"model":,"x":1}"#, &["start@0", "not-objects"]);
+        check("{\"a\":1}\ndata: {}", &["start@0", "end@6", "not-objects"]);
+        let mut s = Scanner::new(WANTED);
+        s.feed(b"]", &mut |_| {});
+        assert!(s.failed());
+        let mut after = 0;
+        s.feed(br#"{"model":"x"}"#, &mut |_| after += 1);
+        assert_eq!(after, 0, "nothing is reported once failed");
+    }
+
+    #[test]
+    fn offsets_count_every_byte_fed() {
+        let mut s = Scanner::new(WANTED);
+        s.feed(b"  {}", &mut |_| {});
+        s.feed(b"\n", &mut |_| {});
+        assert_eq!(s.offset(), 5);
+        assert!(s.between());
+    }
+}

@@ -1,0 +1,264 @@
+//! The gateway as the official client libraries see it: `ollama` and
+//! `openai` for Python (`tests/clients/drive.py`), against the mock model
+//! servers, through routes with `api`: streams arrive part by part, usage
+//! is counted, the usage-only event is hidden unless asked for, model
+//! lists are filtered, and refusals surface as the libraries' own errors.
+//!
+//! Needs the libraries: `python3 -m venv .venv && .venv/bin/pip install -r
+//! tests/clients/requirements.txt` (what `.ci/run` does), or a python that
+//! has them in `AGW_TEST_PYTHON`.
+
+// `pub` so rustc does not report harness items this crate leaves unused.
+pub mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::{json, Value};
+
+use common::*;
+
+const ANN: &str = "client-test-key-ann";
+const BOB: &str = "client-test-key-bob";
+const CAROL: &str = "client-test-key-carol";
+
+/// The python that has both libraries, or a failure that says how to get
+/// one.
+fn python() -> PathBuf {
+    let p = std::env::var_os("AGW_TEST_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"));
+    let ok = Command::new(&p)
+        .args(["-c", "import ollama, openai"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        ok,
+        "these tests drive the gateway with the official ollama and openai Python libraries, \
+         and {} cannot import them. Install them with\n\
+         \x20   python3 -m venv .venv && .venv/bin/pip install -r tests/clients/requirements.txt\n\
+         from the repository root, or set AGW_TEST_PYTHON to a python that has them.",
+        p.display()
+    );
+    p
+}
+
+/// Runs one scenario of `drive.py` and returns what the client saw.
+fn drive(gw: &Gateway, scenario: &str, key: &str, model: &str) -> Value {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/drive.py");
+    let mut child = Command::new(python())
+        .arg(&script)
+        .args([scenario, &gw.url(""), key, model])
+        .env("NO_PROXY", "*")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run python");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while child.try_wait().expect("wait for python").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("{scenario} did not finish in 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().expect("python output");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{scenario}: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{scenario}: {e}: {stdout}"))
+}
+
+fn start(ollama: &AiServer, openai: &AiServer) -> Gateway {
+    Gateway::start(
+        &format!(
+            "audit_log: audit.log\nroutes:\n\
+             \x20 - {{name: ollama, path_prefix: /ollama/, service: ai, strip_prefix: true, api: ollama, upstreams: [\"{}\"]}}\n\
+             \x20 - {{name: openai, path_prefix: /v1/, service: ai, api: openai, include_usage: true, upstreams: [\"{}\"]}}\n",
+            ollama.addr, openai.addr
+        ),
+        &format!(
+            r#"{{
+  "{ANN}": {{"user": "ann", "service": "ai"}},
+  "{BOB}": {{"user": "bob", "service": "ai", "models": ["llama3.2", "qwen*"]}},
+  "{CAROL}": {{"user": "carol", "service": "ai", "token_limit": "20/min"}}
+}}"#
+        ),
+    )
+}
+
+/// The audit lines of requests to a route so far (not the harness's
+/// readiness probes).
+fn audit_lines(gw: &Gateway) -> Vec<Value> {
+    std::fs::read_to_string(gw.dir.path().join("audit.log"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| !v["route"].is_null())
+        .collect()
+}
+
+/// Waits for `n` audit lines and returns the last.
+fn nth_audit(gw: &Gateway, n: usize) -> Value {
+    assert!(
+        wait_until(Duration::from_secs(10), || audit_lines(gw).len() >= n),
+        "{n} audit lines: {:?}",
+        audit_lines(gw)
+    );
+    audit_lines(gw).get(n - 1).cloned().unwrap_or(Value::Null)
+}
+
+fn secs(t: SystemTime) -> f64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// Each part reached the client before the upstream wrote the next one.
+fn assert_parts_streamed(parts: &[Value], written: &[SystemTime]) {
+    for (i, part) in parts.iter().enumerate() {
+        let Some(next) = written.get(i + 1) else {
+            break;
+        };
+        let at = part["at"].as_f64().expect("a time");
+        assert!(
+            at < secs(*next),
+            "part {i} arrived only after the upstream wrote part {}",
+            i + 1
+        );
+    }
+}
+
+fn slow() -> AiOptions {
+    AiOptions {
+        chunks: 4,
+        delay: Duration::from_millis(200),
+        ..AiOptions::default()
+    }
+}
+
+#[test]
+fn the_official_ollama_library_streams_counts_lists_and_is_refused() {
+    let ollama = AiServer::start(slow());
+    let openai = AiServer::start(AiOptions::default());
+    let gw = start(&ollama, &openai);
+
+    let r = drive(&gw, "ollama-chat-stream", ANN, "llama3.2");
+    let parts = r["parts"].as_array().expect("parts");
+    assert_eq!(parts.len(), 5, "{r}");
+    let texts: Vec<&str> = parts
+        .iter()
+        .map(|p| p["text"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(texts, ["tok0 ", "tok1 ", "tok2 ", "tok3 ", ""]);
+    assert_eq!(parts[4]["raw"]["eval_count"], 4, "{r}");
+    assert_parts_streamed(parts, &ollama.sent()[0].written_wall);
+    let a = nth_audit(&gw, 1);
+    assert_eq!(
+        (&a["model"], &a["prompt_tokens"], &a["completion_tokens"]),
+        (&json!("llama3.2"), &json!(11), &json!(4)),
+        "{a}"
+    );
+
+    let r = drive(&gw, "ollama-generate", ANN, "qwen2.5:7b");
+    assert_eq!(
+        (&r["prompt_eval_count"], &r["eval_count"]),
+        (&json!(11), &json!(4)),
+        "{r}"
+    );
+    assert_eq!(nth_audit(&gw, 2)["usage"], "reported");
+
+    let r = drive(&gw, "ollama-list", BOB, "");
+    assert_eq!(r["models"], json!(["llama3.2:latest", "qwen2.5:7b"]), "{r}");
+    let r = drive(&gw, "ollama-list", ANN, "");
+    assert_eq!(
+        r["models"],
+        json!(["llama3.2:latest", "qwen2.5:7b", "mistral:7b"]),
+        "{r}"
+    );
+
+    let r = drive(&gw, "ollama-chat", BOB, "mistral");
+    assert_eq!(
+        (&r["status"], &r["error"]),
+        (&json!(403), &json!("model not allowed for this key")),
+        "{r}"
+    );
+    let r = drive(&gw, "ollama-chat", BOB, "qwen2.5");
+    assert_eq!(r["eval_count"], 4, "{r}");
+}
+
+#[test]
+fn the_official_openai_library_streams_counts_lists_and_is_refused() {
+    let ollama = AiServer::start(AiOptions::default());
+    let openai = AiServer::start(AiOptions {
+        prompt_tokens: 7,
+        ..slow()
+    });
+    let gw = start(&ollama, &openai);
+
+    // Not asked for: the upstream is asked, the client sees no usage event.
+    let r = drive(&gw, "openai-stream", ANN, "qwen2");
+    let parts = r["parts"].as_array().expect("parts");
+    let texts: Vec<&str> = parts
+        .iter()
+        .map(|p| p["text"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(texts, ["tok0 ", "tok1 ", "tok2 ", "tok3 "], "{r}");
+    assert!(parts.iter().all(|p| p["raw"]["usage"].is_null()), "{r}");
+    assert_eq!(
+        openai.requests()[0].json()["stream_options"]["include_usage"],
+        true
+    );
+    assert_parts_streamed(parts, &openai.sent()[0].written_wall);
+    let a = nth_audit(&gw, 1);
+    assert_eq!(
+        (&a["prompt_tokens"], &a["completion_tokens"], &a["usage"]),
+        (&json!(7), &json!(4), &json!("reported")),
+        "{a}"
+    );
+
+    // Asked for: shown.
+    let r = drive(&gw, "openai-stream-usage", ANN, "qwen2");
+    let parts = r["parts"].as_array().expect("parts");
+    let last = parts.last().expect("a last part");
+    assert_eq!(last["raw"]["choices"], json!([]), "{r}");
+    assert_eq!(last["raw"]["usage"]["prompt_tokens"], 7, "{r}");
+
+    let r = drive(&gw, "openai-chat", ANN, "qwen2");
+    assert_eq!(r["usage"]["total_tokens"], 11, "{r}");
+    let r = drive(&gw, "openai-embed", ANN, "qwen2");
+    assert_eq!(r["usage"]["prompt_tokens"], 7, "{r}");
+    let r = drive(&gw, "openai-models", BOB, "");
+    assert_eq!(r["models"], json!(["llama3.2:latest", "qwen2.5:7b"]), "{r}");
+
+    let r = drive(&gw, "openai-chat", BOB, "mistral");
+    assert_eq!(
+        (&r["kind"], &r["status"]),
+        (&json!("PermissionDeniedError"), &json!(403)),
+        "{r}"
+    );
+    assert_eq!(r["error"], "model not allowed for this key", "{r}");
+
+    // 7 + 4 = 11 tokens a chat; carol may use 20 a minute.
+    for _ in 0..2 {
+        let r = drive(&gw, "openai-chat", CAROL, "qwen2");
+        assert_eq!(r["usage"]["total_tokens"], 11, "{r}");
+    }
+    let r = drive(&gw, "openai-chat", CAROL, "qwen2");
+    assert_eq!(
+        (&r["kind"], &r["status"]),
+        (&json!("RateLimitError"), &json!(429)),
+        "{r}"
+    );
+    assert_eq!(r["error"], "token budget exceeded", "{r}");
+    let wait: u64 = r["retry_after"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .expect("Retry-After");
+    assert!((1..=60).contains(&wait), "{r}");
+}
