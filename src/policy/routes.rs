@@ -15,7 +15,7 @@ use std::time::Duration;
 use http::{HeaderValue, Method};
 use pingora::upstreams::peer::HttpPeer;
 
-use crate::config::{CorsSpec, HealthCheckSpec, IpRange, Limits, RouteSpec};
+use crate::config::{CorsSpec, HealthCheckSpec, IpRange, Limits, RouteSpec, UpstreamCa, UpstreamSpec};
 use crate::keys::{ServiceId, ServiceTable};
 use crate::state::{HealthBook, UpstreamHealth};
 
@@ -90,6 +90,8 @@ impl Cors {
 #[derive(Debug)]
 pub struct Upstream {
     pub addr: SocketAddr,
+    /// How it was written (`https://name:port` or `host:port`), for logs.
+    pub spec: UpstreamSpec,
     pub peer: HttpPeer,
     pub health: Arc<UpstreamHealth>,
 }
@@ -105,13 +107,20 @@ impl Route {
             .methods
             .as_ref()
             .and_then(|ms| HeaderValue::from_str(&ms.join(", ")).ok());
+        let ca = spec.upstream_ca.as_ref().and_then(ca_list);
         let upstreams = spec
             .upstreams
             .iter()
-            .map(|addr| Upstream {
-                addr: *addr,
-                peer: make_peer(*addr, spec.connect_timeout, spec.read_timeout),
-                health: health.entry(*addr),
+            .map(|up| Upstream {
+                addr: up.addr,
+                spec: up.clone(),
+                peer: make_peer(
+                    up,
+                    ca.as_ref(),
+                    spec.connect_timeout,
+                    spec.read_timeout,
+                ),
+                health: health.entry(up.addr),
             })
             .collect();
         Route {
@@ -210,8 +219,38 @@ impl Route {
     }
 }
 
-fn make_peer(addr: SocketAddr, connect: Duration, read: Duration) -> HttpPeer {
-    let mut peer = HttpPeer::new(addr, false, String::new());
+/// Pingora's form of a route's `upstream_ca` (built once per load). The
+/// certificates were checked to parse when the config was loaded; a list
+/// that came out empty anyway is left out (Pingora refuses an empty one).
+fn ca_list(ca: &UpstreamCa) -> Option<Arc<pingora::protocols::tls::CaType>> {
+    use pingora::utils::tls::{parse_x509, WrappedX509};
+    let certs: Vec<WrappedX509> = ca
+        .certs
+        .iter()
+        .filter(|der| x509_parser::parse_x509_certificate(der).is_ok())
+        .map(|der| WrappedX509::new(der.clone(), parse_x509))
+        .collect();
+    (!certs.is_empty()).then(|| Arc::from(certs))
+}
+
+/// A peer for one upstream: plain HTTP, or TLS verified against the
+/// route's CA (or the system's roots) for the name it was written with.
+fn make_peer(
+    up: &UpstreamSpec,
+    ca: Option<&Arc<pingora::protocols::tls::CaType>>,
+    connect: Duration,
+    read: Duration,
+) -> HttpPeer {
+    let mut peer = match &up.tls {
+        Some(name) => {
+            let mut peer = HttpPeer::new(up.addr, true, name.clone());
+            peer.options.verify_cert = true;
+            peer.options.verify_hostname = true;
+            peer.options.ca = ca.cloned();
+            peer
+        }
+        None => HttpPeer::new(up.addr, false, String::new()),
+    };
     peer.options.connection_timeout = Some(connect);
     peer.options.total_connection_timeout = Some(connect);
     peer.options.read_timeout = Some(read);
@@ -295,9 +334,10 @@ mod tests {
             service: name.into(),
             strip_prefix: strip.then(|| prefix.to_string()),
             upstreams: vec![
-                "127.0.0.1:1".parse().unwrap(),
-                "127.0.0.1:2".parse().unwrap(),
+                UpstreamSpec::plain("127.0.0.1:1".parse().unwrap()),
+                UpstreamSpec::plain("127.0.0.1:2".parse().unwrap()),
             ],
+            upstream_ca: None,
             connect_timeout: Duration::from_secs(1),
             read_timeout: Duration::from_secs(2),
             health_check: None,

@@ -60,6 +60,10 @@ pub enum Outcome {
     /// Accepted, then the client's body stalled longer than
     /// `client_body_timeout`.
     ClientTimeout,
+    /// An ACME HTTP-01 challenge, answered before any key check.
+    AcmeChallenge,
+    /// A `redirect_https` listener's `308`.
+    Redirected,
 }
 
 impl Outcome {
@@ -71,6 +75,8 @@ impl Outcome {
             Outcome::Refused(r) => r.label(),
             Outcome::ClientGone => "client_closed",
             Outcome::ClientTimeout => "client_timeout",
+            Outcome::AcmeChallenge => "acme_challenge",
+            Outcome::Redirected => "redirect_https",
         }
     }
 }
