@@ -84,7 +84,9 @@ impl Listeners {
         }
         let path = session.req_header().uri.path();
         let redirect = self.is_redirect(local_addr(session));
-        if self.acme && is_challenge_path(path) {
+        // A redirect listener never redirects a challenge path: with no
+        // ACME setting (or an unknown token) it is a 404.
+        if (self.acme || redirect) && is_challenge_path(path) {
             let (status, body, ctype) = match self.challenges.answer(path) {
                 Some(key_authorization) => (200, Bytes::from(key_authorization), "text/plain"),
                 None => (404, Bytes::from_static(NO_CHALLENGE.as_bytes()), "application/json"),

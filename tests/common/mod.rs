@@ -20,6 +20,7 @@
 
 pub mod gateway;
 pub mod raw_http;
+pub mod tls;
 pub mod upstreams;
 pub mod util;
 
