@@ -199,9 +199,7 @@ fn check_tls(config: &crate::config::Config) -> Result<TlsCheck, String> {
                     .map_err(|e| e.to_string())?;
                 out.lines.push(format!("{}: {line}", l.url()));
             }
-            ListenKind::Redirect => out
-                .lines
-                .push(format!("{}: redirects to https", l.url())),
+            ListenKind::Redirect => out.lines.push(format!("{}: redirects to https", l.url())),
             ListenKind::Plain => {}
         }
     }

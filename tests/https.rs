@@ -112,7 +112,10 @@ fn keys_are_checked_over_tls() {
         .header("X-API-Key", KEY)
         .send("{}")
         .expect("plain request");
-    assert_eq!(body_json(&mut resp)["headers"]["x-forwarded-proto"][0], "http");
+    assert_eq!(
+        body_json(&mut resp)["headers"]["x-forwarded-proto"][0],
+        "http"
+    );
 }
 
 /// A ClientHello offering exactly `version` (0x0302 = TLS 1.1, 0x0303 =
@@ -165,7 +168,8 @@ fn first_record(addr: SocketAddr, hello: &[u8]) -> (u8, Vec<u8>) {
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     s.write_all(hello).expect("send ClientHello");
     let mut head = [0u8; 5];
-    s.read_exact(&mut head).expect("the server answers with a record");
+    s.read_exact(&mut head)
+        .expect("the server answers with a record");
     let len = u16::from_be_bytes([head[3], head[4]]) as usize;
     let mut body = vec![0u8; len.min(64)];
     s.read_exact(&mut body).expect("record body");
@@ -175,14 +179,21 @@ fn first_record(addr: SocketAddr, hello: &[u8]) -> (u8, Vec<u8>) {
 #[test]
 fn tls_1_1_is_refused_and_1_2_accepted() {
     let ca = TestCa::new("test CA");
-    let h = start(&ca.leaf(&["localhost"], 1, 30), "", &route("127.0.0.1:9", ""));
+    let h = start(
+        &ca.leaf(&["localhost"], 1, 30),
+        "",
+        &route("127.0.0.1:9", ""),
+    );
     // The same hello, offering TLS 1.2: a ServerHello (handshake record,
     // message type 2), so the hello itself is well formed.
     let (kind, body) = first_record(h.tls, &client_hello(0x0303));
     assert_eq!((kind, body[0]), (0x16, 2), "TLS 1.2 gets a ServerHello");
     // Offering TLS 1.1 only: a fatal alert (21), protocol_version (70).
     let (kind, body) = first_record(h.tls, &client_hello(0x0302));
-    assert_eq!(kind, 0x15, "TLS 1.1 is answered with an alert, not a ServerHello");
+    assert_eq!(
+        kind, 0x15,
+        "TLS 1.1 is answered with an alert, not a ServerHello"
+    );
     assert_eq!(body, vec![2, 70], "fatal protocol_version alert");
 }
 
@@ -193,7 +204,11 @@ fn tls_1_1_is_refused_and_1_2_accepted() {
 #[test]
 fn http2_is_negotiated_by_alpn_and_http1_otherwise() {
     let ca = TestCa::new("test CA");
-    let h = start(&ca.leaf(&["localhost"], 1, 30), "", &route("127.0.0.1:9", ""));
+    let h = start(
+        &ca.leaf(&["localhost"], 1, 30),
+        "",
+        &route("127.0.0.1:9", ""),
+    );
     let t = tls_connect(h.tls, "localhost", &[&ca.pem], &[b"h2", b"http/1.1"]).unwrap();
     assert_eq!(t.conn.alpn_protocol(), Some(&b"h2"[..]));
     let t = tls_connect(h.tls, "localhost", &[&ca.pem], &[b"http/1.1"]).unwrap();
@@ -219,7 +234,14 @@ fn http2_streams_ndjson_chunk_by_chunk_with_curl() {
     let out = curl()
         .args(["-s", "--http2", "--cacert"])
         .arg(&ca_file)
-        .args(["--resolve", &h.resolve(), "-o", "/dev/null", "-w", "%{http_code} %{http_version}"])
+        .args([
+            "--resolve",
+            &h.resolve(),
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{http_version}",
+        ])
         .arg(h.url("/echo/x"))
         .output()
         .expect("run curl");
@@ -229,7 +251,12 @@ fn http2_streams_ndjson_chunk_by_chunk_with_curl() {
     let out = curl()
         .args(["-s", "--http2", "--cacert"])
         .arg(&ca_file)
-        .args(["--resolve", &h.resolve(), "-H", &format!("X-API-Key: {KEY}")])
+        .args([
+            "--resolve",
+            &h.resolve(),
+            "-H",
+            &format!("X-API-Key: {KEY}"),
+        ])
         .arg(h.url("/echo/x?q=1"))
         .output()
         .expect("run curl");
@@ -289,7 +316,12 @@ fn limits_and_timeouts_hold_over_http2() {
             let out = curl()
                 .args(["-s", "--http2", "--cacert"])
                 .arg(&ca_file)
-                .args(["--resolve", &h.resolve(), "-H", &format!("X-API-Key: {KEY}")])
+                .args([
+                    "--resolve",
+                    &h.resolve(),
+                    "-H",
+                    &format!("X-API-Key: {KEY}"),
+                ])
                 .args(["-o", "/dev/null", "-w", "%{http_code} %{http_version}"])
                 .arg(h.url("/chat/x"))
                 .output()
@@ -334,7 +366,10 @@ fn renewal_while_streaming(swap: impl FnOnce(&Https, &Leaf)) {
     let new = ca.leaf(&["localhost"], 0x2002, 60);
     let streamer = StreamServer::start(8, Duration::from_millis(250));
     let h = start(&old, "", &route(&streamer.addr.to_string(), ""));
-    assert_eq!(served_leaf(h.tls, "localhost", &[&ca.pem]).unwrap(), old.der);
+    assert_eq!(
+        served_leaf(h.tls, "localhost", &[&ca.pem]).unwrap(),
+        old.der
+    );
 
     let mut stream = tls_connect(h.tls, "localhost", &[&ca.pem], &[b"http/1.1"]).unwrap();
     assert_eq!(serial_of(&peer_leaf(&stream)), "1001");
@@ -347,18 +382,27 @@ fn renewal_while_streaming(swap: impl FnOnce(&Https, &Leaf)) {
     .unwrap();
     stream.flush().unwrap();
     assert!(
-        wait_until(Duration::from_secs(5), || streamer.first_chunk_written_at().is_some()),
+        wait_until(Duration::from_secs(5), || streamer
+            .first_chunk_written_at()
+            .is_some()),
         "the stream started"
     );
 
     swap(&h, &new);
     assert!(
-        wait_until(Duration::from_secs(10), || served_leaf(h.tls, "localhost", &[&ca.pem])
-            .is_ok_and(|d| d == new.der)),
+        wait_until(Duration::from_secs(10), || served_leaf(
+            h.tls,
+            "localhost",
+            &[&ca.pem]
+        )
+        .is_ok_and(|d| d == new.der)),
         "new connections get the new certificate; log:\n{}",
         h.gw.log()
     );
-    assert_eq!(serial_of(&served_leaf(h.tls, "localhost", &[&ca.pem]).unwrap()), "2002");
+    assert_eq!(
+        serial_of(&served_leaf(h.tls, "localhost", &[&ca.pem]).unwrap()),
+        "2002"
+    );
     assert!(
         streamer.last_chunk_written_at().is_none(),
         "the swap happened while the stream was still going"
@@ -370,7 +414,11 @@ fn renewal_while_streaming(swap: impl FnOnce(&Https, &Leaf)) {
     for line in streamer.expected_lines() {
         assert!(text.contains(&line), "missing {line:?} in {text:?}");
     }
-    assert_eq!(serial_of(&peer_leaf(&stream)), "1001", "the stream kept its certificate");
+    assert_eq!(
+        serial_of(&peer_leaf(&stream)),
+        "1001",
+        "the stream kept its certificate"
+    );
 }
 
 #[test]
@@ -406,11 +454,17 @@ fn a_bad_certificate_on_reload_keeps_the_old_one() {
     );
     let log = h.gw.log();
     assert!(
-        log.contains(&format!("{}: the private key does not match", h.key.display())),
+        log.contains(&format!(
+            "{}: the private key does not match",
+            h.key.display()
+        )),
         "the error names the file: {log}"
     );
     assert!(!log.contains("BEGIN"), "no PEM in the log");
-    assert_eq!(served_leaf(h.tls, "localhost", &[&ca.pem]).unwrap(), old.der);
+    assert_eq!(
+        served_leaf(h.tls, "localhost", &[&ca.pem]).unwrap(),
+        old.der
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -444,13 +498,18 @@ fn check_names_the_file_of_a_bad_certificate() {
     let out = check_with(&good.cert_pem, &good.key_pem, true);
     assert!(out.status.success(), "{}", out.stderr);
     assert!(out.stdout.contains("certificate"), "{}", out.stdout);
-    assert!(out.stdout.contains("for localhost (serial 05)"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("for localhost (serial 05)"),
+        "{}",
+        out.stdout
+    );
 
     let other = ca.leaf(&["localhost"], 6, 90);
     let out = check_with(&good.cert_pem, &other.key_pem, true);
     assert!(!out.status.success());
     assert!(
-        out.stderr.contains("key.pem: the private key does not match the certificate in")
+        out.stderr
+            .contains("key.pem: the private key does not match the certificate in")
             && out.stderr.contains("cert.pem"),
         "{}",
         out.stderr
@@ -468,13 +527,20 @@ fn check_names_the_file_of_a_bad_certificate() {
 
     let out = check_with(&good.cert_pem, &good.key_pem, false);
     assert!(!out.status.success());
-    assert!(out.stderr.contains("cert.pem: cannot read"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("cert.pem: cannot read"),
+        "{}",
+        out.stderr
+    );
 
     let soon = ca.leaf(&["localhost"], 8, 5);
     let out = check_with(&soon.cert_pem, &soon.key_pem, true);
     assert!(out.status.success(), "{}", out.stderr);
     assert!(
-        out.stderr.contains("warning:") && out.stderr.contains("cert.pem: the certificate expires in 4 day(s)"),
+        out.stderr.contains("warning:")
+            && out
+                .stderr
+                .contains("cert.pem: the certificate expires in 4 day(s)"),
         "{}",
         out.stderr
     );
@@ -501,7 +567,9 @@ fn a_redirect_listener_answers_308_except_for_challenges() {
     );
     let gw = Gateway::start_raw(&config, KEYS, redirect);
     let resp = agent()
-        .get(format!("http://127.0.0.1:{redirect}/chat/api/tags?x=1&y=%20"))
+        .get(format!(
+            "http://127.0.0.1:{redirect}/chat/api/tags?x=1&y=%20"
+        ))
         .header("Host", "ai.example.com")
         .call()
         .expect("request");
@@ -522,7 +590,9 @@ fn a_redirect_listener_answers_308_except_for_challenges() {
         Some(format!("https://ai.example.com:{tls_port}/chat/api/generate").as_str())
     );
     let resp = agent()
-        .get(format!("http://127.0.0.1:{redirect}/.well-known/acme-challenge/some-token"))
+        .get(format!(
+            "http://127.0.0.1:{redirect}/.well-known/acme-challenge/some-token"
+        ))
         .call()
         .expect("request");
     assert_eq!(resp.status(), 404, "a challenge path is not redirected");
@@ -579,5 +649,9 @@ fn https_upstreams_are_verified_against_upstream_ca() {
         "the log names the upstream; log:\n{}",
         h.gw.log()
     );
-    assert!(h.gw.log().contains("TLS handshake failed"), "{}", h.gw.log());
+    assert!(
+        h.gw.log().contains("TLS handshake failed"),
+        "{}",
+        h.gw.log()
+    );
 }

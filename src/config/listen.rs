@@ -303,10 +303,7 @@ pub(super) fn check_listeners(listeners: &[ListenSpec]) -> Result<(), String> {
 /// The port clients reach the TLS listeners on, for redirects: the first
 /// TLS listener's.
 pub fn https_port(listeners: &[ListenSpec]) -> Option<u16> {
-    listeners
-        .iter()
-        .find(|l| l.is_tls())
-        .map(|l| l.addr.port())
+    listeners.iter().find(|l| l.is_tls()).map(|l| l.addr.port())
 }
 
 /// A DNS name for a certificate: letters, digits, `-` and `.`, stored in

@@ -22,9 +22,9 @@ pub use clients::{
 pub use error::{LoadError, Location};
 pub use gateway::{
     AuditDest, Config, CorsSpec, FileConfig, HealthCheckSpec, Limits, RouteSpec, ThrottleSpec,
-    UpstreamCa, UpstreamSpec,
-    DEFAULT_CHECK_INTERVAL, DEFAULT_CHECK_TIMEOUT, DEFAULT_CONNECT_TIMEOUT, DEFAULT_CORS_HEADERS,
-    DEFAULT_CORS_MAX_AGE, DEFAULT_READ_TIMEOUT, DEFAULT_SHUTDOWN_GRACE, DEFAULT_UPGRADE_SOCK,
+    UpstreamCa, UpstreamSpec, DEFAULT_CHECK_INTERVAL, DEFAULT_CHECK_TIMEOUT,
+    DEFAULT_CONNECT_TIMEOUT, DEFAULT_CORS_HEADERS, DEFAULT_CORS_MAX_AGE, DEFAULT_READ_TIMEOUT,
+    DEFAULT_SHUTDOWN_GRACE, DEFAULT_UPGRADE_SOCK,
 };
 pub use listen::{https_port, is_dns_name, AcmeSpec, ListenKind, ListenSpec, TlsSource};
 pub use pem::{parse_certificates, parse_private_key, read_certificates, read_private_key};

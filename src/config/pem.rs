@@ -68,7 +68,10 @@ mod tests {
     fn empty_and_garbage_files_are_named() {
         let p = Path::new("/etc/agw/cert.pem");
         let e = parse_certificates(p, b"hello").unwrap_err().to_string();
-        assert!(e.starts_with("/etc/agw/cert.pem: no certificate found"), "{e}");
+        assert!(
+            e.starts_with("/etc/agw/cert.pem: no certificate found"),
+            "{e}"
+        );
         let bad = b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
         let e = parse_certificates(p, bad).unwrap_err().to_string();
         assert!(e.contains("does not parse as X.509"), "{e}");

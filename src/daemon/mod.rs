@@ -32,8 +32,8 @@ use prometheus::IntGauge;
 use signal_hook::consts::{SIGHUP, SIGUSR1};
 use signal_hook::iterator::Signals;
 
-use self::watch::{next_trigger, FileWatcher, Trigger};
 use self::tls::TlsListeners;
+use self::watch::{next_trigger, FileWatcher, Trigger};
 use crate::config::{AuditDest, ListenKind, LoadError};
 use crate::ops::{Admin, AuditLog, Live, Metrics, SharedLive};
 use crate::policy::{load_timed, Snapshot};
@@ -257,8 +257,7 @@ fn start_reloader(
         if let Some(w) = w.as_mut() {
             if snapshot.config.watch {
                 let certs = TlsListeners::watched_files(&snapshot.config);
-                let mut files: Vec<&Path> =
-                    vec![&snapshot.config.path, &snapshot.config.keys_file];
+                let mut files: Vec<&Path> = vec![&snapshot.config.path, &snapshot.config.keys_file];
                 files.extend(certs.iter().map(PathBuf::as_path));
                 w.set_files(&files);
             } else {

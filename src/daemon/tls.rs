@@ -167,7 +167,9 @@ impl TlsListeners {
             .listeners
             .iter()
             .filter_map(|l| match &l.kind {
-                ListenKind::Tls(TlsSource::Files { cert, key }) => Some([cert.clone(), key.clone()]),
+                ListenKind::Tls(TlsSource::Files { cert, key }) => {
+                    Some([cert.clone(), key.clone()])
+                }
                 _ => None,
             })
             .flatten()
@@ -274,13 +276,18 @@ async fn acme_loop(
                 continue;
             }
         }
-        let what = if current.is_some() { "renewal" } else { "first certificate" };
+        let what = if current.is_some() {
+            "renewal"
+        } else {
+            "first certificate"
+        };
         info!(
             "acme: ordering a certificate for {} from {} ({what})",
             spec.domains.join(", "),
             spec.directory
         );
-        let result = tokio::time::timeout(ACME_ORDER_TIMEOUT, acme::obtain(&spec, &challenges)).await;
+        let result =
+            tokio::time::timeout(ACME_ORDER_TIMEOUT, acme::obtain(&spec, &challenges)).await;
         let failure = match result {
             Ok(Ok(cert)) => {
                 info!(

@@ -15,7 +15,9 @@ use std::time::Duration;
 use http::{HeaderValue, Method};
 use pingora::upstreams::peer::HttpPeer;
 
-use crate::config::{CorsSpec, HealthCheckSpec, IpRange, Limits, RouteSpec, UpstreamCa, UpstreamSpec};
+use crate::config::{
+    CorsSpec, HealthCheckSpec, IpRange, Limits, RouteSpec, UpstreamCa, UpstreamSpec,
+};
 use crate::keys::{ServiceId, ServiceTable};
 use crate::state::{HealthBook, UpstreamHealth};
 
@@ -114,12 +116,7 @@ impl Route {
             .map(|up| Upstream {
                 addr: up.addr,
                 spec: up.clone(),
-                peer: make_peer(
-                    up,
-                    ca.as_ref(),
-                    spec.connect_timeout,
-                    spec.read_timeout,
-                ),
+                peer: make_peer(up, ca.as_ref(), spec.connect_timeout, spec.read_timeout),
                 health: health.entry(up.addr),
             })
             .collect();

@@ -87,10 +87,7 @@ pub fn rewrite_for_upstream(
     if let Some(chain) = forwarded_for {
         req.insert_header("x-forwarded-for", chain)?;
     }
-    req.insert_header(
-        "x-forwarded-proto",
-        if who.tls { "https" } else { "http" },
-    )?;
+    req.insert_header("x-forwarded-proto", if who.tls { "https" } else { "http" })?;
     Ok(())
 }
 

@@ -68,9 +68,9 @@ impl Listeners {
     /// with port 80).
     fn is_redirect(&self, local: Option<SocketAddr>) -> bool {
         let Some(local) = local else { return false };
-        self.redirect.iter().any(|r| {
-            r.port() == local.port() && (r.ip() == local.ip() || r.ip().is_unspecified())
-        })
+        self.redirect
+            .iter()
+            .any(|r| r.port() == local.port() && (r.ip() == local.ip() || r.ip().is_unspecified()))
     }
 
     /// Challenges on plain connections, then the redirect. Runs first in
@@ -89,7 +89,11 @@ impl Listeners {
         if (self.acme || redirect) && is_challenge_path(path) {
             let (status, body, ctype) = match self.challenges.answer(path) {
                 Some(key_authorization) => (200, Bytes::from(key_authorization), "text/plain"),
-                None => (404, Bytes::from_static(NO_CHALLENGE.as_bytes()), "application/json"),
+                None => (
+                    404,
+                    Bytes::from_static(NO_CHALLENGE.as_bytes()),
+                    "application/json",
+                ),
             };
             let mut resp = ResponseHeader::build(status, Some(3))?;
             resp.insert_header("content-type", ctype)?;

@@ -94,7 +94,11 @@ impl AcmeCache {
 
     /// The cached certificate when it can be served for `spec` at `now`:
     /// it names every domain and has not expired.
-    pub fn usable(&self, spec: &AcmeSpec, now: SystemTime) -> Result<Option<LoadedCert>, LoadError> {
+    pub fn usable(
+        &self,
+        spec: &AcmeSpec,
+        now: SystemTime,
+    ) -> Result<Option<LoadedCert>, LoadError> {
         Ok(self
             .load()?
             .filter(|c| c.covers(&spec.domains) && c.remaining(now).is_some()))
@@ -121,7 +125,11 @@ fn ensure_private_dir(dir: &Path) -> std::io::Result<()> {
 /// What `check` can say about an ACME setting without contacting the
 /// server: the CA file parses, the cache folder can be created, and what
 /// the cache holds.
-pub fn check_spec(spec: &AcmeSpec, config_path: &Path, now: SystemTime) -> Result<String, LoadError> {
+pub fn check_spec(
+    spec: &AcmeSpec,
+    config_path: &Path,
+    now: SystemTime,
+) -> Result<String, LoadError> {
     if let Some(ca) = &spec.ca {
         read_certificates(ca)?;
     }
@@ -183,11 +191,13 @@ async fn account(spec: &AcmeSpec, cache: &AcmeCache) -> Result<Account, AcmeErro
         )
         .await
         .map_err(|e| AcmeError::from_acme("creating the account", &e))?;
-    let json =
-        serde_json::to_vec(&creds).map_err(|e| AcmeError::at("saving the account", e))?;
-    cache
-        .write(&cache.account, &json)
-        .map_err(|e| AcmeError::at("saving the account", format!("{}: {e}", cache.account.display())))?;
+    let json = serde_json::to_vec(&creds).map_err(|e| AcmeError::at("saving the account", e))?;
+    cache.write(&cache.account, &json).map_err(|e| {
+        AcmeError::at(
+            "saving the account",
+            format!("{}: {e}", cache.account.display()),
+        )
+    })?;
     info!("acme: account created at {}", spec.directory);
     Ok(account)
 }
@@ -197,8 +207,12 @@ async fn account(spec: &AcmeSpec, cache: &AcmeCache) -> Result<Account, AcmeErro
 /// certificate and its key are in the cache and returned.
 pub async fn obtain(spec: &AcmeSpec, challenges: &Challenges) -> Result<LoadedCert, AcmeError> {
     let cache = AcmeCache::new(spec);
-    ensure_private_dir(&cache.dir)
-        .map_err(|e| AcmeError::at("creating the cache folder", format!("{}: {e}", cache.dir.display())))?;
+    ensure_private_dir(&cache.dir).map_err(|e| {
+        AcmeError::at(
+            "creating the cache folder",
+            format!("{}: {e}", cache.dir.display()),
+        )
+    })?;
     let account = account(spec, &cache).await?;
     let identifiers: Vec<Identifier> = spec
         .domains
@@ -214,7 +228,8 @@ pub async fn obtain(spec: &AcmeSpec, challenges: &Challenges) -> Result<LoadedCe
     let answered = async {
         let mut authorizations = order.authorizations();
         while let Some(authz) = authorizations.next().await {
-            let mut authz = authz.map_err(|e| AcmeError::from_acme("fetching an authorization", &e))?;
+            let mut authz =
+                authz.map_err(|e| AcmeError::from_acme("fetching an authorization", &e))?;
             match authz.status {
                 AuthorizationStatus::Pending => {}
                 AuthorizationStatus::Valid => continue,
@@ -267,11 +282,21 @@ pub async fn obtain(spec: &AcmeSpec, challenges: &Challenges) -> Result<LoadedCe
         .poll_certificate(&RetryPolicy::new().timeout(POLL_TIMEOUT))
         .await
         .map_err(|e| AcmeError::from_acme("downloading the certificate", &e))?;
-    let cert = LoadedCert::from_pem(&cache.cert, chain_pem.as_bytes(), &cache.key, key_pem.as_bytes())
-        .map_err(|e| AcmeError::at("the issued certificate", e))?;
+    let cert = LoadedCert::from_pem(
+        &cache.cert,
+        chain_pem.as_bytes(),
+        &cache.key,
+        key_pem.as_bytes(),
+    )
+    .map_err(|e| AcmeError::at("the issued certificate", e))?;
     let saved = cache
         .write(&cache.key, key_pem.as_bytes())
         .and_then(|()| cache.write(&cache.cert, chain_pem.as_bytes()));
-    saved.map_err(|e| AcmeError::at("saving the certificate", format!("{}: {e}", cache.dir.display())))?;
+    saved.map_err(|e| {
+        AcmeError::at(
+            "saving the certificate",
+            format!("{}: {e}", cache.dir.display()),
+        )
+    })?;
     Ok(cert)
 }

@@ -97,12 +97,19 @@ impl LoadedCert {
     /// The expiry check of `check` and of start-up: an error (naming
     /// `cert_path`) once expired or not yet valid; a warning when fewer
     /// than 14 days are left.
-    pub fn check_dates(&self, cert_path: &Path, now: SystemTime) -> Result<Option<String>, LoadError> {
+    pub fn check_dates(
+        &self,
+        cert_path: &Path,
+        now: SystemTime,
+    ) -> Result<Option<String>, LoadError> {
         let when = |t: SystemTime| humantime::format_rfc3339_seconds(t).to_string();
         if now < self.not_before {
             return Err(LoadError::invalid(
                 cert_path,
-                format!("the certificate is not valid before {}", when(self.not_before)),
+                format!(
+                    "the certificate is not valid before {}",
+                    when(self.not_before)
+                ),
             ));
         }
         match self.remaining(now) {

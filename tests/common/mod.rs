@@ -19,6 +19,7 @@
 //! (private items that are unused are still reported).
 
 pub mod gateway;
+pub mod pebble;
 pub mod raw_http;
 pub mod tls;
 pub mod upstreams;

@@ -47,10 +47,9 @@ impl TestCa {
     /// A leaf for `names` (DNS names or IP addresses) with `serial`,
     /// valid from a day ago for `days` days (negative: already expired).
     pub fn leaf(&self, names: &[&str], serial: u64, days: i64) -> Leaf {
-        let mut params = CertificateParams::new(
-            names.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
-        )
-        .expect("leaf params");
+        let mut params =
+            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .expect("leaf params");
         params.serial_number = Some(SerialNumber::from(serial));
         let now = time::OffsetDateTime::now_utc();
         if days >= 0 {
@@ -109,7 +108,12 @@ pub type TlsStream = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
 
 /// Connects and completes the handshake (verifying the certificate
 /// against `roots` for `name`).
-pub fn tls_connect(addr: SocketAddr, name: &str, roots: &[&str], alpn: &[&[u8]]) -> io::Result<TlsStream> {
+pub fn tls_connect(
+    addr: SocketAddr,
+    name: &str,
+    roots: &[&str],
+    alpn: &[&[u8]],
+) -> io::Result<TlsStream> {
     let server_name = ServerName::try_from(name.to_string())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     let conn = rustls::ClientConnection::new(client_config(roots, alpn), server_name)
@@ -156,7 +160,10 @@ pub fn https_raw(addr: SocketAddr, name: &str, roots: &[&str], request: &str) ->
         .get(9..12)
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("no HTTP status in {text:?}"));
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     (status, body)
 }
 
