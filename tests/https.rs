@@ -655,3 +655,84 @@ fn https_upstreams_are_verified_against_upstream_ca() {
         h.gw.log()
     );
 }
+
+// ---------------------------------------------------------------------------
+// The shipped examples (README's HTTPS and "Coming from Caddy + Flask")
+// ---------------------------------------------------------------------------
+
+/// The Flask app's key file, as it is: flat JSON, `user`, `service`,
+/// `created_at`.
+const FLASK_KEYS: &str = r#"{"e5c4b8c2-537c-47af-94a8-c8489709b49b": {"user": "beano", "service": "chat", "created_at": "2025-06-01T18:58:30.356Z"}}"#;
+
+fn shipped(name: &str) -> String {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("conf")
+        .join(name);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+#[test]
+fn the_shipped_https_examples_are_in_the_readme_and_work() {
+    let readme = shipped("../README.md");
+    for name in ["https.yaml", "https-acme.yaml"] {
+        assert!(
+            readme.contains(&shipped(name)),
+            "README.md does not show conf/{name} as it is"
+        );
+    }
+
+    // conf/https.yaml, on free loopback ports, with an echo server for
+    // Ollama and the Flask key file as it is.
+    let ca = TestCa::new("example CA");
+    let echo = EchoServer::start();
+    let redirect = free_port();
+    let tls_port = free_port();
+    let config = shipped("https.yaml")
+        .replace("0.0.0.0:80", &format!("127.0.0.1:{redirect}"))
+        .replace("0.0.0.0:443", &format!("127.0.0.1:{tls_port}"))
+        .replace("127.0.0.1:11434", &echo.addr.to_string());
+    let files = GatewayFiles::write(&config, FLASK_KEYS);
+    std::fs::rename(&files.keys_path, files.dir.path().join("apikeys.json")).unwrap();
+    let tls_dir = files.dir.path().join("tls");
+    std::fs::create_dir(&tls_dir).unwrap();
+    ca.leaf(&["localhost"], 3, 90)
+        .write(&tls_dir.join("fullchain.pem"), &tls_dir.join("privkey.pem"));
+    let out = run_cli(&["check", "--config", "gateway.yaml"], files.dir.path());
+    assert!(out.status.success(), "{}", out.stderr);
+    let mut gw = Gateway::spawn(files, redirect);
+    gw.wait_ready(READY_TIMEOUT).expect("the example starts");
+
+    let (status, body) = https_raw(
+        SocketAddr::from(([127, 0, 0, 1], tls_port)),
+        "localhost",
+        &[&ca.pem],
+        "POST /chat/api/generate HTTP/1.1\r\nHost: localhost\r\nX-API-Key: e5c4b8c2-537c-47af-94a8-c8489709b49b\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
+    );
+    assert_eq!(status, 200, "{body}");
+    let json: serde_json::Value = serde_json::from_str(&body).expect("echo JSON");
+    assert_eq!(json["path"], "/api/generate");
+    assert_eq!(json["headers"]["x-gateway-user"][0], "beano");
+    let resp = agent()
+        .post(format!("http://127.0.0.1:{redirect}/chat/api/generate"))
+        .header("Host", "ai.example.com")
+        .send("{}")
+        .expect("plain request");
+    assert_eq!(resp.status(), 308);
+
+    // conf/https-acme.yaml passes check without contacting Let's Encrypt
+    // (its cache folder is moved into a temp dir).
+    let dir = tempfile::tempdir().unwrap();
+    let config = shipped("https-acme.yaml").replace(
+        "/var/lib/ai-gateway/acme",
+        &dir.path().join("acme").display().to_string(),
+    );
+    std::fs::write(dir.path().join("gateway.yaml"), config).unwrap();
+    std::fs::write(dir.path().join("apikeys.json"), FLASK_KEYS).unwrap();
+    let out = run_cli(&["check", "--config", "gateway.yaml"], dir.path());
+    assert!(out.status.success(), "{}", out.stderr);
+    assert!(
+        out.stdout.contains("acme for ai.example.com from https://acme-v02.api.letsencrypt.org/directory: no certificate cached yet"),
+        "{}",
+        out.stdout
+    );
+}
