@@ -2,7 +2,7 @@
 //! server, started here on loopback ports (`apt-get install pebble`).
 //!
 //! Pebble issues certificates valid for 30 s, so the gateway renews them
-//! (a third of the lifetime left) within the test.
+//! (a third of the lifetime left) within the test, which takes about 80 s.
 
 // `pub` so rustc does not report harness items this crate leaves unused.
 pub mod common;
@@ -175,6 +175,30 @@ fn certificates_are_obtained_cached_renewed_and_kept_when_the_server_fails() {
         "{log}"
     );
     assert!(log.contains("next try in 30s"), "{log}");
+
+    // 5. A new Pebble on the same address (new roots, the account
+    //    forgotten): the next try makes a new account and gets a new
+    //    certificate, still without a restart.
+    pebble.restart();
+    let new_root = pebble.root();
+    assert_ne!(new_root, root);
+    assert!(
+        wait_until(Duration::from_secs(90), || served_leaf(
+            tls_addr,
+            DOMAIN,
+            &[&new_root]
+        )
+        .is_ok()),
+        "no certificate from the restarted Pebble; log:\n{}\npebble log:\n{}",
+        gw.log(),
+        pebble.log()
+    );
+    assert!(
+        gw.log().contains("does not know the cached account"),
+        "{}",
+        gw.log()
+    );
+    assert_eq!(metric(admin, ok), 2.0);
 }
 
 #[test]

@@ -1237,6 +1237,119 @@ routes:
     }
 
     #[test]
+    fn listeners_plain_tls_redirect_and_acme() {
+        use crate::config::{ListenKind, TlsSource};
+        let listen = r#"
+  - "127.0.0.1:8080"
+  - {address: "0.0.0.0:80", redirect_https: true}
+  - {address: "0.0.0.0:443", tls: {cert: tls/c.pem, key: /k.pem}}
+  - address: "127.0.0.1:8443"
+    tls:
+      acme: {domains: [AI.example.com, ai.example.com], email: a@b.c, directory: "https://acme.test/dir", cache: acme, ca: ca.pem}"#;
+        let c = parse(&GOOD.replace(r#"listen: "127.0.0.1:8080""#, &format!("listen:{listen}")))
+            .unwrap();
+        assert_eq!(c.listen.len(), 4);
+        assert_eq!(c.listeners[0].kind, ListenKind::Plain);
+        assert_eq!(c.listeners[1].kind, ListenKind::Redirect);
+        assert_eq!(
+            c.listeners[2].kind,
+            ListenKind::Tls(TlsSource::Files {
+                cert: "/etc/agw/tls/c.pem".into(),
+                key: "/k.pem".into()
+            })
+        );
+        let ListenKind::Tls(TlsSource::Acme(a)) = &c.listeners[3].kind else {
+            panic!("acme listener expected");
+        };
+        assert_eq!(a.domains, ["ai.example.com"]);
+        assert_eq!(a.cache, Path::new("/etc/agw/acme"));
+        assert_eq!(a.ca.as_deref(), Some(Path::new("/etc/agw/ca.pem")));
+        assert_eq!(crate::config::https_port(&c.listeners), Some(443));
+
+        let with =
+            |l: &str| err(&GOOD.replace(r#"listen: "127.0.0.1:8080""#, &format!("listen: {l}")));
+        let e = with(r#"[{address: "127.0.0.1:80", redirect_https: true}]"#);
+        assert!(e.contains("redirect_https needs a TLS listener"), "{e}");
+        let e =
+            with(r#"[{address: "127.0.0.1:443", tls: {cert: c, key: k}, redirect_https: true}]"#);
+        assert!(e.contains("redirect_https is for plain listeners"), "{e}");
+        let e = with(r#"{address: "127.0.0.1:443", tls: {cert: c}}"#);
+        assert!(e.contains("cert is given without key"), "{e}");
+        let e = with(r#"{address: "127.0.0.1:443", tls: {}}"#);
+        assert!(e.contains("give cert and key"), "{e}");
+        let e = with(r#"{address: "127.0.0.1:443", tls: {certs: c}}"#);
+        assert!(e.contains("unknown field `certs`"), "{e}");
+        let e = with(
+            r#"{address: "127.0.0.1:443", tls: {acme: {domains: [a.b], directory: "https://x/d", cache: c}}}"#,
+        );
+        assert!(e.contains("needs a plain listener"), "{e}");
+        let e = with(
+            r#"["127.0.0.1:80", {address: "127.0.0.1:443", tls: {acme: {domains: [a.b], directory: "https://x/d", cache: c, email: nope}}}]"#,
+        );
+        assert!(e.contains("not an email address"), "{e}");
+        let e = with(r#"{adress: "127.0.0.1:443"}"#);
+        assert!(e.contains("unknown field `adress`"), "{e}");
+    }
+
+    #[test]
+    fn certificate_paths_reload_and_listener_changes_need_a_restart() {
+        let tls = |cert: &str| {
+            parse(&GOOD.replace(
+                r#"listen: "127.0.0.1:8080""#,
+                &format!(r#"listen: ["127.0.0.1:8080", {{address: "127.0.0.1:8443", tls: {{cert: {cert}, key: k.pem}}}}]"#),
+            ))
+            .unwrap()
+        };
+        assert!(tls("a.pem")
+            .restart_only_differences(&tls("b.pem"))
+            .is_empty());
+        assert_eq!(
+            tls("a.pem").restart_only_differences(&parse(GOOD).unwrap()),
+            vec!["listen"]
+        );
+    }
+
+    #[test]
+    fn https_upstreams_and_their_ca() {
+        let c = parse(&GOOD.replace(
+            "\"127.0.0.1:11434\"",
+            "\"https://LocalHost:11434\", \"https://[::1]:8443/\"",
+        ))
+        .unwrap();
+        let ups = &c.routes[0].upstreams;
+        assert_eq!(ups[0].tls.as_deref(), Some("localhost"));
+        assert_eq!(ups[0].addr, "127.0.0.1:11434".parse().unwrap());
+        assert_eq!(ups[1].tls.as_deref(), Some("::1"));
+        assert_eq!(
+            ups[0].to_string(),
+            "https://localhost:11434 (127.0.0.1:11434)"
+        );
+        let e = err(&GOOD.replace("\"127.0.0.1:11434\"", "\"ftp://127.0.0.1:11434\""));
+        assert!(e.contains("https://host:port (TLS)"), "{e}");
+        let e = err(&GOOD.replace(
+            "\"127.0.0.1:11434\"]",
+            "\"127.0.0.1:11434\"]\n    upstream_ca: ca.pem",
+        ));
+        assert!(
+            e.contains("upstream_ca is set but no upstream is https://"),
+            "{e}"
+        );
+        let e = err(&GOOD.replace(
+            "\"127.0.0.1:11434\"]",
+            "\"https://127.0.0.1:11434\"]\n    upstream_ca: /no/such/ca.pem",
+        ));
+        assert!(e.starts_with("/no/such/ca.pem: cannot read"), "{e}");
+        let e = err(&GOOD.replace(
+            "\"127.0.0.1:11434\"]",
+            "\"https://127.0.0.1:11434\"]\n    health_check: {path: /}",
+        ));
+        assert!(
+            e.contains("health_check is not available for https://"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn restart_only_settings_are_reported() {
         let a = parse(GOOD).unwrap();
         let b = parse(&GOOD.replace("8080", "8081")).unwrap();

@@ -202,6 +202,13 @@ async fn account(spec: &AcmeSpec, cache: &AcmeCache) -> Result<Account, AcmeErro
     Ok(account)
 }
 
+/// Whether the server says the account does not exist (RFC 8555 6.7).
+fn is_unknown_account(p: &instant_acme::Problem) -> bool {
+    p.r#type
+        .as_deref()
+        .is_some_and(|t| t.ends_with(":accountDoesNotExist"))
+}
+
 /// Runs one order for `spec`'s domains: HTTP-01 challenges answered
 /// through `challenges`, a new key and CSR, the certificate. On success the
 /// certificate and its key are in the cache and returned.
@@ -213,16 +220,31 @@ pub async fn obtain(spec: &AcmeSpec, challenges: &Challenges) -> Result<LoadedCe
             format!("{}: {e}", cache.dir.display()),
         )
     })?;
-    let account = account(spec, &cache).await?;
     let identifiers: Vec<Identifier> = spec
         .domains
         .iter()
         .map(|d| Identifier::Dns(d.clone()))
         .collect();
-    let mut order = account
-        .new_order(&NewOrder::new(&identifiers))
-        .await
-        .map_err(|e| AcmeError::from_acme("creating the order", &e))?;
+    let new_order = NewOrder::new(&identifiers);
+    let mut order = match account(spec, &cache).await?.new_order(&new_order).await {
+        Ok(order) => order,
+        // The server forgot the cached account (a reset test server, a
+        // deactivated account): a new one, once.
+        Err(instant_acme::Error::Api(p)) if is_unknown_account(&p) => {
+            info!(
+                "acme: {} does not know the cached account ({}); creating a new one",
+                spec.directory,
+                cache.account.display()
+            );
+            let _ = std::fs::remove_file(&cache.account);
+            account(spec, &cache)
+                .await?
+                .new_order(&new_order)
+                .await
+                .map_err(|e| AcmeError::from_acme("creating the order", &e))?
+        }
+        Err(e) => return Err(AcmeError::from_acme("creating the order", &e)),
+    };
 
     let mut tokens = Vec::new();
     let answered = async {

@@ -185,6 +185,13 @@ impl Pebble {
         }
     }
 
+    /// Starts Pebble again on the same ports: a new instance, with new
+    /// roots and no memory of accounts or orders.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.run();
+    }
+
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }
