@@ -302,55 +302,127 @@ fn http2_streams_ndjson_chunk_by_chunk_with_curl() {
 }
 
 #[test]
-fn limits_and_timeouts_hold_over_http2() {
+fn limits_audit_and_timeouts_hold_over_http2() {
     let ca = TestCa::new("test CA");
     let echo = EchoServer::start();
+    let admin = free_port();
     let h = start(
         &ca.leaf(&["localhost"], 1, 30),
-        "client_header_timeout: 1s\nadmin_listen: \"0\"\nrate_limit: 2/min\n",
+        &format!("client_header_timeout: 1s\nmax_connections: 2\nadmin_listen: \"{admin}\"\naudit_log: audit.log\nrate_limit: 2/min\n"),
         &route(&echo.addr.to_string(), ""),
     );
     let ca_file = write_ca(&h.certs, &ca);
-    let codes: Vec<String> = (0..3)
-        .map(|_| {
-            let out = curl()
-                .args(["-s", "--http2", "--cacert"])
-                .arg(&ca_file)
-                .args([
-                    "--resolve",
-                    &h.resolve(),
-                    "-H",
-                    &format!("X-API-Key: {KEY}"),
-                ])
-                .args(["-o", "/dev/null", "-w", "%{http_code} %{http_version}"])
-                .arg(h.url("/chat/x"))
-                .output()
-                .expect("run curl");
-            String::from_utf8_lossy(&out.stdout).into_owned()
-        })
-        .collect();
+    let curl_code = |version: &str| {
+        let out = curl()
+            .args(["-s", version, "--cacert"])
+            .arg(&ca_file)
+            .args([
+                "--resolve",
+                &h.resolve(),
+                "-H",
+                &format!("X-API-Key: {KEY}"),
+            ])
+            .args(["-o", "/dev/null", "-w", "%{http_code} %{http_version}"])
+            .arg(h.url("/chat/x"))
+            .output()
+            .expect("run curl");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // The per-key rate limit.
+    let codes: Vec<String> = (0..3).map(|_| curl_code("--http2")).collect();
     assert_eq!(codes, ["200 2", "200 2", "429 2"]);
 
-    // A client that completes the TLS handshake with h2 and then sends
-    // nothing is closed at the header timeout.
-    let mut t = tls_connect(h.tls, "localhost", &[&ca.pem], &[b"h2"]).unwrap();
-    assert_eq!(t.conn.alpn_protocol(), Some(&b"h2"[..]));
-    t.sock
-        .set_read_timeout(Some(Duration::from_secs(10)))
+    // The audit line and the metrics of HTTP/2 requests.
+    let audit = h.gw.dir.path().join("audit.log");
+    // (The harness's readiness probe has a line of its own.)
+    let chat_lines = || -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&audit)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("audit JSON"))
+            .filter(|l| l["path"] == "/chat/x")
+            .collect()
+    };
+    assert!(wait_until(Duration::from_secs(5), || chat_lines().len() >= 3));
+    let lines = chat_lines();
+    let decisions: Vec<&str> = lines
+        .iter()
+        .map(|l| l["decision"].as_str().unwrap())
+        .collect();
+    assert_eq!(decisions, ["accepted", "accepted", "rate_limited"]);
+    assert_eq!(lines[0]["user"], "ann");
+    assert_eq!(lines[0]["status"], 200);
+    let metrics = agent()
+        .get(format!("http://127.0.0.1:{admin}/metrics"))
+        .call()
+        .expect("metrics")
+        .body_mut()
+        .read_to_string()
         .unwrap();
+    assert!(
+        metrics.contains(r#"agw_requests_total{route="chat",status="200"} 2"#),
+        "{metrics}"
+    );
+
+    // The connection cap: two connections that completed the TLS
+    // handshake with h2 and say nothing hold both slots; a third gets
+    // the 503 (HTTP/1.1) or is closed (HTTP/2).
+    let silent: Vec<TlsStream> = (0..2)
+        .map(|_| tls_connect(h.tls, "localhost", &[&ca.pem], &[b"h2"]).unwrap())
+        .collect();
+    assert!(silent
+        .iter()
+        .all(|t| t.conn.alpn_protocol() == Some(&b"h2"[..])));
+    assert!(wait_until(Duration::from_secs(2), || curl_code(
+        "--http1.1"
+    ) == "503 1.1"));
+    assert_eq!(
+        curl_code("--http2"),
+        "000 0",
+        "an HTTP/2 client over the cap is closed"
+    );
+
+    // The header timeout closes them (a client that completes the TLS
+    // handshake with h2 and then sends nothing), and the slots are free.
     let started = Instant::now();
-    let mut buf = [0u8; 256];
-    loop {
-        match t.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(_) => {}
+    for mut t in silent {
+        t.sock
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut buf = [0u8; 256];
+        loop {
+            match t.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
         }
     }
     let took = started.elapsed();
     assert!(
-        took >= Duration::from_millis(800) && took < Duration::from_secs(5),
-        "a silent HTTP/2 connection was closed after {took:?}, expected ~1 s"
+        took < Duration::from_secs(5),
+        "silent HTTP/2 connections were closed after {took:?}, expected ~1 s"
     );
+    assert!(
+        wait_until(Duration::from_secs(3), || curl_code("--http2") == "429 2"),
+        "served again once the silent connections are closed"
+    );
+    assert!(
+        metric_value(admin, r#"agw_client_timeouts_total{kind="header"}"#) >= 2.0,
+        "the header timeouts are counted"
+    );
+}
+
+fn metric_value(admin: u16, series: &str) -> f64 {
+    let text = agent()
+        .get(format!("http://127.0.0.1:{admin}/metrics"))
+        .call()
+        .expect("metrics")
+        .body_mut()
+        .read_to_string()
+        .unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
 }
 
 // ---------------------------------------------------------------------------

@@ -5,7 +5,8 @@
 //!
 //! ```text
 //!  accept ─▶ ClientApp::process_new
-//!     ├ max_connections open ─▶ 503 JSON, Connection: close (counted, not logged)
+//!     ├ max_connections open ─▶ 503 JSON, Connection: close (HTTP/2: closed
+//!     │    without an answer); counted, not logged
 //!     ├ HTTP/2 (TLS, ALPN h2) ─▶ the stream wrapped in a ClientStream;
 //!     │    head clock from accept until the client's connection preface
 //!     │    is in, then Pingora's HTTP/2 server (its idle limit is
@@ -228,8 +229,18 @@ async fn serve_request<T>(
     .await
 }
 
-/// Closes a connection over the cap with a short 503.
+/// Closes a connection over the cap: with a short 503 when it speaks
+/// HTTP/1; an HTTP/2 connection (ALPN h2) is closed without an answer, as
+/// an HTTP/1 text would be garbage to it.
 async fn refuse(mut stream: Stream) {
+    if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
+        let _ = tokio::time::timeout(
+            OVER_CAP_WRITE,
+            pingora::protocols::Shutdown::shutdown(&mut *stream),
+        )
+        .await;
+        return;
+    }
     let answered = tokio::time::timeout(OVER_CAP_WRITE, async {
         stream.write_all(OVER_CAP_RESPONSE).await?;
         stream.flush().await
