@@ -18,6 +18,8 @@
 #   STREAM_N=50               streaming requests per target
 #   AI_ROUNDS=8               rounds of the usage accounting comparison (each
 #                             a pair of wrk runs, on and off, order alternating)
+#   HTTPS_N=2                 parallel `openssl s_time -new` clients in the
+#                             full-handshake run (HTTPS phase)
 #   NO_NGINX=1                act as if nginx were not installed
 #   SKIP_BUILD=1              use the existing release binaries
 #   KEEP_TMP=1                keep the temp dir (configs, logs, wrk output)
@@ -39,6 +41,7 @@ RELOAD_SECS=${RELOAD_SECS:-10}
 IDLE_CONNS=${IDLE_CONNS:-10000}
 STREAM_N=${STREAM_N:-50}
 AI_ROUNDS=${AI_ROUNDS:-8}
+HTTPS_N=${HTTPS_N:-2}
 SKIP_BUILD=${SKIP_BUILD:-0}
 KEEP_TMP=${KEEP_TMP:-0}
 SMALL_KEYS=10
@@ -88,6 +91,7 @@ missing_packages() {
     command -v wrk >/dev/null 2>&1 || pkgs+=(wrk)
     command -v curl >/dev/null 2>&1 || pkgs+=(curl)
     command -v python3 >/dev/null 2>&1 || pkgs+=(python3)
+    command -v openssl >/dev/null 2>&1 || pkgs+=(openssl)
     echo "${pkgs[*]}"
 }
 
@@ -109,7 +113,7 @@ if [ -n "$MISSING" ]; then
     fi
 fi
 command -v cargo >/dev/null 2>&1 || die "cargo is needed (https://rustup.rs)"
-for t in wrk curl python3; do
+for t in wrk curl python3 openssl; do
     case " $MISSING " in *" $t "*) die "$t is needed; see above" ;; esac
 done
 NGINX=$(find_nginx)
@@ -236,7 +240,7 @@ EOF
 bench_key() { printf 'agw_bench%027d' "$1"; }
 KEY=$(bench_key 5) # present in every key set
 
-read -r P_UP P_STREAM P_FAST P_NGX_SMALL P_NGX_BIG P_GW_SMALL P_GW_BIG P_ADM_SMALL P_ADM_BIG P_GW_LIMITS P_ADM_LIMITS < <(free_ports 11)
+read -r P_UP P_STREAM P_FAST P_NGX_SMALL P_NGX_BIG P_GW_SMALL P_GW_BIG P_ADM_SMALL P_ADM_BIG P_GW_LIMITS P_ADM_LIMITS P_NGX_TLS P_GW_TLS P_GW_TLS_PLAIN < <(free_ports 14)
 
 # The ~300-byte body of a non-streaming Ollama /api/generate answer (the
 # same text examples/bench_upstream.rs sends).
@@ -283,8 +287,9 @@ wait_ready() {
     deadline=$((SECONDS + secs))
     while [ "$SECONDS" -lt "$deadline" ]; do
         kill -0 "$pid" 2>/dev/null || return 1
+        # shellcheck disable=SC2086 # $url may carry curl options (--cacert FILE)
         code=$(curl -s -o /dev/null -m 2 -w '%{http_code}' -X POST -H "X-API-Key: $KEY" \
-            -H 'Content-Type: application/json' --data "$REQUEST_BODY" "$url" || true)
+            -H 'Content-Type: application/json' --data "$REQUEST_BODY" $url || true)
         [ "$code" = "$want" ] && return 0
         sleep 0.2
     done
@@ -464,6 +469,112 @@ EOF
     say "gateway with $n keys ready after $((SECONDS - t0)) s"
 }
 
+# ---------------------------------------------------------------- HTTPS servers
+
+# One certificate for both (ECDSA P-256, as ACME clients make by default).
+make_cert() {
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 30 \
+        -subj /CN=localhost -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" \
+        -keyout "$TMP/tls-key.pem" -out "$TMP/tls-cert.pem" 2>/dev/null ||
+        die "openssl could not make the test certificate"
+    chmod 600 "$TMP/tls-key.pem"
+}
+
+# nginx as the key-checking proxy over TLS (1.2 and 1.3, HTTP/1.1), the
+# same key check as start_nginx_proxy; $1 = port.
+start_nginx_tls() {
+    local port=$1 d=$TMP/nginx-tls
+    mkdir -p "$d"
+    {
+        nginx_common "$d"
+        echo "http {"
+        nginx_http_common "$d"
+        cat <<EOF
+    map \$http_x_api_key \$allowed {
+        default 0;
+        include $TMP/keys-$SMALL_KEYS.map;
+    }
+    upstream backend {
+        server 127.0.0.1:$P_UP;
+        keepalive 64;
+    }
+    server {
+        listen 127.0.0.1:$port ssl;
+        ssl_certificate $TMP/tls-cert.pem;
+        ssl_certificate_key $TMP/tls-key.pem;
+        ssl_protocols TLSv1.2 TLSv1.3;
+        location /ollama/ {
+            default_type application/json;
+            if (\$allowed = 0) {
+                return 401 '{"error":"invalid api key"}';
+            }
+            proxy_pass http://backend/;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header X-API-Key "";
+        }
+    }
+}
+EOF
+    } >"$d/nginx.conf"
+    start_bg "$d/out.log" "$NGINX" -p "$d" -c "$d/nginx.conf" -e "$d/error.log"
+    NGINX_TLS_PID=$STARTED_PID
+    wait_ready "https://127.0.0.1:$port/ollama/api/generate --cacert $TMP/tls-cert.pem" 200 30 "$NGINX_TLS_PID" ||
+        die "nginx over TLS did not start: $(tail -n 3 "$d/error.log" 2>/dev/null | tr '\n' ' ')"
+}
+
+# The gateway with a TLS listener (and a plain one): $1 = TLS port, $2 = plain port.
+start_gateway_tls() {
+    local port=$1 plain=$2 d=$TMP/gateway-tls
+    mkdir -p "$d"
+    cat >"$d/gateway.yaml" <<EOF
+listen:
+  - "127.0.0.1:$plain"
+  - {address: "127.0.0.1:$port", tls: {cert: $TMP/tls-cert.pem, key: $TMP/tls-key.pem}}
+keys_file: $TMP/keys-$SMALL_KEYS.json
+threads: 2
+watch: false
+shutdown_grace: 1s
+upgrade_sock: $d/upgrade.sock
+failed_key_throttle: {enabled: false}
+routes:
+  - name: ollama
+    path_prefix: /ollama/
+    service: ollama
+    strip_prefix: true
+    upstreams: ["127.0.0.1:$P_UP"]
+EOF
+    RUST_LOG=${RUST_LOG:-info} start_bg "$d/gateway.log" "$GATEWAY_BIN" run --config "$d/gateway.yaml"
+    GATEWAY_TLS_PID=$STARTED_PID
+    wait_ready "https://127.0.0.1:$port/ollama/api/generate --cacert $TMP/tls-cert.pem" 200 60 "$GATEWAY_TLS_PID" ||
+        die "the gateway over TLS did not start: $(tail -n 5 "$d/gateway.log")"
+}
+
+# Full TLS handshakes per second against 127.0.0.1:$1 for $2 seconds:
+# HTTPS_N parallel `openssl s_time -new` (no session reuse, no request);
+# $3 = the process tree charged CPU. Leaves HS_RATE and HS_CPU (µs per
+# handshake) set.
+handshake_rate() {
+    local port=$1 secs=$2 pid=$3 c0 c1 i total=0 n pids=()
+    c0=$(cpu_ticks "$pid")
+    for i in $(seq 1 "$HTTPS_N"); do
+        openssl s_time -connect "127.0.0.1:$port" -new -time "$secs" >"$TMP/s_time-$port-$i.txt" 2>&1 &
+        pids+=("$!")
+        PIDS+=("$!")
+    done
+    for i in "${pids[@]}"; do
+        wait "$i" || true
+        forget_pid "$i"
+    done
+    c1=$(cpu_ticks "$pid")
+    for i in $(seq 1 "$HTTPS_N"); do
+        n=$(awk '/connections in .* real seconds/ { print $1; exit }' "$TMP/s_time-$port-$i.txt")
+        total=$((total + ${n:-0}))
+    done
+    HS_RATE=$(awk -v n="$total" -v s="$secs" 'BEGIN { printf "%.0f", n / s }')
+    HS_CPU=$(awk -v t=$((c1 - c0)) -v hz="$CLK_TCK" -v n="$total" 'BEGIN { if (n > 0) printf "%.0f", t * 1e6 / hz / n; else print "-" }')
+}
+
 # ---------------------------------------------------------------- measuring
 
 # VmRSS of a process, in MB.
@@ -513,10 +624,12 @@ to_ms() {
 # Runs wrk against $2 for $3 (duration) into file $1; the process tree $4
 # (may be empty) is charged CPU. Leaves WRK_* set.
 run_wrk() {
-    local out=$1 url=$2 dur=$3 pid=${4:-} c0=0 c1=0 secs
+    local out=$1 url=$2 dur=$3 pid=${4:-} extra=${5:-} c0=0 c1=0 secs
+    local hdr=()
+    [ -n "$extra" ] && hdr=(-H "$extra")
     secs=$(awk -v d="$dur" 'BEGIN { n = d + 0; if (d ~ /m$/) n *= 60; print int(n) }')
     [ -n "$pid" ] && c0=$(cpu_ticks "$pid")
-    run_fg timeout $((secs + 30)) wrk -t"$THREADS" -c"$CONNS" -d"$dur" --latency -s "$TMP/post.lua" "$url" >"$out" 2>&1 ||
+    run_fg timeout $((secs + 30)) wrk -t"$THREADS" -c"$CONNS" -d"$dur" --latency "${hdr[@]}" -s "$TMP/post.lua" "$url" >"$out" 2>&1 ||
         say "wrk against $url failed or timed out (see $out)"
     [ -n "$pid" ] && c1=$(cpu_ticks "$pid")
     WRK_RPS=$(awk '/^Requests\/sec:/ { printf "%.0f", $2 }' "$out")
@@ -652,6 +765,63 @@ throughput_table() {
         [ "$rps" = "-" ] || rps=$(printf '%.0f' "$rps")
         printf '| %s | %s | %s | %s | %s | %s | %s |\n' "$name" "$keys" "$rps" "$p50" "$p99" "$cpu" "$ratio"
     done
+}
+
+# ---------------------------------------------------------------- HTTPS
+
+HTTPS_OK=0
+if [ -n "$NGINX" ]; then
+    say "HTTPS: nginx and the gateway with the same certificate; keep-alive, a new connection per request, full handshakes"
+    make_cert
+    start_nginx_tls "$P_NGX_TLS"
+    start_gateway_tls "$P_GW_TLS" "$P_GW_TLS_PLAIN"
+    HTTPS_TSV=$TMP/https.tsv
+    : >"$HTTPS_TSV"
+    for round in $(seq 1 "$ROUNDS"); do
+        for t in "nginx|$P_NGX_TLS|$NGINX_TLS_PID" "ai-gateway|$P_GW_TLS|$GATEWAY_TLS_PID"; do
+            IFS='|' read -r name port pid <<<"$t"
+            url="https://127.0.0.1:$port/ollama/api/generate"
+            say "HTTPS round $round/$ROUNDS: $name: keep-alive"
+            run_wrk "$TMP/wrk-tls-$name-$round.txt" "$url" "$DURATION" "$pid"
+            ka_rps=$WRK_RPS ka_p99=$WRK_P99 ka_cpu=$WRK_CPU
+            [ $((WRK_NON2XX + WRK_SOCKERR)) = 0 ] || note "HTTPS $name keep-alive round $round: $WRK_NON2XX non-2xx, $WRK_SOCKERR socket errors"
+            say "HTTPS round $round/$ROUNDS: $name: Connection: close"
+            run_wrk "$TMP/wrk-tls-close-$name-$round.txt" "$url" "$DURATION" "$pid" "Connection: close"
+            nc_rps=$WRK_RPS nc_cpu=$WRK_CPU
+            [ "$WRK_NON2XX" = 0 ] || note "HTTPS $name Connection: close round $round: $WRK_NON2XX non-2xx"
+            say "HTTPS round $round/$ROUNDS: $name: full handshakes ($HTTPS_N x openssl s_time -new)"
+            handshake_rate "$port" "$(awk -v d="$DURATION" 'BEGIN { print int(d + 0) }')" "$pid"
+            printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$round" "$ka_rps" "$ka_p99" "$ka_cpu" \
+                "$nc_rps" "$nc_cpu" "$HS_RATE" "$HS_CPU" >>"$HTTPS_TSV"
+        done
+    done
+    HTTPS_OK=1
+else
+    note "HTTPS phase skipped: it compares with nginx, which is not available"
+fi
+
+https_col() {
+    local values
+    mapfile -t values < <(awk -F'\t' -v n="$1" -v c="$2" '$1 == n { print $c }' "$HTTPS_TSV")
+    median "${values[@]}"
+}
+
+https_table() {
+    echo "| target | keep-alive req/s | p99 ms | CPU µs/req | Connection: close req/s | CPU µs/req | full handshakes/s | CPU µs/handshake |"
+    echo "|---|---:|---:|---:|---:|---:|---:|---:|"
+    local name c
+    for name in nginx ai-gateway; do
+        printf '| %s |' "$name"
+        for c in 3 4 5 6 7 8 9; do
+            printf ' %s |' "$(https_col "$name" "$c")"
+        done
+        echo
+    done
+    printf '| ai-gateway / nginx |'
+    for c in 3 4 5 6 7 8 9; do
+        awk -v a="$(https_col ai-gateway "$c")" -v b="$(https_col nginx "$c")" 'BEGIN { if (b > 0) printf " %.2f× |", a / b; else printf " - |" }'
+    done
+    echo
 }
 
 # ---------------------------------------------------------------- streaming
@@ -880,6 +1050,21 @@ report() {
     off=$(col ai-gateway "$SMALL_KEYS" 4)
     echo "Fair-use limits on (a rate limit and \`max_concurrent\` the benched key never reaches, the failed-key"
     echo "throttle on) against off, same run: $(awk -v a="$on" -v b="$off" 'BEGIN { if (b > 0) printf "%.3f×", a / b; else print "-" }') req/s."
+    echo
+    echo "## HTTPS"
+    echo
+    if [ "$HTTPS_OK" = 1 ]; then
+        echo "nginx (2 workers, \`ssl_protocols TLSv1.2 TLSv1.3\`, defaults otherwise) and ai-gateway (\`threads: 2\`, a TLS"
+        echo "listener with certificate files) with the same ECDSA P-256 certificate, the same key check and upstream; wrk"
+        echo "negotiates TLS 1.3 and HTTP/1.1. Keep-alive: \`wrk -t$THREADS -c$CONNS -d$DURATION\`. Connection: close: the same"
+        echo "with that header (a new TCP and TLS connection per request; wrk may resume sessions). Full handshakes:"
+        echo "$HTTPS_N parallel \`openssl s_time -new -time N\` (a full handshake per connection, no request). Medians over"
+        echo "$ROUNDS round(s), interleaved."
+        echo
+        https_table
+    else
+        echo "Skipped; see the notes."
+    fi
     echo
     echo "## Streaming (time to first chunk)"
     echo

@@ -226,12 +226,62 @@ fn usage(a: &UsageArgs) -> Result<(), String> {
 
 fn check(config: &std::path::Path) -> Result<(), String> {
     let snapshot = Snapshot::load(config, 1, &Carried::default()).map_err(|e| e.to_string())?;
-    for w in &snapshot.warnings {
+    let tls_lines = check_tls(&snapshot.config)?;
+    for w in snapshot.warnings.iter().chain(&tls_lines.warnings) {
         eprintln!("warning: {w}");
     }
     println!("{}: ok, {}", config.display(), snapshot.summary());
     println!("{}", snapshot.config.clients.describe());
+    for line in &tls_lines.lines {
+        println!("{line}");
+    }
     Ok(())
+}
+
+/// What `check` says about the TLS listeners.
+#[derive(Default)]
+struct TlsCheck {
+    lines: Vec<String>,
+    warnings: Vec<String>,
+}
+
+/// Checks each TLS listener's certificate without serving: the files exist
+/// and parse, the key matches, the dates are good (a warning under 14
+/// days); ACME settings without contacting the server.
+fn check_tls(config: &crate::config::Config) -> Result<TlsCheck, String> {
+    use crate::config::{ListenKind, TlsSource};
+    let now = std::time::SystemTime::now();
+    let mut out = TlsCheck::default();
+    for l in &config.listeners {
+        match &l.kind {
+            ListenKind::Tls(TlsSource::Files { cert, key }) => {
+                let c = crate::tls::LoadedCert::load(cert, key).map_err(|e| e.to_string())?;
+                if let Some(w) = c.check_dates(cert, now).map_err(|e| e.to_string())? {
+                    out.warnings.push(w);
+                }
+                out.lines.push(format!(
+                    "{}: certificate {} for {} (serial {}), valid until {}",
+                    l.url(),
+                    cert.display(),
+                    if c.names.is_empty() {
+                        "no DNS name".to_string()
+                    } else {
+                        c.names.join(", ")
+                    },
+                    c.serial,
+                    humantime::format_rfc3339_seconds(c.not_after)
+                ));
+            }
+            ListenKind::Tls(TlsSource::Acme(spec)) => {
+                let line = crate::tls::acme::check_spec(spec, &config.path, now)
+                    .map_err(|e| e.to_string())?;
+                out.lines.push(format!("{}: {line}", l.url()));
+            }
+            ListenKind::Redirect => out.lines.push(format!("{}: redirects to https", l.url())),
+            ListenKind::Plain => {}
+        }
+    }
+    Ok(out)
 }
 
 fn target(t: &KeysTarget) -> Result<std::path::PathBuf, KeyToolError> {

@@ -7,6 +7,7 @@
 //! | [`config`] | what users write, validated; errors with file and line |
 //! | [`keys`]   | digests, the key store, the key file and its commands |
 //! | [`state`]  | what outlives a snapshot: upstream health, per-key counters |
+//! | [`tls`]    | certificates: PEM pairs, the swappable slot, ACME orders and challenges |
 //! | [`usage`]  | what AI APIs say: models in requests, token usage in answers, the usage report (pure) |
 //! | [`policy`] | the snapshot, routes, path rules, refusals, the decision (pure) |
 //! | [`ops`]    | metrics, audit log, request ids, admin endpoints |
@@ -24,4 +25,5 @@ pub mod ops;
 pub mod policy;
 pub mod proxy;
 pub mod state;
+pub mod tls;
 pub mod usage;

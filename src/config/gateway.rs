@@ -17,6 +17,7 @@ use serde::{Deserialize, Deserializer};
 
 use super::clients::{parse_timeout, ClientLimits, ClientSettings};
 use super::error::{LoadError, Location};
+use super::listen::{check_listeners, FileListenList, ListenSpec};
 use super::values::{ByteSize, IpRange, ModelPattern, Rate, TokenRate};
 
 /// Where audit lines go: a file the gateway appends to, or its stderr.
@@ -44,7 +45,7 @@ pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
-    listen: OneOrMany<String>,
+    listen: FileListenList,
     keys_file: PathBuf,
     #[serde(default)]
     shutdown_grace: Option<Timeout>,
@@ -123,6 +124,8 @@ struct FileRoute {
     #[serde(default)]
     strip_prefix: StripSetting,
     upstreams: Vec<UpstreamAddr>,
+    #[serde(default)]
+    upstream_ca: Option<PathBuf>,
     #[serde(default)]
     connect_timeout: Option<Timeout>,
     #[serde(default)]
@@ -240,7 +243,10 @@ pub struct HealthCheckSpec {
 pub struct Config {
     /// The file this was loaded from; reloads read it again.
     pub path: PathBuf,
+    /// The listen addresses, in the order written (the same as `listeners`).
     pub listen: Vec<SocketAddr>,
+    /// Each listen address with what it speaks (plain, redirect, TLS).
+    pub listeners: Vec<ListenSpec>,
     pub keys_file: PathBuf,
     pub shutdown_grace: Duration,
     /// Worker threads for the proxy service.
@@ -339,6 +345,42 @@ pub const DEFAULT_CORS_HEADERS: [&str; 3] = ["authorization", "content-type", "x
 /// How long a browser may cache a preflight answer unless a route says.
 pub const DEFAULT_CORS_MAX_AGE: Duration = Duration::from_secs(600);
 
+/// One upstream of a route: its address (resolved at load) and, for an
+/// `https://` upstream, the host name its certificate must carry (sent as
+/// SNI).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamSpec {
+    pub addr: SocketAddr,
+    pub tls: Option<String>,
+}
+
+impl UpstreamSpec {
+    /// A plain-HTTP upstream.
+    pub fn plain(addr: SocketAddr) -> UpstreamSpec {
+        UpstreamSpec { addr, tls: None }
+    }
+}
+
+impl std::fmt::Display for UpstreamSpec {
+    /// `https://name:port` (name as written) or `host:port`, for logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.tls {
+            Some(name) if name.contains(':') => {
+                write!(f, "https://[{name}]:{} ({})", self.addr.port(), self.addr)
+            }
+            Some(name) => write!(f, "https://{name}:{} ({})", self.addr.port(), self.addr),
+            None => write!(f, "{}", self.addr),
+        }
+    }
+}
+
+/// `upstream_ca`: the file and the DER certificates read from it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamCa {
+    pub path: PathBuf,
+    pub certs: Vec<Vec<u8>>,
+}
+
 /// One route, validated.
 #[derive(Debug, Clone)]
 pub struct RouteSpec {
@@ -351,7 +393,10 @@ pub struct RouteSpec {
     /// whole `path_prefix` (`strip_prefix: true`) or a shorter one
     /// (`strip_prefix: /ollama`); `None` keeps the path.
     pub strip_prefix: Option<String>,
-    pub upstreams: Vec<SocketAddr>,
+    pub upstreams: Vec<UpstreamSpec>,
+    /// The CA certificates that `https://` upstreams must chain to
+    /// (`upstream_ca`); the system's roots when `None`.
+    pub upstream_ca: Option<UpstreamCa>,
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
     pub health_check: Option<HealthCheckSpec>,
@@ -370,7 +415,7 @@ pub struct RouteSpec {
     pub include_usage: bool,
     /// Upstreams by model, in the order written: the first pattern that
     /// matches the request's model wins; other models go to `upstreams`.
-    pub model_upstreams: Vec<(ModelPattern, Vec<SocketAddr>)>,
+    pub model_upstreams: Vec<(ModelPattern, Vec<UpstreamSpec>)>,
 }
 
 impl Config {
@@ -392,7 +437,13 @@ impl Config {
     /// them logs that a restart is needed.
     pub fn restart_only_differences(&self, other: &Config) -> Vec<&'static str> {
         let mut changed = Vec::new();
-        if self.listen != other.listen {
+        let same_listeners = self.listeners.len() == other.listeners.len()
+            && self
+                .listeners
+                .iter()
+                .zip(&other.listeners)
+                .all(|(a, b)| a.same_setup(b));
+        if !same_listeners {
             changed.push("listen");
         }
         if self.threads != other.threads {
@@ -417,16 +468,18 @@ impl Config {
 impl FileConfig {
     fn validate(self, path: &Path, text: &str) -> Result<Config, LoadError> {
         let base = path.parent().unwrap_or_else(|| Path::new("."));
-        let listen_strs = self.listen.into_vec();
-        if listen_strs.is_empty() {
+        let listen_entries = self.listen.0;
+        if listen_entries.is_empty() {
             return Err(LoadError::invalid(
                 path,
                 "listen: at least one address is needed",
             ));
         }
-        let mut listen = Vec::with_capacity(listen_strs.len());
-        for l in &listen_strs {
-            let addr = resolve(l)
+        let mut listen = Vec::with_capacity(listen_entries.len());
+        let mut listeners = Vec::with_capacity(listen_entries.len());
+        for entry in listen_entries {
+            let l = entry.address().to_string();
+            let addr = resolve(&l)
                 .map_err(|why| LoadError::invalid(path, format!("listen {l:?}: {why}")))?;
             if listen.contains(&addr) {
                 return Err(LoadError::invalid(
@@ -435,7 +488,13 @@ impl FileConfig {
                 ));
             }
             listen.push(addr);
+            listeners.push(
+                entry
+                    .validate(addr, base)
+                    .map_err(|why| LoadError::invalid(path, format!("listen {l:?}: {why}")))?,
+            );
         }
+        check_listeners(&listeners).map_err(|why| LoadError::invalid(path, why))?;
 
         if self.routes.is_empty() {
             return Err(LoadError::invalid(
@@ -473,11 +532,41 @@ impl FileConfig {
             }
             let mut upstreams = Vec::with_capacity(r.upstreams.len());
             for u in &r.upstreams {
-                let addr = resolve(&u.0).map_err(|why| {
-                    LoadError::invalid(path, format!("route {name:?}: upstream {:?}: {why}", u.0))
+                let addr = resolve(&u.host_port).map_err(|why| {
+                    LoadError::invalid(
+                        path,
+                        format!("route {name:?}: upstream {:?}: {why}", u.written),
+                    )
                 })?;
-                upstreams.push(addr);
+                upstreams.push(UpstreamSpec {
+                    addr,
+                    tls: u.tls_name.clone(),
+                });
             }
+            let any_tls = upstreams.iter().any(|u| u.tls.is_some());
+            if any_tls && r.health_check.is_some() {
+                return Err(LoadError::invalid(
+                    path,
+                    format!("route {name:?}: health_check is not available for https:// upstreams (it speaks plain HTTP); leave it out"),
+                ));
+            }
+            let upstream_ca = match r.upstream_ca {
+                None => None,
+                Some(_) if !any_tls => {
+                    return Err(LoadError::invalid(
+                        path,
+                        format!("route {name:?}: upstream_ca is set but no upstream is https://"),
+                    ))
+                }
+                Some(ca) => {
+                    let ca_path = base.join(ca);
+                    let certs = super::pem::read_certificates(&ca_path)?;
+                    Some(UpstreamCa {
+                        path: ca_path,
+                        certs,
+                    })
+                }
+            };
             let methods = match r.methods {
                 Some(m) if m.is_empty() => {
                     return Err(LoadError::invalid(
@@ -529,16 +618,20 @@ impl FileConfig {
             for (pattern, ups) in r.models.map(|m| m.0).unwrap_or_default() {
                 let mut addrs = Vec::with_capacity(ups.len());
                 for u in &ups {
-                    addrs.push(resolve(&u.0).map_err(|why| {
+                    let addr = resolve(&u.host_port).map_err(|why| {
                         LoadError::invalid(
                             path,
                             format!(
                                 "route {name:?}: models {:?}: upstream {:?}: {why}",
                                 pattern.as_str(),
-                                u.0
+                                u.written
                             ),
                         )
-                    })?);
+                    })?;
+                    addrs.push(UpstreamSpec {
+                        addr,
+                        tls: u.tls_name.clone(),
+                    });
                 }
                 model_upstreams.push((pattern, addrs));
             }
@@ -549,6 +642,7 @@ impl FileConfig {
                 service: r.service.0,
                 strip_prefix,
                 upstreams,
+                upstream_ca,
                 connect_timeout: r.connect_timeout.map_or(DEFAULT_CONNECT_TIMEOUT, |t| t.0),
                 read_timeout: r.read_timeout.map_or(DEFAULT_READ_TIMEOUT, |t| t.0),
                 health_check: r.health_check.map(|h| HealthCheckSpec {
@@ -617,6 +711,7 @@ impl FileConfig {
         Ok(Config {
             path: path.to_path_buf(),
             listen,
+            listeners,
             keys_file: base.join(self.keys_file),
             shutdown_grace: self.shutdown_grace.map_or(DEFAULT_SHUTDOWN_GRACE, |t| t.0),
             threads,
@@ -764,23 +859,6 @@ fn resolve(s: &str) -> Result<SocketAddr, String> {
         .ok_or_else(|| "the name has no addresses".to_string())
 }
 
-/// A string or a list of strings; `listen` takes both.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum OneOrMany<T> {
-    One(T),
-    Many(Vec<T>),
-}
-
-impl<T> OneOrMany<T> {
-    fn into_vec(self) -> Vec<T> {
-        match self {
-            OneOrMany::One(t) => vec![t],
-            OneOrMany::Many(v) => v,
-        }
-    }
-}
-
 /// A duration such as `5s`, `300s` or `2m`; zero is rejected because a zero
 /// timeout would fail every request.
 #[derive(Debug, Clone, Copy)]
@@ -916,27 +994,49 @@ impl<'de> Deserialize<'de> for NonEmpty {
     }
 }
 
-/// `host:port` as written; resolved during validation.
+/// `host:port` or `https://host:port` as written; resolved during
+/// validation.
 #[derive(Debug)]
-struct UpstreamAddr(String);
+struct UpstreamAddr {
+    written: String,
+    /// `host:port`, without the scheme.
+    host_port: String,
+    /// For `https://`: the host name (brackets of an IPv6 address removed).
+    tls_name: Option<String>,
+}
 
 impl<'de> Deserialize<'de> for UpstreamAddr {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        if s.contains("://") {
-            return Err(serde::de::Error::custom(format!(
-                "upstream {s:?} must be host:port, without a scheme (plain HTTP is spoken to upstreams)"
-            )));
-        }
-        let port_ok = s.rsplit_once(':').is_some_and(|(host, port)| {
-            !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0)
+        let (host_port, tls) = match s.split_once("://") {
+            None => (s.as_str(), false),
+            Some(("https", rest)) => (rest.strip_suffix('/').unwrap_or(rest), true),
+            Some(_) => {
+                return Err(serde::de::Error::custom(format!(
+                    "upstream {s:?} must be host:port (plain HTTP) or https://host:port (TLS)"
+                )))
+            }
+        };
+        let host = host_port.rsplit_once(':').and_then(|(host, port)| {
+            let port_ok = port.parse::<u16>().is_ok_and(|p| p != 0);
+            (port_ok && !host.is_empty() && !host.contains('/')).then_some(host)
         });
-        if !port_ok {
+        let Some(host) = host else {
             return Err(serde::de::Error::custom(format!(
-                "upstream {s:?} must be host:port with a non-zero port"
+                "upstream {s:?} must be host:port with a non-zero port (https://host:port for TLS)"
             )));
-        }
-        Ok(UpstreamAddr(s))
+        };
+        let tls_name = tls.then(|| {
+            host.strip_prefix('[')
+                .and_then(|h| h.strip_suffix(']'))
+                .unwrap_or(host)
+                .to_ascii_lowercase()
+        });
+        Ok(UpstreamAddr {
+            host_port: host_port.to_string(),
+            written: s,
+            tls_name,
+        })
     }
 }
 
@@ -991,8 +1091,9 @@ routes:
         let tts = &c.routes[1];
         assert!(tts.strip_prefix.is_none());
         assert!(tts.methods.is_none());
-        assert_eq!(tts.upstreams[0], "127.0.0.1:5002".parse().unwrap());
-        assert_eq!(tts.upstreams[1], "[::1]:5003".parse().unwrap());
+        assert_eq!(tts.upstreams[0].addr, "127.0.0.1:5002".parse().unwrap());
+        assert_eq!(tts.upstreams[1].addr, "[::1]:5003".parse().unwrap());
+        assert!(tts.upstreams[0].tls.is_none());
     }
 
     #[test]
@@ -1088,7 +1189,7 @@ routes:
         assert!(e.contains("must be host:port"), "{e}");
         assert!(e.starts_with("/etc/agw/gateway.yaml:10:"), "{e}");
         let e = err(&GOOD.replace("127.0.0.1:11434", "http://127.0.0.1:11434"));
-        assert!(e.contains("without a scheme"), "{e}");
+        assert!(e.contains("https://host:port (TLS)"), "{e}");
         let e = err(&GOOD.replace("127.0.0.1:11434", "127.0.0.1:0"));
         assert!(e.contains("non-zero port"), "{e}");
     }
@@ -1317,6 +1418,119 @@ routes:
         );
         let e = err(&format!("{GOOD}token_limit: 5/fortnight\n"));
         assert!(e.contains("invalid token limit"), "{e}");
+    }
+
+    #[test]
+    fn listeners_plain_tls_redirect_and_acme() {
+        use crate::config::{ListenKind, TlsSource};
+        let listen = r#"
+  - "127.0.0.1:8080"
+  - {address: "0.0.0.0:80", redirect_https: true}
+  - {address: "0.0.0.0:443", tls: {cert: tls/c.pem, key: /k.pem}}
+  - address: "127.0.0.1:8443"
+    tls:
+      acme: {domains: [AI.example.com, ai.example.com], email: a@b.c, directory: "https://acme.test/dir", cache: acme, ca: ca.pem}"#;
+        let c = parse(&GOOD.replace(r#"listen: "127.0.0.1:8080""#, &format!("listen:{listen}")))
+            .unwrap();
+        assert_eq!(c.listen.len(), 4);
+        assert_eq!(c.listeners[0].kind, ListenKind::Plain);
+        assert_eq!(c.listeners[1].kind, ListenKind::Redirect);
+        assert_eq!(
+            c.listeners[2].kind,
+            ListenKind::Tls(TlsSource::Files {
+                cert: "/etc/agw/tls/c.pem".into(),
+                key: "/k.pem".into()
+            })
+        );
+        let ListenKind::Tls(TlsSource::Acme(a)) = &c.listeners[3].kind else {
+            panic!("acme listener expected");
+        };
+        assert_eq!(a.domains, ["ai.example.com"]);
+        assert_eq!(a.cache, Path::new("/etc/agw/acme"));
+        assert_eq!(a.ca.as_deref(), Some(Path::new("/etc/agw/ca.pem")));
+        assert_eq!(crate::config::https_port(&c.listeners), Some(443));
+
+        let with =
+            |l: &str| err(&GOOD.replace(r#"listen: "127.0.0.1:8080""#, &format!("listen: {l}")));
+        let e = with(r#"[{address: "127.0.0.1:80", redirect_https: true}]"#);
+        assert!(e.contains("redirect_https needs a TLS listener"), "{e}");
+        let e =
+            with(r#"[{address: "127.0.0.1:443", tls: {cert: c, key: k}, redirect_https: true}]"#);
+        assert!(e.contains("redirect_https is for plain listeners"), "{e}");
+        let e = with(r#"{address: "127.0.0.1:443", tls: {cert: c}}"#);
+        assert!(e.contains("cert is given without key"), "{e}");
+        let e = with(r#"{address: "127.0.0.1:443", tls: {}}"#);
+        assert!(e.contains("give cert and key"), "{e}");
+        let e = with(r#"{address: "127.0.0.1:443", tls: {certs: c}}"#);
+        assert!(e.contains("unknown field `certs`"), "{e}");
+        let e = with(
+            r#"{address: "127.0.0.1:443", tls: {acme: {domains: [a.b], directory: "https://x/d", cache: c}}}"#,
+        );
+        assert!(e.contains("needs a plain listener"), "{e}");
+        let e = with(
+            r#"["127.0.0.1:80", {address: "127.0.0.1:443", tls: {acme: {domains: [a.b], directory: "https://x/d", cache: c, email: nope}}}]"#,
+        );
+        assert!(e.contains("not an email address"), "{e}");
+        let e = with(r#"{adress: "127.0.0.1:443"}"#);
+        assert!(e.contains("unknown field `adress`"), "{e}");
+    }
+
+    #[test]
+    fn certificate_paths_reload_and_listener_changes_need_a_restart() {
+        let tls = |cert: &str| {
+            parse(&GOOD.replace(
+                r#"listen: "127.0.0.1:8080""#,
+                &format!(r#"listen: ["127.0.0.1:8080", {{address: "127.0.0.1:8443", tls: {{cert: {cert}, key: k.pem}}}}]"#),
+            ))
+            .unwrap()
+        };
+        assert!(tls("a.pem")
+            .restart_only_differences(&tls("b.pem"))
+            .is_empty());
+        assert_eq!(
+            tls("a.pem").restart_only_differences(&parse(GOOD).unwrap()),
+            vec!["listen"]
+        );
+    }
+
+    #[test]
+    fn https_upstreams_and_their_ca() {
+        let c = parse(&GOOD.replace(
+            "\"127.0.0.1:11434\"",
+            "\"https://LocalHost:11434\", \"https://[::1]:8443/\"",
+        ))
+        .unwrap();
+        let ups = &c.routes[0].upstreams;
+        assert_eq!(ups[0].tls.as_deref(), Some("localhost"));
+        assert_eq!(ups[0].addr, "127.0.0.1:11434".parse().unwrap());
+        assert_eq!(ups[1].tls.as_deref(), Some("::1"));
+        assert_eq!(
+            ups[0].to_string(),
+            "https://localhost:11434 (127.0.0.1:11434)"
+        );
+        let e = err(&GOOD.replace("\"127.0.0.1:11434\"", "\"ftp://127.0.0.1:11434\""));
+        assert!(e.contains("https://host:port (TLS)"), "{e}");
+        let e = err(&GOOD.replace(
+            "\"127.0.0.1:11434\"]",
+            "\"127.0.0.1:11434\"]\n    upstream_ca: ca.pem",
+        ));
+        assert!(
+            e.contains("upstream_ca is set but no upstream is https://"),
+            "{e}"
+        );
+        let e = err(&GOOD.replace(
+            "\"127.0.0.1:11434\"]",
+            "\"https://127.0.0.1:11434\"]\n    upstream_ca: /no/such/ca.pem",
+        ));
+        assert!(e.starts_with("/no/such/ca.pem: cannot read"), "{e}");
+        let e = err(&GOOD.replace(
+            "\"127.0.0.1:11434\"]",
+            "\"https://127.0.0.1:11434\"]\n    health_check: {path: /}",
+        ));
+        assert!(
+            e.contains("health_check is not available for https://"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -11,6 +11,8 @@
 mod clients;
 mod error;
 mod gateway;
+mod listen;
+mod pem;
 mod values;
 
 pub use clients::{
@@ -20,10 +22,12 @@ pub use clients::{
 pub use error::{LoadError, Location};
 pub use gateway::{
     ApiKind, AuditDest, Config, CorsSpec, FileConfig, HealthCheckSpec, Limits, RouteSpec,
-    ThrottleSpec, DEFAULT_CHECK_INTERVAL, DEFAULT_CHECK_TIMEOUT, DEFAULT_CONNECT_TIMEOUT,
-    DEFAULT_CORS_HEADERS, DEFAULT_CORS_MAX_AGE, DEFAULT_READ_TIMEOUT, DEFAULT_SHUTDOWN_GRACE,
-    DEFAULT_UPGRADE_SOCK,
+    ThrottleSpec, UpstreamCa, UpstreamSpec, DEFAULT_CHECK_INTERVAL, DEFAULT_CHECK_TIMEOUT,
+    DEFAULT_CONNECT_TIMEOUT, DEFAULT_CORS_HEADERS, DEFAULT_CORS_MAX_AGE, DEFAULT_READ_TIMEOUT,
+    DEFAULT_SHUTDOWN_GRACE, DEFAULT_UPGRADE_SOCK,
 };
+pub use listen::{https_port, is_dns_name, AcmeSpec, ListenKind, ListenSpec, TlsSource};
+pub use pem::{parse_certificates, parse_private_key, read_certificates, read_private_key};
 pub use values::{
     any_contains, any_model_matches, ByteSize, IpRange, ModelPattern, Rate, TokenRate,
     MAX_MODEL_NAME, MAX_TOKEN_BUDGET,

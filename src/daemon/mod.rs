@@ -9,6 +9,7 @@
 
 mod health_check;
 mod reload;
+mod tls;
 mod watch;
 
 pub use health_check::probe;
@@ -16,12 +17,13 @@ pub use reload::Reloader;
 pub use watch::DEBOUNCE;
 
 use std::net::TcpListener;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use log::{error, info, warn};
+use pingora::apps::HttpServerOptions;
 use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{ExecutionPhase, Server};
@@ -30,12 +32,14 @@ use prometheus::IntGauge;
 use signal_hook::consts::{SIGHUP, SIGUSR1};
 use signal_hook::iterator::Signals;
 
+use self::tls::TlsListeners;
 use self::watch::{next_trigger, FileWatcher, Trigger};
-use crate::config::{AuditDest, LoadError};
+use crate::config::{AuditDest, ListenKind, LoadError};
 use crate::ops::{Admin, AuditLog, Live, Metrics, SharedLive};
 use crate::policy::{load_timed, Snapshot};
-use crate::proxy::{ClientApp, Gateway};
+use crate::proxy::{ClientApp, Gateway, Listeners};
 use crate::state::Carried;
+use crate::tls::Challenges;
 
 /// Read buffer per client connection. Pingora's default (64 KiB) is held
 /// for as long as a connection lives, idle keep-alive ones included:
@@ -101,6 +105,8 @@ pub fn run(config_path: &Path, upgrade: bool, signals: Signals) -> Result<(), St
     info!("{}", config.clients.describe());
 
     let metrics = Arc::new(Metrics::new());
+    let tls = Arc::new(TlsListeners::load(&config, Arc::clone(&metrics))?);
+    let challenges = Arc::new(Challenges::default());
     let audit = match &config.audit_log {
         None => None,
         Some(dest) => Some(
@@ -123,6 +129,7 @@ pub fn run(config_path: &Path, upgrade: bool, signals: Signals) -> Result<(), St
             Arc::clone(&metrics),
             Arc::clone(&carried),
         ),
+        Arc::clone(&tls),
         audit.clone(),
         signals,
     );
@@ -148,25 +155,47 @@ pub fn run(config_path: &Path, upgrade: bool, signals: Signals) -> Result<(), St
     server.bootstrap();
 
     // Pingora's proxy, behind the connection cap and the client timeouts.
-    let proxy = pingora::proxy::http_proxy(
+    let mut proxy = pingora::proxy::http_proxy(
         &server.configuration,
         Gateway::new(
             Arc::clone(&shared),
             Arc::clone(&carried),
             Arc::clone(&metrics),
             audit,
+            Listeners::new(&config.listeners, Arc::clone(&challenges)),
         ),
     );
+    // HTTP/2 connections are Pingora's to keep alive: they get the idle
+    // timeout in force at start.
+    let mut options = HttpServerOptions::default();
+    options.h2_idle_timeout = Some(config.clients.idle_timeout);
+    proxy.server_options = Some(options);
     let app = ClientApp::new(proxy, Arc::clone(&shared), Arc::clone(&metrics));
     let mut service = ListeningService::new("ai-gateway".to_string(), app);
-    for addr in &config.listen {
-        service.add_listener(
-            ListenerConfig::tcp(addr.to_string())
-                .l4_buffer(L4BufferSettings::default().read(CLIENT_READ_BUFFER)),
-        );
-        info!("listening on http://{addr}");
+    for l in &config.listeners {
+        let mut listener = ListenerConfig::tcp(l.addr.to_string())
+            .l4_buffer(L4BufferSettings::default().read(CLIENT_READ_BUFFER));
+        if l.is_tls() {
+            let Some(settings) = tls.settings(l.addr) else {
+                error!("no TLS settings for {}; exiting", l.addr);
+                std::process::exit(1);
+            };
+            listener = listener.tls(settings);
+        }
+        service.add_listener(listener);
+        match l.kind {
+            ListenKind::Redirect => info!("listening on {} (redirecting to https)", l.url()),
+            ListenKind::Tls(_) => info!("listening on {} (HTTP/2 and HTTP/1.1)", l.url()),
+            ListenKind::Plain => info!("listening on {}", l.url()),
+        }
     }
     server.add_service(service);
+    let plain = config
+        .listeners
+        .iter()
+        .find(|l| !l.is_tls())
+        .map(|l| l.addr);
+    tls.start_acme(Arc::clone(&challenges), plain);
 
     if let Some(addr) = config.admin_listen {
         let admin = Admin {
@@ -196,7 +225,12 @@ pub fn run(config_path: &Path, upgrade: bool, signals: Signals) -> Result<(), St
 /// Starts the threads that turn signals and file changes into reloads and
 /// audit log reopens. Reload triggers arrive on one channel, so reloads
 /// never run concurrently.
-fn start_reloader(reloader: Reloader, audit: Option<AuditLog>, signals: Signals) {
+fn start_reloader(
+    reloader: Reloader,
+    tls: Arc<TlsListeners>,
+    audit: Option<AuditLog>,
+    signals: Signals,
+) {
     let (tx, rx) = mpsc::channel();
     let signal_tx = tx.clone();
     let mut signals = signals;
@@ -222,7 +256,10 @@ fn start_reloader(reloader: Reloader, audit: Option<AuditLog>, signals: Signals)
     let watch_files = |w: &mut Option<FileWatcher>, snapshot: &Snapshot| {
         if let Some(w) = w.as_mut() {
             if snapshot.config.watch {
-                w.set_files(&[&snapshot.config.path, &snapshot.config.keys_file]);
+                let certs = TlsListeners::watched_files(&snapshot.config);
+                let mut files: Vec<&Path> = vec![&snapshot.config.path, &snapshot.config.keys_file];
+                files.extend(certs.iter().map(PathBuf::as_path));
+                w.set_files(&files);
             } else {
                 w.set_files(&[]);
             }
@@ -239,6 +276,10 @@ fn start_reloader(reloader: Reloader, audit: Option<AuditLog>, signals: Signals)
             if reloader.reload(why).is_ok() {
                 watch_files(&mut watcher, &reloader.current().snapshot);
             }
+            // Certificates are re-read whatever became of the config (a
+            // renewed certificate is served even while the config has a
+            // mistake), from the paths of the snapshot in service.
+            tls.reload(&reloader.current().snapshot.config);
         }
     });
 }
@@ -303,7 +344,7 @@ fn exit_if_listeners_fail() {
     }));
 }
 
-fn spawn_thread(name: &str, f: impl FnOnce() + Send + 'static) {
+pub(crate) fn spawn_thread(name: &str, f: impl FnOnce() + Send + 'static) {
     if let Err(e) = std::thread::Builder::new().name(name.into()).spawn(f) {
         error!("cannot start the {name} thread: {e}");
         std::process::exit(1);

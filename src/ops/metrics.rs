@@ -13,8 +13,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::config::ModelPattern;
@@ -144,6 +144,14 @@ pub struct Metrics {
     user_tokens: IntCounterVec,
     usage_sources: IntCounterVec,
     model_labels: Mutex<ModelLabels>,
+    /// TLS certificates re-read on reload, by result.
+    cert_reload_ok: IntCounter,
+    cert_reload_failed: IntCounter,
+    /// ACME orders (obtaining or renewing), by result.
+    acme_ok: IntCounter,
+    acme_failed: IntCounter,
+    /// When each TLS listener's certificate expires (Unix seconds).
+    cert_expiry: IntGaugeVec,
     route_cache: std::sync::Mutex<HashMap<String, Arc<RouteMetrics>>>,
 }
 
@@ -273,6 +281,28 @@ impl Metrics {
             &["reason"],
         );
         let reloads = counter_vec(&r, "agw_reloads_total", "Reloads by result.", &["result"]);
+        let cert_reloads = counter_vec(
+            &r,
+            "agw_tls_cert_reloads_total",
+            "Certificate files re-read on reload, by result (a failed one keeps the old certificate).",
+            &["result"],
+        );
+        let acme = counter_vec(
+            &r,
+            "agw_acme_orders_total",
+            "ACME orders (a first certificate or a renewal), by result.",
+            &["result"],
+        );
+        let cert_expiry = IntGaugeVec::new(
+            Opts::new(
+                "agw_tls_cert_expiry_timestamp_seconds",
+                "When the certificate each TLS listener serves expires (Unix time).",
+            ),
+            &["listener"],
+        )
+        .expect("static metric definition");
+        r.register(Box::new(cert_expiry.clone()))
+            .expect("metric registered once");
         let client_timeouts = counter_vec(
             &r,
             "agw_client_timeouts_total",
@@ -312,6 +342,11 @@ impl Metrics {
             auth_failures: Refusal::ALL
                 .map(|k| k.key_denial().map(|_| auth.with_label_values(&[k.label()]))),
             in_flight: gauge(&r, "agw_requests_in_flight", "Requests being served now."),
+            cert_reload_ok: cert_reloads.with_label_values(&["ok"]),
+            cert_reload_failed: cert_reloads.with_label_values(&["error"]),
+            acme_ok: acme.with_label_values(&["ok"]),
+            acme_failed: acme.with_label_values(&["error"]),
+            cert_expiry,
             reload_ok: reloads.with_label_values(&["ok"]),
             reload_failed: reloads.with_label_values(&["error"]),
             keys_loaded: gauge(&r, "agw_keys_loaded", "Keys in the current snapshot."),
@@ -489,6 +524,30 @@ impl Metrics {
         } else {
             self.reload_failed.inc();
         }
+    }
+
+    pub fn cert_reloaded(&self, ok: bool) {
+        if ok {
+            self.cert_reload_ok.inc();
+        } else {
+            self.cert_reload_failed.inc();
+        }
+    }
+
+    pub fn acme_order(&self, ok: bool) {
+        if ok {
+            self.acme_ok.inc();
+        } else {
+            self.acme_failed.inc();
+        }
+    }
+
+    /// Records when the certificate served on `listener` expires.
+    pub fn cert_expires(&self, listener: &str, not_after: std::time::SystemTime) {
+        let secs = not_after
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        self.cert_expiry.with_label_values(&[listener]).set(secs);
     }
 
     /// The Prometheus text exposition of every metric.

@@ -15,7 +15,10 @@ use std::time::Duration;
 use http::{HeaderValue, Method};
 use pingora::upstreams::peer::HttpPeer;
 
-use crate::config::{ApiKind, CorsSpec, HealthCheckSpec, IpRange, Limits, ModelPattern, RouteSpec};
+use crate::config::{
+    ApiKind, CorsSpec, HealthCheckSpec, IpRange, Limits, ModelPattern, RouteSpec, UpstreamCa,
+    UpstreamSpec,
+};
 use crate::keys::{ServiceId, ServiceTable};
 use crate::state::{HealthBook, UpstreamHealth};
 
@@ -109,6 +112,8 @@ impl Cors {
 #[derive(Debug)]
 pub struct Upstream {
     pub addr: SocketAddr,
+    /// How it was written (`https://name:port` or `host:port`), for logs.
+    pub spec: UpstreamSpec,
     pub peer: HttpPeer,
     pub health: Arc<UpstreamHealth>,
 }
@@ -124,17 +129,24 @@ impl Route {
             .methods
             .as_ref()
             .and_then(|ms| HeaderValue::from_str(&ms.join(", ")).ok());
+        let ca = spec.upstream_ca.as_ref().and_then(ca_list);
         let mut upstreams: Vec<Upstream> = Vec::new();
-        let mut pool_of = |addrs: &[SocketAddr]| {
-            let mut members: Vec<usize> = Vec::with_capacity(addrs.len());
-            for addr in addrs {
-                let i = match upstreams.iter().position(|u| u.addr == *addr) {
+        let mut pool_of = |ups: &mut dyn Iterator<Item = UpstreamSpec>| {
+            let mut members: Vec<usize> = Vec::new();
+            for up in ups {
+                let i = match upstreams.iter().position(|u| u.spec == up) {
                     Some(i) => i,
                     None => {
                         upstreams.push(Upstream {
-                            addr: *addr,
-                            peer: make_peer(*addr, spec.connect_timeout, spec.read_timeout),
-                            health: health.entry(*addr),
+                            addr: up.addr,
+                            peer: make_peer(
+                                &up,
+                                ca.as_ref(),
+                                spec.connect_timeout,
+                                spec.read_timeout,
+                            ),
+                            health: health.entry(up.addr),
+                            spec: up,
                         });
                         upstreams.len() - 1
                     }
@@ -148,10 +160,10 @@ impl Route {
                 next: AtomicUsize::new(0),
             }
         };
-        let mut pools = vec![pool_of(&spec.upstreams)];
+        let mut pools = vec![pool_of(&mut spec.upstreams.iter().cloned())];
         let mut model_pools = Vec::with_capacity(spec.model_upstreams.len());
         for (pattern, addrs) in &spec.model_upstreams {
-            pools.push(pool_of(addrs));
+            pools.push(pool_of(&mut addrs.iter().cloned()));
             model_pools.push((pattern.clone(), pools.len() - 1));
         }
         Route {
@@ -309,8 +321,38 @@ impl Route {
     }
 }
 
-fn make_peer(addr: SocketAddr, connect: Duration, read: Duration) -> HttpPeer {
-    let mut peer = HttpPeer::new(addr, false, String::new());
+/// Pingora's form of a route's `upstream_ca` (built once per load). The
+/// certificates were checked to parse when the config was loaded; a list
+/// that came out empty anyway is left out (Pingora refuses an empty one).
+fn ca_list(ca: &UpstreamCa) -> Option<Arc<pingora::protocols::tls::CaType>> {
+    use pingora::utils::tls::{parse_x509, WrappedX509};
+    let certs: Vec<WrappedX509> = ca
+        .certs
+        .iter()
+        .filter(|der| x509_parser::parse_x509_certificate(der).is_ok())
+        .map(|der| WrappedX509::new(der.clone(), parse_x509))
+        .collect();
+    (!certs.is_empty()).then(|| Arc::from(certs))
+}
+
+/// A peer for one upstream: plain HTTP, or TLS verified against the
+/// route's CA (or the system's roots) for the name it was written with.
+fn make_peer(
+    up: &UpstreamSpec,
+    ca: Option<&Arc<pingora::protocols::tls::CaType>>,
+    connect: Duration,
+    read: Duration,
+) -> HttpPeer {
+    let mut peer = match &up.tls {
+        Some(name) => {
+            let mut peer = HttpPeer::new(up.addr, true, name.clone());
+            peer.options.verify_cert = true;
+            peer.options.verify_hostname = true;
+            peer.options.ca = ca.cloned();
+            peer
+        }
+        None => HttpPeer::new(up.addr, false, String::new()),
+    };
     peer.options.connection_timeout = Some(connect);
     peer.options.total_connection_timeout = Some(connect);
     peer.options.read_timeout = Some(read);
@@ -394,9 +436,10 @@ mod tests {
             service: name.into(),
             strip_prefix: strip.then(|| prefix.to_string()),
             upstreams: vec![
-                "127.0.0.1:1".parse().unwrap(),
-                "127.0.0.1:2".parse().unwrap(),
+                UpstreamSpec::plain("127.0.0.1:1".parse().unwrap()),
+                UpstreamSpec::plain("127.0.0.1:2".parse().unwrap()),
             ],
+            upstream_ca: None,
             connect_timeout: Duration::from_secs(1),
             read_timeout: Duration::from_secs(2),
             health_check: None,
@@ -516,14 +559,15 @@ mod tests {
     fn models_choose_their_pool_and_others_the_default() {
         let mut s = spec("chat", "/v1/", false);
         let addr = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
+        let up = |p: u16| UpstreamSpec::plain(addr(p));
         s.api = Some(ApiKind::Openai);
         s.model_upstreams = vec![
-            (ModelPattern::parse("llama3*").unwrap(), vec![addr(11434)]),
+            (ModelPattern::parse("llama3*").unwrap(), vec![up(11434)]),
             (
                 ModelPattern::parse("qwen*").unwrap(),
-                vec![addr(11435), addr(2)],
+                vec![up(11435), up(2)],
             ),
-            (ModelPattern::parse("qwen2.5").unwrap(), vec![addr(9)]),
+            (ModelPattern::parse("qwen2.5").unwrap(), vec![up(9)]),
         ];
         let r = router(&[s]);
         let route = r.get(0).unwrap();

@@ -133,6 +133,10 @@ pub enum Outcome {
     Refused(Refusal),
     /// Accepted, then the client went away before the answer was complete.
     ClientGone,
+    /// An ACME HTTP-01 challenge, answered before any key check.
+    AcmeChallenge,
+    /// A `redirect_https` listener's `308`.
+    Redirected,
 }
 
 impl Outcome {
@@ -143,6 +147,8 @@ impl Outcome {
             Outcome::Accepted => "accepted",
             Outcome::Refused(r) => r.label(),
             Outcome::ClientGone => "client_closed",
+            Outcome::AcmeChallenge => "acme_challenge",
+            Outcome::Redirected => "redirect_https",
         }
     }
 }

@@ -18,6 +18,7 @@ use super::connection;
 use super::context::{Outcome, RequestCtx};
 use super::framing::check_head;
 use super::headers::{rewrite_for_upstream, Identity};
+use super::listener::{is_tls, FrontDoor, Listeners};
 use super::reply::{add_cors, refusal_for, send_refusal, upstream_error_kind};
 use crate::config::any_contains;
 use crate::keys::unix_millis;
@@ -38,6 +39,8 @@ pub struct Gateway {
     carried: Arc<Carried>,
     metrics: Arc<Metrics>,
     audit: Option<AuditLog>,
+    /// ACME challenges and redirects, by listener.
+    listeners: Listeners,
     /// The zero of the monotonic clock per-key rate windows are kept in.
     started: Instant,
 }
@@ -48,12 +51,14 @@ impl Gateway {
         carried: Arc<Carried>,
         metrics: Arc<Metrics>,
         audit: Option<AuditLog>,
+        listeners: Listeners,
     ) -> Self {
         Gateway {
             live,
             carried,
             metrics,
             audit,
+            listeners,
             started: Instant::now(),
         }
     }
@@ -64,6 +69,19 @@ impl Gateway {
     fn now_ms(&self) -> u64 {
         u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
+}
+
+/// Whether a connect error is the TLS handshake's (a certificate that
+/// does not verify, a protocol mismatch).
+fn is_tls_error(e: &Error) -> bool {
+    matches!(
+        e.etype(),
+        ErrorType::TLSHandshakeFailure
+            | ErrorType::TLSHandshakeTimedout
+            | ErrorType::InvalidCert
+            | ErrorType::HandshakeError
+            | ErrorType::TLSWantX509Lookup
+    )
 }
 
 fn internal(why: &'static str) -> Box<Error> {
@@ -93,6 +111,17 @@ impl ProxyHttp for Gateway {
     /// (addresses, path, route, method, key, body size), then the key's
     /// rate and concurrency limits.
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        match self.listeners.handle(session).await? {
+            FrontDoor::Pass => {}
+            FrontDoor::Challenge => {
+                ctx.outcome = Outcome::AcmeChallenge;
+                return Ok(true);
+            }
+            FrontDoor::Redirected => {
+                ctx.outcome = Outcome::Redirected;
+                return Ok(true);
+            }
+        }
         let req = session.req_header();
         ctx.request_id = Some(request_id::for_request(req.headers.get("x-request-id")));
         let snapshot = &ctx.live.snapshot;
@@ -258,10 +287,19 @@ impl ProxyHttp for Gateway {
         if let Some(up) = ctx.upstream.and_then(|a| route.upstream(a)) {
             let now_ms = unix_millis(SystemTime::now());
             let checked = route.health_check().is_some();
-            if up.health.connect_failed(now_ms, checked) == Transition::WentDown {
+            let went_down = up.health.connect_failed(now_ms, checked) == Transition::WentDown;
+            if is_tls_error(&e) {
+                // A certificate the gateway cannot verify is a setup
+                // mistake worth a line each time it is met.
+                log::warn!(
+                    "upstream {} of route {:?}: TLS handshake failed: {e}",
+                    up.spec,
+                    route.name
+                );
+            } else if went_down {
                 log::warn!(
                     "upstream {} of route {:?} failed to connect ({:?}): out of rotation",
-                    up.addr,
+                    up.spec,
                     route.name,
                     e.etype()
                 );
@@ -319,6 +357,7 @@ impl ProxyHttp for Gateway {
             request_id: ctx.request_id.as_ref(),
             peer,
             peer_trusted: peer.is_some_and(|p| any_contains(&config.trusted_proxies, p)),
+            tls: is_tls(session),
         };
         let underscores = config.underscores_in_headers;
         rewrite_for_upstream(upstream_request, underscores, &who)?;

@@ -32,6 +32,8 @@ pub struct Identity<'a> {
     /// Whether the peer is a trusted proxy, whose `X-Forwarded-For` chain
     /// is passed on (with the peer appended) instead of replaced.
     pub peer_trusted: bool,
+    /// Whether the client connected over TLS (`X-Forwarded-Proto: https`).
+    pub tls: bool,
 }
 
 /// Removes the client's credential and gateway-owned headers, drops header
@@ -85,7 +87,7 @@ pub fn rewrite_for_upstream(
     if let Some(chain) = forwarded_for {
         req.insert_header("x-forwarded-for", chain)?;
     }
-    req.insert_header("x-forwarded-proto", "http")?;
+    req.insert_header("x-forwarded-proto", if who.tls { "https" } else { "http" })?;
     Ok(())
 }
 
@@ -138,6 +140,7 @@ mod tests {
             request_id: None,
             peer: Some(IpAddr::from([127, 0, 0, 1])),
             peer_trusted: false,
+            tls: false,
         };
         rewrite_for_upstream(&mut r, false, &who).unwrap();
         assert_eq!(
@@ -168,6 +171,7 @@ mod tests {
             request_id: None,
             peer: None,
             peer_trusted: false,
+            tls: false,
         };
         rewrite_for_upstream(&mut r, true, &who).unwrap();
         assert_eq!(names(&r), ["x-forwarded-proto", "x_custom"]);
@@ -184,6 +188,7 @@ mod tests {
             request_id: None,
             peer: Some(IpAddr::from([127, 0, 0, 1])),
             peer_trusted: true,
+            tls: false,
         };
         rewrite_for_upstream(&mut r, false, &who).unwrap();
         assert_eq!(

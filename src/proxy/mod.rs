@@ -5,10 +5,15 @@
 //! timeouts.
 //!
 //! ```text
-//!  client ─▶ new_ctx                 the one snapshot load
+//!  client ─▶ (TLS listeners: the handshake, in Pingora's listener, with
+//!             the certificate the listener's slot holds now; ALPN h2 or
+//!             http/1.1)
+//!         ─▶ new_ctx                 the one snapshot load
 //!         ─▶ early_request_filter    stop the head's clock (see `connection`),
 //!                                    bound each read of the body
-//!         ─▶ request_filter          request id; head checks (framing,
+//!         ─▶ request_filter          plain listeners: ACME HTTP-01 challenges,
+//!              │                     then `redirect_https` (308); then
+//!              │                     request id; head checks (framing,
 //!              │                     host, size); path, route, method,
 //!              │                     upgrade, key: one decision
 //!              └ refused ─▶ JSON 4xx from the Refusal, then logging
@@ -32,6 +37,7 @@ mod context;
 mod framing;
 mod gateway;
 mod headers;
+mod listener;
 mod reply;
 
 pub use connection::ClientApp;
@@ -39,3 +45,4 @@ pub use connection::ClientApp;
 pub use context::{AiRequest, Outcome, Replay, RequestCtx};
 pub use framing::MAX_HEADER_BYTES;
 pub use gateway::Gateway;
+pub use listener::Listeners;

@@ -23,7 +23,9 @@
 
 pub mod ai_upstream;
 pub mod gateway;
+pub mod pebble;
 pub mod raw_http;
+pub mod tls;
 pub mod upstreams;
 pub mod util;
 

@@ -5,8 +5,12 @@
 //!
 //! ```text
 //!  accept ─▶ ClientApp::process_new
-//!     ├ max_connections open ─▶ 503 JSON, Connection: close (counted, not logged)
-//!     ├ HTTP/2 (ALPN h2) ─▶ Pingora's proxy as it is (no head clock)
+//!     ├ max_connections open ─▶ 503 JSON, Connection: close (HTTP/2: closed
+//!     │    without an answer); counted, not logged
+//!     ├ HTTP/2 (TLS, ALPN h2) ─▶ the stream wrapped in a ClientStream;
+//!     │    head clock from accept until the client's connection preface
+//!     │    is in, then Pingora's HTTP/2 server (its idle limit is
+//!     │    client_idle_timeout as it was at start)
 //!     └ HTTP/1 ─▶ the stream wrapped in a ClientStream; then per request:
 //!          head clock (from accept, later from the head's first byte)
 //!          │  or idle clock (between requests, until that first byte)
@@ -38,7 +42,7 @@ use std::task::Poll;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use pingora::apps::{HttpServerApp, ReusedHttpStream, ServerApp};
+use pingora::apps::{HttpServerApp, ServerApp};
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::{Stream, ALPN};
 use pingora::proxy::{HttpProxy, Session};
@@ -142,6 +146,36 @@ impl ClientApp {
     }
 }
 
+impl ClientApp {
+    /// Serves an HTTP/2 connection (or anything else Pingora recognises
+    /// by ALPN) as Pingora does, with the head's clock on its connection
+    /// preface: a client that completes the TLS handshake and then says
+    /// nothing is closed at `client_header_timeout`.
+    async fn serve_h2(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+        accepted: Instant,
+        limits: &ClientLimits,
+    ) -> Option<Stream> {
+        let h2 = matches!(stream.selected_alpn_proto(), Some(ALPN::H2));
+        if !h2 {
+            return ServerApp::process_new(&self.proxy, stream, shutdown).await;
+        }
+        let stream: Stream = Box::new(ClientStream::new_h2(stream));
+        let mut clock = Clock::Head;
+        let timer = pin!(tokio::time::sleep_until(accepted + limits.header_timeout));
+        let fut = ServerApp::process_new(&self.proxy, stream, shutdown);
+        match serve_request(fut, &mut clock, timer, limits.header_timeout).await {
+            Ok(stream) => stream,
+            Err(kind) => {
+                self.metrics.client_timeout(kind);
+                None
+            }
+        }
+    }
+}
+
 /// Which clock runs for the current request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Clock {
@@ -154,15 +188,16 @@ enum Clock {
     Off,
 }
 
-/// Polls one request of Pingora's until it ends, or until the running
-/// clock (`timer`) runs out first: then the request is dropped (and with it
-/// the connection) and the kind of timeout returned.
-async fn serve_request(
-    mut fut: Pin<Box<dyn Future<Output = Option<ReusedHttpStream>> + Send + '_>>,
+/// Polls one request of Pingora's (or an HTTP/2 connection) until it
+/// ends, or until the running clock (`timer`) runs out first: then the
+/// request is dropped (and with it the connection) and the kind of timeout
+/// returned.
+async fn serve_request<T>(
+    mut fut: Pin<Box<dyn Future<Output = T> + Send + '_>>,
     clock: &mut Clock,
     mut timer: Pin<&mut Sleep>,
     header_timeout: Duration,
-) -> Result<Option<ReusedHttpStream>, ClientTimeout> {
+) -> Result<T, ClientTimeout> {
     poll_fn(|cx| {
         // Pingora's future first, so bytes that have arrived are never
         // refused for a timeout.
@@ -188,8 +223,18 @@ async fn serve_request(
     .await
 }
 
-/// Closes a connection over the cap with a short 503.
+/// Closes a connection over the cap: with a short 503 when it speaks
+/// HTTP/1; an HTTP/2 connection (ALPN h2) is closed without an answer, as
+/// an HTTP/1 text would be garbage to it.
 async fn refuse(mut stream: Stream) {
+    if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
+        let _ = tokio::time::timeout(
+            OVER_CAP_WRITE,
+            pingora::protocols::Shutdown::shutdown(&mut *stream),
+        )
+        .await;
+        return;
+    }
     let answered = tokio::time::timeout(OVER_CAP_WRITE, async {
         stream.write_all(OVER_CAP_RESPONSE).await?;
         stream.flush().await
@@ -218,9 +263,7 @@ impl ServerApp for ClientApp {
             self.serve_http1(stream, shutdown, accepted, &limits).await;
             None
         } else {
-            // HTTP/2 is not offered yet; should it be, it runs as Pingora
-            // runs it, inside the cap but without the head clock.
-            ServerApp::process_new(&self.proxy, stream, shutdown).await
+            self.serve_h2(stream, shutdown, accepted, &limits).await
         }
     }
 

@@ -8,7 +8,7 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -33,7 +33,15 @@ pub struct ClientStream {
     /// Pingora hands the stream out by shared reference; one relaxed load
     /// per read.)
     awaiting_head: AtomicBool,
+    /// HTTP/2: bytes of the client's connection preface still to come (its
+    /// 24-byte magic and the first frame's 9-byte header); when they are
+    /// in, the head's clock stops. 0 for HTTP/1.
+    preface_left: AtomicUsize,
 }
+
+/// The HTTP/2 client connection preface and the header of the SETTINGS
+/// frame that must follow it (RFC 9113 section 3.4).
+const H2_PREFACE_LEN: usize = 24 + 9;
 
 impl ClientStream {
     /// Wraps a freshly accepted stream (whose first head's clock started
@@ -42,6 +50,18 @@ impl ClientStream {
         ClientStream {
             inner,
             awaiting_head: AtomicBool::new(false),
+            preface_left: AtomicUsize::new(0),
+        }
+    }
+
+    /// Wraps a fresh HTTP/2 connection (TLS with ALPN h2): the head's
+    /// clock, started at accept, stops once the client's connection
+    /// preface has arrived.
+    pub fn new_h2(inner: Stream) -> ClientStream {
+        ClientStream {
+            inner,
+            awaiting_head: AtomicBool::new(false),
+            preface_left: AtomicUsize::new(H2_PREFACE_LEN),
         }
     }
 
@@ -65,6 +85,20 @@ impl AsyncRead for ClientStream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        let preface_left = this.preface_left.load(Ordering::Relaxed);
+        if preface_left > 0 {
+            let before = buf.filled().len();
+            let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
+            let got = buf.filled().len().saturating_sub(before);
+            if matches!(polled, Poll::Ready(Ok(()))) && got > 0 {
+                let left = preface_left.saturating_sub(got);
+                this.preface_left.store(left, Ordering::Relaxed);
+                if left == 0 {
+                    events::post(Event::HeadComplete);
+                }
+            }
+            return polled;
+        }
         if !this.awaiting_head.load(Ordering::Relaxed) {
             return Pin::new(&mut this.inner).poll_read(cx, buf);
         }
@@ -218,6 +252,25 @@ mod tests {
             s.await_next_head();
             drop(client);
             assert_eq!(s.read(&mut buf).await.unwrap(), 0);
+            assert_eq!(events::take(), None);
+        });
+    }
+
+    #[test]
+    fn an_h2_preface_stops_the_clock_once_complete() {
+        runtime().block_on(async {
+            let (mut client, server) = tokio::io::duplex(64);
+            let mut s = ClientStream::new_h2(Box::new(server));
+            let mut buf = [0u8; 64];
+            let _ = events::take();
+            client.write_all(&[0u8; 20]).await.unwrap();
+            assert_eq!(s.read(&mut buf).await.unwrap(), 20);
+            assert_eq!(events::take(), None);
+            client.write_all(&[0u8; 13]).await.unwrap();
+            assert_eq!(s.read(&mut buf).await.unwrap(), 13);
+            assert_eq!(events::take(), Some(Event::HeadComplete));
+            client.write_all(&[0u8; 5]).await.unwrap();
+            assert_eq!(s.read(&mut buf).await.unwrap(), 5);
             assert_eq!(events::take(), None);
         });
     }
