@@ -9,6 +9,7 @@
 
 mod health_check;
 mod reload;
+pub mod services;
 mod watch;
 
 pub use health_check::probe;
@@ -22,8 +23,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use log::{error, info, warn};
-use pingora::listeners::{L4BufferSettings, ListenerConfig};
-use pingora::server::configuration::{Opt, ServerConf};
+use pingora::server::configuration::Opt;
 use pingora::server::{ExecutionPhase, Server};
 use pingora::services::listening::Service as ListeningService;
 use prometheus::IntGauge;
@@ -34,14 +34,8 @@ use self::watch::{next_trigger, FileWatcher, Trigger};
 use crate::config::{AuditDest, LoadError};
 use crate::ops::{Admin, AuditLog, Live, Metrics, SharedLive};
 use crate::policy::{load_timed, Snapshot};
-use crate::proxy::{ClientApp, Gateway};
+use crate::proxy::Gateway;
 use crate::state::Carried;
-
-/// Read buffer per client connection. Pingora's default (64 KiB) is held
-/// for as long as a connection lives, idle keep-alive ones included:
-/// 10,000 idle clients cost ~850 MB with it. Requests to model servers are
-/// small, and larger reads (uploads) bypass the buffer anyway.
-const CLIENT_READ_BUFFER: usize = 8 * 1024;
 
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
@@ -135,38 +129,29 @@ pub fn run(config_path: &Path, upgrade: bool, signals: Signals) -> Result<(), St
         test: false,
         conf: None,
     };
-    let conf = ServerConf {
-        threads: config.threads,
-        grace_period_seconds: Some(grace.as_secs().max(1)),
-        graceful_shutdown_timeout_seconds: Some(1),
-        upgrade_sock: config.upgrade_sock.display().to_string(),
-        ..ServerConf::default()
-    };
-    let mut server = Server::new_with_opt_and_conf(opt, conf);
+    let mut server =
+        Server::new_with_opt_and_conf(opt, services::server_conf(&config, config.threads));
     // On an upgrade this receives the listening sockets from the old
     // process (and exits 1 if there is none to receive them from).
     server.bootstrap();
 
-    // Pingora's proxy, behind the connection cap and the client timeouts.
-    let proxy = pingora::proxy::http_proxy(
-        &server.configuration,
-        Gateway::new(
-            Arc::clone(&shared),
-            Arc::clone(&carried),
-            Arc::clone(&metrics),
-            audit,
-        ),
-    );
-    let app = ClientApp::new(proxy, Arc::clone(&shared), Arc::clone(&metrics));
-    let mut service = ListeningService::new("ai-gateway".to_string(), app);
-    for addr in &config.listen {
-        service.add_listener(
-            ListenerConfig::tcp(addr.to_string())
-                .l4_buffer(L4BufferSettings::default().read(CLIENT_READ_BUFFER)),
+    let threads = if upgrade && services::inherited_without_reuseport(&config.listen) {
+        warn!(
+            "the listening sockets came from a gateway without per-core services: \
+             one proxy service of {} threads serves them until the next restart",
+            config.threads
         );
-        info!("listening on http://{addr}");
-    }
-    server.add_service(service);
+        vec![config.threads]
+    } else {
+        services::layout(config.threads, &config.listen, config.admin_listen)
+    };
+    let gateway = Gateway::new(
+        Arc::clone(&shared),
+        Arc::clone(&carried),
+        Arc::clone(&metrics),
+        audit,
+    );
+    services::add_proxy_services(&mut server, &config, &threads, &gateway, &shared, &metrics);
 
     if let Some(addr) = config.admin_listen {
         let admin = Admin {

@@ -28,7 +28,10 @@ use crate::state::{Carried, Transition};
 const UNKNOWN_CLIENT: IpAddr = IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED);
 
 /// The gateway's proxy logic: the snapshot handle, the state that outlives
-/// it, metrics and the audit log.
+/// it, metrics and the audit log. Each proxy service runs its own clone
+/// (see `daemon::services`): the clones share all of these, and the zero of
+/// the clock the rate windows are kept in.
+#[derive(Clone)]
 pub struct Gateway {
     live: SharedLive,
     carried: Arc<Carried>,

@@ -33,7 +33,7 @@ mod gateway;
 mod headers;
 mod reply;
 
-pub use connection::ClientApp;
+pub use connection::{ClientApp, Slots};
 pub use context::{Outcome, RequestCtx};
 pub use framing::MAX_HEADER_BYTES;
 pub use gateway::Gateway;
