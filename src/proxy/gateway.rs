@@ -9,6 +9,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use log::{debug, warn};
 use pingora::http::ResponseHeader;
+use pingora::modules::http::HttpModules;
 use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::ErrorSource;
@@ -65,6 +66,11 @@ fn internal(why: &'static str) -> Box<Error> {
 #[async_trait]
 impl ProxyHttp for Gateway {
     type CTX = RequestCtx;
+
+    /// No downstream modules: Pingora's default adds a response compression
+    /// module, disabled, whose context is built and consulted for every
+    /// request; the gateway compresses nothing.
+    fn init_downstream_modules(&self, _modules: &mut HttpModules) {}
 
     /// The one snapshot load of the request.
     fn new_ctx(&self) -> RequestCtx {
