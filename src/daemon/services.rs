@@ -107,6 +107,7 @@ pub fn server_conf(config: &Config, threads: usize) -> ServerConf {
         grace_period_seconds: Some(config.shutdown_grace.as_secs().max(1)),
         graceful_shutdown_timeout_seconds: Some(1),
         upgrade_sock: config.upgrade_sock.display().to_string(),
+        work_stealing: false,
         ..ServerConf::default()
     }
 }
