@@ -20,6 +20,8 @@
 #                             a pair of wrk runs, on and off, order alternating)
 #   HTTPS_N=2                 parallel `openssl s_time -new` clients in the
 #                             full-handshake run (HTTPS phase)
+#   RATE=5000  FR_SECS=10  FR_CONNS=32   the fixed-rate latency runs (direct,
+#                             nginx, gateway; ROUNDS rounds, interleaved)
 #   NO_NGINX=1                act as if nginx were not installed
 #   SKIP_BUILD=1              use the existing release binaries
 #   KEEP_TMP=1                keep the temp dir (configs, logs, wrk output)
@@ -42,6 +44,9 @@ IDLE_CONNS=${IDLE_CONNS:-10000}
 STREAM_N=${STREAM_N:-50}
 AI_ROUNDS=${AI_ROUNDS:-8}
 HTTPS_N=${HTTPS_N:-2}
+RATE=${RATE:-5000}
+FR_SECS=${FR_SECS:-10}
+FR_CONNS=${FR_CONNS:-32}
 SKIP_BUILD=${SKIP_BUILD:-0}
 KEEP_TMP=${KEEP_TMP:-0}
 SMALL_KEYS=10
@@ -50,6 +55,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 GATEWAY_BIN=$TARGET_DIR/release/ai-gateway
 UPSTREAM_BIN=$TARGET_DIR/release/examples/bench_upstream
+FIXED_RATE_BIN=$TARGET_DIR/release/examples/fixed_rate
 RESULTS=$ROOT/benches/results-latest.md
 
 INSTALL=0
@@ -126,12 +132,14 @@ fi
 # ---------------------------------------------------------------- build
 
 if [ "$SKIP_BUILD" != 1 ]; then
-    say "building: cargo build --release --bin ai-gateway --example bench_upstream"
-    (cd "$ROOT" && timeout 3600 cargo build --release --bin ai-gateway --example bench_upstream >&2) ||
+    say "building: cargo build --release --bin ai-gateway --example bench_upstream --example fixed_rate"
+    (cd "$ROOT" && timeout 3600 cargo build --release --bin ai-gateway --example bench_upstream \
+        --example fixed_rate >&2) ||
         die "the release build failed"
 fi
 [ -x "$GATEWAY_BIN" ] || die "$GATEWAY_BIN is missing (build with cargo build --release)"
 [ -x "$UPSTREAM_BIN" ] || die "$UPSTREAM_BIN is missing (build with cargo build --release --example bench_upstream)"
+[ -x "$FIXED_RATE_BIN" ] || die "$FIXED_RATE_BIN is missing (build with cargo build --release --example fixed_rate)"
 
 # ---------------------------------------------------------------- setup
 
@@ -555,8 +563,9 @@ EOF
 # $3 = the process tree charged CPU. Leaves HS_RATE and HS_CPU (µs per
 # handshake) set.
 handshake_rate() {
-    local port=$1 secs=$2 pid=$3 c0 c1 i total=0 n pids=()
-    c0=$(cpu_ticks "$pid")
+    local port=$1 secs=$2 pid=$3 c0 c1 u s i total=0 n pids=()
+    read -r u s < <(cpu_ticks "$pid")
+    c0=$((u + s))
     for i in $(seq 1 "$HTTPS_N"); do
         openssl s_time -connect "127.0.0.1:$port" -new -time "$secs" >"$TMP/s_time-$port-$i.txt" 2>&1 &
         pids+=("$!")
@@ -566,7 +575,8 @@ handshake_rate() {
         wait "$i" || true
         forget_pid "$i"
     done
-    c1=$(cpu_ticks "$pid")
+    read -r u s < <(cpu_ticks "$pid")
+    c1=$((u + s))
     for i in $(seq 1 "$HTTPS_N"); do
         n=$(awk '/connections in .* real seconds/ { print $1; exit }' "$TMP/s_time-$port-$i.txt")
         total=$((total + ${n:-0}))
@@ -601,14 +611,31 @@ pss_mb() {
     awk -v kb="$total" 'BEGIN { printf "%.1f", kb / 1024 }'
 }
 
-# CPU time (user + system) of a process tree, in clock ticks.
+# CPU time of a process tree, in clock ticks: "user system".
 cpu_ticks() {
-    local total=0 p t
+    local user=0 sys=0 p u t
     for p in $(proc_tree "$1"); do
-        t=$(sed 's/^.*) //' "/proc/$p/stat" 2>/dev/null | awk '{ print $12 + $13 }' || echo 0)
-        total=$((total + ${t:-0}))
+        read -r u t < <(sed 's/^.*) //' "/proc/$p/stat" 2>/dev/null | awk '{ print $12, $13 }' || echo "0 0")
+        user=$((user + ${u:-0}))
+        sys=$((sys + ${t:-0}))
     done
-    echo "$total"
+    echo "$user $sys"
+}
+
+# CPU ticks (user + system) of each proxy service thread of gateway $1:
+# lines "ai-gateway-N ticks".
+service_ticks() {
+    local t name
+    for t in /proc/"$1"/task/*; do
+        name=$(cat "$t/comm" 2>/dev/null) || continue
+        case $name in ai-gateway-*) ;; *) continue ;; esac
+        echo "$name $(sed 's/^.*) //' "$t/stat" 2>/dev/null | awk '{ print $12 + $13 }')"
+    done | sort
+}
+
+# Microseconds per request of $1 ticks over $2 requests.
+us_per_req() {
+    awk -v t="$1" -v hz="$CLK_TCK" -v n="$2" 'BEGIN { if (n > 0) printf "%.1f", t * 1e6 / hz / n; else print "-" }'
 }
 
 # wrk's latency ("612.00us", "2.31ms", "1.02s") in ms.
@@ -624,14 +651,14 @@ to_ms() {
 # Runs wrk against $2 for $3 (duration) into file $1; the process tree $4
 # (may be empty) is charged CPU. Leaves WRK_* set.
 run_wrk() {
-    local out=$1 url=$2 dur=$3 pid=${4:-} extra=${5:-} c0=0 c1=0 secs
+    local out=$1 url=$2 dur=$3 pid=${4:-} extra=${5:-} u0=0 s0=0 u1=0 s1=0 secs
     local hdr=()
     [ -n "$extra" ] && hdr=(-H "$extra")
     secs=$(awk -v d="$dur" 'BEGIN { n = d + 0; if (d ~ /m$/) n *= 60; print int(n) }')
-    [ -n "$pid" ] && c0=$(cpu_ticks "$pid")
+    [ -n "$pid" ] && read -r u0 s0 < <(cpu_ticks "$pid")
     run_fg timeout $((secs + 30)) wrk -t"$THREADS" -c"$CONNS" -d"$dur" --latency "${hdr[@]}" -s "$TMP/post.lua" "$url" >"$out" 2>&1 ||
         say "wrk against $url failed or timed out (see $out)"
-    [ -n "$pid" ] && c1=$(cpu_ticks "$pid")
+    [ -n "$pid" ] && read -r u1 s1 < <(cpu_ticks "$pid")
     WRK_RPS=$(awk '/^Requests\/sec:/ { printf "%.0f", $2 }' "$out")
     WRK_RPS=${WRK_RPS:-0}
     WRK_REQS=$(awk '/ requests in / { print $1 }' "$out")
@@ -643,9 +670,11 @@ run_wrk() {
     WRK_SOCKERR=$(awk '/Socket errors:/ { gsub(/,/, ""); print $4 + $6 + $8 + $10 }' "$out")
     WRK_SOCKERR=${WRK_SOCKERR:-0}
     if [ -n "$pid" ] && [ "$WRK_REQS" -gt 0 ]; then
-        WRK_CPU=$(awk -v t=$((c1 - c0)) -v hz="$CLK_TCK" -v n="$WRK_REQS" 'BEGIN { printf "%.1f", t * 1e6 / hz / n }')
+        WRK_CPU=$(us_per_req $((u1 - u0 + s1 - s0)) "$WRK_REQS")
+        WRK_CPU_USER=$(us_per_req $((u1 - u0)) "$WRK_REQS")
+        WRK_CPU_SYS=$(us_per_req $((s1 - s0)) "$WRK_REQS")
     else
-        WRK_CPU="-"
+        WRK_CPU="-" WRK_CPU_USER="-" WRK_CPU_SYS="-"
     fi
 }
 
@@ -726,19 +755,34 @@ TARGETS+=("ai-gateway|$BIG_KEYS|http://127.0.0.1:$P_GW_BIG/ollama/api/generate|$
 
 RESULTS_TSV=$TMP/throughput.tsv
 : >"$RESULTS_TSV"
+SERVICE_TICKS_BEFORE=$(service_ticks "$GW_SMALL_PID")
 for round in $(seq 1 "$ROUNDS"); do
     for t in "${TARGETS[@]}"; do
         IFS='|' read -r name keys url pid <<<"$t"
         say "round $round/$ROUNDS: $name ($keys keys): wrk -t$THREADS -c$CONNS -d$DURATION"
         run_wrk "$TMP/wrk-${name// /_}-$keys-$round.txt" "$url" "$DURATION" "$pid"
-        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$keys" "$round" "$WRK_RPS" "$WRK_P50" \
-            "$WRK_P99" "$WRK_CPU" "$WRK_NON2XX" "$WRK_SOCKERR" >>"$RESULTS_TSV"
+        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$keys" "$round" "$WRK_RPS" "$WRK_P50" \
+            "$WRK_P99" "$WRK_CPU" "$WRK_NON2XX" "$WRK_SOCKERR" "$WRK_CPU_USER" "$WRK_CPU_SYS" >>"$RESULTS_TSV"
         [ $((WRK_NON2XX + WRK_SOCKERR)) = 0 ] ||
             note "$name ($keys keys) round $round: $WRK_NON2XX non-2xx responses, $WRK_SOCKERR socket errors"
     done
 done
+SERVICE_TICKS_AFTER=$(service_ticks "$GW_SMALL_PID")
 RSS_GW_SMALL_AFTER=$(rss_mb "$GW_SMALL_PID")
 RSS_GW_BIG_AFTER=$(rss_mb "$GW_BIG_PID")
+
+# How the gateway's work split over its proxy services (SO_REUSEPORT
+# spreads connections by a hash of their addresses): each service
+# thread's share of the CPU the service threads used in the rounds.
+service_split() {
+    join <(echo "$SERVICE_TICKS_BEFORE") <(echo "$SERVICE_TICKS_AFTER") | awk '
+        { name[NR] = $1; d[NR] = $3 - $2; total += $3 - $2 }
+        END {
+            if (total <= 0) { print "-"; exit }
+            for (i = 1; i <= NR; i++) printf "%s%s %.0f%%", (i > 1 ? ", " : ""), name[i], 100 * d[i] / total
+            print ""
+        }'
+}
 
 # One column of the rows for target $1 with keys $2: medians over rounds.
 col() {
@@ -748,22 +792,87 @@ col() {
 }
 
 throughput_table() {
-    echo "| target | keys | req/s (median) | p50 ms | p99 ms | CPU µs/req | vs nginx (same keys) |"
-    echo "|---|---:|---:|---:|---:|---:|---:|"
-    local t name keys url pid rps p50 p99 cpu ratio base
+    echo "| target | keys | req/s (median) | p50 ms | p99 ms | CPU µs/req | user | sys | req/s vs nginx | p99 vs nginx |"
+    echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    local t name keys url pid rps p50 p99 cpu user sys ratio p99_ratio base base_p99
     for t in "${TARGETS[@]}"; do
         IFS='|' read -r name keys url pid <<<"$t"
         rps=$(col "$name" "$keys" 4)
         p50=$(col "$name" "$keys" 5)
         p99=$(col "$name" "$keys" 6)
         cpu=$(col "$name" "$keys" 7)
-        ratio="-"
+        user=$(col "$name" "$keys" 10)
+        sys=$(col "$name" "$keys" 11)
+        ratio="-" p99_ratio="-"
         base=$(col nginx "$keys" 4)
+        base_p99=$(col nginx "$keys" 6)
         if [ "$name" != "upstream direct" ] && [ "$base" != "-" ]; then
             ratio=$(awk -v a="$rps" -v b="$base" 'BEGIN { if (b > 0) printf "%.2f×", a / b; else print "-" }')
+            p99_ratio=$(awk -v a="$p99" -v b="$base_p99" 'BEGIN { if (b > 0) printf "%.2f×", a / b; else print "-" }')
         fi
         [ "$rps" = "-" ] || rps=$(printf '%.0f' "$rps")
-        printf '| %s | %s | %s | %s | %s | %s | %s |\n' "$name" "$keys" "$rps" "$p50" "$p99" "$cpu" "$ratio"
+        printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$name" "$keys" "$rps" "$p50" "$p99" \
+            "$cpu" "$user" "$sys" "$ratio" "$p99_ratio"
+    done
+}
+
+# ---------------------------------------------------------------- fixed rate
+
+# The latency a user feels: the same steady rate (well below saturation)
+# sent direct to the upstream, through nginx and through the gateway, in
+# interleaved rounds; each round's p50 and p99 minus direct's of the same
+# round is what the proxy adds.
+FR_TARGETS=("upstream direct|http://127.0.0.1:$P_UP/api/generate|")
+[ -n "$NGX_SMALL_PID" ] && FR_TARGETS+=("nginx|http://127.0.0.1:$P_NGX_SMALL/ollama/api/generate|$NGX_SMALL_PID")
+FR_TARGETS+=("ai-gateway|http://127.0.0.1:$P_GW_SMALL/ollama/api/generate|$GW_SMALL_PID")
+FR_TSV=$TMP/fixed-rate.tsv
+: >"$FR_TSV"
+for round in $(seq 1 "$ROUNDS"); do
+    for t in "${FR_TARGETS[@]}"; do
+        IFS='|' read -r name url pid <<<"$t"
+        say "fixed rate, round $round/$ROUNDS: $name at $RATE req/s for ${FR_SECS}s on $FR_CONNS connections"
+        out=$TMP/fixed-${name// /_}-$round.txt
+        u0=0 s0=0 u1=0 s1=0
+        [ -n "$pid" ] && read -r u0 s0 < <(cpu_ticks "$pid")
+        run_fg timeout $((FR_SECS + 60)) "$FIXED_RATE_BIN" --url "$url" --rate "$RATE" --secs "$FR_SECS" \
+            --conns "$FR_CONNS" --method POST --body "$REQUEST_BODY" -H "Content-Type: application/json" \
+            -H "X-API-Key: $KEY" >"$out" 2>&1 || say "fixed_rate against $url failed (see $out)"
+        [ -n "$pid" ] && read -r u1 s1 < <(cpu_ticks "$pid")
+        # sent N measured N errors N late N rate R p50 X p90 X p99 X ...
+        read -r sent errors late p50 p99 < <(awk '/^sent / { print $2, $6, $8, $12, $16 }' "$out")
+        cpu="-"
+        [ -n "$pid" ] && cpu=$(us_per_req $((u1 - u0 + s1 - s0)) "${sent:-0}")
+        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$round" "${p50:--}" "${p99:--}" "$cpu" \
+            "${errors:--}" "${late:--}" >>"$FR_TSV"
+        [ "${errors:-1}" = 0 ] || note "fixed rate, $name round $round: ${errors:-?} errors"
+    done
+done
+
+# Column $2 of target $1's fixed-rate rows: median over rounds; with $3 =
+# "added", each round's value minus direct's of the same round first.
+fr_col() {
+    local values
+    mapfile -t values < <(awk -F'\t' -v n="$1" -v c="$2" -v added="${3:-}" '
+        $1 == "upstream direct" { direct[$2] = $c }
+        $1 == n { mine[$2] = $c }
+        END { for (r in mine) if (added == "") print mine[r]; else if (r in direct) printf "%.3f\n", mine[r] - direct[r] }' "$FR_TSV")
+    median "${values[@]}"
+}
+
+fixed_rate_table() {
+    echo "| target | p50 ms | p99 ms | added p50 ms | added p99 ms | CPU µs/req | late | errors |"
+    echo "|---|---:|---:|---:|---:|---:|---:|---:|"
+    local t name url pid late errors
+    for t in "${FR_TARGETS[@]}"; do
+        IFS='|' read -r name url pid <<<"$t"
+        late=$(awk -F'\t' -v n="$name" '$1 == n { s += $7 } END { print s + 0 }' "$FR_TSV")
+        errors=$(awk -F'\t' -v n="$name" '$1 == n { s += $6 } END { print s + 0 }' "$FR_TSV")
+        if [ "$name" = "upstream direct" ]; then
+            printf '| %s | %s | %s | - | - | - | %s | %s |\n' "$name" "$(fr_col "$name" 3)" "$(fr_col "$name" 4)" "$late" "$errors"
+        else
+            printf '| %s | %s | %s | %s | %s | %s | %s | %s |\n' "$name" "$(fr_col "$name" 3)" "$(fr_col "$name" 4)" \
+                "$(fr_col "$name" 3 added)" "$(fr_col "$name" 4 added)" "$(fr_col "$name" 5)" "$late" "$errors"
+        fi
     done
 }
 
@@ -1036,8 +1145,10 @@ report() {
     echo "Load: \`wrk -t$THREADS -c$CONNS -d$DURATION --latency\`, POST with a ${#REQUEST_BODY}-byte JSON body and"
     echo "\`X-API-Key\`, $ROUNDS round(s) interleaving the targets; medians over rounds. Upstream: $UPSTREAM_KIND,"
     echo "answering a ${#GENERATE_BODY}-byte JSON body. nginx: 2 workers, \`map\` of the keys, keepalive 64 upstream."
-    echo "ai-gateway: \`threads: 2\`, one route \`/ollama/\` (strip_prefix). Everything on loopback, sharing the cores with wrk."
-    echo "CPU µs/req is the server's user+system time (nginx: master and workers; not the upstream's) per request."
+    echo "ai-gateway: \`threads: 2\` (two proxy services of one thread each, a listening socket each with SO_REUSEPORT),"
+    echo "one route \`/ollama/\` (strip_prefix). Everything on loopback, sharing the cores with wrk."
+    echo "CPU µs/req is the server's user+system time (nginx: master and workers; not the upstream's) per request,"
+    echo "then split into user and system time."
     echo "Load average (1/5/15 min) at the start: $LOADAVG_START; at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
     echo "(a machine busy with anything else makes these numbers meaningless)."
     echo
@@ -1065,6 +1176,23 @@ report() {
     else
         echo "Skipped; see the notes."
     fi
+    echo "How the gateway ($SMALL_KEYS keys) split its work over its proxy services in these rounds (share of"
+    echo "the CPU of the service threads; SO_REUSEPORT spreads connections by a hash of their addresses): $(service_split)."
+    echo
+    echo "## Fixed rate ($RATE req/s)"
+    echo
+    echo "\`examples/fixed_rate.rs\`: $RATE req/s for ${FR_SECS}s (the first second not measured) on $FR_CONNS keep-alive"
+    echo "connections, the same POST; $ROUNDS round(s) interleaving the targets; medians over rounds. Latency runs from"
+    echo "writing a request to reading its whole response. *Added* is a round's figure minus the upstream's own (direct)"
+    echo "in the same round: what the proxy adds. *Late* counts requests that left over 1 ms after their due time."
+    echo
+    fixed_rate_table
+    echo
+    local gw_add ngx_add
+    gw_add=$(fr_col ai-gateway 3 added)
+    ngx_add=$(fr_col nginx 3 added)
+    echo "At p50 the gateway adds $gw_add ms over direct, nginx $ngx_add ms: a difference of" \
+        "$(awk -v a="$gw_add" -v b="$ngx_add" 'BEGIN { if (a != "-" && b != "-") printf "%.3f ms", a - b; else print "-" }')."
     echo
     echo "## Streaming (time to first chunk)"
     echo

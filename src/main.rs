@@ -6,6 +6,13 @@ use clap::Parser;
 
 use ai_gateway::cli::{self, Cli};
 
+/// mimalloc instead of glibc's malloc: a proxied request allocates and
+/// frees dozens of small blocks (header maps, boxed futures, buffers);
+/// callgrind counted 13% fewer instructions per request with it, and the
+/// A/B under load 2-3 µs less user CPU per request (benches/RESULTS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     // Before anything else: a SIGHUP from here on is queued for the reloader
     // instead of killing the process (its default action).

@@ -9,6 +9,7 @@
 
 mod health_check;
 mod reload;
+pub mod services;
 mod tls;
 mod watch;
 
@@ -23,9 +24,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use log::{error, info, warn};
-use pingora::apps::HttpServerOptions;
-use pingora::listeners::{L4BufferSettings, ListenerConfig};
-use pingora::server::configuration::{Opt, ServerConf};
+use pingora::server::configuration::Opt;
 use pingora::server::{ExecutionPhase, Server};
 use pingora::services::listening::Service as ListeningService;
 use prometheus::IntGauge;
@@ -34,18 +33,12 @@ use signal_hook::iterator::Signals;
 
 use self::tls::TlsListeners;
 use self::watch::{next_trigger, FileWatcher, Trigger};
-use crate::config::{AuditDest, ListenKind, LoadError};
+use crate::config::{AuditDest, LoadError};
 use crate::ops::{Admin, AuditLog, Live, Metrics, SharedLive};
 use crate::policy::{load_timed, Snapshot};
-use crate::proxy::{ClientApp, Gateway, Listeners};
+use crate::proxy::{Gateway, Listeners};
 use crate::state::Carried;
 use crate::tls::Challenges;
-
-/// Read buffer per client connection. Pingora's default (64 KiB) is held
-/// for as long as a connection lives, idle keep-alive ones included:
-/// 10,000 idle clients cost ~850 MB with it. Requests to model servers are
-/// small, and larger reads (uploads) bypass the buffer anyway.
-const CLIENT_READ_BUFFER: usize = 8 * 1024;
 
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
@@ -142,54 +135,38 @@ pub fn run(config_path: &Path, upgrade: bool, signals: Signals) -> Result<(), St
         test: false,
         conf: None,
     };
-    let conf = ServerConf {
-        threads: config.threads,
-        grace_period_seconds: Some(grace.as_secs().max(1)),
-        graceful_shutdown_timeout_seconds: Some(1),
-        upgrade_sock: config.upgrade_sock.display().to_string(),
-        ..ServerConf::default()
-    };
-    let mut server = Server::new_with_opt_and_conf(opt, conf);
+    let mut server =
+        Server::new_with_opt_and_conf(opt, services::server_conf(&config, config.threads));
     // On an upgrade this receives the listening sockets from the old
     // process (and exits 1 if there is none to receive them from).
     server.bootstrap();
 
-    // Pingora's proxy, behind the connection cap and the client timeouts.
-    let mut proxy = pingora::proxy::http_proxy(
-        &server.configuration,
-        Gateway::new(
-            Arc::clone(&shared),
-            Arc::clone(&carried),
-            Arc::clone(&metrics),
-            audit,
-            Listeners::new(&config.listeners, Arc::clone(&challenges)),
-        ),
+    let threads = if upgrade && services::inherited_without_reuseport(&config.listen) {
+        warn!(
+            "the listening sockets came from a gateway without per-core services: \
+             one proxy service of {} threads serves them until the next restart",
+            config.threads
+        );
+        vec![config.threads]
+    } else {
+        services::layout(config.threads, &config.listen, config.admin_listen)
+    };
+    let gateway = Gateway::new(
+        Arc::clone(&shared),
+        Arc::clone(&carried),
+        Arc::clone(&metrics),
+        audit,
+        Listeners::new(&config.listeners, Arc::clone(&challenges)),
     );
-    // HTTP/2 connections are Pingora's to keep alive: they get the idle
-    // timeout in force at start.
-    let mut options = HttpServerOptions::default();
-    options.h2_idle_timeout = Some(config.clients.idle_timeout);
-    proxy.server_options = Some(options);
-    let app = ClientApp::new(proxy, Arc::clone(&shared), Arc::clone(&metrics));
-    let mut service = ListeningService::new("ai-gateway".to_string(), app);
-    for l in &config.listeners {
-        let mut listener = ListenerConfig::tcp(l.addr.to_string())
-            .l4_buffer(L4BufferSettings::default().read(CLIENT_READ_BUFFER));
-        if l.is_tls() {
-            let Some(settings) = tls.settings(l.addr) else {
-                error!("no TLS settings for {}; exiting", l.addr);
-                std::process::exit(1);
-            };
-            listener = listener.tls(settings);
-        }
-        service.add_listener(listener);
-        match l.kind {
-            ListenKind::Redirect => info!("listening on {} (redirecting to https)", l.url()),
-            ListenKind::Tls(_) => info!("listening on {} (HTTP/2 and HTTP/1.1)", l.url()),
-            ListenKind::Plain => info!("listening on {}", l.url()),
-        }
-    }
-    server.add_service(service);
+    services::add_proxy_services(
+        &mut server,
+        &config,
+        &threads,
+        &gateway,
+        &tls,
+        &shared,
+        &metrics,
+    );
     let plain = config
         .listeners
         .iter()

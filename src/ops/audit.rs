@@ -1,7 +1,8 @@
 //! The audit log: one JSON line per request, accepted or denied.
 //!
 //! Serving threads never write: they hand a record to a bounded channel and
-//! move on. If the writer ever falls behind far enough to fill the channel,
+//! move on, and under load they do not wake the writer either: it takes
+//! the records in batches (see [`BATCH_INTERVAL`]). If the writer ever falls behind far enough to fill the channel,
 //! records are dropped and counted (`agw_audit_dropped_total`) rather than
 //! making clients wait. The writer reopens its file on request (SIGUSR1 or
 //! SIGHUP), which is what logrotate's `postrotate` needs.
@@ -10,7 +11,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError, TrySendError};
 use std::time::{Duration, SystemTime};
 
 use log::error;
@@ -166,36 +167,53 @@ fn open_file(p: &Path) -> std::io::Result<File> {
         .open(p)
 }
 
+/// While records keep coming, the writer sleeps this long between
+/// batches and then takes everything queued at once. A writer blocked in
+/// `recv` is woken by the sender (a futex wake on a serving thread, per
+/// record when the queue runs dry between requests); a sleeping one is
+/// not. Records reach the file at most this much later.
+const BATCH_INTERVAL: Duration = Duration::from_millis(10);
+
 fn writer(dest: AuditDest, mut out: BufWriter<Box<dyn Write + Send>>, rx: Receiver<Msg>) {
     let mut line = Vec::with_capacity(512);
+    // Idle: block until something comes (one wake-up after a quiet spell).
     while let Ok(first) = rx.recv() {
         let mut next = Some(first);
-        // Drain what is queued, then flush once.
-        while let Some(msg) = next.take() {
-            match msg {
-                Msg::Record(r) => {
-                    line.clear();
-                    if serde_json::to_writer(&mut line, &*r).is_ok() {
-                        line.push(b'\n');
-                        if let Err(e) = out.write_all(&line) {
-                            error!("audit log write failed: {e}");
+        loop {
+            // Drain what is queued, then flush once.
+            while let Some(msg) = next.take() {
+                match msg {
+                    Msg::Record(r) => {
+                        line.clear();
+                        if serde_json::to_writer(&mut line, &*r).is_ok() {
+                            line.push(b'\n');
+                            if let Err(e) = out.write_all(&line) {
+                                error!("audit log write failed: {e}");
+                            }
+                        }
+                    }
+                    Msg::Reopen => {
+                        let _ = out.flush();
+                        match open(&dest) {
+                            Ok(o) => out = o,
+                            Err(e) => error!(
+                                "cannot reopen the audit log: {e}; still writing to the old file"
+                            ),
                         }
                     }
                 }
-                Msg::Reopen => {
-                    let _ = out.flush();
-                    match open(&dest) {
-                        Ok(o) => out = o,
-                        Err(e) => error!(
-                            "cannot reopen the audit log: {e}; still writing to the old file"
-                        ),
-                    }
-                }
+                next = rx.try_recv().ok();
             }
-            next = rx.try_recv().ok();
-        }
-        if let Err(e) = out.flush() {
-            error!("audit log flush failed: {e}");
+            if let Err(e) = out.flush() {
+                error!("audit log flush failed: {e}");
+            }
+            // Busy: let the next records gather without a wake-up each.
+            std::thread::sleep(BATCH_INTERVAL);
+            match rx.try_recv() {
+                Ok(msg) => next = Some(msg),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => return,
+            }
         }
     }
 }

@@ -9,6 +9,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use log::{debug, warn};
 use pingora::http::ResponseHeader;
+use pingora::modules::http::HttpModules;
 use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::ErrorSource;
@@ -33,7 +34,10 @@ use crate::usage::AnswerMeter;
 const UNKNOWN_CLIENT: IpAddr = IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED);
 
 /// The gateway's proxy logic: the snapshot handle, the state that outlives
-/// it, metrics and the audit log.
+/// it, metrics and the audit log. Each proxy service runs its own clone
+/// (see `daemon::services`): the clones share all of these, and the zero of
+/// the clock the rate windows are kept in.
+#[derive(Clone)]
 pub struct Gateway {
     live: SharedLive,
     carried: Arc<Carried>,
@@ -91,6 +95,11 @@ fn internal(why: &'static str) -> Box<Error> {
 #[async_trait]
 impl ProxyHttp for Gateway {
     type CTX = RequestCtx;
+
+    /// No downstream modules: Pingora's default adds a response compression
+    /// module, disabled, whose context is built and consulted for every
+    /// request; the gateway compresses nothing.
+    fn init_downstream_modules(&self, _modules: &mut HttpModules) {}
 
     /// The one snapshot load of the request.
     fn new_ctx(&self) -> RequestCtx {

@@ -24,7 +24,7 @@ const NO_CHALLENGE: &str = r#"{"error":"no such acme challenge"}"#;
 
 /// The listeners as they were set up at start (they change only with a
 /// restart), and the challenges in progress.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Listeners {
     challenges: Arc<Challenges>,
     /// Whether any listener gets its certificate from ACME: only then are

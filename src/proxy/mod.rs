@@ -40,7 +40,7 @@ mod headers;
 mod listener;
 mod reply;
 
-pub use connection::ClientApp;
+pub use connection::{ClientApp, Slots};
 
 pub use context::{AiRequest, Outcome, Replay, RequestCtx};
 pub use framing::MAX_HEADER_BYTES;

@@ -51,7 +51,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::time::{Instant, Sleep};
 
 use self::events::Event;
-use self::slots::Slots;
+pub use self::slots::Slots;
 use self::stream::ClientStream;
 use super::gateway::Gateway;
 use crate::config::ClientLimits;
@@ -77,17 +77,25 @@ pub struct ClientApp {
     proxy: Arc<HttpProxy<Gateway>>,
     live: SharedLive,
     metrics: Arc<Metrics>,
-    slots: Slots,
+    /// Shared by every proxy service, so the cap counts them all.
+    slots: Arc<Slots>,
 }
 
 impl ClientApp {
-    /// `proxy` is what `pingora::proxy::http_proxy` built around the gateway.
-    pub fn new(proxy: HttpProxy<Gateway>, live: SharedLive, metrics: Arc<Metrics>) -> ClientApp {
+    /// `proxy` is what `pingora::proxy::http_proxy` built around the
+    /// gateway; `slots` counts open connections against `max_connections`
+    /// and is the same for every proxy service of the process.
+    pub fn new(
+        proxy: HttpProxy<Gateway>,
+        live: SharedLive,
+        metrics: Arc<Metrics>,
+        slots: Arc<Slots>,
+    ) -> ClientApp {
         ClientApp {
             proxy: Arc::new(proxy),
             live,
-            slots: Slots::new(metrics.client_connections.clone()),
             metrics,
+            slots,
         }
     }
 

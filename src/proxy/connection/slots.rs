@@ -11,7 +11,8 @@ use prometheus::IntGauge;
 /// connections; the refusals themselves are counted, never logged.
 const WARN_EVERY_SECS: u64 = 60;
 
-/// Counts the open client connections against a cap.
+/// Counts the open client connections against a cap. One per process,
+/// shared by every proxy service, so the cap holds across them.
 #[derive(Debug)]
 pub struct Slots {
     open: AtomicUsize,
