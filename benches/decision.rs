@@ -1,6 +1,7 @@
 //! Micro-benchmarks of the per-request decision, without the network:
 //! the key check, longest-prefix routing, and the whole decision
-//! (`Request::from_head` + `Snapshot::decide`) as the proxy makes it.
+//! (`Request::from_head` + `Snapshot::decide`) as the proxy makes it; and
+//! what usage accounting adds per answer on routes with `api`.
 //!
 //! Run: `cargo bench --bench decision` (about two to three minutes on two
 //! cores). Benchmark ids put the size last, so `keys/hit/10` and
@@ -310,9 +311,48 @@ fn bench_decide(c: &mut Criterion) {
     }
 }
 
+/// What a route with `api: ollama` adds per answer: reading a streamed
+/// answer for usage (the 10 NDJSON lines of `bench_upstream --mode ndjson`,
+/// fed line by line as they arrive), and counting its tokens in metrics.
+fn bench_usage(c: &mut Criterion) {
+    use ai_gateway::ops::Metrics;
+    use ai_gateway::usage::AnswerMeter;
+    let lines: Vec<String> = (0..10)
+        .map(|i| {
+            if i == 9 {
+                r#"{"model":"llama3.2:1b","created_at":"2026-11-25T12:00:00Z","response":"","done":true,"done_reason":"stop","prompt_eval_count":26,"eval_count":9}"#.to_string() + "\n"
+            } else {
+                format!(r#"{{"model":"llama3.2:1b","created_at":"2026-11-25T12:00:00Z","response":"token{i} ","done":false}}"#) + "\n"
+            }
+        })
+        .collect();
+    c.bench_function("usage/ndjson_answer_10_lines", |b| {
+        b.iter(|| {
+            let mut m = AnswerMeter::new(Some(b"application/x-ndjson"), None);
+            for l in &lines {
+                m.feed(black_box(l.as_bytes()));
+            }
+            black_box(m.usage())
+        })
+    });
+    let metrics = Metrics::new();
+    c.bench_function("usage/count_tokens_in_metrics", |b| {
+        b.iter(|| {
+            metrics.tokens(
+                black_box("fast-ai"),
+                black_box(Some("llama3.2:1b")),
+                "reported",
+                Some(26),
+                Some(9),
+                None,
+            )
+        })
+    });
+}
+
 criterion_group! {
     name = benches;
     config = configure();
-    targets = bench_keys, bench_routes, bench_decide
+    targets = bench_keys, bench_routes, bench_decide, bench_usage
 }
 criterion_main!(benches);

@@ -148,16 +148,21 @@ impl AnswerMeter {
         let ct = content_type
             .map(|c| {
                 let c = c.split(|b| *b == b';').next().unwrap_or_default();
-                c.trim_ascii().to_ascii_lowercase()
+                c.trim_ascii()
             })
             .unwrap_or_default();
+        let is = |t: &[u8]| ct.eq_ignore_ascii_case(t);
+        let json_suffix = ct.len() >= 5
+            && ct
+                .get(ct.len() - 5..)
+                .is_some_and(|s| s.eq_ignore_ascii_case(b"+json"));
         let (framing, streamed) = if encoded {
             (Framing::Opaque, false)
-        } else if ct == b"text/event-stream" {
+        } else if is(b"text/event-stream") {
             (Framing::Sse, true)
-        } else if ct == b"application/x-ndjson" || ct == b"application/jsonl" {
+        } else if is(b"application/x-ndjson") || is(b"application/jsonl") {
             (Framing::Json, true)
-        } else if ct.is_empty() || ct == b"application/json" || ct.ends_with(b"+json") {
+        } else if ct.is_empty() || is(b"application/json") || json_suffix {
             (Framing::Json, false)
         } else {
             (Framing::Opaque, false)
@@ -288,6 +293,9 @@ impl AnswerMeter {
         } = self;
         scanner.feed(bytes, &mut |e| match e {
             Event::ObjectStart { .. } => *record = Record::default(),
+            // The first model named is the answer's: later ones are not
+            // read again.
+            Event::Member { key: MODEL, .. } if model.is_some() => {}
             Event::Member {
                 key,
                 raw,
@@ -377,6 +385,9 @@ fn read_member(record: &mut Record, key: usize, raw: &[u8], truncated: bool) {
 /// `(prompt_tokens, completion_tokens)` of an OpenAI `usage` object;
 /// `None` for `null` or something else.
 fn openai_usage(raw: &[u8]) -> Option<(u64, u64)> {
+    if raw == b"null" {
+        return None;
+    }
     #[derive(serde::Deserialize)]
     struct U {
         prompt_tokens: Option<u64>,
@@ -565,6 +576,10 @@ mod tests {
         assert_eq!(
             (u.prompt_tokens, u.completion_tokens, u.source),
             (Some(7), Some(9), UsageSource::Reported)
+        );
+        assert_eq!(
+            each_step("Application/Vnd.Example+JSON", json).source,
+            UsageSource::Reported
         );
         let emb = r#"{"object":"list","data":[{"embedding":[0.1]}],"model":"e","usage":{"prompt_tokens":4,"total_tokens":4}}"#;
         let u = each_step("application/json", emb);

@@ -74,12 +74,18 @@ enum State {
 #[derive(Debug)]
 pub struct Scanner {
     wanted: &'static [(&'static str, usize)],
+    /// Bit `n` is set when a wanted key is `n` bytes long.
+    wanted_lengths: u128,
     state: State,
     /// Offset of the next byte fed.
     offset: u64,
     depth: u32,
     key: Vec<u8>,
     key_overflow: bool,
+    /// The key has an escape (`\`): it must be decoded to be compared.
+    key_escaped: bool,
+    /// The wanted key just read, until its value starts.
+    pending: Option<usize>,
     /// The wanted key whose value is being read, if any.
     capturing: Option<usize>,
     capture: Vec<u8>,
@@ -87,6 +93,7 @@ pub struct Scanner {
     capture_truncated: bool,
 }
 
+#[inline]
 fn is_ws(b: u8) -> bool {
     matches!(b, b' ' | b'\t' | b'\n' | b'\r')
 }
@@ -95,13 +102,20 @@ impl Scanner {
     /// A scanner reporting the members named in `wanted` (lower-case keys,
     /// each with the most value bytes to keep).
     pub fn new(wanted: &'static [(&'static str, usize)]) -> Scanner {
+        let wanted_lengths = wanted
+            .iter()
+            .filter(|(k, _)| k.len() < 128)
+            .fold(0u128, |m, (k, _)| m | 1 << k.len());
         Scanner {
             wanted,
+            wanted_lengths,
             state: State::Between,
             offset: 0,
             depth: 0,
             key: Vec::new(),
             key_overflow: false,
+            key_escaped: false,
+            pending: None,
             capturing: None,
             capture: Vec::new(),
             capture_at: 0,
@@ -127,121 +141,140 @@ impl Scanner {
     /// Scans `input`, the next piece of the body, calling `on` for each
     /// event.
     pub fn feed(&mut self, input: &[u8], on: &mut impl FnMut(Event<'_>)) {
+        // The state lives in a local while the piece is read; a wanted
+        // value that starts in this piece is reported from it (`cap_from`),
+        // and copied only when it continues in the next one.
+        let mut state = self.state;
+        let mut cap_from: Option<usize> = None;
         let mut i = 0;
-        while i < input.len() {
-            let Some(&b) = input.get(i) else { break };
-            let at = self.offset + i as u64;
-            match self.state {
-                State::Failed => {
-                    i = input.len();
-                    continue;
-                }
+        while let Some(&b) = input.get(i) {
+            match state {
+                State::Failed => break,
                 State::Between => {
                     if b == b'{' {
-                        self.state = State::KeyOrEnd;
-                        on(Event::ObjectStart { at });
+                        state = State::KeyOrEnd;
+                        on(Event::ObjectStart {
+                            at: self.offset + i as u64,
+                        });
                     } else if !is_ws(b) {
-                        self.fail(on);
+                        state = self.fail(on);
                     }
                 }
                 State::KeyOrEnd | State::KeyNext => {
                     if b == b'"' {
                         self.key.clear();
                         self.key_overflow = false;
-                        self.state = State::Key;
-                    } else if b == b'}' && self.state == State::KeyOrEnd {
-                        self.state = State::Between;
-                        on(Event::ObjectEnd { at });
+                        self.key_escaped = false;
+                        state = State::Key;
+                    } else if b == b'}' && state == State::KeyOrEnd {
+                        state = State::Between;
+                        on(Event::ObjectEnd {
+                            at: self.offset + i as u64,
+                        });
                     } else if !is_ws(b) {
-                        self.fail(on);
+                        state = self.fail(on);
                     }
                 }
                 State::KeyEscape => {
-                    self.state = State::Key;
+                    state = State::Key;
                     self.keep_key(&[b]);
                 }
                 State::Key => {
                     // Take the key up to its closing quote or an escape.
                     let rest = input.get(i..).unwrap_or_default();
-                    let n = rest
-                        .iter()
-                        .position(|c| *c == b'"' || *c == b'\\')
-                        .unwrap_or(rest.len());
-                    self.keep_key(rest.get(..n).unwrap_or_default());
+                    let n = memchr::memchr2(b'"', b'\\', rest).unwrap_or(rest.len());
+                    let part = rest.get(..n).unwrap_or_default();
                     i += n;
-                    let Some(&c) = input.get(i) else { break };
+                    let Some(&c) = input.get(i) else {
+                        self.keep_key(part);
+                        break;
+                    };
                     if c == b'"' {
-                        self.state = State::Colon;
+                        // A key within one piece is compared where it is.
+                        self.pending = if self.key.is_empty() && !self.key_escaped {
+                            wanted_index(self.wanted, self.wanted_lengths, part, false)
+                        } else {
+                            self.keep_key(part);
+                            if self.key_overflow {
+                                None
+                            } else {
+                                wanted_index(
+                                    self.wanted,
+                                    self.wanted_lengths,
+                                    &self.key,
+                                    self.key_escaped,
+                                )
+                            }
+                        };
+                        state = State::Colon;
                     } else {
+                        self.keep_key(part);
                         self.keep_key(&[c]);
-                        self.state = State::KeyEscape;
+                        self.key_escaped = true;
+                        state = State::KeyEscape;
                     }
                 }
                 State::Colon => {
                     if b == b':' {
-                        self.capturing = if self.key_overflow {
-                            None
-                        } else {
-                            wanted_index(self.wanted, &self.key)
-                        };
-                        self.state = State::Value;
+                        self.capturing = self.pending.take();
+                        state = State::Value;
                     } else if !is_ws(b) {
-                        self.fail(on);
+                        state = self.fail(on);
                     }
                 }
                 State::Value => {
-                    if is_ws(b) {
-                        i += 1;
-                        continue;
+                    if !is_ws(b) {
+                        if self.capturing.is_some() {
+                            self.capture.clear();
+                            self.capture_at = self.offset + i as u64;
+                            self.capture_truncated = false;
+                            cap_from = Some(i);
+                        }
+                        state = match b {
+                            b'"' => State::Str,
+                            b'{' | b'[' => {
+                                self.depth = 1;
+                                State::Nested
+                            }
+                            b',' | b'}' | b']' | b':' => self.fail(on),
+                            _ => {
+                                // A literal: take it up to its delimiter,
+                                // which belongs to what follows the value.
+                                let rest = input.get(i..).unwrap_or_default();
+                                let n = rest
+                                    .iter()
+                                    .position(|c| is_ws(*c) || matches!(c, b',' | b'}' | b']'))
+                                    .unwrap_or(rest.len());
+                                i += n;
+                                if i < input.len() {
+                                    state = self.member_done(input, cap_from.take(), i, on);
+                                    continue;
+                                }
+                                State::Scalar
+                            }
+                        };
                     }
-                    self.capture.clear();
-                    self.capture_at = at;
-                    self.capture_truncated = false;
-                    self.keep(&[b]);
-                    self.state = match b {
-                        b'"' => State::Str,
-                        b'{' | b'[' => {
-                            self.depth = 1;
-                            State::Nested
-                        }
-                        b',' | b'}' | b']' | b':' => {
-                            self.fail(on);
-                            State::Failed
-                        }
-                        _ => State::Scalar,
-                    };
                 }
                 State::Str | State::NestedStr => {
                     // Skip ahead to the next quote or backslash.
                     let rest = input.get(i..).unwrap_or_default();
-                    let n = rest
-                        .iter()
-                        .position(|c| *c == b'"' || *c == b'\\')
-                        .unwrap_or(rest.len());
-                    self.keep(rest.get(..n).unwrap_or_default());
+                    let n = memchr::memchr2(b'"', b'\\', rest).unwrap_or(rest.len());
                     i += n;
                     let Some(&c) = input.get(i) else { break };
-                    self.keep(&[c]);
                     if c == b'\\' {
-                        self.state = if self.state == State::Str {
+                        state = if state == State::Str {
                             State::StrEscape
                         } else {
                             State::NestedStrEscape
                         };
-                    } else if self.state == State::Str {
-                        self.member_done(on);
+                    } else if state == State::Str {
+                        state = self.member_done(input, cap_from.take(), i + 1, on);
                     } else {
-                        self.state = State::Nested;
+                        state = State::Nested;
                     }
                 }
-                State::StrEscape => {
-                    self.keep(&[b]);
-                    self.state = State::Str;
-                }
-                State::NestedStrEscape => {
-                    self.keep(&[b]);
-                    self.state = State::NestedStr;
-                }
+                State::StrEscape => state = State::Str,
+                State::NestedStrEscape => state = State::NestedStr,
                 State::Nested => {
                     // Skip ahead to the next byte that matters.
                     let rest = input.get(i..).unwrap_or_default();
@@ -249,42 +282,53 @@ impl Scanner {
                         .iter()
                         .position(|c| matches!(c, b'"' | b'{' | b'[' | b'}' | b']'))
                         .unwrap_or(rest.len());
-                    self.keep(rest.get(..n).unwrap_or_default());
                     i += n;
                     let Some(&c) = input.get(i) else { break };
-                    self.keep(&[c]);
                     match c {
-                        b'"' => self.state = State::NestedStr,
+                        b'"' => state = State::NestedStr,
                         b'{' | b'[' => self.depth = self.depth.saturating_add(1),
                         _ => {
                             self.depth = self.depth.saturating_sub(1);
                             if self.depth == 0 {
-                                self.member_done(on);
+                                state = self.member_done(input, cap_from.take(), i + 1, on);
                             }
                         }
                     }
                 }
                 State::Scalar => {
-                    if is_ws(b) || matches!(b, b',' | b'}' | b']') {
-                        self.member_done(on);
-                        // The delimiter belongs to what follows the value.
-                        continue;
+                    // A literal that began in an earlier piece.
+                    let rest = input.get(i..).unwrap_or_default();
+                    let n = rest
+                        .iter()
+                        .position(|c| is_ws(*c) || matches!(c, b',' | b'}' | b']'))
+                        .unwrap_or(rest.len());
+                    i += n;
+                    if i < input.len() {
+                        state = self.member_done(input, cap_from.take(), i, on);
                     }
-                    self.keep(&[b]);
+                    continue;
                 }
                 State::CommaOrEnd => {
                     if b == b',' {
-                        self.state = State::KeyNext;
+                        state = State::KeyNext;
                     } else if b == b'}' {
-                        self.state = State::Between;
-                        on(Event::ObjectEnd { at });
+                        state = State::Between;
+                        on(Event::ObjectEnd {
+                            at: self.offset + i as u64,
+                        });
                     } else if !is_ws(b) {
-                        self.fail(on);
+                        state = self.fail(on);
                     }
                 }
             }
             i += 1;
         }
+        // A wanted value that goes on in the next piece: keep what is here.
+        if self.capturing.is_some() && state != State::Failed {
+            let from = cap_from.unwrap_or(0);
+            self.keep(input.get(from..).unwrap_or_default());
+        }
+        self.state = state;
         self.offset += input.len() as u64;
     }
 
@@ -293,10 +337,11 @@ impl Scanner {
     /// `}`, so for valid input this reports nothing.)
     pub fn finish(&mut self, on: &mut impl FnMut(Event<'_>)) {
         if self.state == State::Scalar {
-            self.member_done(on);
+            self.state = self.member_done(&[], None, 0, on);
         }
     }
 
+    #[inline]
     fn keep_key(&mut self, bytes: &[u8]) {
         let room = KEY_LIMIT.saturating_sub(self.key.len());
         if bytes.len() > room {
@@ -306,6 +351,7 @@ impl Scanner {
             .extend_from_slice(bytes.get(..room.min(bytes.len())).unwrap_or_default());
     }
 
+    /// Adds to the value being captured, up to its key's limit.
     fn keep(&mut self, bytes: &[u8]) {
         let Some(key) = self.capturing else { return };
         let limit = self.wanted.get(key).map_or(0, |(_, l)| *l);
@@ -317,34 +363,87 @@ impl Scanner {
             .extend_from_slice(bytes.get(..room.min(bytes.len())).unwrap_or_default());
     }
 
-    fn member_done(&mut self, on: &mut impl FnMut(Event<'_>)) {
-        self.state = State::CommaOrEnd;
-        if let Some(key) = self.capturing.take() {
-            on(Event::Member {
-                key,
-                raw: &self.capture,
-                at: self.capture_at,
-                truncated: self.capture_truncated,
-            });
+    /// A member's value ended just before `end` in `input`; reports it if
+    /// it is wanted (from `input` when it began there, at `from`, else from
+    /// what earlier pieces left) and returns the state after a value.
+    fn member_done(
+        &mut self,
+        input: &[u8],
+        from: Option<usize>,
+        end: usize,
+        on: &mut impl FnMut(Event<'_>),
+    ) -> State {
+        let Some(key) = self.capturing.take() else {
+            return State::CommaOrEnd;
+        };
+        let limit = self.wanted.get(key).map_or(0, |(_, l)| *l);
+        match from {
+            Some(from) => {
+                let value = input.get(from..end).unwrap_or_default();
+                let truncated = value.len() > limit;
+                on(Event::Member {
+                    key,
+                    raw: value.get(..limit.min(value.len())).unwrap_or_default(),
+                    at: self.capture_at,
+                    truncated,
+                });
+            }
+            None => {
+                self.capturing = Some(key);
+                self.keep(input.get(..end).unwrap_or_default());
+                self.capturing = None;
+                on(Event::Member {
+                    key,
+                    raw: &self.capture,
+                    at: self.capture_at,
+                    truncated: self.capture_truncated,
+                });
+            }
         }
+        State::CommaOrEnd
     }
 
-    fn fail(&mut self, on: &mut impl FnMut(Event<'_>)) {
-        self.state = State::Failed;
+    fn fail(&mut self, on: &mut impl FnMut(Event<'_>)) -> State {
         self.capturing = None;
         on(Event::NotObjects);
+        State::Failed
     }
 }
 
-/// The index in `wanted` of the key whose raw (still escaped) bytes are
-/// `raw`, compared as Go's `encoding/json` compares keys.
-fn wanted_index(wanted: &[(&str, usize)], raw: &[u8]) -> Option<usize> {
-    let simple = raw.iter().all(|b| b.is_ascii() && *b != b'\\');
-    if simple {
-        return wanted
-            .iter()
-            .position(|(k, _)| k.as_bytes().eq_ignore_ascii_case(raw));
+/// The index in `wanted` of the key whose raw (still escaped, if
+/// `escaped`) bytes are `raw`, compared as Go's `encoding/json` compares
+/// keys.
+#[inline]
+fn wanted_index(
+    wanted: &[(&str, usize)],
+    lengths: u128,
+    raw: &[u8],
+    escaped: bool,
+) -> Option<usize> {
+    // Wanted keys are ASCII: an ASCII match needs no decoding, and an
+    // ASCII key of another length matches none.
+    let length_wanted = raw.len() < 128 && lengths & (1 << raw.len()) != 0;
+    if length_wanted {
+        for (i, (k, _)) in wanted.iter().enumerate() {
+            let k = k.as_bytes();
+            if k.len() == raw.len()
+                && k.iter()
+                    .zip(raw)
+                    .all(|(a, b)| *a == *b || *a == b.to_ascii_lowercase())
+            {
+                return Some(i);
+            }
+        }
     }
+    if !escaped && raw.is_ascii() {
+        return None;
+    }
+    decoded_index(wanted, raw)
+}
+
+/// [`wanted_index`] for a key with escapes or other than ASCII characters.
+#[cold]
+fn decoded_index(wanted: &[(&str, usize)], raw: &[u8]) -> Option<usize> {
     // Escapes or non-ASCII: decode, then fold.
     let mut quoted = Vec::with_capacity(raw.len() + 2);
     quoted.push(b'"');
