@@ -435,6 +435,9 @@ threads: 2
 watch: false
 shutdown_grace: 1s
 upgrade_sock: $d/upgrade.sock
+# Room for the IDLE_CONNS idle connections of the memory phase (the
+# default cap, derived from the open-file limit, may be lower).
+max_connections: $((IDLE_CONNS + 100))
 $extra
 routes:
   - name: ollama

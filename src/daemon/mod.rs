@@ -1,19 +1,22 @@
 //! `ai-gateway run`: build the Pingora server around the gateway and run it
 //! in the foreground until SIGTERM or SIGINT.
 //!
-//! Owns: start-up, the listeners, reloads (SIGHUP and file changes), the
-//! active health checker, and shutdown. The only layer that spawns threads,
+//! Owns: start-up, the proxy services and their listeners (one service per
+//! core: [`services`]), reloads (SIGHUP and file changes), the active
+//! health checker, and shutdown. The only layer that spawns threads,
 //! binds sockets or builds the Pingora `Server`.
 //!
 //! May import: every other layer.
 
 mod health_check;
+mod memory;
 mod reload;
 pub mod services;
 mod tls;
 mod watch;
 
 pub use health_check::probe;
+pub use memory::configure_allocator;
 pub use reload::Reloader;
 pub use watch::DEBOUNCE;
 
@@ -89,6 +92,7 @@ pub fn run(config_path: &Path, upgrade: bool, signals: Signals) -> Result<(), St
         }
     }
     exit_if_listeners_fail();
+    memory::release_free_memory();
     info!(
         "loaded {}: {} in {} ms",
         config_path.display(),
@@ -257,6 +261,7 @@ fn start_reloader(
             // renewed certificate is served even while the config has a
             // mistake), from the paths of the snapshot in service.
             tls.reload(&reloader.current().snapshot.config);
+            memory::release_free_memory();
         }
     });
 }
