@@ -415,6 +415,9 @@ threads: 2
 watch: false
 shutdown_grace: 1s
 upgrade_sock: $d/upgrade.sock
+# Room for the idle-connection phase: the default cap, derived from the
+# open-file limit, leaves half the descriptors to upstream connections.
+max_connections: $((IDLE_CONNS + 1000))
 routes:
   - name: ollama
     path_prefix: /ollama/
