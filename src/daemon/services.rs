@@ -94,8 +94,10 @@ pub fn layout(threads: usize, listen: &[SocketAddr], admin: Option<SocketAddr>) 
 /// key parses to, and hands the socket over in an upgrade under the key.
 pub fn listener_key(addr: SocketAddr, service: usize) -> String {
     let text = addr.to_string();
-    let (host, port) = text.rsplit_once(':').expect("a socket address has a port");
-    format!("{host}:{}{port}", "0".repeat(service))
+    match text.rsplit_once(':') {
+        Some((host, port)) => format!("{host}:{}{port}", "0".repeat(service)),
+        None => text,
+    }
 }
 
 /// Pingora's settings, for the server (`threads` is the default of

@@ -225,32 +225,39 @@ fn label_of<'a>(labels: &'a mut ModelLabels, model: Option<&'a str>) -> &'a str 
     OTHER_MODEL
 }
 
-fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("static metric definition");
+/// Registers a metric built from a static definition (which cannot fail
+/// but for a programming error, caught by the unit tests) and returns it.
+fn registered<M>(registry: &Registry, metric: prometheus::Result<M>) -> M
+where
+    M: prometheus::core::Collector + Clone + 'static,
+{
+    let m = metric.expect("static metric definition");
     registry
-        .register(Box::new(c.clone()))
+        .register(Box::new(m.clone()))
         .expect("metric registered once");
-    c
+    m
+}
+
+fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    registered(registry, IntCounterVec::new(Opts::new(name, help), labels))
 }
 
 fn histogram_vec(registry: &Registry, name: &str, help: &str) -> HistogramVec {
-    let h = HistogramVec::new(
-        HistogramOpts::new(name, help).buckets(BUCKETS.to_vec()),
-        &["route"],
+    registered(
+        registry,
+        HistogramVec::new(
+            HistogramOpts::new(name, help).buckets(BUCKETS.to_vec()),
+            &["route"],
+        ),
     )
-    .expect("static metric definition");
-    registry
-        .register(Box::new(h.clone()))
-        .expect("metric registered once");
-    h
 }
 
 fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
-    let g = IntGauge::new(name, help).expect("static metric definition");
-    registry
-        .register(Box::new(g.clone()))
-        .expect("metric registered once");
-    g
+    registered(registry, IntGauge::new(name, help))
+}
+
+fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+    registered(registry, IntCounter::new(name, help))
 }
 
 impl Default for Metrics {
@@ -293,16 +300,16 @@ impl Metrics {
             "ACME orders (a first certificate or a renewal), by result.",
             &["result"],
         );
-        let cert_expiry = IntGaugeVec::new(
-            Opts::new(
-                "agw_tls_cert_expiry_timestamp_seconds",
-                "When the certificate each TLS listener serves expires (Unix time).",
+        let cert_expiry = registered(
+            &r,
+            IntGaugeVec::new(
+                Opts::new(
+                    "agw_tls_cert_expiry_timestamp_seconds",
+                    "When the certificate each TLS listener serves expires (Unix time).",
+                ),
+                &["listener"],
             ),
-            &["listener"],
-        )
-        .expect("static metric definition");
-        r.register(Box::new(cert_expiry.clone()))
-            .expect("metric registered once");
+        );
         let client_timeouts = counter_vec(
             &r,
             "agw_client_timeouts_total",
@@ -356,31 +363,21 @@ impl Metrics {
                 "agw_snapshot_generation",
                 "Generation of the current snapshot (1 at start).",
             ),
-            audit_dropped: {
-                let c = IntCounter::new(
-                    "agw_audit_dropped_total",
-                    "Audit records dropped because the queue was full.",
-                )
-                .expect("static metric definition");
-                r.register(Box::new(c.clone()))
-                    .expect("metric registered once");
-                c
-            },
+            audit_dropped: counter(
+                &r,
+                "agw_audit_dropped_total",
+                "Audit records dropped because the queue was full.",
+            ),
             client_connections: gauge(
                 &r,
                 "agw_client_connections",
                 "Open client connections on the proxy listeners.",
             ),
-            client_refused: {
-                let c = IntCounter::new(
-                    "agw_client_connections_refused_total",
-                    "Client connections refused because max_connections were open.",
-                )
-                .expect("static metric definition");
-                r.register(Box::new(c.clone()))
-                    .expect("metric registered once");
-                c
-            },
+            client_refused: counter(
+                &r,
+                "agw_client_connections_refused_total",
+                "Client connections refused because max_connections were open.",
+            ),
             client_timeouts: ClientTimeout::ALL
                 .map(|k| client_timeouts.with_label_values(&[k.label()])),
             per_user: counter_vec(
