@@ -98,6 +98,7 @@ missing_packages() {
     command -v curl >/dev/null 2>&1 || pkgs+=(curl)
     command -v python3 >/dev/null 2>&1 || pkgs+=(python3)
     command -v openssl >/dev/null 2>&1 || pkgs+=(openssl)
+    command -v redis-server >/dev/null 2>&1 || pkgs+=(redis-server)
     echo "${pkgs[*]}"
 }
 
@@ -248,7 +249,7 @@ EOF
 bench_key() { printf 'agw_bench%027d' "$1"; }
 KEY=$(bench_key 5) # present in every key set
 
-read -r P_UP P_STREAM P_FAST P_NGX_SMALL P_NGX_BIG P_GW_SMALL P_GW_BIG P_ADM_SMALL P_ADM_BIG P_GW_LIMITS P_ADM_LIMITS P_NGX_TLS P_GW_TLS P_GW_TLS_PLAIN < <(free_ports 14)
+read -r P_UP P_STREAM P_FAST P_NGX_SMALL P_NGX_BIG P_GW_SMALL P_GW_BIG P_ADM_SMALL P_ADM_BIG P_GW_LIMITS P_ADM_LIMITS P_NGX_TLS P_GW_TLS P_GW_TLS_PLAIN P_REDIS P_GW_SHARED P_ADM_SHARED < <(free_ports 17)
 
 # The ~300-byte body of a non-streaming Ollama /api/generate answer (the
 # same text examples/bench_upstream.rs sends).
@@ -739,6 +740,29 @@ RSS_GW_SMALL_START=$(rss_mb "$GW_SMALL_PID")
 start_gateway "$SMALL_KEYS" "$P_GW_LIMITS" "$P_ADM_LIMITS" limits "rate_limit: \"1000000000/min\"
 max_concurrent: 100000"
 GW_LIMITS_PID=$GATEWAY_PID
+# The same limits counted in Redis (shared_state), as several instances
+# would: a redis-server on loopback, started here.
+GW_SHARED_PID=""
+if command -v redis-server >/dev/null 2>&1; then
+    start_bg "$TMP/redis.log" redis-server --port "$P_REDIS" --bind 127.0.0.1 --save "" --appendonly no
+    REDIS_PID=$STARTED_PID
+    redis_up=0
+    for _ in $(seq 1 100); do
+        if [ "$(timeout 1 bash -c "exec 3<>/dev/tcp/127.0.0.1/$P_REDIS && printf 'PING\r\n' >&3 && head -c 5 <&3" 2>/dev/null)" = "+PONG" ]; then
+            redis_up=1
+            break
+        fi
+        kill -0 "$REDIS_PID" 2>/dev/null || break
+        sleep 0.1
+    done
+    [ "$redis_up" = 1 ] || die "redis-server did not start: $(tail -n 3 "$TMP/redis.log")"
+    start_gateway "$SMALL_KEYS" "$P_GW_SHARED" "$P_ADM_SHARED" shared "rate_limit: \"1000000000/min\"
+max_concurrent: 100000
+shared_state: {redis: \"redis://127.0.0.1:$P_REDIS/0\"}"
+    GW_SHARED_PID=$GATEWAY_PID
+else
+    note "redis-server not installed: no shared-limits row (benches/load.sh --install adds it)"
+fi
 start_gateway "$BIG_KEYS" "$P_GW_BIG" "$P_ADM_BIG"
 GW_BIG_PID=$GATEWAY_PID
 RSS_GW_BIG_START=$(rss_mb "$GW_BIG_PID")
@@ -751,6 +775,7 @@ TARGETS+=("upstream direct|-|http://127.0.0.1:$P_UP/api/generate|$UPSTREAM_PID")
 [ -n "$NGX_SMALL_PID" ] && TARGETS+=("nginx|$SMALL_KEYS|http://127.0.0.1:$P_NGX_SMALL/ollama/api/generate|$NGX_SMALL_PID")
 TARGETS+=("ai-gateway|$SMALL_KEYS|http://127.0.0.1:$P_GW_SMALL/ollama/api/generate|$GW_SMALL_PID")
 TARGETS+=("ai-gateway, limits on|$SMALL_KEYS|http://127.0.0.1:$P_GW_LIMITS/ollama/api/generate|$GW_LIMITS_PID")
+[ -n "$GW_SHARED_PID" ] && TARGETS+=("ai-gateway, limits shared|$SMALL_KEYS|http://127.0.0.1:$P_GW_SHARED/ollama/api/generate|$GW_SHARED_PID")
 [ -n "$NGX_BIG_PID" ] && TARGETS+=("nginx|$BIG_KEYS|http://127.0.0.1:$P_NGX_BIG/ollama/api/generate|$NGX_BIG_PID")
 TARGETS+=("ai-gateway|$BIG_KEYS|http://127.0.0.1:$P_GW_BIG/ollama/api/generate|$GW_BIG_PID")
 
@@ -1165,6 +1190,14 @@ report() {
     echo "Fair-use limits on (a rate limit and \`max_concurrent\` the benched key never reaches, the failed-key"
     echo "throttle on) against off, same run: $(awk -v a="$on" -v b="$off" 'BEGIN { if (b > 0) printf "%.3f×", a / b; else print "-" }') req/s."
     echo
+    if [ -n "$GW_SHARED_PID" ]; then
+        local shared
+        shared=$(col "ai-gateway, limits shared" "$SMALL_KEYS" 4)
+        echo "The same limits counted in Redis (\`shared_state\`, redis-server on loopback; leases of up to 256"
+        echo "requests, slots returned every 100 ms) against counted locally, same run: $(awk -v a="$shared" -v b="$on" 'BEGIN { if (b > 0) printf "%.3f×", a / b; else print "-" }') req/s"
+        echo "(goal: at least 0.9×)."
+        echo
+    fi
     echo "## HTTPS"
     echo
     if [ "$HTTPS_OK" = 1 ]; then

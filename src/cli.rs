@@ -7,9 +7,10 @@ use std::time::SystemTime;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::cluster;
 use crate::config::{AuditDest, Config};
 use crate::daemon;
-use crate::keys::{self, KeyToolError, NewKey, Revoked};
+use crate::keys::{self, KeyId, KeyToolError, NewKey, Revoked};
 use crate::policy::Snapshot;
 use crate::state::Carried;
 use crate::usage::report;
@@ -148,6 +149,11 @@ pub enum KeysCommand {
         /// Remove the entry instead of marking it disabled.
         #[arg(long)]
         delete: bool,
+        /// Also publish the revocation through the config's shared_state
+        /// Redis: every running instance refuses the key within a second,
+        /// before its copy of the key file changes.
+        #[arg(long, conflicts_with = "keys")]
+        shared: bool,
         #[command(flatten)]
         target: KeysTarget,
     },
@@ -234,6 +240,16 @@ fn check(config: &std::path::Path) -> Result<(), String> {
     println!("{}", snapshot.config.clients.describe());
     for line in &tls_lines.lines {
         println!("{line}");
+    }
+    if let Some(shared) = &snapshot.config.shared_state {
+        // The URL's form was checked when the config was parsed; Redis is
+        // not contacted.
+        println!(
+            "shared state: redis {} (not contacted), on_redis_error: {}, timeout {:?}",
+            shared.redis.redacted(),
+            shared.on_error.name(),
+            shared.timeout
+        );
     }
     Ok(())
 }
@@ -341,12 +357,41 @@ fn keys_command(command: KeysCommand) -> Result<(), KeyToolError> {
         KeysCommand::Revoke {
             id,
             delete,
+            shared,
             target: t,
         } => {
-            let path = target(&t)?;
-            match keys::revoke(&path, &id, delete, SystemTime::now())? {
-                Revoked::Disabled(id) => eprintln!("key {id} disabled in {}", path.display()),
-                Revoked::Deleted(id) => eprintln!("key {id} deleted from {}", path.display()),
+            let (path, config) = keys::resolve_keys_file(t.keys.as_deref(), &t.config.config)?;
+            let spec = match (shared, config.and_then(|c| c.shared_state)) {
+                (false, _) => None,
+                (true, Some(spec)) => Some(spec),
+                (true, None) => return Err(KeyToolError::Usage(format!(
+                    "keys revoke --shared: {} has no shared_state (the Redis to publish through)",
+                    t.config.config.display()
+                ))),
+            };
+            let id = match keys::revoke(&path, &id, delete, SystemTime::now())? {
+                Revoked::Disabled(id) => {
+                    eprintln!("key {id} disabled in {}", path.display());
+                    id
+                }
+                Revoked::Deleted(id) => {
+                    eprintln!("key {id} deleted from {}", path.display());
+                    id
+                }
+            };
+            if let Some(spec) = spec {
+                let key_id = KeyId::parse_hex(&id)
+                    .ok_or_else(|| KeyToolError::Usage(format!("not a key id: {id}")))?;
+                cluster::publish_revocations(&spec, &[key_id]).map_err(|e| {
+                    KeyToolError::Usage(format!(
+                        "key {id} revoked in {} but not published: {e}",
+                        path.display()
+                    ))
+                })?;
+                eprintln!(
+                    "key {id} revoked on every instance sharing redis {}",
+                    spec.redis.redacted()
+                );
             }
         }
         KeysCommand::Hash { backup, target: t } => {

@@ -11,6 +11,7 @@
 //! | [`usage`]  | what AI APIs say: models in requests, token usage in answers, the usage report (pure) |
 //! | [`policy`] | the snapshot, routes, path rules, refusals, the decision (pure) |
 //! | [`ops`]    | metrics, audit log, request ids, admin endpoints |
+//! | [`cluster`] | limits shared with other instances through Redis: leases, revocations, sync |
 //! | [`proxy`]  | Pingora's `ProxyHttp` hooks: the only place that names a `Session` |
 //! | [`daemon`] | start-up, listeners, reloads, threads: the only place that spawns or binds |
 //!
@@ -18,6 +19,7 @@
 //! the rule on every `use crate::…` in `src/`.
 
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod daemon;
 pub mod keys;

@@ -18,6 +18,7 @@ use serde::{Deserialize, Deserializer};
 use super::clients::{parse_timeout, ClientLimits, ClientSettings};
 use super::error::{LoadError, Location};
 use super::listen::{check_listeners, FileListenList, ListenSpec};
+use super::shared::{FileSharedState, SharedStateSpec};
 use super::values::{ByteSize, IpRange, ModelPattern, Rate, TokenRate};
 
 /// Where audit lines go: a file the gateway appends to, or its stderr.
@@ -85,6 +86,8 @@ pub struct FileConfig {
     trusted_proxies: Vec<IpRange>,
     #[serde(default)]
     failed_key_throttle: Option<FileThrottle>,
+    #[serde(default)]
+    shared_state: Option<FileSharedState>,
     routes: Vec<FileRoute>,
 }
 
@@ -274,6 +277,9 @@ pub struct Config {
     /// Peers whose `X-Forwarded-For` names the client.
     pub trusted_proxies: Vec<IpRange>,
     pub failed_key_throttle: ThrottleSpec,
+    /// The Redis that instances share per-key limits through; `None`
+    /// counts on this machine alone.
+    pub shared_state: Option<SharedStateSpec>,
     pub routes: Vec<RouteSpec>,
 }
 
@@ -460,6 +466,9 @@ impl Config {
         }
         if self.upgrade_sock != other.upgrade_sock {
             changed.push("upgrade_sock");
+        }
+        if self.shared_state != other.shared_state {
+            changed.push("shared_state");
         }
         changed
     }
@@ -743,6 +752,7 @@ impl FileConfig {
                         cooldown: t.cooldown.map_or(d.cooldown, |c| c.0),
                     }
                 }),
+            shared_state: self.shared_state.map(FileSharedState::validate),
             routes,
         })
     }
@@ -1043,6 +1053,7 @@ impl<'de> Deserialize<'de> for UpstreamAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{OnRedisError, DEFAULT_REDIS_TIMEOUT};
 
     const GOOD: &str = r#"
 listen: "127.0.0.1:8080"
@@ -1310,6 +1321,54 @@ routes:
         assert!(e.contains("also a listen address"), "{e}");
         let e = err(&format!("{GOOD}admin_listen: \"nope\"\n"));
         assert!(e.contains("admin_listen"), "{e}");
+    }
+
+    #[test]
+    fn shared_state_settings() {
+        assert!(parse(GOOD).unwrap().shared_state.is_none());
+        let c = parse(&format!(
+            "{GOOD}shared_state: {{redis: \"redis://:pw@10.0.0.5:6379/1\", on_redis_error: deny, timeout: 50ms}}\n"
+        ))
+        .unwrap();
+        let s = c.shared_state.unwrap();
+        assert_eq!(s.on_error, OnRedisError::Deny);
+        assert_eq!(s.timeout, Duration::from_millis(50));
+        assert_eq!(s.redis.redacted(), "redis://10.0.0.5:6379/1");
+        let c = parse(&format!(
+            "{GOOD}shared_state:\n  redis: redis://127.0.0.1:6379\n"
+        ))
+        .unwrap();
+        let s = c.shared_state.unwrap();
+        assert_eq!(
+            (s.on_error, s.timeout),
+            (OnRedisError::Local, DEFAULT_REDIS_TIMEOUT)
+        );
+        let text = format!("{GOOD}shared_state:\n  redis: \"http://x\"\n");
+        let e = err(&text);
+        let line = text.lines().count();
+        assert!(
+            e.contains(&format!(":{line}:")) && e.contains("redis"),
+            "{e}"
+        );
+        let e = err(&format!(
+            "{GOOD}shared_state: {{redis: \"redis://:pw@h:99999999\"}}\n"
+        ));
+        assert!(
+            e.contains("shared_state.redis") && !e.contains("pw@"),
+            "{e}"
+        );
+        for bad in ["on_redis_error: maybe", "timeout: 11s", "retries: 3"] {
+            let e = err(&format!(
+                "{GOOD}shared_state:\n  redis: redis://h:1\n  {bad}\n"
+            ));
+            let block = GOOD.lines().count() + 1..=GOOD.lines().count() + 3;
+            assert!(
+                block
+                    .clone()
+                    .any(|line| e.contains(&format!("gateway.yaml:{line}:"))),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -23,7 +23,7 @@ pub use watch::DEBOUNCE;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use log::{error, info, warn};
@@ -36,7 +36,8 @@ use signal_hook::iterator::Signals;
 
 use self::tls::TlsListeners;
 use self::watch::{next_trigger, FileWatcher, Trigger};
-use crate::config::{AuditDest, LoadError};
+use crate::cluster::Cluster;
+use crate::config::{AuditDest, LoadError, OnRedisError};
 use crate::ops::{Admin, AuditLog, Live, Metrics, SharedLive};
 use crate::policy::{load_timed, Snapshot};
 use crate::proxy::{Gateway, Listeners};
@@ -55,6 +56,8 @@ pub enum StartError {
     },
     #[error("cannot set up signal handling: {0}")]
     Signals(std::io::Error),
+    #[error("cannot set up shared state: {0}")]
+    SharedState(String),
     #[error("cannot open the audit log {path}: {source}")]
     Audit {
         path: String,
@@ -119,12 +122,20 @@ pub fn run(config_path: &Path, upgrade: bool, signals: Signals) -> Result<(), St
         ),
     };
     let shared: SharedLive = Arc::new(ArcSwap::from_pointee(Live::new(snapshot, &metrics)));
+    // The zero of the monotonic clock per-key windows are kept in, for the
+    // proxy and the cluster alike.
+    let epoch = Instant::now();
+    let cluster = match &config.shared_state {
+        None => None,
+        Some(spec) => Some(start_cluster(spec, &metrics, &carried, epoch)?),
+    };
     start_reloader(
         Reloader::new(
             config_path,
             Arc::clone(&shared),
             Arc::clone(&metrics),
             Arc::clone(&carried),
+            cluster.clone(),
         ),
         Arc::clone(&tls),
         audit.clone(),
@@ -161,6 +172,8 @@ pub fn run(config_path: &Path, upgrade: bool, signals: Signals) -> Result<(), St
         Arc::clone(&metrics),
         audit,
         Listeners::new(&config.listeners, Arc::clone(&challenges)),
+        cluster,
+        epoch,
     );
     services::add_proxy_services(
         &mut server,
@@ -183,6 +196,10 @@ pub fn run(config_path: &Path, upgrade: bool, signals: Signals) -> Result<(), St
             metrics: Arc::clone(&metrics),
             live: Arc::clone(&shared),
             listen: config.listen.clone(),
+            needs_shared_state: config
+                .shared_state
+                .as_ref()
+                .is_some_and(|s| s.on_error == OnRedisError::Deny),
         };
         let mut svc = ListeningService::new("admin".to_string(), admin);
         svc.threads = Some(1);
@@ -201,6 +218,39 @@ pub fn run(config_path: &Path, upgrade: bool, signals: Signals) -> Result<(), St
     });
 
     server.run_forever()
+}
+
+/// Connects to the shared-state Redis (probing it once, so the first
+/// requests know whether it answers) and starts the cluster's thread.
+fn start_cluster(
+    spec: &crate::config::SharedStateSpec,
+    metrics: &Arc<Metrics>,
+    carried: &Arc<Carried>,
+    epoch: Instant,
+) -> Result<Arc<Cluster>, StartError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| StartError::SharedState(e.to_string()))?;
+    let cluster = Cluster::new(
+        spec,
+        Arc::clone(metrics),
+        Arc::clone(carried),
+        epoch,
+        runtime.handle().clone(),
+    )
+    .map_err(StartError::SharedState)?;
+    runtime.block_on(cluster.first_probe());
+    info!(
+        "shared state: limits counted in redis {} (on_redis_error: {})",
+        spec.redis.redacted(),
+        spec.on_error.name()
+    );
+    let background = Arc::clone(&cluster);
+    spawn_thread("shared-state", move || {
+        runtime.block_on(background.background())
+    });
+    Ok(cluster)
 }
 
 /// Starts the threads that turn signals and file changes into reloads and

@@ -6,12 +6,15 @@
 //! the running snapshot stays and the error is logged with the file and the
 //! reason.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use log::{error, info, warn};
 
+use crate::cluster::Cluster;
 use crate::config::LoadError;
+use crate::keys::KeyId;
 use crate::ops::{Live, Metrics, SharedLive};
 use crate::policy::load_timed;
 use crate::state::Carried;
@@ -22,6 +25,9 @@ pub struct Reloader {
     shared: SharedLive,
     metrics: Arc<Metrics>,
     carried: Arc<Carried>,
+    /// Where keys newly disabled in the key file are published, so that
+    /// instances whose copy of the file is older refuse them too.
+    cluster: Option<Arc<Cluster>>,
 }
 
 impl Reloader {
@@ -30,12 +36,14 @@ impl Reloader {
         shared: SharedLive,
         metrics: Arc<Metrics>,
         carried: Arc<Carried>,
+        cluster: Option<Arc<Cluster>>,
     ) -> Self {
         Reloader {
             config_path: config_path.to_path_buf(),
             shared,
             metrics,
             carried,
+            cluster,
         }
     }
 
@@ -71,6 +79,21 @@ impl Reloader {
                     took.as_millis()
                 );
                 let named = snapshot.upstream_addrs();
+                if let Some(cluster) = &self.cluster {
+                    let before: HashSet<KeyId> = current.snapshot.keys.disabled_ids().collect();
+                    let newly: Vec<KeyId> = snapshot
+                        .keys
+                        .disabled_ids()
+                        .filter(|id| !before.contains(id))
+                        .collect();
+                    if !newly.is_empty() {
+                        info!(
+                            "reload ({why}): {} key(s) newly disabled, published to every instance",
+                            newly.len()
+                        );
+                    }
+                    cluster.publish_revoked(newly);
+                }
                 self.shared
                     .store(Arc::new(Live::new(snapshot, &self.metrics)));
                 // Only now: until the swap, requests of the old snapshot

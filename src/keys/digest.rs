@@ -106,6 +106,23 @@ impl fmt::Display for KeyId {
     }
 }
 
+impl KeyId {
+    /// Reads an id written by [`fmt::Display`] (exactly 12 hex digits),
+    /// as other instances publish it.
+    pub fn parse_hex(s: &str) -> Option<KeyId> {
+        let bytes = s.as_bytes();
+        if bytes.len() != 2 * KEY_ID_BYTES {
+            return None;
+        }
+        let mut id = [0u8; KEY_ID_BYTES];
+        for (out, pair) in id.iter_mut().zip(bytes.chunks_exact(2)) {
+            let [hi, lo] = pair else { return None };
+            *out = hex_val(*hi)? << 4 | hex_val(*lo)?;
+        }
+        Some(KeyId(id))
+    }
+}
+
 /// Hex digit values, 0xff for non-digits: a table lookup per character,
 /// which matters when a million digests are decoded on a reload.
 const HEX_VALUES: [u8; 256] = {
@@ -136,4 +153,19 @@ fn push_hex(s: &mut String, b: u8) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     s.push(char::from(HEX[usize::from(b >> 4)]));
     s.push(char::from(HEX[usize::from(b & 0xf)]));
+}
+
+#[cfg(test)]
+mod id_tests {
+    use super::*;
+
+    #[test]
+    fn ids_read_back_as_written() {
+        let id = KeyDigest::of(b"agw_example").id();
+        assert_eq!(KeyId::parse_hex(&id.to_string()), Some(id));
+        assert_eq!(KeyId::parse_hex(&id.to_string().to_uppercase()), Some(id));
+        for bad in ["", "abc", "0123456789abc", "0123456789ag", "é123456789ab"] {
+            assert_eq!(KeyId::parse_hex(bad), None, "{bad}");
+        }
+    }
 }

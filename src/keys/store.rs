@@ -189,6 +189,14 @@ impl KeyStore {
         self.by_digest.iter().map(|(d, r)| (d.id(), r.ordinal))
     }
 
+    /// The ids of the keys the file marks `disabled`.
+    pub fn disabled_ids(&self) -> impl Iterator<Item = KeyId> + '_ {
+        self.by_digest
+            .iter()
+            .filter(|(_, r)| r.disabled)
+            .map(|(d, _)| d.id())
+    }
+
     /// Whether some key sets a limit of its own.
     pub fn any_own_limits(&self) -> bool {
         self.limits.iter().any(|l| *l != Limits::default())

@@ -24,6 +24,10 @@ pub struct Admin {
     pub live: SharedLive,
     /// The proxy's listen addresses, probed by `/readyz`.
     pub listen: Vec<SocketAddr>,
+    /// `/readyz` also needs the shared-state Redis to answer (under
+    /// `on_redis_error: deny`, where an instance without it refuses every
+    /// limited key, a load balancer should send traffic elsewhere).
+    pub needs_shared_state: bool,
 }
 
 fn reply(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
@@ -73,7 +77,14 @@ impl ServeHttp for Admin {
             ),
             "/readyz" => {
                 let generation = self.live.load().snapshot.generation;
-                if generation >= 1 && self.listeners_up().await {
+                let redis_down = self.needs_shared_state && self.metrics.shared_state_up.get() != 1;
+                if redis_down {
+                    reply(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "application/json",
+                        br#"{"status":"not ready","reason":"shared state (redis) unreachable and on_redis_error is deny"}"#.to_vec(),
+                    )
+                } else if generation >= 1 && self.listeners_up().await {
                     let body = format!(r#"{{"status":"ready","generation":{generation}}}"#);
                     reply(StatusCode::OK, "application/json", body.into_bytes())
                 } else {

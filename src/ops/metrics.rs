@@ -152,6 +152,13 @@ pub struct Metrics {
     acme_failed: IntCounter,
     /// When each TLS listener's certificate expires (Unix seconds).
     cert_expiry: IntGaugeVec,
+    /// Shared state (Redis): whether it answers (1) or not (0).
+    pub shared_state_up: IntGauge,
+    /// Redis calls that failed or timed out.
+    pub shared_state_errors: IntCounter,
+    /// Requests decided without Redis while it was unreachable, by
+    /// `on_redis_error` mode ("local" counted here, "deny" refused).
+    shared_state_fallback: [IntCounter; 2],
     route_cache: std::sync::Mutex<HashMap<String, Arc<RouteMetrics>>>,
 }
 
@@ -316,7 +323,27 @@ impl Metrics {
             "Client connections closed (header, idle) or requests ended (body) by a client timeout, by kind.",
             &["kind"],
         );
+        let fallback = counter_vec(
+            &r,
+            "agw_shared_state_fallback_total",
+            "Requests whose limits were decided without Redis while it was unreachable, by on_redis_error mode.",
+            &["mode"],
+        );
         Metrics {
+            shared_state_up: gauge(
+                &r,
+                "agw_shared_state_up",
+                "Whether the shared-state Redis answers (1) or not (0); 0 also when none is configured.",
+            ),
+            shared_state_errors: counter(
+                &r,
+                "agw_shared_state_errors_total",
+                "Redis calls that failed or timed out.",
+            ),
+            shared_state_fallback: [
+                fallback.with_label_values(&["local"]),
+                fallback.with_label_values(&["deny"]),
+            ],
             duration: histogram_vec(
                 &r,
                 "agw_request_duration_seconds",
@@ -529,6 +556,11 @@ impl Metrics {
         } else {
             self.cert_reload_failed.inc();
         }
+    }
+
+    /// A request decided without Redis: counted locally, or refused.
+    pub fn shared_state_fallback(&self, denied: bool) {
+        self.shared_state_fallback[usize::from(denied)].inc();
     }
 
     pub fn acme_order(&self, ok: bool) {

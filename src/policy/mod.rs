@@ -26,4 +26,6 @@ pub use path::is_ambiguous_path;
 pub use refusal::{ExtraHeader, Refusal, CHALLENGE};
 pub use request::{Request, Upgrade};
 pub use routes::{Cors, Route, Router, Upstream, DEFAULT_POOL, UPSTREAM_IDLE_TIMEOUT};
-pub use snapshot::{judge_models, load_timed, Admission, Decision, Snapshot};
+pub use snapshot::{
+    admit_locally, judge_models, load_timed, whole_seconds, Admission, Decision, Snapshot,
+};

@@ -75,6 +75,9 @@ pub enum Refusal {
     UpstreamUnavailable,
     /// The upstream did not answer in time.
     UpstreamTimeout,
+    /// The key's limits are counted in Redis, Redis cannot be reached, and
+    /// `on_redis_error: deny` says to refuse rather than count locally.
+    SharedStateUnavailable,
     Internal,
 }
 
@@ -97,7 +100,7 @@ pub const CHALLENGE: &str = "Bearer realm=\"ai-gateway\"";
 impl Refusal {
     /// Every kind, for metrics that are resolved once at start and for
     /// tests that must cover them all.
-    pub const ALL: [Refusal; 30] = [
+    pub const ALL: [Refusal; 31] = [
         Refusal::BadFraming,
         Refusal::InvalidContentLength,
         Refusal::InvalidTransferEncoding,
@@ -127,6 +130,7 @@ impl Refusal {
         Refusal::BodyTooLarge,
         Refusal::UpstreamUnavailable,
         Refusal::UpstreamTimeout,
+        Refusal::SharedStateUnavailable,
         Refusal::Internal,
     ];
 
@@ -160,6 +164,7 @@ impl Refusal {
             Refusal::Internal => 500,
             Refusal::UpstreamUnavailable => 502,
             Refusal::UpstreamTimeout => 504,
+            Refusal::SharedStateUnavailable => 503,
         }
     }
 
@@ -200,6 +205,9 @@ impl Refusal {
             Refusal::BodyTooLarge => r#"{"error":"request body too large"}"#,
             Refusal::UpstreamUnavailable => r#"{"error":"upstream unavailable"}"#,
             Refusal::UpstreamTimeout => r#"{"error":"upstream timed out"}"#,
+            Refusal::SharedStateUnavailable => {
+                r#"{"error":"limits cannot be checked: shared state unavailable"}"#
+            }
             Refusal::Internal => r#"{"error":"internal error"}"#,
         }
     }
@@ -236,6 +244,7 @@ impl Refusal {
             Refusal::BodyTimeout => "client_timeout",
             Refusal::BodyTooLarge => "body_too_large",
             Refusal::UpstreamUnavailable | Refusal::UpstreamTimeout => "upstream_error",
+            Refusal::SharedStateUnavailable => "shared_state_unavailable",
             Refusal::Internal => "internal_error",
         }
     }
@@ -250,6 +259,7 @@ impl Refusal {
             | Refusal::TokenBudgetExceeded { retry_after_s } => {
                 Some(ExtraHeader::RetryAfter(retry_after_s))
             }
+            Refusal::SharedStateUnavailable => Some(ExtraHeader::RetryAfter(1)),
             Refusal::Key(k) if !matches!(k, KeyDenial::WrongService) => {
                 Some(ExtraHeader::Challenge(CHALLENGE))
             }

@@ -172,53 +172,41 @@ impl Snapshot {
         principal.limits.or(route.limits).or(self.config.limits)
     }
 
+    /// The limits counted per key that apply to `principal` on `route`
+    /// (a token budget only on routes with `api`), with the key's
+    /// counters; `None` when nothing is counted for it.
+    #[inline]
+    pub fn counted<'s>(
+        &'s self,
+        principal: &Principal<'_>,
+        route: &Route,
+    ) -> Option<(Limits, &'s Arc<KeyCounter>)> {
+        let mut limits = self.limits_for(principal, route);
+        if route.api.is_none() {
+            limits.tokens = None;
+        }
+        if !limits.counted() {
+            return None;
+        }
+        let counter = self.key_counters.get(principal.ordinal as usize)?;
+        Some((limits, counter))
+    }
+
     /// Takes what an admitted request uses of its key's limits at `now_ms`
-    /// (a monotonic clock): one request of the rate, and a slot among the
-    /// concurrent ones, held by the guard until the request ends. On a
-    /// route with `api`, a key whose token budget is used up is refused;
-    /// the meter counts the request's tokens into it when it ends.
+    /// (a monotonic clock), counted on this instance alone: one request of
+    /// the rate, and a slot among the concurrent ones, held by the guard
+    /// until the request ends. A key whose token budget is used up is
+    /// refused; the meter counts the request's tokens into it when it ends.
     pub fn admit(
         &self,
         principal: &Principal<'_>,
         route: &Route,
         now_ms: u64,
     ) -> Result<Admission, Refusal> {
-        let mut limits = self.limits_for(principal, route);
-        if route.api.is_none() {
-            limits.tokens = None;
+        match self.counted(principal, route) {
+            None => Ok(Admission::default()),
+            Some((limits, counter)) => admit_locally(limits, counter, now_ms),
         }
-        if !limits.counted() {
-            return Ok(Admission::default());
-        }
-        let Some(counter) = self.key_counters.get(principal.ordinal as usize) else {
-            return Ok(Admission::default());
-        };
-        if let Some(budget) = limits.tokens {
-            counter
-                .tokens_left(budget, now_ms)
-                .map_err(|wait| Refusal::TokenBudgetExceeded {
-                    retry_after_s: u32::try_from(wait.as_secs()).unwrap_or(u32::MAX).max(1),
-                })?;
-        }
-        if let Some(rate) = limits.rate {
-            counter
-                .take(rate, now_ms)
-                .map_err(|wait| Refusal::RateLimited {
-                    retry_after_s: u32::try_from(wait.as_millis().div_ceil(1000))
-                        .unwrap_or(u32::MAX)
-                        .max(1),
-                })?;
-        }
-        let slot = match limits.max_concurrent {
-            None => None,
-            Some(max) => Some(counter.enter(max.get()).ok_or(Refusal::TooManyConcurrent)?),
-        };
-        Ok(Admission {
-            slot,
-            tokens: limits
-                .tokens
-                .map(|budget| TokenMeter::new(Arc::clone(counter), budget)),
-        })
     }
 
     /// Every upstream address the routes name, for carrying state over.
@@ -229,6 +217,46 @@ impl Snapshot {
             .flat_map(|r| r.upstreams().iter().map(|u| u.addr))
             .collect()
     }
+}
+
+/// [`Snapshot::admit`] for limits and a counter already found (also what
+/// a cluster falls back to while Redis is unreachable).
+pub fn admit_locally(
+    limits: Limits,
+    counter: &Arc<KeyCounter>,
+    now_ms: u64,
+) -> Result<Admission, Refusal> {
+    if let Some(budget) = limits.tokens {
+        counter
+            .tokens_left(budget, now_ms)
+            .map_err(|wait| Refusal::TokenBudgetExceeded {
+                retry_after_s: whole_seconds(wait),
+            })?;
+    }
+    if let Some(rate) = limits.rate {
+        counter
+            .take(rate, now_ms)
+            .map_err(|wait| Refusal::RateLimited {
+                retry_after_s: whole_seconds(wait),
+            })?;
+    }
+    let slot = match limits.max_concurrent {
+        None => None,
+        Some(max) => Some(counter.enter(max.get()).ok_or(Refusal::TooManyConcurrent)?),
+    };
+    Ok(Admission {
+        slot,
+        tokens: limits
+            .tokens
+            .map(|budget| TokenMeter::new(Arc::clone(counter), budget)),
+    })
+}
+
+/// A wait as the whole seconds of a `Retry-After` (rounded up, at least 1).
+pub fn whole_seconds(wait: std::time::Duration) -> u32 {
+    u32::try_from(wait.as_millis().div_ceil(1000))
+        .unwrap_or(u32::MAX)
+        .max(1)
 }
 
 /// What an admitted request holds of its key's limits until it ends.

@@ -21,12 +21,13 @@ use super::framing::check_head;
 use super::headers::{rewrite_for_upstream, Identity};
 use super::listener::{is_tls, FrontDoor, Listeners};
 use super::reply::{add_cors, refusal_for, send_refusal, upstream_error_kind};
+use crate::cluster::Cluster;
 use crate::config::any_contains;
-use crate::keys::unix_millis;
+use crate::keys::{unix_millis, KeyDenial};
 use crate::ops::{
     request_id, AuditLog, AuditRecord, ClientAddr, ClientTimeout, Metrics, SharedLive, NO_ROUTE,
 };
-use crate::policy::{client_ip, Refusal, Request, DEFAULT_POOL};
+use crate::policy::{admit_locally, client_ip, Refusal, Request, DEFAULT_POOL};
 use crate::state::{Carried, Transition};
 use crate::usage::AnswerMeter;
 
@@ -45,6 +46,8 @@ pub struct Gateway {
     audit: Option<AuditLog>,
     /// ACME challenges and redirects, by listener.
     listeners: Listeners,
+    /// Limits shared with other instances, when `shared_state` is set.
+    cluster: Option<Arc<Cluster>>,
     /// The zero of the monotonic clock per-key rate windows are kept in.
     started: Instant,
 }
@@ -56,6 +59,8 @@ impl Gateway {
         metrics: Arc<Metrics>,
         audit: Option<AuditLog>,
         listeners: Listeners,
+        cluster: Option<Arc<Cluster>>,
+        started: Instant,
     ) -> Self {
         Gateway {
             live,
@@ -63,7 +68,8 @@ impl Gateway {
             metrics,
             audit,
             listeners,
-            started: Instant::now(),
+            cluster,
+            started,
         }
     }
 }
@@ -159,6 +165,7 @@ impl ProxyHttp for Gateway {
                 None => Ok(()),
             }
         });
+        let mut shared_limits = None;
         let verdict = verdict.and_then(|()| {
             let request =
                 Request::from_head(&req.method, req.uri.path(), req.version, &req.headers, ip);
@@ -167,29 +174,53 @@ impl ProxyHttp for Gateway {
             let route = decision.route.map(|(_, r)| r);
             ctx.cors_origin = route.and_then(|r| r.cors_origin(request.origin)).cloned();
             let principal = decision.verdict.inspect_err(|r| {
-                if r.is_failed_key()
-                    && throttle.enabled
-                    && self.carried.failed_keys.failed(ip, now_s, throttle)
-                {
-                    warn!(
-                        "client {ip} throttled: blocked for {}s after {} failed key checks",
-                        throttle.cooldown.as_secs(),
-                        throttle.max_failures
-                    );
+                if r.is_failed_key() && throttle.enabled {
+                    if let Some(cluster) = &self.cluster {
+                        cluster.key_failed(ip, throttle);
+                    }
+                    if self.carried.failed_keys.failed(ip, now_s, throttle) {
+                        warn!(
+                            "client {ip} throttled: blocked for {}s after {} failed key checks",
+                            throttle.cooldown.as_secs(),
+                            throttle.max_failures
+                        );
+                    }
                 }
             })?;
+            if let Some(cluster) = &self.cluster {
+                if cluster.is_revoked(principal.id) {
+                    return Err(Refusal::Key(KeyDenial::Disabled));
+                }
+            }
             let route = route.ok_or(Refusal::Internal)?;
             ctx.user = Some(principal.user.header.clone());
             ctx.key_id = Some(principal.id);
             ctx.max_body = snapshot.limits_for(&principal, route).max_body;
             let now = self.now_ms();
-            ctx.admission = snapshot.admit(&principal, route, now)?;
+            match (self.cluster.as_ref(), snapshot.counted(&principal, route)) {
+                (_, None) => {}
+                // Counted in Redis: admitted below, where it may wait.
+                (Some(_), Some((limits, counter))) => {
+                    shared_limits = Some((principal.id, limits, Arc::clone(counter), now));
+                }
+                (None, Some((limits, counter))) => {
+                    ctx.admission = admit_locally(limits, counter, now)?;
+                }
+            }
             ctx.ai = ai::start(route, req.uri.path(), principal.models);
             ctx.ai.as_deref().map_or(Ok(()), ai::check_path_model)
         });
+        // Limits counted across instances: the lease at hand, or a call to
+        // Redis bounded by its timeout.
+        let verdict = match (verdict, shared_limits, self.cluster.as_ref()) {
+            (Ok(()), Some((id, limits, counter, now)), Some(cluster)) => cluster
+                .admit(id, limits, &counter, now)
+                .await
+                .map(|admission| ctx.admission = admission),
+            (verdict, _, _) => verdict,
+        };
         // A request to an API may need its model before an upstream is
-        // chosen: read the start of the body (the only await before the
-        // verdict is answered).
+        // chosen: read the start of the body.
         let verdict = match (verdict, ctx.ai.take()) {
             (Ok(()), Some(mut started)) => {
                 let route = ctx.route().ok_or_else(|| internal("no route"))?;

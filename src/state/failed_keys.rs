@@ -93,6 +93,24 @@ impl FailedKeys {
         n >= spec.max_failures.get() && self.block(slot, now_s, spec)
     }
 
+    /// Blocks `ip` for `secs` from `now_s` (an address another instance
+    /// blocked): takes its slot unless another address's block holds it.
+    pub fn block_for(&self, ip: IpAddr, now_s: u32, secs: u32) {
+        let (tag, Some(slot)) = self.slot(ip) else {
+            return;
+        };
+        if slot.tag.load(Ordering::Relaxed) != tag {
+            if slot.blocked_until.load(Ordering::Relaxed) > now_s {
+                return;
+            }
+            slot.tag.store(tag, Ordering::Relaxed);
+            slot.window_start.store(now_s, Ordering::Relaxed);
+        }
+        slot.failures.store(0, Ordering::Relaxed);
+        slot.blocked_until
+            .fetch_max(now_s.saturating_add(secs.max(1)), Ordering::Relaxed);
+    }
+
     fn block(&self, slot: &Slot, now_s: u32, spec: &ThrottleSpec) -> bool {
         let cooldown = u32::try_from(spec.cooldown.as_secs())
             .unwrap_or(u32::MAX)

@@ -26,6 +26,9 @@ pub struct KeyCounter {
     /// monotonic clock, plus one, so that 0 means "none yet") in the high
     /// 32 bits, the tokens counted in it (saturating) in the low 32.
     tokens: AtomicU64,
+    /// This instance's part of the key's counts kept in Redis, when
+    /// `shared_state` is set.
+    pub shared: SharedShare,
 }
 
 /// Bits of [`KeyCounter::window`] that hold the count.
@@ -79,7 +82,10 @@ impl KeyCounter {
             self.in_flight.fetch_sub(1, Ordering::AcqRel);
             return None;
         }
-        Some(InFlightGuard(Arc::clone(self)))
+        Some(InFlightGuard {
+            counter: Arc::clone(self),
+            shared: false,
+        })
     }
 
     /// Requests in flight now.
@@ -166,16 +172,36 @@ fn unpack_tokens(v: u64) -> (Option<u32>, u64) {
 pub struct TokenMeter {
     counter: Arc<KeyCounter>,
     budget: TokenRate,
+    /// Also count the tokens for Redis (sent by the cluster's sync task).
+    shared: bool,
 }
 
 impl TokenMeter {
     pub fn new(counter: Arc<KeyCounter>, budget: TokenRate) -> Self {
-        TokenMeter { counter, budget }
+        TokenMeter {
+            counter,
+            budget,
+            shared: false,
+        }
     }
 
-    /// Counts `n` tokens at `now_ms` (the monotonic clock of admission).
+    /// A meter whose tokens also go to the budget shared through Redis.
+    pub fn shared(counter: Arc<KeyCounter>, budget: TokenRate) -> Self {
+        TokenMeter {
+            counter,
+            budget,
+            shared: true,
+        }
+    }
+
+    /// Counts `n` tokens at `now_ms` (the monotonic clock of admission):
+    /// into the local window (what a fallback to local counting uses),
+    /// and, when shared, into what is still to be sent to Redis.
     pub fn add(&self, n: u64, now_ms: u64) {
         self.counter.add_tokens(self.budget, n, now_ms);
+        if self.shared {
+            self.counter.shared.add_unsent(n);
+        }
     }
 
     pub fn used(&self, now_ms: u64) -> u64 {
@@ -183,13 +209,211 @@ impl TokenMeter {
     }
 }
 
-/// One request in flight for a key.
+/// One request in flight for a key: a local slot, or one of the slots
+/// this instance holds of the key's cluster-wide ones.
 #[derive(Debug)]
-pub struct InFlightGuard(Arc<KeyCounter>);
+pub struct InFlightGuard {
+    counter: Arc<KeyCounter>,
+    shared: bool,
+}
 
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+        if self.shared {
+            self.counter.shared.slots.fetch_sub(1, Ordering::AcqRel);
+        } else {
+            self.counter.in_flight.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// This instance's part of a key's limits when they are counted in Redis.
+///
+/// Requests and concurrency slots are taken from Redis in leases, so a
+/// request finds its share here and waits on Redis only when the lease is
+/// spent: the fields below are what the lease holds. Only the `cluster`
+/// layer changes them, apart from the atomics a request takes and gives
+/// back.
+#[derive(Debug, Default)]
+pub struct SharedShare {
+    /// Requests leased from the cluster's current rate window: the end of
+    /// the lease (monotonic milliseconds, never later than Redis's window)
+    /// in the high 40 bits, the requests left in the low 24.
+    lease: AtomicU64,
+    /// Concurrency slots: held of the cluster's (high 32 bits), in use
+    /// here (low 32).
+    slots: AtomicU64,
+    /// The cluster's token count as last heard: the window's end (whole
+    /// monotonic seconds, plus one, so that 0 means "not heard") in the
+    /// high 32 bits, the tokens used (saturating) in the low 32.
+    tokens_heard: AtomicU64,
+    /// Tokens counted here and not yet added in Redis.
+    tokens_unsent: AtomicU64,
+    /// Held across this instance's Redis calls for the key, so that a
+    /// lease is asked for once however many requests find it spent, and
+    /// the sync task never writes a slot count an acquisition is changing.
+    pub calls: tokio::sync::Mutex<()>,
+}
+
+const LOW32: u64 = u32::MAX as u64;
+
+impl SharedShare {
+    /// Takes one request from the lease, if it is current and not spent.
+    #[inline]
+    pub fn take_leased(&self, now_ms: u64) -> bool {
+        let mut current = self.lease.load(Ordering::Relaxed);
+        loop {
+            let ends = current >> COUNT_BITS;
+            let left = current & COUNT_MASK;
+            if left == 0 || now_ms >= ends {
+                return false;
+            }
+            match self.lease.compare_exchange_weak(
+                current,
+                current - 1,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return true,
+                Err(seen) => current = seen,
+            }
+        }
+    }
+
+    /// Replaces the lease: `left` requests usable until `ends_ms`.
+    pub fn set_lease(&self, ends_ms: u64, left: u32) {
+        let ends = ends_ms & (u64::MAX >> COUNT_BITS);
+        let left = u64::from(left.min(MAX_RATE_COUNT));
+        self.lease
+            .store(ends << COUNT_BITS | left, Ordering::Relaxed);
+    }
+
+    /// Requests left in the lease at `now_ms`.
+    pub fn leased(&self, now_ms: u64) -> u32 {
+        let v = self.lease.load(Ordering::Relaxed);
+        if now_ms >= v >> COUNT_BITS {
+            return 0;
+        }
+        u32::try_from(v & COUNT_MASK).unwrap_or(0)
+    }
+
+    /// A slot among the ones this instance holds, if one is free.
+    #[inline]
+    pub fn enter_held(counter: &Arc<KeyCounter>) -> Option<InFlightGuard> {
+        let slots = &counter.shared.slots;
+        let mut current = slots.load(Ordering::Relaxed);
+        loop {
+            let held = current >> 32;
+            let used = current & LOW32;
+            if used >= held {
+                return None;
+            }
+            match slots.compare_exchange_weak(
+                current,
+                current + 1,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => {
+                    return Some(InFlightGuard {
+                        counter: Arc::clone(counter),
+                        shared: true,
+                    })
+                }
+                Err(seen) => current = seen,
+            }
+        }
+    }
+
+    /// Adds `granted` slots just taken from the cluster, and uses one.
+    pub fn hold_and_enter(counter: &Arc<KeyCounter>, granted: u32) -> InFlightGuard {
+        counter
+            .shared
+            .slots
+            .fetch_add((u64::from(granted) << 32) | 1, Ordering::AcqRel);
+        InFlightGuard {
+            counter: Arc::clone(counter),
+            shared: true,
+        }
+    }
+
+    /// Gives up the held slots not in use; returns how many were given up
+    /// and how many are still held.
+    pub fn release_unused(&self) -> (u32, u32) {
+        let mut current = self.slots.load(Ordering::Relaxed);
+        loop {
+            let held = current >> 32;
+            let used = current & LOW32;
+            if held <= used {
+                return (0, u32::try_from(held).unwrap_or(u32::MAX));
+            }
+            match self.slots.compare_exchange_weak(
+                current,
+                used << 32 | used,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => {
+                    return (
+                        u32::try_from(held - used).unwrap_or(u32::MAX),
+                        u32::try_from(used).unwrap_or(u32::MAX),
+                    )
+                }
+                Err(seen) => current = seen,
+            }
+        }
+    }
+
+    /// Slots held of the cluster's.
+    pub fn held(&self) -> u32 {
+        u32::try_from(self.slots.load(Ordering::Relaxed) >> 32).unwrap_or(u32::MAX)
+    }
+
+    /// Records the cluster's token count for the window ending at
+    /// `ends_ms` (monotonic).
+    pub fn hear_tokens(&self, used: u64, ends_ms: u64) {
+        let ends = u32::try_from(ends_ms.div_ceil(1000)).unwrap_or(u32::MAX);
+        let used = u32::try_from(used).unwrap_or(u32::MAX);
+        self.tokens_heard
+            .store(pack_tokens(ends, used), Ordering::Relaxed);
+    }
+
+    /// Forgets what was heard, so the next request asks Redis again.
+    pub fn forget_tokens(&self) {
+        self.tokens_heard.store(0, Ordering::Relaxed);
+    }
+
+    /// Tokens used in the cluster's window as last heard, and when that
+    /// window ends; `None` when nothing was heard yet. A window that has
+    /// ended reads as 0 used.
+    pub fn tokens(&self, now_ms: u64) -> Option<(u64, u64)> {
+        let (ends, used) = unpack_tokens(self.tokens_heard.load(Ordering::Relaxed));
+        let ends = ends?;
+        let ends_ms = u64::from(ends) * 1000;
+        let unsent = self.tokens_unsent.load(Ordering::Relaxed);
+        if now_ms >= ends_ms {
+            return Some((unsent, ends_ms));
+        }
+        Some((used.saturating_add(unsent), ends_ms))
+    }
+
+    fn add_unsent(&self, n: u64) {
+        self.tokens_unsent.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Takes every token not yet sent (the sync task sends them).
+    pub fn take_unsent(&self) -> u64 {
+        self.tokens_unsent.swap(0, Ordering::Relaxed)
+    }
+
+    /// Whether tokens wait to be sent.
+    pub fn has_unsent(&self) -> bool {
+        self.tokens_unsent.load(Ordering::Relaxed) > 0
+    }
+
+    /// Puts back tokens a failed send could not deliver.
+    pub fn keep_unsent(&self, n: u64) {
+        self.add_unsent(n);
     }
 }
 
@@ -319,6 +543,60 @@ mod tests {
         let _c = c.enter(2).unwrap();
         drop(b);
         assert_eq!(c.in_flight(), 1);
+    }
+
+    #[test]
+    fn a_lease_is_spent_locally_and_ends_with_its_window() {
+        let share = SharedShare::default();
+        assert!(!share.take_leased(0), "no lease yet");
+        share.set_lease(10 * SEC, 3);
+        assert_eq!(share.leased(SEC), 3);
+        for _ in 0..3 {
+            assert!(share.take_leased(SEC));
+        }
+        assert!(!share.take_leased(SEC), "spent");
+        share.set_lease(10 * SEC, 5);
+        assert!(!share.take_leased(10 * SEC), "over at its end");
+        assert_eq!(share.leased(10 * SEC), 0);
+    }
+
+    #[test]
+    fn held_slots_are_used_then_the_unused_given_back() {
+        let c = Arc::new(KeyCounter::default());
+        assert!(SharedShare::enter_held(&c).is_none(), "none held");
+        let a = SharedShare::hold_and_enter(&c, 3);
+        let b = SharedShare::enter_held(&c).unwrap();
+        assert_eq!(c.shared.held(), 3);
+        drop(a);
+        assert_eq!(c.shared.release_unused(), (2, 1), "one still in use");
+        assert!(SharedShare::enter_held(&c).is_none(), "nothing spare");
+        drop(b);
+        assert_eq!(c.shared.release_unused(), (1, 0));
+        assert_eq!(c.shared.release_unused(), (0, 0));
+        assert_eq!(c.in_flight(), 0, "local slots untouched");
+    }
+
+    #[test]
+    fn shared_tokens_add_what_is_unsent_to_what_was_heard() {
+        let c = Arc::new(KeyCounter::default());
+        let budget = TokenRate::parse("1k/min").unwrap();
+        assert_eq!(c.shared.tokens(0), None, "nothing heard");
+        c.shared.hear_tokens(900, 60 * SEC + 1);
+        let meter = TokenMeter::shared(Arc::clone(&c), budget);
+        meter.add(150, SEC);
+        assert_eq!(c.shared.tokens(SEC), Some((1_050, 61 * SEC)));
+        assert_eq!(c.tokens_used(budget, SEC), 150, "counted locally too");
+        assert_eq!(c.shared.take_unsent(), 150);
+        assert_eq!(c.shared.tokens(SEC), Some((900, 61 * SEC)));
+        c.shared.keep_unsent(150);
+        assert!(c.shared.has_unsent());
+        assert_eq!(
+            c.shared.tokens(61 * SEC),
+            Some((150, 61 * SEC)),
+            "an ended window counts only what is unsent"
+        );
+        c.shared.forget_tokens();
+        assert_eq!(c.shared.tokens(SEC), None);
     }
 
     #[test]

@@ -20,7 +20,7 @@ mod key_counters;
 mod upstream_health;
 
 pub use failed_keys::FailedKeys;
-pub use key_counters::{InFlightGuard, KeyCounter, KeyCounters, TokenMeter};
+pub use key_counters::{InFlightGuard, KeyCounter, KeyCounters, SharedShare, TokenMeter};
 pub use upstream_health::{HealthBook, Transition, UpstreamHealth, PASSIVE_COOLDOWN};
 
 /// Everything that outlives a snapshot, shared by the proxy, the reloader

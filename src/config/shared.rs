@@ -1,0 +1,168 @@
+//! `shared_state`: the Redis (or Valkey) that several gateway instances
+//! count their per-key limits in, and what to do when it cannot be reached.
+//!
+//! Only the settings live here; connecting and counting are the `cluster`
+//! layer's. The URL is checked for its form (scheme, host, port, database)
+//! without connecting, so `check` can run on a machine that cannot reach
+//! Redis.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+use super::clients::parse_timeout;
+
+/// How long one Redis call may take before the request goes on without it.
+pub const DEFAULT_REDIS_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// The validated `shared_state` setting.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SharedStateSpec {
+    pub redis: RedisUrl,
+    pub on_error: OnRedisError,
+    /// The bound on each Redis call a request waits for.
+    pub timeout: Duration,
+}
+
+impl std::fmt::Debug for SharedStateSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedStateSpec")
+            .field("redis", &self.redis.redacted())
+            .field("on_error", &self.on_error)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+/// What a request whose key has limits gets while Redis is unreachable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnRedisError {
+    /// Each instance counts on its own (a cluster of N then admits up to N
+    /// times a limit), never unlimited.
+    #[default]
+    Local,
+    /// Refuse with 503 until Redis is back.
+    Deny,
+}
+
+impl OnRedisError {
+    pub fn name(self) -> &'static str {
+        match self {
+            OnRedisError::Local => "local",
+            OnRedisError::Deny => "deny",
+        }
+    }
+}
+
+/// A Redis URL (`redis://[:password@]host:port[/db]`, `rediss://` for TLS,
+/// `redis+unix:///path`) whose form has been checked. It may hold a
+/// password, so it is never printed whole: see [`RedisUrl::redacted`].
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisUrl(String);
+
+impl RedisUrl {
+    /// Checks the URL's form, without connecting.
+    pub fn parse(s: &str) -> Result<RedisUrl, String> {
+        let scheme = s.split_once("://").map(|(scheme, _)| scheme);
+        if !matches!(scheme, Some("redis" | "rediss" | "redis+unix" | "unix")) {
+            return Err(
+                "shared_state.redis must be a redis://, rediss:// or redis+unix:// URL".to_string(),
+            );
+        }
+        redis::Client::open(s)
+            .map(|_| RedisUrl(s.to_string()))
+            .map_err(|e| {
+                format!(
+                    "shared_state.redis is not a usable Redis URL: {}",
+                    e.detail().unwrap_or("it does not parse")
+                )
+            })
+    }
+
+    /// The URL itself, for the client that connects. Never log it.
+    pub fn secret(&self) -> &str {
+        &self.0
+    }
+
+    /// The URL without user name or password, for logs and `check`.
+    pub fn redacted(&self) -> String {
+        let Some((scheme, rest)) = self.0.split_once("://") else {
+            return "redis".to_string();
+        };
+        let rest = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+        format!("{scheme}://{rest}")
+    }
+}
+
+impl<'de> Deserialize<'de> for RedisUrl {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        RedisUrl::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// `shared_state:` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileSharedState {
+    redis: RedisUrl,
+    #[serde(default)]
+    on_redis_error: OnRedisError,
+    #[serde(default)]
+    timeout: Option<RedisTimeout>,
+}
+
+impl std::fmt::Debug for RedisUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+/// A call timeout: at most 10 s, so a slow Redis never holds a request
+/// longer than that.
+#[derive(Debug)]
+struct RedisTimeout(Duration);
+
+impl<'de> Deserialize<'de> for RedisTimeout {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let t = parse_timeout(&s).map_err(serde::de::Error::custom)?;
+        if t > Duration::from_secs(10) {
+            return Err(serde::de::Error::custom(
+                "shared_state.timeout is at most 10s: a request waits this long for Redis",
+            ));
+        }
+        Ok(RedisTimeout(t))
+    }
+}
+
+impl FileSharedState {
+    pub(super) fn validate(self) -> SharedStateSpec {
+        SharedStateSpec {
+            redis: self.redis,
+            on_error: self.on_redis_error,
+            timeout: self.timeout.map_or(DEFAULT_REDIS_TIMEOUT, |t| t.0),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_checked_without_connecting_and_never_shown_with_a_password() {
+        let url = RedisUrl::parse("redis://:hunter2@10.0.0.9:6380/2").unwrap();
+        assert_eq!(url.redacted(), "redis://10.0.0.9:6380/2");
+        assert!(!format!("{url:?}").contains("hunter2"));
+        assert!(RedisUrl::parse("rediss://cache.example:6379").is_ok());
+        assert!(
+            RedisUrl::parse("redis://127.0.0.1:1").is_ok(),
+            "nothing listens: fine"
+        );
+        for bad in ["http://x", "127.0.0.1:6379", "redis://:99999999", ""] {
+            assert!(RedisUrl::parse(bad).is_err(), "{bad}");
+        }
+    }
+}
