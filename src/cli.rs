@@ -364,10 +364,12 @@ fn keys_command(command: KeysCommand) -> Result<(), KeyToolError> {
             let spec = match (shared, config.and_then(|c| c.shared_state)) {
                 (false, _) => None,
                 (true, Some(spec)) => Some(spec),
-                (true, None) => return Err(KeyToolError::Usage(format!(
+                (true, None) => {
+                    return Err(KeyToolError::Usage(format!(
                     "keys revoke --shared: {} has no shared_state (the Redis to publish through)",
                     t.config.config.display()
-                ))),
+                )))
+                }
             };
             let id = match keys::revoke(&path, &id, delete, SystemTime::now())? {
                 Revoked::Disabled(id) => {

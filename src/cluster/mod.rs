@@ -118,7 +118,11 @@ impl Cluster {
     /// Probes Redis once, so the first requests know whether it answers,
     /// and says so in the log.
     pub async fn first_probe(&self) {
-        if !self.link.probe().await {
+        if self.link.probe().await {
+            // Alive before the first request: another instance taking
+            // slots drops those of instances it does not see alive.
+            sync::refresh(self).await;
+        } else {
             warn!(
                 "shared state: redis does not answer at start: {}; retrying in the background",
                 match self.on_error {

@@ -51,7 +51,7 @@ pub(super) async fn run(cluster: Arc<Cluster>) {
 }
 
 /// Writes this instance's liveness and every slot count it holds.
-async fn refresh(cluster: &Cluster) {
+pub(super) async fn refresh(cluster: &Cluster) {
     let alive = scripts::alive_key(&cluster.instance);
     let wrote = cluster
         .link

@@ -62,19 +62,22 @@ impl OnRedisError {
 pub struct RedisUrl(String);
 
 impl RedisUrl {
-    /// Checks the URL's form, without connecting.
+    /// Checks the URL's form, without connecting. An error quotes the
+    /// part after any credentials (so it can be located in the file, and
+    /// never shows a password).
     pub fn parse(s: &str) -> Result<RedisUrl, String> {
+        let shown = s.rsplit_once('@').map_or(s, |(_, host)| host);
         let scheme = s.split_once("://").map(|(scheme, _)| scheme);
         if !matches!(scheme, Some("redis" | "rediss" | "redis+unix" | "unix")) {
-            return Err(
-                "shared_state.redis must be a redis://, rediss:// or redis+unix:// URL".to_string(),
-            );
+            return Err(format!(
+                "shared_state.redis {shown:?} must be a redis://, rediss:// or redis+unix:// URL"
+            ));
         }
         redis::Client::open(s)
             .map(|_| RedisUrl(s.to_string()))
             .map_err(|e| {
                 format!(
-                    "shared_state.redis is not a usable Redis URL: {}",
+                    "shared_state.redis {shown:?} is not a usable Redis URL: {}",
                     e.detail().unwrap_or("it does not parse")
                 )
             })
@@ -129,9 +132,9 @@ impl<'de> Deserialize<'de> for RedisTimeout {
         let s = String::deserialize(d)?;
         let t = parse_timeout(&s).map_err(serde::de::Error::custom)?;
         if t > Duration::from_secs(10) {
-            return Err(serde::de::Error::custom(
-                "shared_state.timeout is at most 10s: a request waits this long for Redis",
-            ));
+            return Err(serde::de::Error::custom(format!(
+                "shared_state.timeout {s:?} is over 10s: a request may wait this long for Redis"
+            )));
         }
         Ok(RedisTimeout(t))
     }

@@ -372,7 +372,9 @@ impl SharedShare {
     /// Records the cluster's token count for the window ending at
     /// `ends_ms` (monotonic).
     pub fn hear_tokens(&self, used: u64, ends_ms: u64) {
-        let ends = u32::try_from(ends_ms.div_ceil(1000)).unwrap_or(u32::MAX);
+        // Whole seconds, rounded down as a local window's start is: the
+        // window may read as over up to a second before Redis's is.
+        let ends = u32::try_from(ends_ms / 1000).unwrap_or(u32::MAX);
         let used = u32::try_from(used).unwrap_or(u32::MAX);
         self.tokens_heard
             .store(pack_tokens(ends, used), Ordering::Relaxed);
@@ -581,7 +583,7 @@ mod tests {
         let c = Arc::new(KeyCounter::default());
         let budget = TokenRate::parse("1k/min").unwrap();
         assert_eq!(c.shared.tokens(0), None, "nothing heard");
-        c.shared.hear_tokens(900, 60 * SEC + 1);
+        c.shared.hear_tokens(900, 61 * SEC + 999);
         let meter = TokenMeter::shared(Arc::clone(&c), budget);
         meter.add(150, SEC);
         assert_eq!(c.shared.tokens(SEC), Some((1_050, 61 * SEC)));

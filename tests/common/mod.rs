@@ -9,6 +9,8 @@
 //! * [`gateway`]: a [`Gateway`] runner that writes a config + keys file into
 //!   a temporary directory, spawns the real `ai-gateway` binary and waits
 //!   until it answers HTTP, and [`run_cli`] for one-shot commands;
+//! * [`redis`]: a real `redis-server` on a loopback port (for the cluster
+//!   tests), with a small RESP client to look inside it;
 //! * [`raw_http`]: raw HTTP/1.x request and response reading, for upstreams
 //!   and for tests that talk to the gateway over a bare `TcpStream`;
 //! * [`util`]: client helpers ([`agent`], [`wait_until`], [`sha256_hex`],
@@ -25,6 +27,7 @@ pub mod ai_upstream;
 pub mod gateway;
 pub mod pebble;
 pub mod raw_http;
+pub mod redis;
 pub mod tls;
 pub mod upstreams;
 pub mod util;
