@@ -204,7 +204,7 @@ impl Cluster {
         counter: &Arc<KeyCounter>,
         now_ms: u64,
     ) -> Result<Admission, Shortfall> {
-        let share = &counter.shared;
+        let share = counter.shared();
         if let Some(budget) = limits.tokens {
             let (used, ends_ms) = match share.tokens(now_ms) {
                 Some(heard) => heard,
@@ -292,7 +292,7 @@ impl Cluster {
         if !self.link.is_up() {
             return Err(Shortfall::Unavailable);
         }
-        let share = &counter.shared;
+        let share = counter.shared();
         let _one_call = share.calls.lock().await;
         if let Some(slot) = SharedShare::enter_held(counter) {
             return Ok(slot);
@@ -332,7 +332,7 @@ impl Cluster {
         if !self.link.is_up() {
             return Err(Shortfall::Unavailable);
         }
-        let share = &counter.shared;
+        let share = counter.shared();
         let _one_call = share.calls.lock().await;
         if let Some(heard) = share.tokens(now_ms) {
             return Ok(heard);

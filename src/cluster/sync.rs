@@ -78,10 +78,10 @@ async fn return_slots(cluster: &Cluster, all: bool) {
         .map(|(id, c)| (*id, Arc::clone(c)))
         .collect();
     for (id, counter) in holding {
-        let Ok(_one_call) = counter.shared.calls.try_lock() else {
+        let Ok(_one_call) = counter.shared().calls.try_lock() else {
             continue;
         };
-        let (released, held) = counter.shared.release_unused();
+        let (released, held) = counter.shared().release_unused();
         if released == 0 && !all {
             continue;
         }
@@ -108,7 +108,7 @@ async fn return_slots(cluster: &Cluster, all: bool) {
             .await;
         if wrote.is_ok() && held == 0 {
             let mut holding = lock(&cluster.holding);
-            if counter.shared.held() == 0 {
+            if counter.shared().held() == 0 {
                 holding.remove(&id);
             }
         }
@@ -121,14 +121,14 @@ async fn send_tokens(cluster: &Cluster) {
         let mut metered = lock(&cluster.metered);
         // A key gone from every snapshot (and no request holding its
         // counter) is forgotten once its tokens are out.
-        metered.retain(|_, (c, _)| Arc::strong_count(c) > 1 || c.shared.has_unsent());
+        metered.retain(|_, (c, _)| Arc::strong_count(c) > 1 || c.shared().has_unsent());
         metered
             .iter()
             .map(|(id, (c, budget))| (*id, Arc::clone(c), *budget))
             .collect()
     };
     for (id, counter, budget) in metered {
-        let n = counter.shared.take_unsent();
+        let n = counter.shared().take_unsent();
         if n == 0 {
             continue;
         }
@@ -150,9 +150,9 @@ async fn send_tokens(cluster: &Cluster) {
             .await;
         match total {
             Ok((used, ttl_ms)) => counter
-                .shared
+                .shared()
                 .hear_tokens(used, sent.saturating_add(ttl_ms)),
-            Err(_) => counter.shared.keep_unsent(n),
+            Err(_) => counter.shared().keep_unsent(n),
         }
     }
 }
@@ -182,7 +182,7 @@ async fn listen(cluster: Arc<Cluster>) {
                     cluster.hear_revoked(ids.iter().filter_map(|id| KeyId::parse_hex(id)));
                 }
                 for (counter, _) in lock(&cluster.metered).values() {
-                    counter.shared.forget_tokens();
+                    counter.shared().forget_tokens();
                 }
                 debug!("shared state: listening on {EVENTS}");
                 let mut messages = pubsub.into_on_message();
@@ -220,7 +220,7 @@ fn hear(cluster: &Cluster, event: &str) {
             };
             if let Some((counter, _)) = lock(&cluster.metered).get(&id) {
                 counter
-                    .shared
+                    .shared()
                     .hear_tokens(used, cluster.now_ms().saturating_add(ttl_ms));
             }
         }

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use crate::config::{Rate, TokenRate};
@@ -26,9 +26,10 @@ pub struct KeyCounter {
     /// monotonic clock, plus one, so that 0 means "none yet") in the high
     /// 32 bits, the tokens counted in it (saturating) in the low 32.
     tokens: AtomicU64,
-    /// This instance's part of the key's counts kept in Redis, when
-    /// `shared_state` is set.
-    pub shared: SharedShare,
+    /// This instance's part of the key's counts kept in Redis, made on
+    /// first use: only with `shared_state` set, so a gateway without it
+    /// pays one pointer per key.
+    shared: OnceLock<Box<SharedShare>>,
 }
 
 /// Bits of [`KeyCounter::window`] that hold the count.
@@ -86,6 +87,12 @@ impl KeyCounter {
             counter: Arc::clone(self),
             shared: false,
         })
+    }
+
+    /// This instance's part of the key's counts kept in Redis.
+    #[inline]
+    pub fn shared(&self) -> &SharedShare {
+        self.shared.get_or_init(Box::default)
     }
 
     /// Requests in flight now.
@@ -200,7 +207,7 @@ impl TokenMeter {
     pub fn add(&self, n: u64, now_ms: u64) {
         self.counter.add_tokens(self.budget, n, now_ms);
         if self.shared {
-            self.counter.shared.add_unsent(n);
+            self.counter.shared().add_unsent(n);
         }
     }
 
@@ -220,7 +227,7 @@ pub struct InFlightGuard {
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
         if self.shared {
-            self.counter.shared.slots.fetch_sub(1, Ordering::AcqRel);
+            self.counter.shared().slots.fetch_sub(1, Ordering::AcqRel);
         } else {
             self.counter.in_flight.fetch_sub(1, Ordering::AcqRel);
         }
@@ -300,7 +307,7 @@ impl SharedShare {
     /// A slot among the ones this instance holds, if one is free.
     #[inline]
     pub fn enter_held(counter: &Arc<KeyCounter>) -> Option<InFlightGuard> {
-        let slots = &counter.shared.slots;
+        let slots = &counter.shared().slots;
         let mut current = slots.load(Ordering::Relaxed);
         loop {
             let held = current >> 32;
@@ -328,7 +335,7 @@ impl SharedShare {
     /// Adds `granted` slots just taken from the cluster, and uses one.
     pub fn hold_and_enter(counter: &Arc<KeyCounter>, granted: u32) -> InFlightGuard {
         counter
-            .shared
+            .shared()
             .slots
             .fetch_add((u64::from(granted) << 32) | 1, Ordering::AcqRel);
         InFlightGuard {
@@ -568,13 +575,13 @@ mod tests {
         assert!(SharedShare::enter_held(&c).is_none(), "none held");
         let a = SharedShare::hold_and_enter(&c, 3);
         let b = SharedShare::enter_held(&c).unwrap();
-        assert_eq!(c.shared.held(), 3);
+        assert_eq!(c.shared().held(), 3);
         drop(a);
-        assert_eq!(c.shared.release_unused(), (2, 1), "one still in use");
+        assert_eq!(c.shared().release_unused(), (2, 1), "one still in use");
         assert!(SharedShare::enter_held(&c).is_none(), "nothing spare");
         drop(b);
-        assert_eq!(c.shared.release_unused(), (1, 0));
-        assert_eq!(c.shared.release_unused(), (0, 0));
+        assert_eq!(c.shared().release_unused(), (1, 0));
+        assert_eq!(c.shared().release_unused(), (0, 0));
         assert_eq!(c.in_flight(), 0, "local slots untouched");
     }
 
@@ -582,23 +589,34 @@ mod tests {
     fn shared_tokens_add_what_is_unsent_to_what_was_heard() {
         let c = Arc::new(KeyCounter::default());
         let budget = TokenRate::parse("1k/min").unwrap();
-        assert_eq!(c.shared.tokens(0), None, "nothing heard");
-        c.shared.hear_tokens(900, 61 * SEC + 999);
+        assert_eq!(c.shared().tokens(0), None, "nothing heard");
+        c.shared().hear_tokens(900, 61 * SEC + 999);
         let meter = TokenMeter::shared(Arc::clone(&c), budget);
         meter.add(150, SEC);
-        assert_eq!(c.shared.tokens(SEC), Some((1_050, 61 * SEC)));
+        assert_eq!(c.shared().tokens(SEC), Some((1_050, 61 * SEC)));
         assert_eq!(c.tokens_used(budget, SEC), 150, "counted locally too");
-        assert_eq!(c.shared.take_unsent(), 150);
-        assert_eq!(c.shared.tokens(SEC), Some((900, 61 * SEC)));
-        c.shared.keep_unsent(150);
-        assert!(c.shared.has_unsent());
+        assert_eq!(c.shared().take_unsent(), 150);
+        assert_eq!(c.shared().tokens(SEC), Some((900, 61 * SEC)));
+        c.shared().keep_unsent(150);
+        assert!(c.shared().has_unsent());
         assert_eq!(
-            c.shared.tokens(61 * SEC),
+            c.shared().tokens(61 * SEC),
             Some((150, 61 * SEC)),
             "an ended window counts only what is unsent"
         );
-        c.shared.forget_tokens();
-        assert_eq!(c.shared.tokens(SEC), None);
+        c.shared().forget_tokens();
+        assert_eq!(c.shared().tokens(SEC), None);
+    }
+
+    #[test]
+    fn a_key_without_shared_state_pays_one_pointer_for_it() {
+        // 24 bytes of local counters (padded) and the lazily made share:
+        // a million limited keys must not cost the cluster's state.
+        assert!(std::mem::size_of::<KeyCounter>() <= 40);
+        let c = KeyCounter::default();
+        assert!(c.shared.get().is_none());
+        let _ = c.shared();
+        assert!(c.shared.get().is_some(), "made on first use");
     }
 
     #[test]
