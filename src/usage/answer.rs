@@ -17,6 +17,8 @@
 //! An answer that is compressed, not JSON, or has no usage is *unknown*.
 
 use bytes::{Bytes, BytesMut};
+use memchr::memmem;
+use std::sync::LazyLock;
 
 use super::scan::{Event, Scanner};
 use crate::config::MAX_MODEL_NAME;
@@ -278,7 +280,32 @@ impl AnswerMeter {
         }
     }
 
-    fn scan(&mut self, bytes: &[u8]) {
+    /// Reads JSON. In an NDJSON stream whose model is known, a line that
+    /// is a content record in the compact form servers write
+    /// (`"done":false`, no token count, no usage) is counted without being
+    /// scanned: every line of a stream but the last is one, and the last,
+    /// with the counts, is always scanned.
+    fn scan(&mut self, mut bytes: &[u8]) {
+        if self.streamed {
+            while self.model.is_some() {
+                let Some(nl) = memchr::memchr(b'\n', bytes) else {
+                    break;
+                };
+                let (line, rest) = bytes.split_at(nl + 1);
+                if self.scanner.between() && is_content_line(line) {
+                    self.scanner.skip(line.len());
+                    self.records += 1;
+                    self.content_records += 1;
+                } else {
+                    self.scan_all(line);
+                }
+                bytes = rest;
+            }
+        }
+        self.scan_all(bytes);
+    }
+
+    fn scan_all(&mut self, bytes: &[u8]) {
         let AnswerMeter {
             scanner,
             record,
@@ -350,6 +377,17 @@ impl AnswerMeter {
             source,
         }
     }
+}
+
+/// Whether an NDJSON line is a content record: one object that says
+/// `"done":false` (Ollama's intermediate records; its final record says
+/// `"done":true` and carries the counts). Inside JSON strings quotes are
+/// escaped, so text a model wrote cannot pass for the member.
+fn is_content_line(line: &[u8]) -> bool {
+    static NOT_DONE: LazyLock<memmem::Finder<'static>> =
+        LazyLock::new(|| memmem::Finder::new(b"\"done\":false"));
+    let body = line.trim_ascii();
+    body.first() == Some(&b'{') && body.last() == Some(&b'}') && NOT_DONE.find(body).is_some()
 }
 
 fn read_member(record: &mut Record, key: usize, raw: &[u8], truncated: bool) {
@@ -509,6 +547,45 @@ mod tests {
         "{\"model\":\"llama3.2\",\"response\":\"\",\"done\":true,\"context\":[1,2,3,4,5],",
         "\"prompt_eval_count\":26,\"eval_count\":290}\n"
     );
+
+    #[test]
+    fn content_lines_are_counted_without_being_scanned() {
+        assert!(is_content_line(
+            b"{\"model\":\"m\",\"response\":\"a\",\"done\":false}\n"
+        ));
+        assert!(is_content_line(
+            b" {\"done\":false,\"response\":\"\\\"done\\\":true\"}\r\n"
+        ));
+        assert!(!is_content_line(b"{\"done\":true,\"eval_count\":3}\n"));
+        assert!(
+            !is_content_line(b"{\"response\":\"\\\"done\\\":false\"}\n"),
+            "only in a string"
+        );
+        assert!(
+            !is_content_line(b"{\"done\":false,\n"),
+            "not a whole object"
+        );
+        // A stream cut before its final record: what was counted without
+        // scanning makes the same estimate as a full scan would.
+        let mut lines = String::new();
+        for i in 0..50 {
+            lines.push_str(&format!(
+                "{{\"model\":\"m\",\"response\":\"t{i}\",\"done\":false}}\n"
+            ));
+        }
+        let cut = each_step("application/x-ndjson", &lines);
+        let mut m = AnswerMeter::new(Some(b"application/x-ndjson"), None);
+        m.framing = Framing::Json;
+        m.streamed = false;
+        m.feed(lines.as_bytes());
+        let scanned = m.usage();
+        assert_eq!(cut.model.as_deref(), Some("m"));
+        assert_eq!(
+            cut.completion_tokens, scanned.completion_tokens,
+            "{cut:?} {scanned:?}"
+        );
+        assert_eq!(cut.source, scanned.source);
+    }
 
     #[test]
     fn ollama_streams_and_single_answers() {

@@ -133,6 +133,13 @@ impl Scanner {
         self.state == State::Between
     }
 
+    /// Passes over `n` bytes the caller has judged to be one whole
+    /// top-level value it does not want read (only between values).
+    pub fn skip(&mut self, n: usize) {
+        debug_assert!(self.between());
+        self.offset += n as u64;
+    }
+
     /// Bytes fed so far.
     pub fn offset(&self) -> u64 {
         self.offset
