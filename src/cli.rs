@@ -245,10 +245,14 @@ fn check(config: &std::path::Path) -> Result<(), String> {
         // The URL's form was checked when the config was parsed; Redis is
         // not contacted.
         println!(
-            "shared state: redis {} (not contacted), on_redis_error: {}, timeout {:?}",
+            "shared state: redis {} (not contacted), on_redis_error: {}, timeout {:?}{}",
             shared.redis.redacted(),
             shared.on_error.name(),
-            shared.timeout
+            shared.timeout,
+            shared.ca.as_ref().map_or(String::new(), |ca| format!(
+                ", server verified against {}",
+                ca.path.display()
+            ))
         );
     }
     Ok(())

@@ -1606,3 +1606,126 @@ fn a_key_disabled_by_one_instances_reload_is_refused_by_the_others() {
         "the id is kept in agw:revoked for instances started later"
     );
 }
+
+// ---------------------------------------------------------------------------
+// A password and TLS to Redis
+// ---------------------------------------------------------------------------
+
+const TLS_KEY: &str = "cluster-tls-key-0001";
+const REDIS_PASSWORD: &str = "s3cret-redis-pw";
+
+/// `shared_state` for a TLS Redis with a password, verified against `ca`.
+fn tls_shared_state(port: u16, password: &str, ca: &Path) -> String {
+    format!(
+        "shared_state:\n  redis: \"rediss://:{password}@localhost:{port}/0\"\n  ca: \"{}\"\n",
+        ca.display()
+    )
+}
+
+/// The password and TLS come from the URL (and `ca` for a private CA):
+/// counting is shared over them, the password never shows in a log, and a
+/// wrong password or a CA that did not sign Redis's certificate leaves the
+/// instance counting locally, saying so.
+#[test]
+fn a_password_and_tls_to_redis_are_used_and_the_password_never_logged() {
+    let _one = one_cluster();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ca = common::tls::TestCa::new("redis test CA");
+    let leaf = ca.leaf(&["localhost", "127.0.0.1"], 7, 30);
+    let (cert, key, ca_file) = (
+        dir.path().join("redis.crt"),
+        dir.path().join("redis.key"),
+        dir.path().join("ca.pem"),
+    );
+    leaf.write(&cert, &key);
+    fs::write(&ca_file, &ca.pem).expect("write the CA");
+    let other_ca_file = dir.path().join("other-ca.pem");
+    fs::write(&other_ca_file, common::tls::TestCa::new("another CA").pem).expect("write");
+    let tls_port = free_port();
+    let tls_port_arg = tls_port.to_string();
+    let redis = RedisServer::start_with(&[
+        "--requirepass",
+        REDIS_PASSWORD,
+        "--tls-port",
+        &tls_port_arg,
+        "--tls-cert-file",
+        s(&cert),
+        "--tls-key-file",
+        s(&key),
+        "--tls-ca-cert-file",
+        s(&ca_file),
+        "--tls-auth-clients",
+        "no",
+    ]);
+    let echo = EchoServer::start();
+    let routes = route("chat", "/chat/", "chat", echo.addr, "");
+    let keys_json = keys(&[(
+        TLS_KEY,
+        r#""user": "ann", "service": "chat", "rate_limit": "10/min""#,
+    )]);
+    let good = tls_shared_state(tls_port, REDIS_PASSWORD, &ca_file);
+    let cluster = Cluster::start(&[good.clone(), good], &routes, &keys_json);
+    let admitted = round_robin(&cluster, TLS_KEY, 20, "over TLS with a password");
+    assert_cluster_limit(&admitted, 10, "10/min over TLS, two instances");
+    assert!(
+        redis.command(&["AUTH", REDIS_PASSWORD]).starts_with("+OK"),
+        "the test's own check of the password"
+    );
+
+    // A wrong password, and a CA that did not sign the server's
+    // certificate: never up, errors counted, requests served locally.
+    let wrong_pw = start_node(
+        "wrong password",
+        &cluster.keys_path,
+        &tls_shared_state(tls_port, "not-the-password", &ca_file),
+        &routes,
+    );
+    let wrong_ca = start_node(
+        "wrong CA",
+        &cluster.keys_path,
+        &tls_shared_state(tls_port, REDIS_PASSWORD, &other_ca_file),
+        &routes,
+    );
+    for node in [&wrong_pw, &wrong_ca] {
+        let errors = wait_until(REDIS_STATE_TIMEOUT, || {
+            metric_now(node.admin, ERRORS) >= 1.0
+        });
+        assert!(
+            errors,
+            "{}: no shared-state error counted; metrics:\n{}",
+            node.name,
+            shared_metrics(node.admin)
+        );
+        assert_eq!(metric_now(node.admin, UP), 0.0, "{}: up", node.name);
+        assert_status(
+            &get(node.addr(), "/chat/x", TLS_KEY),
+            200,
+            &format!("{}: counted locally, its own 10/min", node.name),
+        );
+        assert!(
+            wait_until(REDIS_STATE_TIMEOUT, || node
+                .gw
+                .log()
+                .contains("shared state")),
+            "{}: nothing logged about Redis; log:\n{}",
+            node.name,
+            node.gw.log()
+        );
+    }
+    for log in cluster
+        .nodes
+        .iter()
+        .map(|n| n.gw.log())
+        .chain([wrong_pw.gw.log(), wrong_ca.gw.log()])
+    {
+        assert!(
+            !log.contains(REDIS_PASSWORD),
+            "a log shows the password:\n{log}"
+        );
+        assert!(
+            !log.contains("not-the-password"),
+            "a log shows the password:\n{log}"
+        );
+        assert!(!log.contains(TLS_KEY), "a log shows the key:\n{log}");
+    }
+}

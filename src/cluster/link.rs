@@ -59,7 +59,7 @@ impl Link {
         metrics: Arc<Metrics>,
         runtime: Handle,
     ) -> RedisResult<Link> {
-        let client = redis::Client::open(spec.redis.secret())?;
+        let client = client(spec)?;
         let config = ConnectionManagerConfig::new()
             .set_response_timeout(Some(spec.timeout))
             .set_connection_timeout(Some(spec.timeout.max(Duration::from_millis(250))))
@@ -229,6 +229,21 @@ impl Link {
                 self.place
             );
         }
+    }
+}
+
+/// A Redis client for `spec` (not connected): verifying a `rediss://`
+/// server against `ca` when it is set, else against the system's roots.
+pub fn client(spec: &SharedStateSpec) -> RedisResult<redis::Client> {
+    match &spec.ca {
+        None => redis::Client::open(spec.redis.secret()),
+        Some(ca) => redis::Client::build_with_tls(
+            spec.redis.secret(),
+            redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(ca.pem.clone()),
+            },
+        ),
     }
 }
 

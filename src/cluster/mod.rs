@@ -417,8 +417,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// revoke --shared`: adds the ids to the revoked set (so instances started
 /// later refuse them too) and tells every running instance.
 pub fn publish_revocations(spec: &SharedStateSpec, ids: &[KeyId]) -> Result<(), String> {
-    let client = redis::Client::open(spec.redis.secret())
-        .map_err(|e| format!("shared_state.redis: {:?}", e.kind()))?;
+    let client = link::client(spec).map_err(|e| format!("shared_state.redis: {:?}", e.kind()))?;
     let timeout = spec.timeout.max(std::time::Duration::from_secs(2));
     let mut conn = client
         .get_connection_with_timeout(timeout)

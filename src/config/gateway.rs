@@ -752,7 +752,10 @@ impl FileConfig {
                         cooldown: t.cooldown.map_or(d.cooldown, |c| c.0),
                     }
                 }),
-            shared_state: self.shared_state.map(FileSharedState::validate),
+            shared_state: self
+                .shared_state
+                .map(|s| s.validate(path, base))
+                .transpose()?,
             routes,
         })
     }

@@ -29,7 +29,7 @@ pub use gateway::{
 };
 pub use listen::{https_port, is_dns_name, AcmeSpec, ListenKind, ListenSpec, TlsSource};
 pub use pem::{parse_certificates, parse_private_key, read_certificates, read_private_key};
-pub use shared::{OnRedisError, RedisUrl, SharedStateSpec, DEFAULT_REDIS_TIMEOUT};
+pub use shared::{OnRedisError, RedisCa, RedisUrl, SharedStateSpec, DEFAULT_REDIS_TIMEOUT};
 pub use values::{
     any_contains, any_model_matches, ByteSize, IpRange, ModelPattern, Rate, TokenRate,
     MAX_MODEL_NAME, MAX_TOKEN_BUDGET,

@@ -6,11 +6,13 @@
 //! without connecting, so `check` can run on a machine that cannot reach
 //! Redis.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
 use super::clients::parse_timeout;
+use super::error::LoadError;
 
 /// How long one Redis call may take before the request goes on without it.
 pub const DEFAULT_REDIS_TIMEOUT: Duration = Duration::from_millis(100);
@@ -22,6 +24,17 @@ pub struct SharedStateSpec {
     pub on_error: OnRedisError,
     /// The bound on each Redis call a request waits for.
     pub timeout: Duration,
+    /// The CA certificates a `rediss://` server is verified against,
+    /// instead of the system's.
+    pub ca: Option<RedisCa>,
+}
+
+/// `shared_state.ca`: the file, and its PEM text (checked to hold
+/// certificates), which the Redis client takes as it is.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisCa {
+    pub path: PathBuf,
+    pub pem: Vec<u8>,
 }
 
 impl std::fmt::Debug for SharedStateSpec {
@@ -30,6 +43,7 @@ impl std::fmt::Debug for SharedStateSpec {
             .field("redis", &self.redis.redacted())
             .field("on_error", &self.on_error)
             .field("timeout", &self.timeout)
+            .field("ca", &self.ca.as_ref().map(|c| &c.path))
             .finish()
     }
 }
@@ -114,6 +128,8 @@ pub(super) struct FileSharedState {
     on_redis_error: OnRedisError,
     #[serde(default)]
     timeout: Option<RedisTimeout>,
+    #[serde(default)]
+    ca: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for RedisUrl {
@@ -141,12 +157,30 @@ impl<'de> Deserialize<'de> for RedisTimeout {
 }
 
 impl FileSharedState {
-    pub(super) fn validate(self) -> SharedStateSpec {
-        SharedStateSpec {
+    /// Fills in the defaults and reads `ca` (relative to `base`, the
+    /// config's folder); errors name `path`, the config, or the CA file.
+    pub(super) fn validate(self, path: &Path, base: &Path) -> Result<SharedStateSpec, LoadError> {
+        let ca = match self.ca {
+            None => None,
+            Some(_) if !self.redis.secret().starts_with("rediss://") => {
+                return Err(LoadError::invalid(
+                    path,
+                    "shared_state.ca is set but shared_state.redis is not a rediss:// (TLS) URL",
+                ))
+            }
+            Some(ca) => {
+                let ca_path = base.join(ca);
+                let pem = std::fs::read(&ca_path).map_err(|e| LoadError::io(&ca_path, e))?;
+                super::pem::parse_certificates(&ca_path, &pem)?;
+                Some(RedisCa { path: ca_path, pem })
+            }
+        };
+        Ok(SharedStateSpec {
             redis: self.redis,
             on_error: self.on_redis_error,
             timeout: self.timeout.map_or(DEFAULT_REDIS_TIMEOUT, |t| t.0),
-        }
+            ca,
+        })
     }
 }
 

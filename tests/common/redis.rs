@@ -50,6 +50,8 @@ pub struct RedisServer {
     bin: PathBuf,
     dir: TempDir,
     child: Option<Child>,
+    /// More arguments for every start (a password, a TLS port).
+    extra: Vec<String>,
 }
 
 impl RedisServer {
@@ -57,6 +59,14 @@ impl RedisServer {
     /// answers `PING` with `+PONG`. Retries on a fresh port if the chosen
     /// one was taken in the meantime.
     pub fn start() -> RedisServer {
+        RedisServer::start_with(&[])
+    }
+
+    /// [`RedisServer::start`] with more arguments, such as
+    /// `["--requirepass", "pw"]` or a `--tls-port` with its certificate
+    /// files (the plain port stays, for the readiness probe and
+    /// [`RedisServer::command`]).
+    pub fn start_with(extra: &[&str]) -> RedisServer {
         let bin = find_redis_server();
         let dir = tempfile::Builder::new()
             .prefix("ai-gateway-redis-")
@@ -67,6 +77,7 @@ impl RedisServer {
             bin,
             dir,
             child: None,
+            extra: extra.iter().map(|a| a.to_string()).collect(),
         };
         for attempt in 1.. {
             server.port = free_port();
@@ -97,6 +108,7 @@ impl RedisServer {
             .args(["--daemonize", "no"])
             .arg("--dir")
             .arg(self.dir.path())
+            .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::from(
                 log.try_clone().expect("clone the redis.log handle"),
@@ -136,8 +148,9 @@ impl RedisServer {
 
     /// Whether `PING` on a new connection is answered `+PONG` right now.
     fn ping(&self) -> bool {
+        // A server with a password answers NOAUTH: it is up all the same.
         self.try_command(&["PING"])
-            .is_ok_and(|reply| reply == "+PONG\r\n")
+            .is_ok_and(|reply| reply == "+PONG\r\n" || reply.starts_with("-NOAUTH"))
     }
 
     /// `redis://127.0.0.1:<port>/0`.
