@@ -1360,6 +1360,14 @@ routes:
             e.contains("shared_state.redis") && !e.contains("pw@"),
             "{e}"
         );
+        let e = err(&format!(
+            "{GOOD}shared_state: {{redis: \"redis://h:1\", ca: ca.pem}}\n"
+        ));
+        assert!(e.contains("not a rediss://"), "{e}");
+        let e = err(&format!(
+            "{GOOD}shared_state: {{redis: \"rediss://h:1\", ca: /no/such/ca.pem}}\n"
+        ));
+        assert!(e.contains("/no/such/ca.pem"), "{e}");
         for bad in ["on_redis_error: maybe", "timeout: 11s", "retries: 3"] {
             let e = err(&format!(
                 "{GOOD}shared_state:\n  redis: redis://h:1\n  {bad}\n"
