@@ -412,6 +412,134 @@ fn limits_audit_and_timeouts_hold_over_http2() {
     );
 }
 
+/// Sends an HTTP/2 POST whose body never comes (the stream stays open,
+/// no DATA frame) and waits up to `limit` for the answer: its status, or
+/// the stream's reset, and how long it took.
+fn stalled_h2_post(h: &Https, ca: &TestCa, limit: Duration) -> (Result<u16, String>, Duration) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(h.tls)
+            .await
+            .expect("connect");
+        let tls = tokio_rustls::TlsConnector::from(client_config(&[&ca.pem], &[b"h2"]))
+            .connect(
+                rustls::pki_types::ServerName::try_from("localhost").expect("name"),
+                tcp,
+            )
+            .await
+            .expect("TLS handshake");
+        let (client, connection) = h2::client::handshake(tls).await.expect("h2 handshake");
+        tokio::spawn(connection);
+        let mut client = client.ready().await.expect("h2 ready");
+        let request = http::Request::post(h.url("/chat/x"))
+            .header("x-api-key", KEY)
+            .header("content-type", "application/json")
+            .body(())
+            .expect("request");
+        let started = Instant::now();
+        let (answer, _body_never_sent) = client.send_request(request, false).expect("send");
+        let got = match tokio::time::timeout(limit, answer).await {
+            Ok(Ok(resp)) => Ok(resp.status().as_u16()),
+            Ok(Err(e)) => Err(format!("stream ended without an answer: {e}")),
+            Err(_) => Err(format!("no answer within {limit:?}")),
+        };
+        (got, started.elapsed())
+    })
+}
+
+/// Sends an HTTP/2 POST whose body comes in `pieces`, `gap` apart; returns
+/// the status and the answer's body.
+fn slow_h2_post(h: &Https, ca: &TestCa, pieces: &[&str], gap: Duration) -> (u16, String) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(h.tls)
+            .await
+            .expect("connect");
+        let tls = tokio_rustls::TlsConnector::from(client_config(&[&ca.pem], &[b"h2"]))
+            .connect(
+                rustls::pki_types::ServerName::try_from("localhost").expect("name"),
+                tcp,
+            )
+            .await
+            .expect("TLS handshake");
+        let (client, connection) = h2::client::handshake(tls).await.expect("h2 handshake");
+        tokio::spawn(connection);
+        let mut client = client.ready().await.expect("h2 ready");
+        let request = http::Request::post(h.url("/chat/x"))
+            .header("x-api-key", KEY)
+            .body(())
+            .expect("request");
+        let (answer, mut body) = client.send_request(request, false).expect("send");
+        for (i, piece) in pieces.iter().enumerate() {
+            tokio::time::sleep(gap).await;
+            body.send_data(
+                bytes::Bytes::copy_from_slice(piece.as_bytes()),
+                i + 1 == pieces.len(),
+            )
+            .expect("send a piece");
+        }
+        let resp = answer.await.expect("an answer");
+        let status = resp.status().as_u16();
+        let mut recv = resp.into_body();
+        let mut text = Vec::new();
+        while let Some(chunk) = recv.data().await {
+            let chunk = chunk.expect("answer body");
+            let _ = recv.flow_control().release_capacity(chunk.len());
+            text.extend_from_slice(&chunk);
+        }
+        (status, String::from_utf8_lossy(&text).into_owned())
+    })
+}
+
+/// An HTTP/2 request whose body stalls is ended by `client_body_timeout`,
+/// as on HTTP/1 (there with a 408; here the stream is reset) and counted;
+/// a slow body that keeps coming passes intact.
+#[test]
+fn a_stalled_http2_body_ends_at_the_body_timeout() {
+    let ca = TestCa::new("test CA");
+    let echo = EchoServer::start();
+    let admin = free_port();
+    let h = start(
+        &ca.leaf(&["localhost"], 1, 30),
+        &format!("client_body_timeout: 1s\nadmin_listen: \"{admin}\"\n"),
+        &route(&echo.addr.to_string(), ", read_timeout: 30s"),
+    );
+    let (got, took) = stalled_h2_post(&h, &ca, Duration::from_secs(10));
+    eprintln!("stalled HTTP/2 body: {got:?} after {took:?}");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(5),
+        "ended after {took:?} ({got:?}): expected the 1 s client_body_timeout"
+    );
+    assert!(
+        matches!(got, Ok(408)) || got.as_ref().is_err_and(|e| e.contains("ended")),
+        "{got:?}"
+    );
+    assert!(
+        metric_value(admin, r#"agw_client_timeouts_total{kind="body"}"#) >= 1.0,
+        "the body timeout is counted"
+    );
+    assert!(
+        echo.requests().is_empty(),
+        "no complete request went upstream"
+    );
+
+    // Pieces 0.6 s apart, 2.4 s in all: each wait is under the 1 s clock.
+    let pieces = ["{\"a\":", "\"slow ", "but ", "steady\"}"];
+    let (status, answer) = slow_h2_post(&h, &ca, &pieces, Duration::from_millis(600));
+    assert_eq!(status, 200, "{answer}");
+    let whole: String = pieces.concat();
+    assert!(
+        answer.contains(&sha256_hex(whole.as_bytes())),
+        "the upstream got the whole body: {answer}"
+    );
+}
+
 fn metric_value(admin: u16, series: &str) -> f64 {
     let text = agent()
         .get(format!("http://127.0.0.1:{admin}/metrics"))

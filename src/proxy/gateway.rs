@@ -264,11 +264,14 @@ impl ProxyHttp for Gateway {
     /// the request broken off, never a body that looks complete).
     async fn request_body_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         body: &mut Option<Bytes>,
         end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        if session.is_http2() {
+            connection::h2_body_read(end_of_stream);
+        }
         if let Some(ai) = ctx.ai.as_mut() {
             if let Err(refusal) = ai::request_body(ai, body, end_of_stream) {
                 ctx.late_refusal = Some(refusal);

@@ -20,6 +20,11 @@ pub enum Event {
     /// Pingora parsed the head and the request hooks run: no head clock any
     /// more.
     HeadComplete,
+    /// HTTP/2: a request body is expected, or a piece of it arrived; its
+    /// clock starts (again).
+    BodyRead,
+    /// HTTP/2: the request body has ended.
+    BodyDone,
 }
 
 thread_local! {

@@ -42,9 +42,12 @@ use std::task::Poll;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use log::debug;
 use pingora::apps::{HttpServerApp, ServerApp};
+use pingora::protocols::http::v2;
+use pingora::protocols::http::v2::server::{H2Accept, HttpSession as H2Session};
 use pingora::protocols::http::ServerSession;
-use pingora::protocols::{Stream, ALPN};
+use pingora::protocols::{Digest, Stream, ALPN};
 use pingora::proxy::{HttpProxy, Session};
 use pingora::server::ShutdownWatch;
 use tokio::io::AsyncWriteExt;
@@ -56,6 +59,11 @@ use self::stream::ClientStream;
 use super::gateway::Gateway;
 use crate::config::ClientLimits;
 use crate::ops::{ClientTimeout, Metrics, SharedLive};
+
+/// Streams of one HTTP/2 connection rejected while being accepted
+/// (malformed requests) before the connection is closed, as Pingora's own
+/// loop does.
+const MAX_REJECTED_H2_STREAMS: usize = 32;
 
 /// What a client over the cap gets before the connection is closed.
 const OVER_CAP_RESPONSE: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
@@ -156,9 +164,10 @@ impl ClientApp {
 
 impl ClientApp {
     /// Serves an HTTP/2 connection (or anything else Pingora recognises
-    /// by ALPN) as Pingora does, with the head's clock on its connection
-    /// preface: a client that completes the TLS handshake and then says
-    /// nothing is closed at `client_header_timeout`.
+    /// by ALPN), with the head's clock on its connection preface: a client
+    /// that completes the TLS handshake and then says nothing is closed at
+    /// `client_header_timeout`. HTTP/2 streams are accepted here rather
+    /// than by Pingora's loop, so each stream's body has a clock too.
     async fn serve_h2(
         self: &Arc<Self>,
         stream: Stream,
@@ -173,15 +182,124 @@ impl ClientApp {
         let stream: Stream = Box::new(ClientStream::new_h2(stream));
         let mut clock = Clock::Head;
         let timer = pin!(tokio::time::sleep_until(accepted + limits.header_timeout));
-        let fut = ServerApp::process_new(&self.proxy, stream, shutdown);
+        let fut = Box::pin(self.accept_h2_streams(stream, shutdown.clone()));
         match serve_request(fut, &mut clock, timer, limits.header_timeout).await {
-            Ok(stream) => stream,
+            Ok(()) => None,
             Err(kind) => {
                 self.metrics.client_timeout(kind);
                 None
             }
         }
     }
+
+    /// The HTTP/2 connection's accept loop, as Pingora's own (graceful
+    /// shutdown: GOAWAY, then the streams already open are served; the
+    /// idle limit once no stream is open; a bound on rejected streams),
+    /// except that each stream is served by [`ClientApp::serve_h2_stream`].
+    async fn accept_h2_streams(self: &Arc<Self>, stream: Stream, mut shutdown: ShutdownWatch) {
+        let digest = Arc::new(Digest {
+            ssl_digest: stream.get_ssl_digest(),
+            timing_digest: stream.get_timing_digest(),
+            proxy_digest: stream.get_proxy_digest(),
+            socket_digest: stream.get_socket_digest(),
+        });
+        let mut conn = match v2::server::handshake(stream, self.proxy.h2_options()).await {
+            Ok(conn) => conn,
+            Err(e) => {
+                debug!("HTTP/2 handshake with a client failed: {e}");
+                return;
+            }
+        };
+        let idle_timeout = self.proxy.server_options().and_then(|o| o.h2_idle_timeout);
+        let (open, mut open_rx) = tokio::sync::watch::channel(0usize);
+        let open = Arc::new(open);
+        let mut rejected = 0usize;
+        let mut shutting_down = false;
+        loop {
+            let next = if shutting_down {
+                H2Session::from_h2_conn(&mut conn, Arc::clone(&digest)).await
+            } else {
+                tokio::select! {
+                    biased;
+                    _ = shutdown.changed() => {
+                        conn.graceful_shutdown();
+                        shutting_down = true;
+                        continue;
+                    }
+                    next = H2Session::from_h2_conn(&mut conn, Arc::clone(&digest)) => next,
+                    _ = idle_for(&mut open_rx, idle_timeout.unwrap_or_default()), if idle_timeout.is_some() => return,
+                }
+            };
+            match next {
+                // A client often just closes the connection.
+                Err(e) => {
+                    debug!("HTTP/2 connection ended: {e}");
+                    return;
+                }
+                Ok(None) => return,
+                Ok(Some(H2Accept::Rejected)) => {
+                    rejected += 1;
+                    if rejected >= MAX_REJECTED_H2_STREAMS {
+                        debug!("HTTP/2 connection closed after {rejected} rejected streams");
+                        return;
+                    }
+                }
+                Ok(Some(H2Accept::Session(session))) => {
+                    let app = Arc::clone(self);
+                    let shutdown = shutdown.clone();
+                    let open = Arc::clone(&open);
+                    open.send_modify(|n| *n += 1);
+                    tokio::spawn(async move {
+                        app.serve_h2_stream(session, &shutdown).await;
+                        open.send_modify(|n| *n -= 1);
+                    });
+                }
+            }
+        }
+    }
+
+    /// Serves one HTTP/2 stream, ending it when its body stalls for longer
+    /// than `client_body_timeout` (Pingora 0.9 has no read timeout for
+    /// HTTP/2 bodies): the request is dropped, which resets the stream.
+    async fn serve_h2_stream(&self, session: H2Session, shutdown: &ShutdownWatch) {
+        let body_timeout = self.limits().body_timeout;
+        let mut fut = pin!(self
+            .proxy
+            .process_new_http(ServerSession::new_http2(session), shutdown));
+        let mut timer = pin!(tokio::time::sleep(body_timeout));
+        let mut armed = false;
+        let timed_out = poll_fn(|cx| {
+            let _ = events::take();
+            if fut.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(false);
+            }
+            match events::take() {
+                Some(Event::BodyRead) => {
+                    armed = true;
+                    timer.as_mut().reset(Instant::now() + body_timeout);
+                }
+                Some(Event::BodyDone) => armed = false,
+                _ => {}
+            }
+            if armed {
+                timer.as_mut().poll(cx).map(|()| true)
+            } else {
+                Poll::Pending
+            }
+        })
+        .await;
+        if timed_out {
+            self.metrics.client_timeout(ClientTimeout::Body);
+        }
+    }
+}
+
+/// Waits until no stream is open, then for `idle`.
+async fn idle_for(open: &mut tokio::sync::watch::Receiver<usize>, idle: Duration) {
+    if open.wait_for(|n| *n == 0).await.is_err() {
+        return std::future::pending().await;
+    }
+    tokio::time::sleep(idle).await;
 }
 
 /// Which clock runs for the current request.
@@ -219,7 +337,8 @@ async fn serve_request<T>(
                 timer.as_mut().reset(Instant::now() + header_timeout);
             }
             Some(Event::HeadComplete) => *clock = Clock::Off,
-            None => {}
+            // The HTTP/2 body clock is the stream loop's.
+            Some(Event::BodyRead | Event::BodyDone) | None => {}
         }
         let kind = match *clock {
             Clock::Off => return Poll::Pending,
@@ -286,6 +405,7 @@ impl ServerApp for ClientApp {
 /// head's clock and bounds each read of the body by `client_body_timeout`
 /// (Pingora's per-read limit, which a later request resets).
 pub fn head_complete(session: &mut Session, limits: &ClientLimits) {
+    let body_expected = !session.is_body_empty();
     let downstream = session.as_downstream_mut();
     downstream.set_read_timeout(Some(limits.body_timeout));
     let ours = downstream
@@ -293,13 +413,21 @@ pub fn head_complete(session: &mut Session, limits: &ClientLimits) {
         .and_then(|s| s.as_any().downcast_ref::<ClientStream>());
     match ours {
         Some(stream) => stream.head_complete(),
-        // Not from the loop above (HTTP/2): Pingora's own idle limit.
-        None => downstream.set_keepalive(Some(whole_seconds(limits.idle_timeout))),
+        // An HTTP/2 stream: its body's clock starts now (the stream loop
+        // above keeps it).
+        None if body_expected => events::post(Event::BodyRead),
+        None => {}
     }
 }
 
-fn whole_seconds(d: Duration) -> u64 {
-    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+/// Called from `request_body_filter` on an HTTP/2 stream: a piece of the
+/// body arrived (the clock starts again) or the body ended (no clock).
+pub fn h2_body_read(end_of_stream: bool) {
+    events::post(if end_of_stream {
+        Event::BodyDone
+    } else {
+        Event::BodyRead
+    });
 }
 
 #[cfg(test)]
@@ -317,11 +445,5 @@ mod tests {
             serde_json::from_str::<serde_json::Value>(body).unwrap()["error"],
             "too many connections"
         );
-    }
-
-    #[test]
-    fn idle_limits_round_up_to_whole_seconds() {
-        assert_eq!(whole_seconds(Duration::from_millis(1500)), 2);
-        assert_eq!(whole_seconds(Duration::from_secs(60)), 60);
     }
 }
