@@ -1729,3 +1729,93 @@ fn a_password_and_tls_to_redis_are_used_and_the_password_never_logged() {
         assert!(!log.contains(TLS_KEY), "a log shows the key:\n{log}");
     }
 }
+
+// ---------------------------------------------------------------------------
+// A slow Redis
+// ---------------------------------------------------------------------------
+
+const SLOW_KEY: &str = "cluster-slow-key-0001";
+
+/// A Redis that stops answering (busy for 3 s: `DEBUG SLEEP`) holds a
+/// request no longer than `shared_state.timeout`: the request is decided
+/// locally (`local`), the error counted, and sharing resumes once Redis
+/// answers again.
+#[test]
+fn a_slow_redis_holds_a_request_no_longer_than_the_timeout() {
+    let _one = one_cluster();
+    let redis = RedisServer::start_with(&["--enable-debug-command", "yes"]);
+    let echo = EchoServer::start();
+    let top = format!("{}  timeout: 200ms\n", shared_state(&redis, "local"));
+    let cluster = Cluster::start(
+        &[top],
+        &route("chat", "/chat/", "chat", echo.addr, ""),
+        &keys(&[(
+            SLOW_KEY,
+            r#""user": "slo", "service": "chat", "rate_limit": "100/min""#,
+        )]),
+    );
+    let node = cluster.node(0);
+    // Redis is single-threaded: while it sleeps, nothing is answered.
+    let port = redis.port();
+    let sleeper = thread::spawn(move || {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to redis");
+        s.write_all(b"*3\r\n$5\r\nDEBUG\r\n$5\r\nSLEEP\r\n$1\r\n3\r\n")
+            .expect("send DEBUG SLEEP");
+        let mut reply = [0u8; 16];
+        let n = s.read(&mut reply).unwrap_or(0);
+        String::from_utf8_lossy(&reply[..n]).into_owned()
+    });
+    // Until Redis stops answering PING, it has not started sleeping.
+    assert!(
+        wait_until(Duration::from_secs(2), || {
+            TcpStream::connect(("127.0.0.1", port))
+                .and_then(|mut s| {
+                    s.set_read_timeout(Some(Duration::from_millis(100)))?;
+                    s.write_all(b"*1\r\n$4\r\nPING\r\n")?;
+                    let mut b = [0u8; 8];
+                    s.read(&mut b)
+                })
+                .is_err()
+        }),
+        "redis never started sleeping"
+    );
+    // The key's first request needs a lease from Redis.
+    let sent = Instant::now();
+    let r = get(node.addr(), "/chat/x", SLOW_KEY);
+    let took = sent.elapsed();
+    assert_status(
+        &r,
+        200,
+        "the limited key while Redis sleeps (counted locally)",
+    );
+    assert!(
+        took < Duration::from_millis(1500),
+        "the request waited {took:?} for a sleeping Redis (timeout 200ms)"
+    );
+    assert!(
+        metric_now(node.admin, ERRORS) >= 1.0,
+        "the timeout is counted"
+    );
+    assert!(
+        metric_now(node.admin, FALLBACK_LOCAL) >= 1.0,
+        "decided locally"
+    );
+    // Later requests do not wait at all: Redis is marked down.
+    let sent = Instant::now();
+    assert_status(&get(node.addr(), "/chat/x", SLOW_KEY), 200, "again");
+    assert!(
+        sent.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        sent.elapsed()
+    );
+    assert_eq!(sleeper.join().expect("the sleeper"), "+OK\r\n");
+    assert!(
+        wait_until(REDIS_STATE_TIMEOUT, || metric_now(node.admin, UP) == 1.0),
+        "Redis answers again: up; metrics:\n{}",
+        shared_metrics(node.admin)
+    );
+    assert!(
+        node.gw.log().contains("shared state: redis"),
+        "the slow Redis is logged"
+    );
+}
