@@ -540,6 +540,60 @@ fn a_stalled_http2_body_ends_at_the_body_timeout() {
     );
 }
 
+/// SIGTERM during an HTTP/2 stream: the gateway (which accepts HTTP/2
+/// streams in a loop of its own) lets the stream finish, then exits 0.
+#[test]
+fn sigterm_lets_an_http2_stream_finish() {
+    let ca = TestCa::new("test CA");
+    let streamer = StreamServer::start(6, Duration::from_millis(300));
+    let mut h = start(
+        &ca.leaf(&["localhost"], 1, 30),
+        "",
+        &route(&streamer.addr.to_string(), ""),
+    );
+    let ca_file = write_ca(&h.certs, &ca);
+    let mut child = curl()
+        .args(["-sN", "--http2", "--cacert"])
+        .arg(&ca_file)
+        .args([
+            "--resolve",
+            &h.resolve(),
+            "-H",
+            &format!("X-API-Key: {KEY}"),
+        ])
+        .args(["-w", "\n%{http_code} %{http_version}"])
+        .arg(h.url("/chat/stream"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run curl");
+    assert!(
+        wait_until(Duration::from_secs(5), || streamer
+            .first_chunk_written_at()
+            .is_some()),
+        "the stream never started"
+    );
+    h.gw.signal("TERM");
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .expect("curl's stdout")
+        .read_to_string(&mut out)
+        .expect("read the stream");
+    assert!(child.wait().expect("curl").success());
+    let lines: Vec<&str> = out.lines().filter(|l| !l.is_empty()).collect();
+    assert_eq!(lines.last(), Some(&"200 2"), "{out}");
+    assert_eq!(
+        &lines[..lines.len() - 1],
+        streamer.expected_lines().as_slice(),
+        "the whole stream arrived"
+    );
+    let status =
+        h.gw.wait_exit(Duration::from_secs(10))
+            .expect("the gateway exits");
+    assert!(status.success(), "exit status {status}");
+}
+
 fn metric_value(admin: u16, series: &str) -> f64 {
     let text = agent()
         .get(format!("http://127.0.0.1:{admin}/metrics"))
