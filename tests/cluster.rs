@@ -15,7 +15,7 @@
 pub mod common;
 
 use std::fs;
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -45,9 +45,6 @@ fn one_cluster() -> MutexGuard<'static, ()> {
 // ---------------------------------------------------------------------------
 // Configs and keys
 // ---------------------------------------------------------------------------
-
-/// How long a raw client waits for an answer before calling it missing.
-const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long an instance may take to see Redis come (back) up or go away:
 /// it re-probes about every 250 ms; the rest is slack for a busy machine.
@@ -232,39 +229,6 @@ fn start_node(name: &'static str, keys_file: &Path, top: &str, routes: &str) -> 
 // A raw HTTP/1.1 client
 // ---------------------------------------------------------------------------
 
-fn connect(addr: SocketAddr) -> TcpStream {
-    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-        .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
-    s.set_read_timeout(Some(CLIENT_TIMEOUT))
-        .expect("set read timeout");
-    s.set_write_timeout(Some(CLIENT_TIMEOUT))
-        .expect("set write timeout");
-    let _ = s.set_nodelay(true);
-    s
-}
-
-/// The bytes of a request with `Connection: close`; a `Content-Length`
-/// is added when there is a body (or the method is POST).
-fn request_bytes(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &[u8],
-) -> Vec<u8> {
-    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-    for (k, v) in headers {
-        head.push_str(&format!("{k}: {v}\r\n"));
-    }
-    if !body.is_empty() || method == "POST" {
-        head.push_str(&format!("Content-Length: {}\r\n", body.len()));
-    }
-    head.push_str("\r\n");
-    let mut bytes = head.into_bytes();
-    bytes.extend_from_slice(body);
-    bytes
-}
-
 /// Sends one request on a new connection (in one write) and reads the
 /// whole answer; panics if there is none.
 fn send(
@@ -295,13 +259,6 @@ fn post(addr: SocketAddr, path: &str, key: &str, body: &Value) -> RawResponse {
         &[("X-API-Key", key), ("Content-Type", "application/json")],
         body.to_string().as_bytes(),
     )
-}
-
-fn show(r: &RawResponse) -> String {
-    let text = r.text();
-    let cut = text.char_indices().nth(300).map_or(text.len(), |(i, _)| i);
-    let more = if cut < text.len() { "..." } else { "" };
-    format!("{} {:?} {}{more}", r.status, r.headers, &text[..cut])
 }
 
 /// Asserts the gateway's own answer: `status`, `Content-Type:
@@ -352,121 +309,6 @@ fn retry_after(r: &RawResponse) -> u64 {
 // ---------------------------------------------------------------------------
 // Streams held open
 // ---------------------------------------------------------------------------
-
-/// A streamed answer whose head has been read and whose body is still
-/// coming.
-struct OpenStream {
-    reader: BufReader<TcpStream>,
-    headers: Vec<(String, String)>,
-}
-
-/// Reads a response head: the status and the headers.
-fn read_head(r: &mut impl BufRead) -> io::Result<(u16, Vec<(String, String)>)> {
-    let mut line = String::new();
-    if r.read_line(&mut line)? == 0 {
-        return Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            "closed before a response",
-        ));
-    }
-    let status: u16 = line
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("status {line:?}")))?;
-    let mut headers = Vec::new();
-    loop {
-        let mut h = String::new();
-        if r.read_line(&mut h)? == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
-        }
-        let h = h.trim_end_matches(['\r', '\n']);
-        if h.is_empty() {
-            return Ok((status, headers));
-        }
-        if let Some((n, v)) = h.split_once(':') {
-            headers.push((n.trim().to_string(), v.trim().to_string()));
-        }
-    }
-}
-
-impl OpenStream {
-    fn is_chunked(&self) -> bool {
-        self.headers.iter().any(|(n, v)| {
-            n.eq_ignore_ascii_case("transfer-encoding")
-                && v.to_ascii_lowercase().contains("chunked")
-        })
-    }
-
-    /// The next HTTP chunk of the body, `None` after the last one.
-    fn next_chunk(&mut self) -> io::Result<Option<Vec<u8>>> {
-        if !self.is_chunked() {
-            let mut buf = vec![0u8; 4096];
-            let n = self.reader.read(&mut buf)?;
-            buf.truncate(n);
-            return Ok((n > 0).then_some(buf));
-        }
-        let mut size_line = String::new();
-        if self.reader.read_line(&mut size_line)? == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
-        }
-        let size = usize::from_str_radix(size_line.trim().split(';').next().unwrap_or(""), 16)
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, size_line.clone()))?;
-        if size == 0 {
-            loop {
-                let mut t = String::new();
-                if self.reader.read_line(&mut t)? == 0 || t.trim().is_empty() {
-                    return Ok(None);
-                }
-            }
-        }
-        let mut data = vec![0u8; size];
-        self.reader.read_exact(&mut data)?;
-        let mut crlf = [0u8; 2];
-        self.reader.read_exact(&mut crlf)?;
-        Ok(Some(data))
-    }
-
-    /// Reads the body to its end (the terminating chunk).
-    fn finish(mut self) -> Vec<u8> {
-        let mut body = Vec::new();
-        while let Some(c) = self.next_chunk().expect("read the streamed body") {
-            body.extend_from_slice(&c);
-        }
-        body
-    }
-}
-
-/// `GET path` with `key` on a new connection; returns the open stream once
-/// its head arrived with 200, or the whole answer otherwise.
-fn open_stream(addr: SocketAddr, path: &str, key: &str) -> Result<OpenStream, RawResponse> {
-    let mut s = connect(addr);
-    s.write_all(&request_bytes(
-        addr,
-        "GET",
-        path,
-        &[("X-API-Key", key)],
-        b"",
-    ))
-    .expect("send the stream request");
-    let mut reader = BufReader::new(s);
-    let (status, headers) = read_head(&mut reader).expect("read the stream's response head");
-    if status == 200 {
-        return Ok(OpenStream { reader, headers });
-    }
-    let len = headers
-        .iter()
-        .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
-        .and_then(|(_, v)| v.parse().ok())
-        .unwrap_or(0usize);
-    let mut body = vec![0u8; len];
-    reader.read_exact(&mut body).expect("read the refusal body");
-    Err(RawResponse {
-        status,
-        headers,
-        body,
-    })
-}
 
 /// [`open_stream`] that must succeed.
 fn must_open(addr: SocketAddr, path: &str, key: &str, what: &str) -> OpenStream {

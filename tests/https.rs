@@ -412,6 +412,24 @@ fn limits_audit_and_timeouts_hold_over_http2() {
     );
 }
 
+/// An HTTP/2 connection to the gateway's TLS listener (ALPN `h2`),
+/// driven by a task of the current runtime.
+async fn h2_connect(h: &Https, ca: &TestCa) -> h2::client::SendRequest<bytes::Bytes> {
+    let tcp = tokio::net::TcpStream::connect(h.tls)
+        .await
+        .expect("connect");
+    let tls = tokio_rustls::TlsConnector::from(client_config(&[&ca.pem], &[b"h2"]))
+        .connect(
+            rustls::pki_types::ServerName::try_from("localhost").expect("name"),
+            tcp,
+        )
+        .await
+        .expect("TLS handshake");
+    let (client, connection) = h2::client::handshake(tls).await.expect("h2 handshake");
+    tokio::spawn(connection);
+    client.ready().await.expect("h2 ready")
+}
+
 /// Sends an HTTP/2 POST whose body never comes (the stream stays open,
 /// no DATA frame) and waits up to `limit` for the answer: its status, or
 /// the stream's reset, and how long it took.
@@ -421,19 +439,7 @@ fn stalled_h2_post(h: &Https, ca: &TestCa, limit: Duration) -> (Result<u16, Stri
         .build()
         .expect("runtime");
     rt.block_on(async {
-        let tcp = tokio::net::TcpStream::connect(h.tls)
-            .await
-            .expect("connect");
-        let tls = tokio_rustls::TlsConnector::from(client_config(&[&ca.pem], &[b"h2"]))
-            .connect(
-                rustls::pki_types::ServerName::try_from("localhost").expect("name"),
-                tcp,
-            )
-            .await
-            .expect("TLS handshake");
-        let (client, connection) = h2::client::handshake(tls).await.expect("h2 handshake");
-        tokio::spawn(connection);
-        let mut client = client.ready().await.expect("h2 ready");
+        let mut client = h2_connect(h, ca).await;
         let request = http::Request::post(h.url("/chat/x"))
             .header("x-api-key", KEY)
             .header("content-type", "application/json")
@@ -458,19 +464,7 @@ fn slow_h2_post(h: &Https, ca: &TestCa, pieces: &[&str], gap: Duration) -> (u16,
         .build()
         .expect("runtime");
     rt.block_on(async {
-        let tcp = tokio::net::TcpStream::connect(h.tls)
-            .await
-            .expect("connect");
-        let tls = tokio_rustls::TlsConnector::from(client_config(&[&ca.pem], &[b"h2"]))
-            .connect(
-                rustls::pki_types::ServerName::try_from("localhost").expect("name"),
-                tcp,
-            )
-            .await
-            .expect("TLS handshake");
-        let (client, connection) = h2::client::handshake(tls).await.expect("h2 handshake");
-        tokio::spawn(connection);
-        let mut client = client.ready().await.expect("h2 ready");
+        let mut client = h2_connect(h, ca).await;
         let request = http::Request::post(h.url("/chat/x"))
             .header("x-api-key", KEY)
             .body(())

@@ -26,6 +26,7 @@
 pub mod ai_upstream;
 pub mod gateway;
 pub mod pebble;
+pub mod raw_client;
 pub mod raw_http;
 pub mod redis;
 pub mod tls;
@@ -34,6 +35,7 @@ pub mod util;
 
 pub use ai_upstream::*;
 pub use gateway::*;
+pub use raw_client::*;
 pub use raw_http::*;
 pub use upstreams::*;
 pub use util::*;
