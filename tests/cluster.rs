@@ -261,20 +261,6 @@ fn post(addr: SocketAddr, path: &str, key: &str, body: &Value) -> RawResponse {
     )
 }
 
-/// Asserts the gateway's own answer: `status`, `Content-Type:
-/// application/json` and exactly `{"error": error}`.
-fn assert_refusal(r: &RawResponse, status: u16, error: &str, what: &str) {
-    let expected = json!({ "error": error });
-    let body: Option<Value> = serde_json::from_slice(&r.body).ok();
-    assert!(
-        r.status == status
-            && body.as_ref() == Some(&expected)
-            && r.header("content-type") == Some("application/json"),
-        "{what}: want {status} {expected}, got {}",
-        show(r)
-    );
-}
-
 /// Asserts a gateway refusal with `status` whose body is JSON
 /// `{"error": "<some text>"}` (the wording is the implementation's).
 fn assert_json_error(r: &RawResponse, status: u16, what: &str) {
@@ -288,22 +274,6 @@ fn assert_json_error(r: &RawResponse, status: u16, what: &str) {
         "{what}: want {status} with a JSON {{\"error\": ...}} body, got {}",
         show(r)
     );
-}
-
-fn assert_status(r: &RawResponse, status: u16, what: &str) {
-    assert_eq!(r.status, status, "{what}: got {}", show(r));
-}
-
-/// The `Retry-After` of a 429: whole seconds, at least 1.
-fn retry_after(r: &RawResponse) -> u64 {
-    let v = r
-        .header("retry-after")
-        .unwrap_or_else(|| panic!("no Retry-After on {}", show(r)));
-    let secs: u64 = v
-        .parse()
-        .unwrap_or_else(|_| panic!("Retry-After {v:?} is not whole seconds"));
-    assert!(secs >= 1, "Retry-After {secs} must be at least 1");
-    secs
 }
 
 // ---------------------------------------------------------------------------

@@ -6,6 +6,8 @@ use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::time::Duration;
 
+use serde_json::Value;
+
 use super::raw_http::RawResponse;
 
 /// How long a raw client waits for an answer before calling it missing.
@@ -169,4 +171,34 @@ pub fn open_stream(addr: SocketAddr, path: &str, key: &str) -> Result<OpenStream
         headers,
         body,
     })
+}
+
+/// Asserts the gateway's own answer: `status`, `Content-Type:
+/// application/json` and exactly `{"error": error}`.
+pub fn assert_refusal(r: &RawResponse, status: u16, error: &str, what: &str) {
+    let expected = serde_json::json!({ "error": error });
+    let body: Option<Value> = serde_json::from_slice(&r.body).ok();
+    assert!(
+        r.status == status
+            && body.as_ref() == Some(&expected)
+            && r.header("content-type") == Some("application/json"),
+        "{what}: want {status} {expected}, got {}",
+        show(r)
+    );
+}
+
+pub fn assert_status(r: &RawResponse, status: u16, what: &str) {
+    assert_eq!(r.status, status, "{what}: got {}", show(r));
+}
+
+/// The `Retry-After` of a 429: whole seconds, at least 1.
+pub fn retry_after(r: &RawResponse) -> u64 {
+    let v = r
+        .header("retry-after")
+        .unwrap_or_else(|| panic!("no Retry-After on {}", show(r)));
+    let secs: u64 = v
+        .parse()
+        .unwrap_or_else(|_| panic!("Retry-After {v:?} is not whole seconds"));
+    assert!(secs >= 1, "Retry-After {secs} must be at least 1");
+    secs
 }
