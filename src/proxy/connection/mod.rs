@@ -251,7 +251,7 @@ impl ClientApp {
                     open.send_modify(|n| *n += 1);
                     tokio::spawn(async move {
                         app.serve_h2_stream(session, &shutdown).await;
-                        open.send_modify(|n| *n -= 1);
+                        open.send_modify(|n| *n = n.saturating_sub(1));
                     });
                 }
             }
