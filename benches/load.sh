@@ -18,6 +18,8 @@
 #   STREAM_N=50               streaming requests per target
 #   AI_ROUNDS=8               rounds of the usage accounting comparison (each
 #                             a pair of wrk runs, on and off, order alternating)
+#   PACED_ROUNDS=6  PACED_CONNS=200   rounds and connections of the usage
+#                             comparison on paced (Ollama-like) streams
 #   HTTPS_N=2                 parallel `openssl s_time -new` clients in the
 #                             full-handshake run (HTTPS phase)
 #   RATE=5000  FR_SECS=10  FR_CONNS=32   the fixed-rate latency runs (direct,
@@ -43,6 +45,8 @@ RELOAD_SECS=${RELOAD_SECS:-10}
 IDLE_CONNS=${IDLE_CONNS:-10000}
 STREAM_N=${STREAM_N:-50}
 AI_ROUNDS=${AI_ROUNDS:-8}
+PACED_ROUNDS=${PACED_ROUNDS:-6}
+PACED_CONNS=${PACED_CONNS:-200}
 HTTPS_N=${HTTPS_N:-2}
 RATE=${RATE:-5000}
 FR_SECS=${FR_SECS:-10}
@@ -1051,6 +1055,35 @@ AI_CPU_RATIO_MEDIAN=$(median "${AI_CPU_RATIOS[@]}")
 AI_RATIO_LIST=$(printf '%s\n' "${AI_RATIOS[@]}" | sort -g | awk '{ printf "%s%.2f", (NR > 1 ? ", " : ""), $1 }')
 [ "$AI_TOKENS" -gt 0 ] || note "usage accounting: no tokens were counted on /fast-ai/ (agw_tokens_total did not grow)"
 
+# The same comparison on paced streams, as Ollama sends them (the streaming
+# upstream: first line after 10 ms, then one every 20 ms): /stream/ and
+# /stream-ai/, many connections, the order alternating.
+say "usage accounting on paced streams: /stream/ and /stream-ai/, $PACED_ROUNDS round(s) of wrk -c$PACED_CONNS"
+PACED_TSV=$TMP/paced.tsv
+: >"$PACED_TSV"
+for round in $(seq 1 "$PACED_ROUNDS"); do
+    pair=("off|/stream/" "on|/stream-ai/")
+    [ $((round % 2)) = 0 ] && pair=("on|/stream-ai/" "off|/stream/")
+    for t in "${pair[@]}"; do
+        IFS='|' read -r mode path <<<"$t"
+        say "paced usage round $round/$PACED_ROUNDS: $mode ($path)"
+        CONNS=$PACED_CONNS run_wrk "$TMP/wrk-paced-$mode-$round.txt" "http://127.0.0.1:$P_GW_SMALL${path}api/generate" "$DURATION" "$GW_SMALL_PID"
+        printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$mode" "$round" "$WRK_RPS" "$WRK_P50" "$WRK_P99" "$WRK_CPU" >>"$PACED_TSV"
+        [ $((WRK_NON2XX + WRK_SOCKERR)) = 0 ] ||
+            note "paced usage $mode round $round: $WRK_NON2XX non-2xx responses, $WRK_SOCKERR socket errors"
+    done
+done
+paced_col() {
+    local values
+    mapfile -t values < <(awk -F'\t' -v m="$1" -v c="$2" '$1 == m { print $c }' "$PACED_TSV")
+    median "${values[@]}"
+}
+mapfile -t PACED_RATIOS < <(awk -F'\t' '
+    $1 == "off" { off[$2] = $3 } $1 == "on" { on[$2] = $3 }
+    END { for (r in on) if (off[r] > 0) printf "%.4f\n", on[r] / off[r] }' "$PACED_TSV")
+PACED_RATIO_MEDIAN=$(median "${PACED_RATIOS[@]}")
+PACED_RATIO_LIST=$(printf '%s\n' "${PACED_RATIOS[@]}" | sort -g | awk '{ printf "%s%.3f", (NR > 1 ? ", " : ""), $1 }')
+
 # ---------------------------------------------------------------- reload under load
 
 say "reload under load: gateway with $BIG_KEYS keys, wrk ${RELOAD_SECS}s without and with SIGHUP every second"
@@ -1265,6 +1298,18 @@ report() {
         if (a > 0) printf "req/s with usage accounting / without: **%.3f** as the median of the per-round ratios (%s); %.3f as the ratio of the medians (goal: at least 0.98).\n", m, l, b / a }'
     awk -v c="$AI_CPU_RATIO_MEDIAN" 'BEGIN { printf "The gateway'"'"'s CPU time per request with usage accounting / without: %.3f (median of the per-round ratios).\n", c }'
     echo "Tokens the gateway counted on \`/fast-ai/\` during these runs: $AI_TOKENS (agw_tokens_total)."
+    echo
+    echo "On paced streams, as Ollama sends them (the streaming upstream above: the first line after 10 ms, then one"
+    echo "every 20 ms, 10 lines): \`/stream/\` against \`/stream-ai/\` (\`api: ollama\`), \`wrk -t$THREADS -c$PACED_CONNS -d$DURATION\`,"
+    echo "$PACED_ROUNDS round(s), the order alternating; medians over rounds."
+    echo
+    echo "| route | req/s | p50 ms | p99 ms | CPU µs/req |"
+    echo "|---|---:|---:|---:|---:|"
+    echo "| without \`api\` | $(paced_col off 3) | $(paced_col off 4) | $(paced_col off 5) | $(paced_col off 6) |"
+    echo "| \`api: ollama\` | $(paced_col on 3) | $(paced_col on 4) | $(paced_col on 5) | $(paced_col on 6) |"
+    echo
+    awk -v m="$PACED_RATIO_MEDIAN" -v l="$PACED_RATIO_LIST" 'BEGIN {
+        printf "req/s with usage accounting / without on paced streams: **%.3f** as the median of the per-round ratios (%s; goal: at least 0.98).\n", m, l }'
     echo
     echo "## Reload under load ($BIG_KEYS keys)"
     echo
