@@ -30,20 +30,6 @@ fn config(plain: u16, tls: u16, admin: u16, pebble: &Pebble, cache: &Path) -> St
     )
 }
 
-/// The value of a counter in the gateway's `/metrics`, 0 when absent.
-fn metric(admin: u16, series: &str) -> f64 {
-    let Ok(mut resp) = agent()
-        .get(format!("http://127.0.0.1:{admin}/metrics"))
-        .call()
-    else {
-        return 0.0;
-    };
-    let text = resp.body_mut().read_to_string().unwrap_or_default();
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
 fn mode(p: &Path) -> u32 {
     std::fs::metadata(p)
         .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
@@ -91,7 +77,7 @@ fn certificates_are_obtained_cached_renewed_and_kept_when_the_server_fails() {
         .map(|n| n.to_string())
         .collect();
     assert_eq!(names, [format!("DNSName({DOMAIN})")]);
-    assert_eq!(metric(admin, ok), 1.0);
+    assert_eq!(metric_at(local_admin(admin), ok), 1.0);
     // Requests over it are served (and key-checked).
     let (status, body) = https_raw(
         tls_addr,
@@ -155,15 +141,21 @@ fn certificates_are_obtained_cached_renewed_and_kept_when_the_server_fails() {
     );
     let second = served_leaf(tls_addr, DOMAIN, &[&root]).unwrap();
     assert_ne!(serial_of(&second), serial_of(&first));
-    assert_eq!(metric(admin, ok), 1.0, "this process's one order");
+    assert_eq!(
+        metric_at(local_admin(admin), ok),
+        1.0,
+        "this process's one order"
+    );
     assert!(gw.log().contains("(renewal)"), "{}", gw.log());
 
     // 4. Pebble gone at the next renewal: the error is logged and counted,
     //    and the renewed certificate stays in service.
     pebble.stop();
     assert!(
-        wait_until(Duration::from_secs(VALIDITY + 20), || metric(admin, failed)
-            >= 1.0),
+        wait_until(Duration::from_secs(VALIDITY + 20), || metric_at(
+            local_admin(admin),
+            failed
+        ) >= 1.0),
         "no failed renewal counted; log:\n{}",
         gw.log()
     );
@@ -198,7 +190,7 @@ fn certificates_are_obtained_cached_renewed_and_kept_when_the_server_fails() {
         "{}",
         gw.log()
     );
-    assert_eq!(metric(admin, ok), 2.0);
+    assert_eq!(metric_at(local_admin(admin), ok), 2.0);
 }
 
 #[test]

@@ -186,11 +186,7 @@ fn metrics(admin: SocketAddr) -> String {
 
 /// The value of the metric line that starts with `series` (0 if absent).
 fn metric(text: &str, series: &str) -> u64 {
-    text.lines()
-        .find(|l| l.starts_with(series) && l.as_bytes().get(series.len()) == Some(&b' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
+    sample(text, series).map_or(0, |v| v as u64)
 }
 
 fn error_of(r: &RawResponse) -> String {

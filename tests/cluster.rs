@@ -70,25 +70,6 @@ fn route(name: &str, prefix: &str, service: &str, upstream: SocketAddr, extra: &
     )
 }
 
-/// A key file (JSON) from `(key, fields)` pairs; `fields` is the inside of
-/// the entry's object, e.g. `"user": "ann", "service": "chat"`.
-fn keys(entries: &[(&str, &str)]) -> String {
-    let body: Vec<String> = entries
-        .iter()
-        .map(|(k, fields)| format!("  \"{k}\": {{{fields}}}"))
-        .collect();
-    format!("{{\n{}\n}}\n", body.join(",\n"))
-}
-
-/// A key's id as logs and `keys revoke` know it.
-fn key_id(key: &str) -> String {
-    sha256_hex(key.as_bytes())[..12].to_string()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("UTF-8 temp path")
-}
-
 // ---------------------------------------------------------------------------
 // Three instances
 // ---------------------------------------------------------------------------
@@ -158,7 +139,7 @@ impl Cluster {
         for (node, top) in nodes.iter().zip(tops) {
             if top.contains("shared_state:") {
                 let up = wait_until(REDIS_STATE_TIMEOUT, || {
-                    metric(&metrics(node.admin), "agw_shared_state_up") == Some(1.0)
+                    sample(&metrics(node.admin), "agw_shared_state_up") == Some(1.0)
                 });
                 assert!(
                     up,
@@ -334,25 +315,6 @@ fn metrics(admin: SocketAddr) -> String {
     let r = send(admin, "GET", "/metrics", &[], b"");
     assert_status(&r, 200, "GET /metrics");
     r.text()
-}
-
-/// The value of the sample `series` (name and labels exactly as
-/// exposed, e.g. `agw_shared_state_fallback_total{mode="local"}`), `None`
-/// if absent.
-fn metric(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .map(|v| {
-            v.split(' ')
-                .next()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or_else(|| panic!("bad sample value for {series} in {v:?}"))
-        })
-}
-
-/// [`metric`] read from `admin` now, 0 if the series is absent.
-fn metric_now(admin: SocketAddr, series: &str) -> f64 {
-    metric(&metrics(admin), series).unwrap_or(0.0)
 }
 
 /// The `agw_shared_state_*` and `agw_refused_total` lines, for messages.
@@ -964,11 +926,11 @@ fn without_redis_local_instances_count_alone_and_deny_refuses_then_both_recover_
     let errors_before: Vec<f64> = cluster
         .nodes
         .iter()
-        .map(|n| metric_now(n.admin, ERRORS))
+        .map(|n| metric_at(n.admin, ERRORS))
         .collect();
-    let local_before = metric_now(a.admin, FALLBACK_LOCAL);
-    let deny_before = metric_now(c.admin, FALLBACK_DENY);
-    let unavailable_before = metric_now(c.admin, REFUSED_UNAVAILABLE);
+    let local_before = metric_at(a.admin, FALLBACK_LOCAL);
+    let deny_before = metric_at(c.admin, FALLBACK_DENY);
+    let unavailable_before = metric_at(c.admin, REFUSED_UNAVAILABLE);
 
     redis.stop();
 
@@ -1015,7 +977,7 @@ fn without_redis_local_instances_count_alone_and_deny_refuses_then_both_recover_
     for (node, before) in cluster.nodes.iter().zip(&errors_before) {
         let seen = wait_until(REDIS_STATE_TIMEOUT, || {
             let m = metrics(node.admin);
-            metric(&m, UP) == Some(0.0) && metric(&m, ERRORS).unwrap_or(0.0) > *before
+            sample(&m, UP) == Some(0.0) && sample(&m, ERRORS).unwrap_or(0.0) > *before
         });
         assert!(
             seen,
@@ -1024,17 +986,17 @@ fn without_redis_local_instances_count_alone_and_deny_refuses_then_both_recover_
             shared_metrics(node.admin)
         );
     }
-    let local_now = metric_now(a.admin, FALLBACK_LOCAL);
+    let local_now = metric_at(a.admin, FALLBACK_LOCAL);
     assert!(
         local_now > local_before,
         "A: {FALLBACK_LOCAL} {local_before} -> {local_now}"
     );
-    let deny_now = metric_now(c.admin, FALLBACK_DENY);
+    let deny_now = metric_at(c.admin, FALLBACK_DENY);
     assert!(
         deny_now > deny_before,
         "C: {FALLBACK_DENY} {deny_before} -> {deny_now}"
     );
-    let unavailable_now = metric_now(c.admin, REFUSED_UNAVAILABLE);
+    let unavailable_now = metric_at(c.admin, REFUSED_UNAVAILABLE);
     assert_eq!(
         unavailable_now - unavailable_before,
         refused_on_c,
@@ -1076,7 +1038,7 @@ fn without_redis_local_instances_count_alone_and_deny_refuses_then_both_recover_
     let restarted = Instant::now();
     for node in &cluster.nodes {
         let up = wait_until(REDIS_STATE_TIMEOUT, || {
-            metric(&metrics(node.admin), UP) == Some(1.0)
+            sample(&metrics(node.admin), UP) == Some(1.0)
         });
         assert!(
             up,
@@ -1499,16 +1461,14 @@ fn a_password_and_tls_to_redis_are_used_and_the_password_never_logged() {
         &routes,
     );
     for node in [&wrong_pw, &wrong_ca] {
-        let errors = wait_until(REDIS_STATE_TIMEOUT, || {
-            metric_now(node.admin, ERRORS) >= 1.0
-        });
+        let errors = wait_until(REDIS_STATE_TIMEOUT, || metric_at(node.admin, ERRORS) >= 1.0);
         assert!(
             errors,
             "{}: no shared-state error counted; metrics:\n{}",
             node.name,
             shared_metrics(node.admin)
         );
-        assert_eq!(metric_now(node.admin, UP), 0.0, "{}: up", node.name);
+        assert_eq!(metric_at(node.admin, UP), 0.0, "{}: up", node.name);
         assert_status(
             &get(node.addr(), "/chat/x", TLS_KEY),
             200,
@@ -1605,11 +1565,11 @@ fn a_slow_redis_holds_a_request_no_longer_than_the_timeout() {
         "the request waited {took:?} for a sleeping Redis (timeout 200ms)"
     );
     assert!(
-        metric_now(node.admin, ERRORS) >= 1.0,
+        metric_at(node.admin, ERRORS) >= 1.0,
         "the timeout is counted"
     );
     assert!(
-        metric_now(node.admin, FALLBACK_LOCAL) >= 1.0,
+        metric_at(node.admin, FALLBACK_LOCAL) >= 1.0,
         "decided locally"
     );
     // Later requests do not wait at all: Redis is marked down.
@@ -1622,7 +1582,7 @@ fn a_slow_redis_holds_a_request_no_longer_than_the_timeout() {
     );
     assert_eq!(sleeper.join().expect("the sleeper"), "+OK\r\n");
     assert!(
-        wait_until(REDIS_STATE_TIMEOUT, || metric_now(node.admin, UP) == 1.0),
+        wait_until(REDIS_STATE_TIMEOUT, || metric_at(node.admin, UP) == 1.0),
         "Redis answers again: up; metrics:\n{}",
         shared_metrics(node.admin)
     );

@@ -407,7 +407,10 @@ fn limits_audit_and_timeouts_hold_over_http2() {
         "served again once the silent connections are closed"
     );
     assert!(
-        metric_value(admin, r#"agw_client_timeouts_total{kind="header"}"#) >= 2.0,
+        metric_at(
+            local_admin(admin),
+            r#"agw_client_timeouts_total{kind="header"}"#
+        ) >= 2.0,
         "the header timeouts are counted"
     );
 }
@@ -515,7 +518,10 @@ fn a_stalled_http2_body_ends_at_the_body_timeout() {
         "{got:?}"
     );
     assert!(
-        metric_value(admin, r#"agw_client_timeouts_total{kind="body"}"#) >= 1.0,
+        metric_at(
+            local_admin(admin),
+            r#"agw_client_timeouts_total{kind="body"}"#
+        ) >= 1.0,
         "the body timeout is counted"
     );
     assert!(
@@ -586,19 +592,6 @@ fn sigterm_lets_an_http2_stream_finish() {
         h.gw.wait_exit(Duration::from_secs(10))
             .expect("the gateway exits");
     assert!(status.success(), "exit status {status}");
-}
-
-fn metric_value(admin: u16, series: &str) -> f64 {
-    let text = agent()
-        .get(format!("http://127.0.0.1:{admin}/metrics"))
-        .call()
-        .expect("metrics")
-        .body_mut()
-        .read_to_string()
-        .unwrap_or_default();
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
 }
 
 // ---------------------------------------------------------------------------

@@ -71,15 +71,6 @@ fn assert_mode_0600(path: &Path, after: &str) {
     );
 }
 
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
-
-/// The id `keys list` shows for a key: the first 12 hex digits of its sha256.
-fn key_id(key: &str) -> String {
-    sha256_hex(key.as_bytes())[..12].to_string()
-}
-
 /// The entry name `keygen`/`keys hash` store for a key.
 fn digest_name(key: &str) -> String {
     format!("sha256:{}", sha256_hex(key.as_bytes()))

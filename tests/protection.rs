@@ -69,25 +69,6 @@ fn config(top: &str, routes: &[String]) -> String {
     format!("threads: 2\n{top}routes:\n{}", routes.concat())
 }
 
-/// A key file (JSON) from `(key, fields)` pairs; `fields` is the inside of
-/// the entry's object, e.g. `"user": "ann", "service": "chat"`.
-fn keys(entries: &[(&str, &str)]) -> String {
-    let body: Vec<String> = entries
-        .iter()
-        .map(|(k, fields)| format!("  \"{k}\": {{{fields}}}"))
-        .collect();
-    format!("{{\n{}\n}}\n", body.join(",\n"))
-}
-
-/// A key's id as logs and `keys revoke` know it.
-fn key_id(key: &str) -> String {
-    sha256_hex(key.as_bytes())[..12].to_string()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("UTF-8 temp path")
-}
-
 /// Starts a gateway whose config needs the port of its admin listener:
 /// `body(admin_port)` is the config body. Retries on fresh ports if one
 /// was taken in the meantime. Returns the gateway and the admin address.

@@ -55,15 +55,7 @@ fn start(settings: &str, upstream: SocketAddr) -> Setup {
 /// exposition, e.g. `agw_client_timeouts_total{kind="header"}`), if the
 /// admin listener answers.
 fn try_metric(admin: SocketAddr, series: &str) -> Option<f64> {
-    let mut s = TcpStream::connect_timeout(&admin, Duration::from_secs(2)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
-        .ok()?;
-    let resp = read_response(&mut BufReader::new(s)).ok()?;
-    resp.text().lines().find_map(|l| {
-        let (name, value) = l.rsplit_once(' ')?;
-        (name == series).then(|| value.parse().ok())?
-    })
+    sample(&metrics_text(admin), series)
 }
 
 fn metric(admin: SocketAddr, series: &str) -> f64 {

@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime};
 
 use log::{info, warn};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{RedisError, RedisResult};
+use redis::{ErrorKind, RedisError, RedisResult};
 use tokio::runtime::Handle;
 
 use crate::config::{OnRedisError, SharedStateSpec};
@@ -101,7 +101,7 @@ impl Link {
 
     /// Runs `call` on the cluster's runtime with a clone of the connection,
     /// from a request: not at all while Redis is down, and for at most the
-    /// timeout.
+    /// timeout (then the call is abandoned).
     pub async fn call<T, F, Fut>(&self, call: F) -> Result<T, Unavailable>
     where
         F: FnOnce(ConnectionManager) -> Fut,
@@ -111,23 +111,19 @@ impl Link {
         if !self.is_up() {
             return Err(Unavailable::Down);
         }
-        let mut task = self.runtime.spawn(call(self.conn.clone()));
-        match tokio::time::timeout(self.timeout, &mut task).await {
-            Ok(Ok(Ok(v))) => Ok(v),
-            Ok(Ok(Err(e))) => {
-                self.failed(&e);
-                Err(Unavailable::Failed)
-            }
-            Ok(Err(_)) => {
-                self.failed_because("the call's task ended", true);
-                Err(Unavailable::Failed)
-            }
-            Err(_) => {
-                task.abort();
-                self.failed_because(&format!("no answer within {:?}", self.timeout), true);
-                Err(Unavailable::Failed)
-            }
+        let task = self.runtime.spawn(call(self.conn.clone()));
+        let abandon = task.abort_handle();
+        let answer = self
+            .bounded(async move {
+                task.await.unwrap_or_else(|_| {
+                    Err(RedisError::from((ErrorKind::Io, "the call's task ended")))
+                })
+            })
+            .await;
+        if answer.is_err() {
+            abandon.abort();
         }
+        answer
     }
 
     /// Runs `call` from the cluster's own tasks: whether Redis is marked up
@@ -137,7 +133,16 @@ impl Link {
         F: FnOnce(ConnectionManager) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
-        match tokio::time::timeout(self.timeout, call(self.conn.clone())).await {
+        self.bounded(call(self.conn.clone())).await
+    }
+
+    /// Awaits `answer` for at most the timeout; a failure is counted,
+    /// logged, and (a connection's) marks Redis down.
+    async fn bounded<T>(
+        &self,
+        answer: impl Future<Output = RedisResult<T>>,
+    ) -> Result<T, Unavailable> {
+        match tokio::time::timeout(self.timeout, answer).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => {
                 self.failed(&e);

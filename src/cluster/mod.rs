@@ -40,7 +40,7 @@ use crate::ops::Metrics;
 use crate::policy::{admit_locally, whole_seconds, Admission, Refusal};
 use crate::state::{Carried, KeyCounter, SharedShare, TokenMeter};
 
-pub use link::{Link, Unavailable};
+use link::{Link, Unavailable};
 pub use scripts::{EVENTS, REVOKED};
 
 /// The largest lease of requests one call takes.
@@ -144,15 +144,6 @@ impl Cluster {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// Whether Redis answers (what `/readyz` reports under `deny`).
-    pub fn is_up(&self) -> bool {
-        self.link.is_up()
-    }
-
-    pub fn on_error(&self) -> OnRedisError {
-        self.on_error
-    }
-
     /// Whether the key was revoked through Redis (`keys revoke --shared`,
     /// or disabled in another instance's key file).
     #[inline]
@@ -248,9 +239,6 @@ impl Cluster {
         rate: crate::config::Rate,
         now_ms: u64,
     ) -> Result<(), Shortfall> {
-        if !self.link.is_up() {
-            return Err(Shortfall::Unavailable);
-        }
         let _one_call = share.calls.lock().await;
         if share.take_leased(now_ms) {
             return Ok(());
@@ -289,9 +277,6 @@ impl Cluster {
         counter: &Arc<KeyCounter>,
         max: u32,
     ) -> Result<crate::state::InFlightGuard, Shortfall> {
-        if !self.link.is_up() {
-            return Err(Shortfall::Unavailable);
-        }
         let share = counter.shared();
         let _one_call = share.calls.lock().await;
         if let Some(slot) = SharedShare::enter_held(counter) {
@@ -329,9 +314,6 @@ impl Cluster {
         budget: TokenRate,
         now_ms: u64,
     ) -> Result<(u64, u64), Shortfall> {
-        if !self.link.is_up() {
-            return Err(Shortfall::Unavailable);
-        }
         let share = counter.shared();
         let _one_call = share.calls.lock().await;
         if let Some(heard) = share.tokens(now_ms) {

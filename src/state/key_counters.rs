@@ -295,15 +295,6 @@ impl SharedShare {
             .store(ends << COUNT_BITS | left, Ordering::Relaxed);
     }
 
-    /// Requests left in the lease at `now_ms`.
-    pub fn leased(&self, now_ms: u64) -> u32 {
-        let v = self.lease.load(Ordering::Relaxed);
-        if now_ms >= v >> COUNT_BITS {
-            return 0;
-        }
-        u32::try_from(v & COUNT_MASK).unwrap_or(0)
-    }
-
     /// A slot among the ones this instance holds, if one is free.
     #[inline]
     pub fn enter_held(counter: &Arc<KeyCounter>) -> Option<InFlightGuard> {
@@ -559,14 +550,12 @@ mod tests {
         let share = SharedShare::default();
         assert!(!share.take_leased(0), "no lease yet");
         share.set_lease(10 * SEC, 3);
-        assert_eq!(share.leased(SEC), 3);
         for _ in 0..3 {
             assert!(share.take_leased(SEC));
         }
         assert!(!share.take_leased(SEC), "spent");
         share.set_lease(10 * SEC, 5);
         assert!(!share.take_leased(10 * SEC), "over at its end");
-        assert_eq!(share.leased(10 * SEC), 0);
     }
 
     #[test]

@@ -25,6 +25,8 @@
 
 pub mod ai_upstream;
 pub mod gateway;
+pub mod key_files;
+pub mod metrics;
 pub mod pebble;
 pub mod raw_client;
 pub mod raw_http;
@@ -35,6 +37,8 @@ pub mod util;
 
 pub use ai_upstream::*;
 pub use gateway::*;
+pub use key_files::*;
+pub use metrics::*;
 pub use raw_client::*;
 pub use raw_http::*;
 pub use upstreams::*;

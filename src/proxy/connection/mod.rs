@@ -262,7 +262,7 @@ impl ClientApp {
     /// than `client_body_timeout` (Pingora 0.9 has no read timeout for
     /// HTTP/2 bodies): the request is dropped, which resets the stream.
     async fn serve_h2_stream(&self, session: H2Session, shutdown: &ShutdownWatch) {
-        let body_timeout = self.limits().body_timeout;
+        let body_timeout = self.live.load().snapshot.config.clients.body_timeout;
         let mut fut = pin!(self
             .proxy
             .process_new_http(ServerSession::new_http2(session), shutdown));
