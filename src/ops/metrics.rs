@@ -10,7 +10,7 @@
 //! request touches only atomics.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
@@ -51,7 +51,16 @@ struct ModelLabels {
     /// Others seen, up to the cap; never forgotten, so a label never
     /// changes meaning.
     seen: HashSet<String>,
+    /// The label found for each model name as answers write it (bounded:
+    /// [`RESOLVED_CAP`]), so that counting an answer's tokens allocates
+    /// nothing and takes only a read lock once its model was met; emptied
+    /// when the named models change.
+    resolved: HashMap<String, Arc<str>>,
 }
+
+/// Model names whose label is remembered (past it, a name is looked up
+/// afresh each time: names beyond the cap all read as [`OTHER_MODEL`]).
+const RESOLVED_CAP: usize = 4 * MAX_SEEN_MODELS;
 
 /// Why a request failed upstream, as a fixed label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -143,7 +152,7 @@ pub struct Metrics {
     tokens: IntCounterVec,
     user_tokens: IntCounterVec,
     usage_sources: IntCounterVec,
-    model_labels: Mutex<ModelLabels>,
+    model_labels: RwLock<ModelLabels>,
     /// TLS certificates re-read on reload, by result.
     cert_reload_ok: IntCounter,
     cert_reload_failed: IntCounter,
@@ -431,7 +440,7 @@ impl Metrics {
                 "Answers that carry usage, by route and where their counts come from (reported, estimated, unknown).",
                 &["route", "source"],
             ),
-            model_labels: Mutex::default(),
+            model_labels: RwLock::default(),
             requests,
             registry: r,
             route_cache: Default::default(),
@@ -490,25 +499,46 @@ impl Metrics {
             .filter(|p| p.is_exact())
             .map(|p| (ModelPattern::folded(p.as_str()), p.as_str().to_string()))
             .collect();
-        self.model_labels
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .named = named;
+        let mut labels = self
+            .model_labels
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        labels.named = named;
+        labels.resolved.clear();
     }
 
     /// The `model` label for `model`: the name the config gives it, the
     /// name itself while fewer than [`MAX_SEEN_MODELS`] others are labels,
-    /// else [`OTHER_MODEL`].
-    pub fn model_label(&self, model: Option<&str>) -> String {
+    /// else [`OTHER_MODEL`]. A model met before costs a read lock and a
+    /// map lookup.
+    pub fn model_label(&self, model: Option<&str>) -> Arc<str> {
+        let Some(name) = model else {
+            return Arc::from(NO_MODEL);
+        };
+        let known = self
+            .model_labels
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .resolved
+            .get(name)
+            .cloned();
+        if let Some(label) = known {
+            return label;
+        }
         let labels = &mut *self
             .model_labels
-            .lock()
+            .write()
             .unwrap_or_else(PoisonError::into_inner);
-        label_of(labels, model).to_string()
+        let label: Arc<str> = Arc::from(label_of(labels, Some(name)));
+        if labels.resolved.len() < RESOLVED_CAP {
+            labels.resolved.insert(name.to_string(), Arc::clone(&label));
+        }
+        label
     }
 
     /// Counts the tokens of one answer of `model`, and where its counts
-    /// came from. Allocates only for a model never seen before.
+    /// came from. Allocates only for a model never met before (and for
+    /// answers that name no model).
     pub fn tokens(
         &self,
         route: &str,
@@ -522,15 +552,11 @@ impl Metrics {
         if prompt.is_none() && completion.is_none() {
             return;
         }
-        let labels = &mut *self
-            .model_labels
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let label = label_of(labels, model);
+        let label = self.model_label(model);
         for (kind, n) in [("prompt", prompt), ("completion", completion)] {
             let Some(n) = n else { continue };
             self.tokens
-                .with_label_values(&[route, label, kind])
+                .with_label_values(&[route, &label, kind])
                 .inc_by(n);
             if let Some(user) = user {
                 self.user_tokens.with_label_values(&[user, kind]).inc_by(n);
@@ -665,18 +691,34 @@ mod tests {
     }
 
     #[test]
+    fn remembered_labels_follow_the_named_models() {
+        let m = Metrics::new();
+        assert_eq!(&*m.model_label(Some("gemma")), "gemma");
+        m.set_named_models([ModelPattern::parse("GEMMA").unwrap()].iter());
+        assert_eq!(
+            &*m.model_label(Some("gemma")),
+            "GEMMA",
+            "a reload that names the model relabels it"
+        );
+    }
+
+    #[test]
     fn model_labels_are_bounded() {
         let m = Metrics::new();
         m.set_named_models([ModelPattern::parse("llama3.2").unwrap()].iter());
-        assert_eq!(m.model_label(Some("llama3.2:latest")), "llama3.2");
-        assert_eq!(m.model_label(None), NO_MODEL);
+        assert_eq!(&*m.model_label(Some("llama3.2:latest")), "llama3.2");
+        assert_eq!(&*m.model_label(None), NO_MODEL);
         for i in 0..MAX_SEEN_MODELS {
-            assert_eq!(m.model_label(Some(&format!("m{i}"))), format!("m{i}"));
+            assert_eq!(&*m.model_label(Some(&format!("m{i}"))), format!("m{i}"));
         }
-        assert_eq!(m.model_label(Some("m0")), "m0", "a label once given stays");
-        assert_eq!(m.model_label(Some("one-too-many")), OTHER_MODEL);
         assert_eq!(
-            m.model_label(Some("LLAMA3.2")),
+            &*m.model_label(Some("m0")),
+            "m0",
+            "a label once given stays"
+        );
+        assert_eq!(&*m.model_label(Some("one-too-many")), OTHER_MODEL);
+        assert_eq!(
+            &*m.model_label(Some("LLAMA3.2")),
             "llama3.2",
             "named ones are never capped"
         );

@@ -557,10 +557,10 @@ impl ProxyHttp for Gateway {
         // request that crosses it completes; the next is refused) and the
         // metrics, and written to the audit line.
         let ai = ctx.ai.as_deref();
-        let usage = ai.and_then(|ai| ai.meter.as_ref()).map(AnswerMeter::usage);
+        let mut usage = ai.and_then(|ai| ai.meter.as_ref()).map(AnswerMeter::usage);
         let model = usage
-            .as_ref()
-            .and_then(|u| u.model.clone())
+            .as_mut()
+            .and_then(|u| u.model.take())
             .or_else(|| ai.and_then(|ai| ai.model.clone()));
         if let Some(u) = &usage {
             if let Some(meter) = &ctx.admission.tokens {
