@@ -838,6 +838,16 @@ fn a_redirect_listener_answers_308_except_for_challenges() {
         .expect("request");
     assert_eq!(resp.status(), 404, "a challenge path is not redirected");
     assert!(resp.headers().get("location").is_none());
+    // The asterisk form (`OPTIONS *`) has no path: the redirect goes to `/`.
+    let mut s = TcpStream::connect(("127.0.0.1", redirect)).expect("connect");
+    s.write_all(b"OPTIONS * HTTP/1.1\r\nHost: ai.example.com\r\nConnection: close\r\n\r\n")
+        .expect("send");
+    let r = read_response(&mut std::io::BufReader::new(s)).expect("an answer");
+    assert_eq!(r.status, 308);
+    assert_eq!(
+        r.header("location"),
+        Some(format!("https://ai.example.com:{tls_port}/").as_str())
+    );
     drop(gw);
 }
 

@@ -299,9 +299,23 @@ async fn acme_loop(
                 );
                 metrics.cert_expires(&listener, cert.not_after);
                 metrics.acme_order(true);
+                let renew_at = cert.renew_at();
                 slot.store(cert);
-                backoff = ACME_FIRST_BACKOFF;
-                retry_at = None;
+                if renew_at <= SystemTime::now() {
+                    // A certificate due for renewal at once (a very short
+                    // lifetime, a clock ahead): not ordered again in a
+                    // loop, but after the growing wait.
+                    warn!(
+                        "acme: the new certificate for {} is already due for renewal; next order in {}s",
+                        spec.domains.join(", "),
+                        backoff.as_secs()
+                    );
+                    retry_at = Some(SystemTime::now() + backoff);
+                    backoff = (backoff * 2).min(ACME_MAX_BACKOFF);
+                } else {
+                    backoff = ACME_FIRST_BACKOFF;
+                    retry_at = None;
+                }
                 continue;
             }
             Ok(Err(e)) => e.to_string(),

@@ -141,7 +141,13 @@ impl Listeners {
             Some(443) | None => String::new(),
             Some(p) => format!(":{p}"),
         };
-        let target = req.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        // `OPTIONS *` (asterisk form) has no path to keep.
+        let target = req
+            .uri
+            .path_and_query()
+            .map(|pq| pq.as_str())
+            .filter(|t| t.starts_with('/'))
+            .unwrap_or("/");
         Some(format!("https://{host}{port}{target}"))
     }
 }

@@ -203,6 +203,22 @@ async fn account(spec: &AcmeSpec, cache: &AcmeCache) -> Result<Account, AcmeErro
 }
 
 /// Whether the server says the account does not exist (RFC 8555 6.7).
+/// The HTTP-01 tokens an order has published; taken back out when
+/// dropped, so an order abandoned halfway (by its timeout, which drops
+/// it) leaves none being answered.
+struct Published<'a> {
+    challenges: &'a Challenges,
+    tokens: Vec<String>,
+}
+
+impl Drop for Published<'_> {
+    fn drop(&mut self) {
+        for t in &self.tokens {
+            self.challenges.remove(t);
+        }
+    }
+}
+
 fn is_unknown_account(p: &instant_acme::Problem) -> bool {
     p.r#type
         .as_deref()
@@ -246,7 +262,11 @@ pub async fn obtain(spec: &AcmeSpec, challenges: &Challenges) -> Result<LoadedCe
         Err(e) => return Err(AcmeError::from_acme("creating the order", &e)),
     };
 
-    let mut tokens = Vec::new();
+    let mut published = Published {
+        challenges,
+        tokens: Vec::new(),
+    };
+    let tokens = &mut published.tokens;
     let answered = async {
         let mut authorizations = order.authorizations();
         while let Some(authz) = authorizations.next().await {
@@ -282,9 +302,7 @@ pub async fn obtain(spec: &AcmeSpec, challenges: &Challenges) -> Result<LoadedCe
             .map_err(|e| AcmeError::from_acme("waiting for validation", &e)),
         Err(e) => Err(e),
     };
-    for t in &tokens {
-        challenges.remove(t);
-    }
+    drop(published);
     match ready? {
         OrderStatus::Ready => {}
         status => {
@@ -321,4 +339,26 @@ pub async fn obtain(spec: &AcmeSpec, challenges: &Challenges) -> Result<LoadedCe
         )
     })?;
     Ok(cert)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_of_an_abandoned_order_are_no_longer_answered() {
+        let challenges = Challenges::default();
+        let path = "/.well-known/acme-challenge/tok1";
+        {
+            let mut published = Published {
+                challenges: &challenges,
+                tokens: Vec::new(),
+            };
+            challenges.set("tok1", "tok1.thumb");
+            published.tokens.push("tok1".to_string());
+            assert!(challenges.answer(path).is_some());
+            // Dropped here, as a timed-out order's future is.
+        }
+        assert_eq!(challenges.answer(path), None);
+    }
 }
