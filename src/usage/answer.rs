@@ -138,6 +138,9 @@ pub struct AnswerMeter {
     /// Set when a record that ended during the last feed had usage and no
     /// choices: an OpenAI usage-only chunk.
     usage_only_seen: bool,
+    /// Content lines counted without being scanned (what the tests check).
+    #[cfg(test)]
+    skipped_lines: u64,
 }
 
 impl AnswerMeter {
@@ -184,6 +187,8 @@ impl AnswerMeter {
             completion: None,
             reported: false,
             usage_only_seen: false,
+            #[cfg(test)]
+            skipped_lines: 0,
         }
     }
 
@@ -287,15 +292,16 @@ impl AnswerMeter {
     /// with the counts, is always scanned.
     fn scan(&mut self, mut bytes: &[u8]) {
         if self.streamed {
-            while self.model.is_some() {
-                let Some(nl) = memchr::memchr(b'\n', bytes) else {
-                    break;
-                };
+            while let Some(nl) = memchr::memchr(b'\n', bytes) {
                 let (line, rest) = bytes.split_at(nl + 1);
-                if self.scanner.between() && is_content_line(line) {
+                if self.model.is_some() && self.scanner.between() && is_content_line(line) {
                     self.scanner.skip(line.len());
                     self.records += 1;
                     self.content_records += 1;
+                    #[cfg(test)]
+                    {
+                        self.skipped_lines += 1;
+                    }
                 } else {
                     self.scan_all(line);
                 }
@@ -579,6 +585,13 @@ mod tests {
         m.streamed = false;
         m.feed(lines.as_bytes());
         let scanned = m.usage();
+        let mut fast = AnswerMeter::new(Some(b"application/x-ndjson"), None);
+        fast.feed(lines.as_bytes());
+        assert_eq!(
+            fast.skipped_lines, 49,
+            "every line after the first, unscanned"
+        );
+        assert_eq!(fast.usage(), cut);
         assert_eq!(cut.model.as_deref(), Some("m"));
         assert_eq!(
             cut.completion_tokens, scanned.completion_tokens,
@@ -624,6 +637,14 @@ mod tests {
         let u = m.usage();
         assert_eq!((u.prompt_tokens, u.completion_tokens), (Some(5), Some(6)));
         assert!(m.scanner.offset() > 1_000_000);
+        // 1.3 MB read; what is kept is the buffers of the wanted keys
+        // (the longest, `model`, at most 1,538 bytes), not the context.
+        let longest = WANTED.iter().map(|(_, n)| *n).max().unwrap_or(0);
+        assert!(
+            m.scanner.kept_bytes() <= 2 * (longest + 128),
+            "{} bytes kept",
+            m.scanner.kept_bytes()
+        );
     }
 
     fn sse(events: &[&str]) -> String {

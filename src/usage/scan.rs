@@ -140,6 +140,13 @@ impl Scanner {
         self.offset += n as u64;
     }
 
+    /// Bytes the scanner keeps between pieces (the key and value buffers):
+    /// bounded by the wanted keys' limits, whatever the input.
+    #[cfg(test)]
+    pub fn kept_bytes(&self) -> usize {
+        self.key.capacity() + self.capture.capacity()
+    }
+
     /// Bytes fed so far.
     pub fn offset(&self) -> u64 {
         self.offset
