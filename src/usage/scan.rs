@@ -252,19 +252,9 @@ impl Scanner {
                             }
                             b',' | b'}' | b']' | b':' => self.fail(on),
                             _ => {
-                                // A literal: take it up to its delimiter,
-                                // which belongs to what follows the value.
-                                let rest = input.get(i..).unwrap_or_default();
-                                let n = rest
-                                    .iter()
-                                    .position(|c| is_ws(*c) || matches!(c, b',' | b'}' | b']'))
-                                    .unwrap_or(rest.len());
-                                i += n;
-                                if i < input.len() {
-                                    state = self.member_done(input, cap_from.take(), i, on);
-                                    continue;
-                                }
-                                State::Scalar
+                                // A literal, read from this byte on.
+                                state = State::Scalar;
+                                continue;
                             }
                         };
                     }
@@ -310,7 +300,9 @@ impl Scanner {
                     }
                 }
                 State::Scalar => {
-                    // A literal that began in an earlier piece.
+                    // A literal (a number, `true`, `false`, `null`), up to
+                    // its delimiter, which belongs to what follows it; it
+                    // may have begun in an earlier piece.
                     let rest = input.get(i..).unwrap_or_default();
                     let n = rest
                         .iter()
