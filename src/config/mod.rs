@@ -27,8 +27,8 @@ pub use gateway::{
     DEFAULT_CONNECT_TIMEOUT, DEFAULT_CORS_HEADERS, DEFAULT_CORS_MAX_AGE, DEFAULT_READ_TIMEOUT,
     DEFAULT_SHUTDOWN_GRACE, DEFAULT_UPGRADE_SOCK,
 };
-pub use listen::{https_port, is_dns_name, AcmeSpec, ListenKind, ListenSpec, TlsSource};
-pub use pem::{parse_certificates, parse_private_key, read_certificates, read_private_key};
+pub use listen::{https_port, AcmeSpec, ListenKind, ListenSpec, TlsSource};
+pub use pem::{parse_certificates, parse_private_key, read_certificates};
 pub use shared::{OnRedisError, RedisCa, RedisUrl, SharedStateSpec, DEFAULT_REDIS_TIMEOUT};
 pub use values::{
     any_contains, any_model_matches, ByteSize, IpRange, ModelPattern, Rate, TokenRate,

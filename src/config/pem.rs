@@ -40,12 +40,6 @@ pub fn parse_certificates(path: &Path, bytes: &[u8]) -> Result<Vec<Vec<u8>>, Loa
     Ok(out)
 }
 
-/// The private key of the PEM file at `path` (PKCS#8, PKCS#1 or SEC1).
-pub fn read_private_key(path: &Path) -> Result<PrivateKeyDer<'static>, LoadError> {
-    let bytes = std::fs::read(path).map_err(|e| LoadError::io(path, e))?;
-    parse_private_key(path, &bytes)
-}
-
 /// [`read_private_key`] on bytes already read from `path`.
 pub fn parse_private_key(path: &Path, bytes: &[u8]) -> Result<PrivateKeyDer<'static>, LoadError> {
     // The parser's own error may quote the input; only its kind is kept.

@@ -177,9 +177,7 @@ pub async fn read_body_start(
     if rewrite && done && !truncated {
         if let Some(edit) = inspector.include_usage_edit() {
             if let Some(body) = edit.apply(&held) {
-                ai.content_length = content_length.map(|_| body.len());
                 ai.rewritten = Some(Bytes::from(body));
-                ai.hide_usage = true;
             }
         }
     }
@@ -273,8 +271,12 @@ pub fn upstream_request(ai: &AiRequest, req: &mut RequestHeader) -> Result<()> {
     if ai.continued {
         req.remove_header(&EXPECT);
     }
-    if let Some(len) = ai.content_length {
-        req.insert_header(CONTENT_LENGTH, len)?;
+    // A rewritten body keeps the framing the client chose: its length
+    // replaces the client's `Content-Length`; a chunked one stays chunked.
+    if let Some(body) = &ai.rewritten {
+        if req.headers.contains_key(CONTENT_LENGTH) {
+            req.insert_header(CONTENT_LENGTH, body.len())?;
+        }
     }
     Ok(())
 }
@@ -319,7 +321,8 @@ pub fn answer_head(
         }
     } else if ai.endpoint.metered() {
         let meter = AnswerMeter::new(header(CONTENT_TYPE), encoding);
-        if ai.hide_usage && meter.is_sse() {
+        // The gateway asked for the usage-only event: hide it.
+        if ai.rewritten.is_some() && meter.is_sse() {
             ai.hider = Some(SseHider::default());
             body_changes = true;
         }

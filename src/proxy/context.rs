@@ -69,10 +69,9 @@ pub struct AiRequest {
     /// How the body bytes read before choosing the upstream reach it.
     pub replay: Replay,
     /// The body the upstream gets instead of the one read (with
-    /// `stream_options.include_usage` added).
+    /// `stream_options.include_usage` added, so the usage-only SSE event
+    /// of the answer is hidden from the client).
     pub rewritten: Option<Bytes>,
-    /// The `Content-Length` that goes with `rewritten`.
-    pub content_length: Option<usize>,
     /// The gateway answered `Expect: 100-continue` itself.
     pub continued: bool,
     /// The next call of the request body filter is the first of an
@@ -81,8 +80,6 @@ pub struct AiRequest {
     /// Reads the rest of the body as it streams, for a key limited to some
     /// models whose whole body was not read first.
     pub inspector: Option<RequestInspector>,
-    /// The gateway asked for the usage-only SSE event: hide it.
-    pub hide_usage: bool,
     pub meter: Option<AnswerMeter>,
     pub hider: Option<SseHider>,
     pub list_filter: Option<ModelListFilter>,
@@ -110,11 +107,9 @@ impl AiRequest {
             pool: DEFAULT_POOL,
             replay: Replay::Nothing,
             rewritten: None,
-            content_length: None,
             continued: false,
             fresh_attempt: false,
             inspector: None,
-            hide_usage: false,
             meter: None,
             hider: None,
             list_filter: None,

@@ -15,6 +15,6 @@ mod certs;
 mod challenges;
 mod resolver;
 
-pub use certs::{LoadedCert, EXPIRY_WARNING};
-pub use challenges::{is_challenge_path, Challenges, CHALLENGE_PREFIX};
+pub use certs::LoadedCert;
+pub use challenges::{is_challenge_path, Challenges};
 pub use resolver::{CertSlot, SlotResolver};

@@ -43,7 +43,7 @@ impl Endpoint {
                 return Endpoint::OllamaModels;
             }
         }
-        if path.ends_with("/chat/completions") || path.ends_with("/completions") {
+        if path.ends_with("/completions") {
             Endpoint::OpenaiCompletions
         } else if path.ends_with("/embeddings") && !path.ends_with("/api/embeddings") {
             Endpoint::OpenaiEmbeddings
