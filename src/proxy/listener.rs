@@ -16,6 +16,7 @@ use pingora::http::ResponseHeader;
 use pingora::prelude::*;
 use pingora::proxy::Session;
 
+use super::reply::answer;
 use crate::config::{https_port, ListenKind, ListenSpec, TlsSource};
 use crate::tls::{is_challenge_path, Challenges};
 
@@ -99,10 +100,7 @@ impl Listeners {
             resp.insert_header("content-type", ctype)?;
             resp.insert_header("content-length", body.len())?;
             resp.insert_header("cache-control", "no-store")?;
-            session
-                .as_downstream_mut()
-                .write_error_response(resp, body)
-                .await?;
+            answer(session, resp, body).await?;
             return Ok(FrontDoor::Challenge);
         }
         if !redirect {
@@ -115,10 +113,7 @@ impl Listeners {
         resp.insert_header("location", location)?;
         resp.insert_header("content-length", "0")?;
         resp.insert_header("cache-control", "no-store")?;
-        session
-            .as_downstream_mut()
-            .write_error_response(resp, Bytes::new())
-            .await?;
+        answer(session, resp, Bytes::new()).await?;
         Ok(FrontDoor::Redirected)
     }
 

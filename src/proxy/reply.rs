@@ -1,5 +1,7 @@
 //! The gateway's own answers, and what a proxying error becomes.
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use http::HeaderValue;
 use pingora::http::ResponseHeader;
@@ -52,10 +54,45 @@ pub async fn send_refusal(
     if let Some(id) = request_id {
         resp.insert_header("x-request-id", id.clone())?;
     }
-    session
-        .as_downstream_mut()
-        .write_error_response(resp, Bytes::from_static(body.as_bytes()))
-        .await
+    answer(session, resp, Bytes::from_static(body.as_bytes())).await
+}
+
+/// The most of an unread HTTP/2 request body read and thrown away after
+/// the gateway answered early (a refusal before or during the body).
+pub const DISCARD_MAX_BYTES: usize = 8 << 20;
+
+/// The longest that discarding may take.
+pub const DISCARD_MAX_TIME: Duration = Duration::from_secs(2);
+
+/// Writes an answer of the gateway's own, whole, and ends the exchange so
+/// that every client reads it. HTTP/1: the connection is closed after it
+/// (an unread body is never drained). HTTP/2: the rest of the request
+/// body is read and thrown away, up to [`DISCARD_MAX_BYTES`] within
+/// [`DISCARD_MAX_TIME`], as nginx does; a body larger or slower than that
+/// is ended with `RST_STREAM(NO_ERROR)` behind the answer when the stream
+/// is dropped (the h2 crate queues that reset after the answer's frames,
+/// RFC 9113 §8.1). Without this, the stream was reset while the client
+/// was still sending, and curl reported a framing error instead of the
+/// status.
+pub async fn answer(session: &mut Session, resp: ResponseHeader, body: Bytes) -> Result<()> {
+    let downstream = session.as_downstream_mut();
+    downstream.write_error_response(resp, body).await?;
+    if downstream.is_http2() && !downstream.is_body_done() {
+        let _ = tokio::time::timeout(DISCARD_MAX_TIME, discard_body(downstream)).await;
+    }
+    Ok(())
+}
+
+/// Reads the request body to its end, or to [`DISCARD_MAX_BYTES`], or to
+/// the first error (a client that reset the stream).
+async fn discard_body(downstream: &mut pingora::protocols::http::ServerSession) {
+    let mut read = 0usize;
+    while read < DISCARD_MAX_BYTES && !downstream.is_body_done() {
+        match downstream.read_request_body().await {
+            Ok(Some(chunk)) => read = read.saturating_add(chunk.len()),
+            Ok(None) | Err(_) => return,
+        }
+    }
 }
 
 /// The CORS headers of every answer to an allowed origin.
