@@ -296,6 +296,63 @@ fn dot_segments_are_400() {
     assert_eq!(echo.hits(), 1);
 }
 
+/// `;` starts segment parameters, which servlet-style upstreams (Tomcat,
+/// Spring) strip before routing: `/w/admin;/x` would reach them as
+/// `/w/admin/x`, past the stricter `/w/admin/` route. Refused by default;
+/// a route with `allow_path_params: true` passes them when the path
+/// without them is still that route's.
+#[test]
+fn segment_parameters_are_400_unless_the_route_allows_them() {
+    let echo = EchoServer::start();
+    let gw = Gateway::start(
+        &body(&[
+            route("w", "/w/", "chat", true, &[echo.addr], ""),
+            route("wadmin", "/w/admin/", "admin", true, &[echo.addr], ""),
+            route(
+                "m",
+                "/m/",
+                "chat",
+                true,
+                &[echo.addr],
+                ", allow_path_params: true",
+            ),
+            route("madmin", "/m/admin/", "admin", true, &[echo.addr], ""),
+        ]),
+        ALICE_KEYS,
+    );
+    let get = |path: &str| {
+        raw_request(
+            gw.addr(),
+            &format!(
+                "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nX-API-Key: {ALICE_KEY}\r\nConnection: close\r\n\r\n"
+            ),
+        )
+    };
+    for path in [
+        "/w/admin;/x",
+        "/w/admin;jsessionid=1/x",
+        "/w/admin%3B/x",
+        "/w/a;b=1",
+        "/m/admin;/x",
+        "/m/admin%3b/x",
+    ] {
+        let resp = get(path);
+        assert_eq!(resp.status, 400, "{path}");
+        let json: serde_json::Value = serde_json::from_slice(&resp.body).expect("JSON body");
+        assert_eq!(json["error"], "invalid path", "{path}");
+    }
+    assert_eq!(echo.hits(), 0, "no refused path reached an upstream");
+    // The query is not the path.
+    assert_eq!(get("/w/x?a=1;b=2").status, 200);
+    // Allowed where the route says so, and passed on as written.
+    assert_eq!(get("/m/a;v=1/b").status, 200);
+    assert_eq!(
+        echo.last_request().expect("a request").head.target,
+        "/a;v=1/b"
+    );
+    assert_eq!(echo.hits(), 2);
+}
+
 #[test]
 fn refused_upstream_is_502() {
     let gw = chat_gateway(refused_addr(), "", ALICE_KEYS);

@@ -138,6 +138,8 @@ struct FileRoute {
     #[serde(default)]
     websocket: bool,
     #[serde(default)]
+    allow_path_params: bool,
+    #[serde(default)]
     rate_limit: Option<Rate>,
     #[serde(default)]
     max_concurrent: Option<NonZeroU32>,
@@ -409,6 +411,11 @@ pub struct RouteSpec {
     /// Whether websocket upgrades may pass: the connection then becomes a
     /// tunnel carrying the identity of the key that opened it.
     pub websocket: bool,
+    /// Whether `;` (literal or `%3B`) may appear in the path: matrix
+    /// parameters, which servlet-style upstreams strip from each segment.
+    /// Off, such paths are refused (400) so that `/w/admin;/x` cannot
+    /// reach an upstream that reads it as `/w/admin/x`.
+    pub allow_path_params: bool,
     /// This route's defaults (over the global ones, under a key's own).
     pub limits: Limits,
     /// Client addresses allowed on this route; `None` allows every address.
@@ -660,6 +667,7 @@ impl FileConfig {
                     timeout: h.timeout.map_or(DEFAULT_CHECK_TIMEOUT, |t| t.0),
                 }),
                 websocket: r.websocket,
+                allow_path_params: r.allow_path_params,
                 limits: Limits {
                     rate: r.rate_limit,
                     max_concurrent: r.max_concurrent,

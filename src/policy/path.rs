@@ -73,6 +73,42 @@ fn is_dot_segment(seg: &str) -> bool {
         })
 }
 
+/// True if `path` carries segment parameters: a `;`, literal or escaped
+/// (`%3B`). Tomcat, Spring, Jetty and some Python frameworks drop
+/// `;params` from each segment before routing, so `/w/admin;/x` reaches
+/// them as `/w/admin/x` while the router saw a `/w/` path.
+pub fn has_path_params(path: &str) -> bool {
+    let b = path.as_bytes();
+    b.contains(&b';')
+        || b.windows(3).any(|w| {
+            w.first() == Some(&b'%') && w.get(1..).is_some_and(|h| h.eq_ignore_ascii_case(b"3b"))
+        })
+}
+
+/// `path` as a server that drops segment parameters reads it: each
+/// segment cut at its first `;` (or `%3B`). Built only for the rare path
+/// that has them.
+pub fn without_path_params(path: &str) -> String {
+    let mut out = String::with_capacity(path.len());
+    for (i, seg) in path.split('/').enumerate() {
+        if i > 0 {
+            out.push('/');
+        }
+        out.push_str(seg.get(..param_start(seg)).unwrap_or(seg));
+    }
+    out
+}
+
+/// Where the parameters of one segment begin (its length when none).
+fn param_start(seg: &str) -> usize {
+    let b = seg.as_bytes();
+    let literal = b.iter().position(|c| *c == b';');
+    let escaped = b.windows(3).position(|w| {
+        w.first() == Some(&b'%') && w.get(1..).is_some_and(|h| h.eq_ignore_ascii_case(b"3b"))
+    });
+    literal.into_iter().chain(escaped).min().unwrap_or(b.len())
+}
+
 fn hex_digit(c: u8) -> Option<u8> {
     char::from(c)
         .to_digit(16)
@@ -113,5 +149,29 @@ mod tests {
         ] {
             assert!(!is_ambiguous_path(p), "{p}");
         }
+    }
+
+    #[test]
+    fn segment_parameters_are_found_and_stripped_as_servlets_do() {
+        for p in [
+            "/w/admin;/x",
+            "/w/a;b=1",
+            "/w/admin%3b/x",
+            "/w/admin%3B",
+            "/;",
+        ] {
+            assert!(has_path_params(p), "{p}");
+        }
+        for p in ["/w/admin/x", "/w/%3", "/w/%33b", "/w/3b"] {
+            assert!(!has_path_params(p), "{p}");
+        }
+        assert_eq!(without_path_params("/w/admin;/x"), "/w/admin/x");
+        assert_eq!(
+            without_path_params("/w/admin;jsessionid=1/x;y"),
+            "/w/admin/x"
+        );
+        assert_eq!(without_path_params("/w/admin%3Bz/x"), "/w/admin/x");
+        assert_eq!(without_path_params("/w/a;b%3Bc/d"), "/w/a/d");
+        assert_eq!(without_path_params("/"), "/");
     }
 }

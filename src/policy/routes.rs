@@ -50,6 +50,8 @@ pub struct Route {
     health_check: Option<HealthCheckSpec>,
     /// Whether websocket upgrades may pass (`websocket: true`).
     pub websocket: bool,
+    /// Whether paths with `;` parameters may pass (`allow_path_params`).
+    pub allow_path_params: bool,
     /// The route's own limits (a key's own win; global ones fill the rest).
     pub limits: Limits,
     /// Client addresses allowed; `None` allows every address.
@@ -179,6 +181,7 @@ impl Route {
             model_pools: model_pools.into_boxed_slice(),
             health_check: spec.health_check.clone(),
             websocket: spec.websocket,
+            allow_path_params: spec.allow_path_params,
             limits: spec.limits,
             allowed_clients: spec.allow.as_deref().map(Box::from),
             cors: spec
@@ -444,6 +447,7 @@ mod tests {
             read_timeout: Duration::from_secs(2),
             health_check: None,
             websocket: false,
+            allow_path_params: false,
             limits: Default::default(),
             allow: None,
             cors: None,

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::credentials::Credential;
-use super::path::is_ambiguous_path;
+use super::path::{has_path_params, is_ambiguous_path, without_path_params};
 use super::refusal::Refusal;
 use super::request::{Request, Upgrade};
 use super::routes::{Route, Router};
@@ -121,6 +121,9 @@ impl Snapshot {
             return Decision::refused(None, Refusal::NoRoute);
         };
         let (_, route) = found;
+        if has_path_params(req.path) && !self.params_route_the_same(req.path, found.0, route) {
+            return Decision::refused(None, Refusal::BadPath);
+        }
         if let Some(allow) = &route.allowed_clients {
             if !any_contains(allow, req.client) {
                 return Decision::refused(Some(found), Refusal::IpNotAllowed);
@@ -163,6 +166,19 @@ impl Snapshot {
             route: Some(found),
             verdict,
         }
+    }
+
+    /// Whether a path with segment parameters may pass on the route it
+    /// matched (`index`): only where the route allows them, and only when
+    /// the path without them (as servlet-style upstreams read it) is that
+    /// route's too, so no stricter route can be slipped past.
+    #[cold]
+    fn params_route_the_same(&self, path: &str, index: usize, route: &Route) -> bool {
+        route.allow_path_params
+            && self
+                .router
+                .find(&without_path_params(path))
+                .is_some_and(|(i, _)| i == index)
     }
 
     /// The limits that apply to `principal` on `route`: the key's own, else
@@ -456,6 +472,43 @@ routes:
                     .is_ok(),
                 "{ok}"
             );
+        }
+    }
+
+    #[test]
+    fn segment_parameters_are_refused_unless_the_route_allows_them() {
+        let cfg = Config::parse(
+            Path::new("/t/g.yaml"),
+            r#"
+listen: "127.0.0.1:1"
+keys_file: k.json
+routes:
+  - {name: w, path_prefix: /w/, service: s, upstreams: ["127.0.0.1:2"]}
+  - {name: admin, path_prefix: /w/admin/, service: admin, upstreams: ["127.0.0.1:2"]}
+  - {name: m, path_prefix: /m/, service: s, upstreams: ["127.0.0.1:2"], allow_path_params: true}
+  - {name: madmin, path_prefix: /m/admin/, service: admin, upstreams: ["127.0.0.1:2"]}
+"#,
+        )
+        .unwrap();
+        let s = Snapshot::compile(
+            cfg,
+            r#"{"k": {"user": "u", "service": "s"}}"#,
+            1,
+            &Carried::default(),
+        )
+        .unwrap();
+        let verdict = |p: &str| s.decide(&ask(&Method::GET, p, Some(b"k")), 0).verdict;
+        for p in [
+            "/w/admin;/x",
+            "/w/a;b=1",
+            "/w/admin%3B/x",
+            "/m/admin;/x",
+            "/m/admin%3b/x",
+        ] {
+            assert_eq!(verdict(p).unwrap_err(), Refusal::BadPath, "{p}");
+        }
+        for p in ["/m/a;b=1/c", "/m/x;jsessionid=2", "/w/admin-x/y"] {
+            assert!(verdict(p).is_ok(), "{p}");
         }
     }
 
