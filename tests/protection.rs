@@ -959,6 +959,81 @@ fn failed_key_throttle_blocks_an_address_even_with_a_valid_key_then_lifts_after_
     assert_eq!(echo.hits(), 2);
 }
 
+/// One address is often many people (a team behind a NAT, the users of a
+/// front end): a key that worked from it before the block is still served
+/// during the block, while every other key, right or wrong, gets the same
+/// 429 (so the block tells a guesser nothing).
+#[test]
+fn a_blocked_address_is_still_served_for_keys_that_worked_from_it_before() {
+    let _load = shared();
+    let echo = EchoServer::start();
+    let gw = Gateway::start(
+        &config(
+            "trusted_proxies: [\"127.0.0.1\"]\nfailed_key_throttle: {max_failures: 3, window: 60s, cooldown: 60s}\n",
+            &[route("chat", "/chat/", "chat", echo.addr, "")],
+        ),
+        &guess_keys(),
+    );
+    let nat = "203.0.113.77";
+    assert_status(&get_as(&gw, nat, Some(GOOD)), 200, "the team's key, before");
+    for i in 1..=3 {
+        assert_refusal(
+            &get_as(&gw, nat, Some("prot-guess-stale-key")),
+            401,
+            "invalid api key",
+            &format!("the stale key, failure {i}"),
+        );
+    }
+    // Blocked: the stale key and a right key never used from here get the
+    // same answer, and neither reaches the upstream.
+    let hits = echo.hits();
+    let stale = get_as(&gw, nat, Some("prot-guess-stale-key"));
+    assert_refusal(
+        &stale,
+        429,
+        "too many failed key attempts",
+        "the stale key, blocked",
+    );
+    let fresh = get_as(&gw, nat, Some(OTHER_SERVICE));
+    assert_refusal(
+        &fresh,
+        429,
+        "too many failed key attempts",
+        "a right key new to the address",
+    );
+    assert_eq!(
+        stale.body, fresh.body,
+        "a right key is refused like a wrong one"
+    );
+    assert!(retry_after(&fresh) > 50, "the block lasts its cool-down");
+    assert_eq!(
+        echo.hits(),
+        hits,
+        "a throttled request reached the upstream"
+    );
+    // The team's key goes on working during the block.
+    for i in 0..5 {
+        assert_status(
+            &get_as(&gw, nat, Some(GOOD)),
+            200,
+            &format!("the team's key during the block, request {i}"),
+        );
+    }
+    assert_eq!(echo.hits(), hits + 5);
+    // Known per address: the same key first seen from another blocked
+    // address is refused there.
+    let other = "203.0.113.78";
+    for _ in 0..3 {
+        get_as(&gw, other, Some("prot-guess-stale-key"));
+    }
+    assert_refusal(
+        &get_as(&gw, other, Some(GOOD)),
+        429,
+        "too many failed key attempts",
+        "the team's key from an address it never worked from",
+    );
+}
+
 #[test]
 fn failed_key_throttle_is_on_by_default_with_20_failures_and_a_300s_cooldown() {
     let _load = shared();

@@ -107,6 +107,12 @@ impl fmt::Display for KeyId {
 }
 
 impl KeyId {
+    /// The id as a number, for tables keyed by it (its bytes are a
+    /// digest's, so already evenly spread).
+    pub fn to_u64(self) -> u64 {
+        self.0.iter().fold(0u64, |n, b| n << 8 | u64::from(*b))
+    }
+
     /// Reads an id written by [`fmt::Display`] (exactly 12 hex digits),
     /// as other instances publish it.
     pub fn parse_hex(s: &str) -> Option<KeyId> {

@@ -155,16 +155,10 @@ impl ProxyHttp for Gateway {
         let now_ms = unix_millis(SystemTime::now());
         let now_s = u32::try_from(now_ms / 1000).unwrap_or(u32::MAX);
         let throttle = &config.failed_key_throttle;
-        let verdict = check_head(session).and_then(|()| {
-            let blocked = throttle
-                .enabled
-                .then(|| self.carried.failed_keys.blocked(ip, now_s))
-                .flatten();
-            match blocked {
-                Some(retry_after_s) => Err(Refusal::KeyThrottled { retry_after_s }),
-                None => Ok(()),
-            }
-        });
+        let failed_keys = &self.carried.failed_keys;
+        let addr = throttle.enabled.then(|| failed_keys.tag(ip));
+        let blocked = addr.and_then(|a| failed_keys.blocked(a, now_s));
+        let verdict = check_head(session);
         let mut shared_limits = None;
         let verdict = verdict.and_then(|()| {
             let request =
@@ -173,12 +167,20 @@ impl ProxyHttp for Gateway {
             ctx.route_index = decision.route.map(|(i, _)| i);
             let route = decision.route.map(|(_, r)| r);
             ctx.cors_origin = route.and_then(|r| r.cors_origin(request.origin)).cloned();
+            // A blocked address is served only for keys that worked from it
+            // before; anything else, right key or wrong, gets the same 429.
+            if let (Some(retry_after_s), Some(addr)) = (blocked, addr) {
+                match decision.verdict {
+                    Ok(p) if failed_keys.known(addr, p.id, now_s) => {}
+                    _ => return Err(Refusal::KeyThrottled { retry_after_s }),
+                }
+            }
             let principal = decision.verdict.inspect_err(|r| {
                 if r.is_failed_key() && throttle.enabled {
                     if let Some(cluster) = &self.cluster {
                         cluster.key_failed(ip, throttle);
                     }
-                    if self.carried.failed_keys.failed(ip, now_s, throttle) {
+                    if failed_keys.failed(ip, now_s, throttle) {
                         warn!(
                             "client {ip} throttled: blocked for {}s after {} failed key checks",
                             throttle.cooldown.as_secs(),
@@ -187,6 +189,9 @@ impl ProxyHttp for Gateway {
                     }
                 }
             })?;
+            if let Some(addr) = addr {
+                failed_keys.succeeded(addr, principal.id, now_s);
+            }
             if let Some(cluster) = &self.cluster {
                 if cluster.is_revoked(principal.id) {
                     return Err(Refusal::Key(KeyDenial::Disabled));

@@ -19,7 +19,7 @@ mod failed_keys;
 mod key_counters;
 mod upstream_health;
 
-pub use failed_keys::FailedKeys;
+pub use failed_keys::{AddrTag, FailedKeys, KNOWN_FOR_S};
 pub use key_counters::{InFlightGuard, KeyCounter, KeyCounters, SharedShare, TokenMeter};
 pub use upstream_health::{HealthBook, Transition, UpstreamHealth, PASSIVE_COOLDOWN};
 
