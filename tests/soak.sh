@@ -9,7 +9,11 @@
 # Load, all on 127.0.0.1:
 #   - wrk, valid keys (X-API-Key and Authorization: Bearer) on /fast/
 #     (nginx `return 200`): every answer must be 200;
-#   - wrk, invalid keys (unknown, missing) on /fast/: every answer 401;
+#   - wrk, invalid keys (unknown, missing, disabled) on /fast/: every answer
+#     401, or 429 once they have tripped the failed-key throttle (shipped
+#     defaults: on) for 127.0.0.1. The valid keys worked from 127.0.0.1
+#     before (each is tried once before the load starts), so the block
+#     never touches them: the same happens for a team behind one NAT;
 #   - python stream clients on /stream/ (NDJSON upstream, 20 chunks):
 #     every stream complete and in order; every 10th is dropped by the
 #     client after 3 lines on purpose (cancellations).
@@ -29,7 +33,9 @@
 #
 # Settings (environment): DURATION=600 SEGMENT=60 (seconds per report row)
 # RESTART_EVERY=60 (DURATION/2 when DURATION < 120) CONNS=16
-# STREAM_CLIENTS=4 RSS_TOLERANCE=10 SKIP_BUILD=1 KEEP_TMP=1.
+# STREAM_CLIENTS=4 RSS_TOLERANCE=10 SKIP_BUILD=1 KEEP_TMP=1 PROFILE=release
+# (PROFILE=debug runs target/debug/ai-gateway and needs no release build:
+# tests/run.sh runs `PROFILE=debug tests/soak.sh 60`).
 # Needs: cargo, python3, wrk, nginx.
 
 set -euo pipefail
@@ -43,6 +49,8 @@ CONNS=${CONNS:-16}
 STREAM_CLIENTS=${STREAM_CLIENTS:-4}
 RSS_TOLERANCE=${RSS_TOLERANCE:-10}
 SKIP_BUILD=${SKIP_BUILD:-0}
+PROFILE=${PROFILE:-release}
+case "$PROFILE" in release | debug) ;; *) echo "PROFILE must be release or debug" >&2; exit 2 ;; esac
 KEEP_TMP=${KEEP_TMP:-0}
 
 case "$DURATION" in '' | *[!0-9]*) echo "DURATION must be whole seconds" >&2; exit 2 ;; esac
@@ -98,10 +106,14 @@ now() { echo "$EPOCHREALTIME"; }
 
 # --- build ------------------------------------------------------------------
 if [ "$SKIP_BUILD" != 1 ]; then
-  log "cargo build --release"
-  (cd "$ROOT" && cargo build --release --quiet --bin ai-gateway)
+  log "cargo build ($PROFILE)"
+  if [ "$PROFILE" = release ]; then
+    (cd "$ROOT" && cargo build --release --quiet --bin ai-gateway)
+  else
+    (cd "$ROOT" && cargo build --quiet --bin ai-gateway)
+  fi
 fi
-BIN="$ROOT/target/release/ai-gateway"
+BIN="$ROOT/target/$PROFILE/ai-gateway"
 [ -x "$BIN" ] || { echo "soak: $BIN missing (build it, or unset SKIP_BUILD)" >&2; exit 2; }
 
 GW_PORT=$(free_port)
@@ -237,6 +249,15 @@ GW_PID=$!
 PIDS+=("$GW_PID")
 wait_port "$GW_PORT" 20 || { echo "soak: gateway did not start" >&2; cat "$WORK/gateway.log" >&2; exit 1; }
 log "gateway pid $GW_PID on :$GW_PORT; nginx :$FAST_PORT; streamer :$STREAM_PORT; $DURATION s, rows of $SEGMENT s, upstream restart every $RESTART_EVERY s; work dir $WORK"
+
+# The valid keys work from 127.0.0.1 before any invalid key is tried, as a
+# team's keys would before one member's stale key trips the throttle.
+for key in "$VALID1" "$VALID2"; do
+  code=$(python3 -c 'import sys, urllib.request
+req = urllib.request.Request("http://127.0.0.1:%s/fast/api/tags" % sys.argv[1], headers={"X-API-Key": sys.argv[2]})
+print(urllib.request.urlopen(req, timeout=5).status)' "$GW_PORT" "$key") || code=error
+  [ "$code" = 200 ] || { echo "soak: a valid key got $code before the load" >&2; exit 1; }
+done
 
 START=$(now)
 START_S=${START%.*}
@@ -464,7 +485,7 @@ def rows(mode):
     return out
 
 valid, invalid = rows("valid"), rows("invalid")
-expected = {"valid": "s200", "invalid": "s401"}
+expected = {"valid": {"s200"}, "invalid": {"s401", "s429"}}
 
 windows = []
 if os.path.exists(f"{work}/windows"):
@@ -485,15 +506,15 @@ if os.path.exists(f"{work}/samples"):
 nrows = max(len(valid), len(invalid), (duration + segment - 1) // segment)
 print()
 print(f"ai-gateway soak: {duration} s, rows of {segment} s, {len(windows)} upstream restart(s)")
-print(f"{'row':>3} {'valid 200':>10} {'401':>9} {'unexp':>6} {'sockerr':>7} {'p99 ms':>7} {'p99 401':>7} "
+print(f"{'row':>3} {'valid 200':>10} {'401':>9} {'429':>9} {'unexp':>6} {'sockerr':>7} {'p99 ms':>7} {'p99 401':>7} "
       f"{'str ok':>6} {'cancel':>6} {'fail':>4} {'in rst':>6} {'RSS MB':>7} {'fds':>5}")
-tot = dict(v200=0, i401=0, unexp=0, sockerr=0, ok=0, cancel=0, fail=0, expected_fail=0)
+tot = dict(v200=0, i401=0, i429=0, unexp=0, sockerr=0, ok=0, cancel=0, fail=0, expected_fail=0)
 rss_by_row = []
 for r in range(nrows):
     v = valid[r] if r < len(valid) else {}
     i = invalid[r] if r < len(invalid) else {}
-    unexp = sum(n for k, n in v.items() if k.startswith("s") and k != "s200") + \
-            sum(n for k, n in i.items() if k.startswith("s") and k != "s401")
+    unexp = sum(n for k, n in v.items() if k.startswith("s") and k not in expected["valid"]) + \
+            sum(n for k, n in i.items() if k.startswith("s") and k not in expected["invalid"])
     sockerr = sum(d.get(k, 0) for d in (v, i) for k in ("connect", "read", "write", "timeout"))
     lo, hi = start + r * segment, start + (r + 1) * segment
     row_streams = [s for s in streams if lo <= s[1] < hi]
@@ -506,16 +527,16 @@ for r in range(nrows):
     rss = row_samples[-1][1] / 1024 if row_samples else float("nan")
     fds = int(row_samples[-1][2]) if row_samples else -1
     rss_by_row.append(rss)
-    print(f"{r + 1:>3} {v.get('s200', 0):>10} {i.get('s401', 0):>9} {unexp:>6} {sockerr:>7} "
+    print(f"{r + 1:>3} {v.get('s200', 0):>10} {i.get('s401', 0):>9} {i.get('s429', 0):>9} {unexp:>6} {sockerr:>7} "
           f"{v.get('p99_us', 0) / 1000:>7.2f} {i.get('p99_us', 0) / 1000:>7.2f} "
           f"{ok:>6} {cancel:>6} {len(bad):>4} {len(exp):>6} {rss:>7.1f} {fds:>5}")
-    tot["v200"] += v.get("s200", 0); tot["i401"] += i.get("s401", 0)
+    tot["v200"] += v.get("s200", 0); tot["i401"] += i.get("s401", 0); tot["i429"] += i.get("s429", 0)
     tot["unexp"] += unexp; tot["sockerr"] += sockerr
     tot["ok"] += ok; tot["cancel"] += cancel; tot["fail"] += len(bad); tot["expected_fail"] += len(exp)
     for s in bad[:5]:
         print(f"      stream failure outside a restart window at +{s[1] - start:.1f} s: {s[3]}")
     for d, mode in ((v, "valid"), (i, "invalid")):
-        other = {k: n for k, n in d.items() if k.startswith("s") and k != expected[mode]}
+        other = {k: n for k, n in d.items() if k.startswith("s") and k not in expected[mode]}
         if other:
             print(f"      unexpected statuses ({mode} keys): {other}")
 
@@ -526,7 +547,7 @@ hups = len(open(f"{work}/hups").read().split()) if os.path.exists(f"{work}/hups"
 panics = log.count("panicked")
 in_flight = open(f"{work}/in_flight").read().strip()
 print()
-print(f"wrk: {tot['v200']} valid-key 200, {tot['i401']} invalid-key 401, {tot['unexp']} unexpected statuses, {tot['sockerr']} socket errors")
+print(f"wrk: {tot['v200']} valid-key 200, {tot['i401']} invalid-key 401, {tot['i429']} invalid-key 429 (throttled), {tot['unexp']} unexpected statuses, {tot['sockerr']} socket errors")
 print(f"streams: {tot['ok']} complete, {tot['cancel']} cancelled by the client on purpose, "
       f"{tot['fail']} failed outside restart windows, {tot['expected_fail']} failed during upstream restarts (expected)")
 print(f"reloads: {hups} SIGHUP sent, {reload_ok} reloads logged (SIGHUP and file watch), {reload_failed} failed")
