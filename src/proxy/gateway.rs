@@ -15,7 +15,7 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::ErrorSource;
 
 use super::ai;
-use super::connection;
+use super::client_stream;
 use super::context::{Outcome, RequestCtx};
 use super::framing::check_head;
 use super::headers::{rewrite_for_upstream, Identity};
@@ -118,7 +118,7 @@ impl ProxyHttp for Gateway {
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        connection::head_complete(session, &ctx.live.snapshot.config.clients);
+        client_stream::head_complete(session, &ctx.live.snapshot.config.clients);
         Ok(())
     }
 
@@ -275,7 +275,7 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         if session.is_http2() {
-            connection::h2_body_read(end_of_stream);
+            client_stream::h2_body_read(end_of_stream);
         }
         if let Some(ai) = ctx.ai.as_mut() {
             if let Err(refusal) = ai::request_body(ai, body, end_of_stream) {

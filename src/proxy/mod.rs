@@ -32,6 +32,8 @@
 //! May import: `config`, `keys`, `state`, `policy`, `ops`.
 
 mod ai;
+mod client_stream;
+mod clock;
 mod connection;
 mod context;
 mod framing;

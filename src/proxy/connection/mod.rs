@@ -30,10 +30,13 @@
 //! A request head that runs out of time is not handed back to Pingora as a
 //! read error (Pingora would log a "Fail to proxy" line per connection,
 //! with no hook to quiet it): the loop drops Pingora's future instead.
+//!
+//! Generic over the `ProxyHttp` it serves, as Pingora's own `HttpProxy`:
+//! this module knows nothing of the gateway's hooks. They report the
+//! head and HTTP/2 bodies through `client_stream` and `clock`, which this
+//! loop reads.
 
-mod events;
 mod slots;
-mod stream;
 
 use std::future::{poll_fn, Future};
 use std::pin::{pin, Pin};
@@ -48,15 +51,14 @@ use pingora::protocols::http::v2;
 use pingora::protocols::http::v2::server::{H2Accept, HttpSession as H2Session};
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::{Digest, Stream, ALPN};
-use pingora::proxy::{HttpProxy, Session};
+use pingora::proxy::{HttpProxy, ProxyHttp};
 use pingora::server::ShutdownWatch;
 use tokio::io::AsyncWriteExt;
 use tokio::time::{Instant, Sleep};
 
-use self::events::Event;
 pub use self::slots::Slots;
-use self::stream::ClientStream;
-use super::gateway::Gateway;
+use super::client_stream::ClientStream;
+use super::clock::{in_h2_stream, Event, Signal};
 use crate::config::ClientLimits;
 use crate::ops::{ClientTimeout, Metrics, SharedLive};
 
@@ -79,26 +81,30 @@ Connection: close\r\n\
 /// buffer, so this only matters for a peer that is already gone).
 const OVER_CAP_WRITE: Duration = Duration::from_secs(1);
 
-/// The proxy service's application: Pingora's HTTP proxy behind the
-/// connection cap and the client timeouts.
-pub struct ClientApp {
-    proxy: Arc<HttpProxy<Gateway>>,
+/// The proxy service's application: Pingora's HTTP proxy (of the hooks
+/// `SV`) behind the connection cap and the client timeouts.
+pub struct ClientApp<SV> {
+    proxy: Arc<HttpProxy<SV>>,
     live: SharedLive,
     metrics: Arc<Metrics>,
     /// Shared by every proxy service, so the cap counts them all.
     slots: Arc<Slots>,
 }
 
-impl ClientApp {
+impl<SV> ClientApp<SV>
+where
+    SV: ProxyHttp + Send + Sync + 'static,
+    SV::CTX: Send + Sync,
+{
     /// `proxy` is what `pingora::proxy::http_proxy` built around the
     /// gateway; `slots` counts open connections against `max_connections`
     /// and is the same for every proxy service of the process.
     pub fn new(
-        proxy: HttpProxy<Gateway>,
+        proxy: HttpProxy<SV>,
         live: SharedLive,
         metrics: Arc<Metrics>,
         slots: Arc<Slots>,
-    ) -> ClientApp {
+    ) -> Self {
         ClientApp {
             proxy: Arc::new(proxy),
             live,
@@ -130,14 +136,17 @@ impl ClientApp {
         let mut header_timeout = limits.header_timeout;
         let mut clock = Clock::Head;
         let mut timer = pin!(tokio::time::sleep_until(accepted + header_timeout));
-        let mut session = ServerSession::new_http1(Box::new(ClientStream::new(stream)));
+        let signal = Arc::new(Signal::default());
+        let mut session =
+            ServerSession::new_http1(Box::new(ClientStream::new(stream, Arc::clone(&signal))));
         loop {
             // The clocks bound every wait for a head; Pingora's own limit
             // (whole seconds, per read) stays out of the way. A connection
             // accepted during shutdown is served once and not kept.
             session.set_keepalive(if *shutdown.borrow() { None } else { Some(0) });
             let fut = self.proxy.process_new_http(session, shutdown);
-            let ended = serve_request(fut, &mut clock, timer.as_mut(), header_timeout).await;
+            let ended =
+                serve_request(fut, &signal, &mut clock, timer.as_mut(), header_timeout).await;
             let reused = match ended {
                 Ok(Some(reused)) => reused,
                 Ok(None) => return,
@@ -162,7 +171,11 @@ impl ClientApp {
     }
 }
 
-impl ClientApp {
+impl<SV> ClientApp<SV>
+where
+    SV: ProxyHttp + Send + Sync + 'static,
+    SV::CTX: Send + Sync,
+{
     /// Serves an HTTP/2 connection (or anything else Pingora recognises
     /// by ALPN), with the head's clock on its connection preface: a client
     /// that completes the TLS handshake and then says nothing is closed at
@@ -179,11 +192,12 @@ impl ClientApp {
         if !h2 {
             return ServerApp::process_new(&self.proxy, stream, shutdown).await;
         }
-        let stream: Stream = Box::new(ClientStream::new_h2(stream));
+        let signal = Arc::new(Signal::default());
+        let stream: Stream = Box::new(ClientStream::new_h2(stream, Arc::clone(&signal)));
         let mut clock = Clock::Head;
         let timer = pin!(tokio::time::sleep_until(accepted + limits.header_timeout));
         let fut = Box::pin(self.accept_h2_streams(stream, shutdown.clone()));
-        match serve_request(fut, &mut clock, timer, limits.header_timeout).await {
+        match serve_request(fut, &signal, &mut clock, timer, limits.header_timeout).await {
             Ok(()) => None,
             Err(kind) => {
                 self.metrics.client_timeout(kind);
@@ -263,17 +277,19 @@ impl ClientApp {
     /// HTTP/2 bodies): the request is dropped, which resets the stream.
     async fn serve_h2_stream(&self, session: H2Session, shutdown: &ShutdownWatch) {
         let body_timeout = self.live.load().snapshot.config.clients.body_timeout;
-        let mut fut = pin!(self
-            .proxy
-            .process_new_http(ServerSession::new_http2(session), shutdown));
+        let signal = Arc::new(Signal::default());
+        let mut fut = pin!(in_h2_stream(
+            Arc::clone(&signal),
+            self.proxy
+                .process_new_http(ServerSession::new_http2(session), shutdown)
+        ));
         let mut timer = pin!(tokio::time::sleep(body_timeout));
         let mut armed = false;
         let timed_out = poll_fn(|cx| {
-            let _ = events::take();
             if fut.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(false);
             }
-            match events::take() {
+            match signal.take() {
                 Some(Event::BodyRead) => {
                     armed = true;
                     timer.as_mut().reset(Instant::now() + body_timeout);
@@ -317,9 +333,11 @@ enum Clock {
 /// Polls one request of Pingora's (or an HTTP/2 connection) until it
 /// ends, or until the running clock (`timer`) runs out first: then the
 /// request is dropped (and with it the connection) and the kind of timeout
-/// returned.
+/// returned. `signal` is the connection's: what the stream and the hooks
+/// report there during a poll moves the clock right after it.
 async fn serve_request<T>(
     mut fut: Pin<Box<dyn Future<Output = T> + Send + '_>>,
+    signal: &Signal,
     clock: &mut Clock,
     mut timer: Pin<&mut Sleep>,
     header_timeout: Duration,
@@ -327,11 +345,10 @@ async fn serve_request<T>(
     poll_fn(|cx| {
         // Pingora's future first, so bytes that have arrived are never
         // refused for a timeout.
-        let _ = events::take();
         if let Poll::Ready(ended) = fut.as_mut().poll(cx) {
             return Poll::Ready(Ok(ended));
         }
-        match events::take() {
+        match signal.take() {
             Some(Event::HeadStarted) => {
                 *clock = Clock::Head;
                 timer.as_mut().reset(Instant::now() + header_timeout);
@@ -373,7 +390,11 @@ async fn refuse(mut stream: Stream) {
 }
 
 #[async_trait]
-impl ServerApp for ClientApp {
+impl<SV> ServerApp for ClientApp<SV>
+where
+    SV: ProxyHttp + Send + Sync + 'static,
+    SV::CTX: Send + Sync,
+{
     async fn process_new(
         self: &Arc<Self>,
         stream: Stream,
@@ -399,35 +420,6 @@ impl ServerApp for ClientApp {
     async fn cleanup(&self) {
         ServerApp::cleanup(&*self.proxy).await;
     }
-}
-
-/// Called from `early_request_filter`: the request head is in. Stops the
-/// head's clock and bounds each read of the body by `client_body_timeout`
-/// (Pingora's per-read limit, which a later request resets).
-pub fn head_complete(session: &mut Session, limits: &ClientLimits) {
-    let body_expected = !session.is_body_empty();
-    let downstream = session.as_downstream_mut();
-    downstream.set_read_timeout(Some(limits.body_timeout));
-    let ours = downstream
-        .stream()
-        .and_then(|s| s.as_any().downcast_ref::<ClientStream>());
-    match ours {
-        Some(stream) => stream.head_complete(),
-        // An HTTP/2 stream: its body's clock starts now (the stream loop
-        // above keeps it).
-        None if body_expected => events::post(Event::BodyRead),
-        None => {}
-    }
-}
-
-/// Called from `request_body_filter` on an HTTP/2 stream: a piece of the
-/// body arrived (the clock starts again) or the body ended (no clock).
-pub fn h2_body_read(end_of_stream: bool) {
-    events::post(if end_of_stream {
-        Event::BodyDone
-    } else {
-        Event::BodyRead
-    });
 }
 
 #[cfg(test)]

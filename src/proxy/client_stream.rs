@@ -1,5 +1,7 @@
 //! The client's stream as Pingora sees it: the accepted stream, unchanged,
-//! plus one flag that notices the first byte of the next request head.
+//! plus one flag that notices the first byte of the next request head and
+//! its connection's [`Signal`] to report it to; and the two calls with
+//! which the request hooks report the head and an HTTP/2 body.
 //!
 //! Every method of Pingora's `IO` traits is forwarded, those with default
 //! bodies included: the HTTP session takes the client address from
@@ -20,14 +22,18 @@ use pingora::protocols::{
     GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl, Stream,
     TimingDigest, UniqueID, UniqueIDType, ALPN,
 };
+use pingora::proxy::Session;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::events::{self, Event};
+use super::clock::{post_h2, Event, Signal};
+use crate::config::ClientLimits;
 
 /// A client connection's stream.
 #[derive(Debug)]
 pub struct ClientStream {
     inner: Stream,
+    /// Where the connection's loop reads what happened.
+    signal: Arc<Signal>,
     /// Between two requests of a keep-alive connection: the first read that
     /// returns data starts the next head's clock. (Atomic only because
     /// Pingora hands the stream out by shared reference; one relaxed load
@@ -46,9 +52,10 @@ const H2_PREFACE_LEN: usize = 24 + 9;
 impl ClientStream {
     /// Wraps a freshly accepted stream (whose first head's clock started
     /// at accept, so nothing is awaited).
-    pub fn new(inner: Stream) -> ClientStream {
+    pub fn new(inner: Stream, signal: Arc<Signal>) -> ClientStream {
         ClientStream {
             inner,
+            signal,
             awaiting_head: AtomicBool::new(false),
             preface_left: AtomicUsize::new(0),
         }
@@ -57,9 +64,10 @@ impl ClientStream {
     /// Wraps a fresh HTTP/2 connection (TLS with ALPN h2): the head's
     /// clock, started at accept, stops once the client's connection
     /// preface has arrived.
-    pub fn new_h2(inner: Stream) -> ClientStream {
+    pub fn new_h2(inner: Stream, signal: Arc<Signal>) -> ClientStream {
         ClientStream {
             inner,
+            signal,
             awaiting_head: AtomicBool::new(false),
             preface_left: AtomicUsize::new(H2_PREFACE_LEN),
         }
@@ -74,7 +82,7 @@ impl ClientStream {
     /// The request head has been parsed (called from the request hooks,
     /// which only see the stream by shared reference).
     pub fn head_complete(&self) {
-        events::post(Event::HeadComplete);
+        self.signal.post(Event::HeadComplete);
     }
 }
 
@@ -94,7 +102,7 @@ impl AsyncRead for ClientStream {
                 let left = preface_left.saturating_sub(got);
                 this.preface_left.store(left, Ordering::Relaxed);
                 if left == 0 {
-                    events::post(Event::HeadComplete);
+                    this.signal.post(Event::HeadComplete);
                 }
             }
             return polled;
@@ -106,7 +114,7 @@ impl AsyncRead for ClientStream {
         let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
         if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
             this.awaiting_head.store(false, Ordering::Relaxed);
-            events::post(Event::HeadStarted);
+            this.signal.post(Event::HeadStarted);
         }
         polled
     }
@@ -210,6 +218,35 @@ impl Peek for ClientStream {
     }
 }
 
+/// Called from `early_request_filter`: the request head is in. Stops the
+/// head's clock and bounds each read of the body by `client_body_timeout`
+/// (Pingora's per-read limit, which a later request resets).
+pub fn head_complete(session: &mut Session, limits: &ClientLimits) {
+    let body_expected = !session.is_body_empty();
+    let downstream = session.as_downstream_mut();
+    downstream.set_read_timeout(Some(limits.body_timeout));
+    let ours = downstream
+        .stream()
+        .and_then(|s| s.as_any().downcast_ref::<ClientStream>());
+    match ours {
+        Some(stream) => stream.head_complete(),
+        // An HTTP/2 stream: its body's clock starts now (its loop in
+        // `connection` keeps it).
+        None if body_expected => post_h2(Event::BodyRead),
+        None => {}
+    }
+}
+
+/// Called from `request_body_filter` on an HTTP/2 stream: a piece of the
+/// body arrived (the clock starts again) or the body ended (no clock).
+pub fn h2_body_read(end_of_stream: bool) {
+    post_h2(if end_of_stream {
+        Event::BodyDone
+    } else {
+        Event::BodyRead
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -227,32 +264,31 @@ mod tests {
         runtime().block_on(async {
             let (client, server) = tokio::io::duplex(64);
             let mut client = client;
-            let s = ClientStream::new(Box::new(server));
-            let mut s = s;
+            let signal = Arc::new(Signal::default());
+            let mut s = ClientStream::new(Box::new(server), Arc::clone(&signal));
             let mut buf = [0u8; 8];
-            let _ = events::take();
 
             // A fresh connection's first head was started at accept.
             client.write_all(b"GET").await.unwrap();
             assert_eq!(s.read(&mut buf).await.unwrap(), 3);
-            assert_eq!(events::take(), None);
+            assert_eq!(signal.take(), None);
 
             s.await_next_head();
             client.write_all(b"\r\n").await.unwrap();
             assert_eq!(s.read(&mut buf).await.unwrap(), 2);
-            assert_eq!(events::take(), Some(Event::HeadStarted));
+            assert_eq!(signal.take(), Some(Event::HeadStarted));
             client.write_all(b"x").await.unwrap();
             assert_eq!(s.read(&mut buf).await.unwrap(), 1);
-            assert_eq!(events::take(), None, "only the first byte counts");
+            assert_eq!(signal.take(), None, "only the first byte counts");
 
             s.head_complete();
-            assert_eq!(events::take(), Some(Event::HeadComplete));
+            assert_eq!(signal.take(), Some(Event::HeadComplete));
 
             // End of stream is not the start of a head.
             s.await_next_head();
             drop(client);
             assert_eq!(s.read(&mut buf).await.unwrap(), 0);
-            assert_eq!(events::take(), None);
+            assert_eq!(signal.take(), None);
         });
     }
 
@@ -260,18 +296,18 @@ mod tests {
     fn an_h2_preface_stops_the_clock_once_complete() {
         runtime().block_on(async {
             let (mut client, server) = tokio::io::duplex(64);
-            let mut s = ClientStream::new_h2(Box::new(server));
+            let signal = Arc::new(Signal::default());
+            let mut s = ClientStream::new_h2(Box::new(server), Arc::clone(&signal));
             let mut buf = [0u8; 64];
-            let _ = events::take();
             client.write_all(&[0u8; 20]).await.unwrap();
             assert_eq!(s.read(&mut buf).await.unwrap(), 20);
-            assert_eq!(events::take(), None);
+            assert_eq!(signal.take(), None);
             client.write_all(&[0u8; 13]).await.unwrap();
             assert_eq!(s.read(&mut buf).await.unwrap(), 13);
-            assert_eq!(events::take(), Some(Event::HeadComplete));
+            assert_eq!(signal.take(), Some(Event::HeadComplete));
             client.write_all(&[0u8; 5]).await.unwrap();
             assert_eq!(s.read(&mut buf).await.unwrap(), 5);
-            assert_eq!(events::take(), None);
+            assert_eq!(signal.take(), None);
         });
     }
 
@@ -281,7 +317,7 @@ mod tests {
             let (mut client, server) = tokio::io::duplex(64);
             let inner: Stream = Box::new(server);
             let id = inner.id();
-            let mut s = ClientStream::new(inner);
+            let mut s = ClientStream::new(inner, Arc::default());
             assert_eq!(s.id(), id);
             assert!(s.selected_alpn_proto().is_none());
             s.write_all(b"HTTP/1.1 200 OK\r\n").await.unwrap();
