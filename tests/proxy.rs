@@ -15,38 +15,16 @@ use common::*;
 // Helpers
 // ---------------------------------------------------------------------------
 
-/// One route in YAML flow style; `extra` is appended inside the mapping
-/// (e.g. `", methods: [POST]"`).
-fn route(
-    name: &str,
-    prefix: &str,
-    service: &str,
-    strip: bool,
-    upstreams: &[SocketAddr],
-    extra: &str,
-) -> String {
-    let ups: Vec<String> = upstreams.iter().map(|a| format!("\"{a}\"")).collect();
-    format!(
-        "  - {{name: {name}, path_prefix: \"{prefix}\", service: {service}, strip_prefix: {strip}, upstreams: [{}]{extra}}}\n",
-        ups.join(", ")
-    )
-}
-
-/// A config body (after the standard preamble) with the given routes.
-fn body(routes: &[String]) -> String {
-    format!("threads: 2\nroutes:\n{}", routes.concat())
-}
-
-/// A single-route gateway on `/chat/` (service `chat`, prefix stripped).
-fn chat_gateway(upstream: SocketAddr, extra: &str, keys: &str) -> Gateway {
-    Gateway::start(
-        &body(&[route("chat", "/chat/", "chat", true, &[upstream], extra)]),
-        keys,
-    )
+/// A gateway with `routes` (2 threads).
+fn gateway(routes: impl IntoIterator<Item = Route>, keys: &KeyFile) -> Gateway {
+    Gateway::start(&GatewayConfig::new().threads(2).routes(routes), keys)
 }
 
 const ALICE_KEY: &str = "alice-secret-key-0001";
-const ALICE_KEYS: &str = r#"{"alice-secret-key-0001": {"user": "alice", "service": "chat"}}"#;
+
+fn alice_keys() -> KeyFile {
+    KeyFile::of([Key::new(ALICE_KEY, "alice").service("chat")])
+}
 
 fn header(resp: &ureq::http::Response<ureq::Body>, name: &str) -> Option<String> {
     resp.headers()
@@ -115,7 +93,7 @@ fn raw_request(addr: SocketAddr, request: &str) -> RawResponse {
 #[test]
 fn unknown_path_is_404_json() {
     let echo = EchoServer::start();
-    let gw = chat_gateway(echo.addr, "", ALICE_KEYS);
+    let gw = gateway([Route::chat(echo.addr)], &alice_keys());
     for path in ["/nothing/here", "/chat", "/"] {
         let mut resp = agent()
             .get(gw.url(path))
@@ -131,7 +109,7 @@ fn unknown_path_is_404_json() {
 #[test]
 fn wrong_method_is_405_with_allow() {
     let echo = EchoServer::start();
-    let gw = chat_gateway(echo.addr, ", methods: [POST]", ALICE_KEYS);
+    let gw = gateway([Route::chat(echo.addr).methods(["POST"])], &alice_keys());
     let mut resp = agent()
         .get(gw.url("/chat/api/generate"))
         .header("X-API-Key", ALICE_KEY)
@@ -154,7 +132,7 @@ fn wrong_method_is_405_with_allow() {
 #[test]
 fn missing_key_is_401_with_challenge() {
     let echo = EchoServer::start();
-    let gw = chat_gateway(echo.addr, "", ALICE_KEYS);
+    let gw = gateway([Route::chat(echo.addr)], &alice_keys());
     let mut resp = agent().get(gw.url("/chat/x")).call().expect("request");
     assert_unauthorized(&mut resp, None);
     // A non-Bearer Authorization header presents no key either.
@@ -170,7 +148,7 @@ fn missing_key_is_401_with_challenge() {
 #[test]
 fn unknown_key_is_401_and_not_echoed() {
     let echo = EchoServer::start();
-    let gw = chat_gateway(echo.addr, "", ALICE_KEYS);
+    let gw = gateway([Route::chat(echo.addr)], &alice_keys());
     let wrong = "wrong-key-that-must-not-be-echoed";
     let mut resp = agent()
         .get(gw.url("/chat/x"))
@@ -190,11 +168,15 @@ fn unknown_key_is_401_and_not_echoed() {
 #[test]
 fn expired_key_is_401() {
     let echo = EchoServer::start();
-    let keys = r#"{
-        "expired-key-0002": {"user": "old", "service": "chat", "expires_at": "2001-01-01T00:00:00Z"},
-        "future-key-0003": {"user": "new", "service": "chat", "expires_at": "2999-01-01T00:00:00Z"}
-    }"#;
-    let gw = chat_gateway(echo.addr, "", keys);
+    let keys = KeyFile::of([
+        Key::new("expired-key-0002", "old")
+            .service("chat")
+            .expires_at("2001-01-01T00:00:00Z"),
+        Key::new("future-key-0003", "new")
+            .service("chat")
+            .expires_at("2999-01-01T00:00:00Z"),
+    ]);
+    let gw = gateway([Route::chat(echo.addr)], &keys);
     let mut resp = agent()
         .get(gw.url("/chat/x"))
         .header("X-API-Key", "expired-key-0002")
@@ -216,8 +198,10 @@ fn expired_key_is_401() {
 #[test]
 fn disabled_key_is_401() {
     let echo = EchoServer::start();
-    let keys = r#"{"disabled-key-0004": {"user": "gone", "service": "chat", "disabled": true}}"#;
-    let gw = chat_gateway(echo.addr, "", keys);
+    let keys = KeyFile::of([Key::new("disabled-key-0004", "gone")
+        .service("chat")
+        .disabled(true)]);
+    let gw = gateway([Route::chat(echo.addr)], &keys);
     let mut resp = agent()
         .get(gw.url("/chat/x"))
         .header("Authorization", "Bearer disabled-key-0004")
@@ -230,13 +214,13 @@ fn disabled_key_is_401() {
 #[test]
 fn key_for_another_service_is_403() {
     let echo = EchoServer::start();
-    let keys = r#"{"tts-only-key-0005": {"user": "speaker", "service": "tts"}}"#;
-    let gw = Gateway::start(
-        &body(&[
-            route("chat", "/chat/", "chat", true, &[echo.addr], ""),
-            route("tts", "/tts/", "tts", true, &[echo.addr], ""),
-        ]),
-        keys,
+    let keys = KeyFile::of([Key::new("tts-only-key-0005", "speaker").service("tts")]);
+    let gw = gateway(
+        [
+            Route::chat(echo.addr),
+            Route::stripped("tts", "/tts/", "tts", echo.addr),
+        ],
+        &keys,
     );
     let mut resp = agent()
         .get(gw.url("/chat/x"))
@@ -258,7 +242,7 @@ fn key_for_another_service_is_403() {
 #[test]
 fn dot_segments_are_400() {
     let echo = EchoServer::start();
-    let gw = chat_gateway(echo.addr, "", ALICE_KEYS);
+    let gw = gateway([Route::chat(echo.addr)], &alice_keys());
     for path in [
         "/chat/../x",
         "/chat/%2e%2e/x",
@@ -304,21 +288,14 @@ fn dot_segments_are_400() {
 #[test]
 fn segment_parameters_are_400_unless_the_route_allows_them() {
     let echo = EchoServer::start();
-    let gw = Gateway::start(
-        &body(&[
-            route("w", "/w/", "chat", true, &[echo.addr], ""),
-            route("wadmin", "/w/admin/", "admin", true, &[echo.addr], ""),
-            route(
-                "m",
-                "/m/",
-                "chat",
-                true,
-                &[echo.addr],
-                ", allow_path_params: true",
-            ),
-            route("madmin", "/m/admin/", "admin", true, &[echo.addr], ""),
-        ]),
-        ALICE_KEYS,
+    let gw = gateway(
+        [
+            Route::stripped("w", "/w/", "chat", echo.addr),
+            Route::stripped("wadmin", "/w/admin/", "admin", echo.addr),
+            Route::stripped("m", "/m/", "chat", echo.addr).allow_path_params(true),
+            Route::stripped("madmin", "/m/admin/", "admin", echo.addr),
+        ],
+        &alice_keys(),
     );
     let get = |path: &str| {
         raw_request(
@@ -355,7 +332,7 @@ fn segment_parameters_are_400_unless_the_route_allows_them() {
 
 #[test]
 fn refused_upstream_is_502() {
-    let gw = chat_gateway(refused_addr(), "", ALICE_KEYS);
+    let gw = gateway([Route::chat(refused_addr())], &alice_keys());
     let mut resp = agent()
         .post(gw.url("/chat/api/generate"))
         .header("X-API-Key", ALICE_KEY)
@@ -367,7 +344,7 @@ fn refused_upstream_is_502() {
 #[test]
 fn silent_upstream_is_504_after_read_timeout() {
     let silent = SilentServer::start();
-    let gw = chat_gateway(silent.addr, ", read_timeout: 1s", ALICE_KEYS);
+    let gw = gateway([Route::chat(silent.addr).read_timeout("1s")], &alice_keys());
     let mut resp = agent()
         .post(gw.url("/chat/api/generate"))
         .header("X-API-Key", ALICE_KEY)
@@ -388,7 +365,7 @@ fn upstream_headers(json: &serde_json::Value) -> &serde_json::Map<String, serde_
 #[test]
 fn credentials_are_stripped_and_user_is_set() {
     let echo = EchoServer::start();
-    let gw = chat_gateway(echo.addr, "", ALICE_KEYS);
+    let gw = gateway([Route::chat(echo.addr)], &alice_keys());
 
     // X-API-Key, with a forged X-Gateway-User (twice) and an extra
     // Authorization header that must not leak either.
@@ -442,7 +419,7 @@ fn credentials_are_stripped_and_user_is_set() {
 #[test]
 fn strip_prefix_true_removes_the_prefix() {
     let echo = EchoServer::start();
-    let gw = chat_gateway(echo.addr, "", ALICE_KEYS);
+    let gw = gateway([Route::chat(echo.addr)], &alice_keys());
     let mut resp = agent()
         .get(gw.url("/chat/api/generate?x=1"))
         .header("X-API-Key", ALICE_KEY)
@@ -461,9 +438,11 @@ fn strip_prefix_true_removes_the_prefix() {
 #[test]
 fn strip_prefix_false_keeps_the_path() {
     let echo = EchoServer::start();
-    let gw = Gateway::start(
-        &body(&[route("openai", "/v1/", "chat", false, &[echo.addr], "")]),
-        ALICE_KEYS,
+    let gw = gateway(
+        [Route::new("openai", "/v1/", "chat")
+            .strip_prefix(false)
+            .upstream(echo.addr)],
+        &alice_keys(),
     );
     let mut resp = agent()
         .get(gw.url("/v1/chat/completions?stream=1&a=%20b"))
@@ -481,23 +460,18 @@ fn strip_prefix_false_keeps_the_path() {
 fn longest_prefix_wins_and_scopes_keys() {
     let admin_up = EchoServer::start();
     let gen_up = EchoServer::start();
-    let keys = r#"{
-        "admin-key-0006": {"user": "root", "services": ["admin", "ro"]},
-        "ro-key-0007": {"user": "reader", "service": "ro"}
-    }"#;
-    let gw = Gateway::start(
-        &body(&[
-            route("all", "/ollama/", "admin", true, &[admin_up.addr], ""),
-            route(
-                "gen",
-                "/ollama/api/generate",
-                "ro",
-                false,
-                &[gen_up.addr],
-                "",
-            ),
-        ]),
-        keys,
+    let keys = KeyFile::of([
+        Key::new("admin-key-0006", "root").services(["admin", "ro"]),
+        Key::new("ro-key-0007", "reader").service("ro"),
+    ]);
+    let gw = gateway(
+        [
+            Route::stripped("all", "/ollama/", "admin", admin_up.addr),
+            Route::new("gen", "/ollama/api/generate", "ro")
+                .strip_prefix(false)
+                .upstream(gen_up.addr),
+        ],
+        &keys,
     );
     let get = |path: &str, key: &str| {
         agent()
@@ -532,9 +506,11 @@ fn longest_prefix_wins_and_scopes_keys() {
 fn round_robin_spreads_requests() {
     let a = EchoServer::start();
     let b = EchoServer::start();
-    let gw = Gateway::start(
-        &body(&[route("chat", "/chat/", "chat", true, &[a.addr, b.addr], "")]),
-        ALICE_KEYS,
+    let gw = gateway(
+        [Route::new("chat", "/chat/", "chat")
+            .strip_prefix(true)
+            .upstreams([a.addr, b.addr])],
+        &alice_keys(),
     );
     let agent = agent();
     for i in 0..10 {
@@ -559,7 +535,7 @@ fn round_robin_spreads_requests() {
 // ---------------------------------------------------------------------------
 
 fn check_stream(streamer: &StreamServer, method: &str) {
-    let gw = chat_gateway(streamer.addr, "", ALICE_KEYS);
+    let gw = gateway([Route::chat(streamer.addr)], &alice_keys());
     let agent = agent();
     let mut resp = if method == "POST" {
         agent
@@ -609,7 +585,7 @@ const BIG: u64 = 20 << 20;
 #[test]
 fn large_chunked_body_arrives_intact() {
     let echo = EchoServer::start();
-    let gw = chat_gateway(echo.addr, "", ALICE_KEYS);
+    let gw = gateway([Route::chat(echo.addr)], &alice_keys());
     let mut reader = PatternReader::new(BIG);
     let mut resp = agent()
         .post(gw.url("/chat/upload"))
@@ -625,7 +601,7 @@ fn large_chunked_body_arrives_intact() {
 #[test]
 fn large_content_length_body_arrives_intact() {
     let echo = EchoServer::start();
-    let gw = chat_gateway(echo.addr, "", ALICE_KEYS);
+    let gw = gateway([Route::chat(echo.addr)], &alice_keys());
     let mut reader = PatternReader::new(BIG);
     let mut resp = agent()
         .put(gw.url("/chat/upload"))
@@ -646,7 +622,7 @@ fn large_content_length_body_arrives_intact() {
 #[test]
 fn keep_alive_connection_serves_several_requests() {
     let echo = EchoServer::start();
-    let gw = chat_gateway(echo.addr, "", ALICE_KEYS);
+    let gw = gateway([Route::chat(echo.addr)], &alice_keys());
     let stream = connect(gw.addr());
     let mut writer = stream.try_clone().expect("clone stream");
     let mut reader = BufReader::new(stream);
@@ -673,7 +649,7 @@ fn keep_alive_connection_serves_several_requests() {
 
 /// Runs `conf/gateway.yaml` as shipped, except for the listen address, the
 /// key file and the upstream addresses (all pointed at `echo`).
-fn shipped_gateway(echo: &EchoServer, keys: &str) -> Gateway {
+fn shipped_gateway(echo: &EchoServer, keys: &KeyFile) -> Gateway {
     let shipped =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/conf/gateway.yaml"))
             .expect("read conf/gateway.yaml");
@@ -690,15 +666,17 @@ fn shipped_gateway(echo: &EchoServer, keys: &str) -> Gateway {
     Gateway::start_raw(&config, keys, port)
 }
 
-const SHIPPED_KEYS: &str = r#"{
-    "user-key-0008": {"user": "user", "services": ["ollama", "tts", "openai"]},
-    "admin-key-0009": {"user": "admin", "service": "*"}
-}"#;
+fn shipped_keys() -> KeyFile {
+    KeyFile::of([
+        Key::new("user-key-0008", "user").services(["ollama", "tts", "openai"]),
+        Key::new("admin-key-0009", "admin").service("*"),
+    ])
+}
 
 #[test]
 fn shipped_config_scopes_and_paths() {
     let echo = EchoServer::start();
-    let gw = shipped_gateway(&echo, SHIPPED_KEYS);
+    let gw = shipped_gateway(&echo, &shipped_keys());
     let send = |method: &str, path: &str, key: &str| {
         let agent = agent();
         let req = match method {
@@ -729,7 +707,7 @@ fn shipped_config_scopes_and_paths() {
 #[test]
 fn shipped_config_ollama_generate_reaches_api_generate() {
     let echo = EchoServer::start();
-    let gw = shipped_gateway(&echo, SHIPPED_KEYS);
+    let gw = shipped_gateway(&echo, &shipped_keys());
     for (path, expected) in [
         ("/ollama/api/generate", "/api/generate"),
         ("/ollama/api/chat", "/api/chat"),

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
+use super::config::{ConfigText, GatewayConfig, Listen};
 use super::util::{free_port, wait_until};
 
 /// The `RUST_LOG` a gateway runs with unless a test asks for another.
@@ -31,6 +32,36 @@ pub fn default_config(port: u16, body: &str) -> String {
     format!("listen: \"127.0.0.1:{port}\"\nkeys_file: \"keys.json\"\nshutdown_grace: 5s\n{body}")
 }
 
+/// What [`Gateway::start`] runs: a built [`GatewayConfig`] (or, until
+/// every test is converted, the YAML text after the standard preamble).
+pub trait StartConfig {
+    fn start_config(&self) -> GatewayConfig;
+}
+
+impl StartConfig for GatewayConfig {
+    fn start_config(&self) -> GatewayConfig {
+        self.clone()
+    }
+}
+
+impl StartConfig for str {
+    fn start_config(&self) -> GatewayConfig {
+        GatewayConfig::new().extra_yaml(self)
+    }
+}
+
+impl StartConfig for String {
+    fn start_config(&self) -> GatewayConfig {
+        GatewayConfig::new().extra_yaml(self)
+    }
+}
+
+impl<T: StartConfig + ?Sized> StartConfig for &T {
+    fn start_config(&self) -> GatewayConfig {
+        (**self).start_config()
+    }
+}
+
 /// A temporary directory holding `gateway.yaml` and `keys.json`, before any
 /// process is started; lets tests run the binary in other ways (e.g.
 /// `check` subcommands or expected start-up failures).
@@ -46,8 +77,9 @@ pub struct GatewayFiles {
 }
 
 impl GatewayFiles {
-    /// Creates a temp dir and writes the complete config and the keys file.
-    pub fn write(config_full_yaml: &str, keys_json: &str) -> GatewayFiles {
+    /// Creates a temp dir and writes the complete config (built, or text
+    /// for tests of config errors) and the keys file.
+    pub fn write(config: impl ConfigText, keys: impl std::fmt::Display) -> GatewayFiles {
         let dir = tempfile::Builder::new()
             .prefix("ai-gateway-test-")
             .tempdir()
@@ -55,8 +87,8 @@ impl GatewayFiles {
         let config_path = dir.path().join("gateway.yaml");
         let keys_path = dir.path().join("keys.json");
         let log_path = dir.path().join("gateway.log");
-        fs::write(&config_path, config_full_yaml).expect("write gateway.yaml");
-        fs::write(&keys_path, keys_json).expect("write keys.json");
+        fs::write(&config_path, config.config_text()).expect("write gateway.yaml");
+        fs::write(&keys_path, keys.to_string()).expect("write keys.json");
         GatewayFiles {
             dir,
             config_path,
@@ -78,31 +110,48 @@ pub struct Gateway {
     pub keys_path: PathBuf,
     /// File receiving the gateway's stderr (its log).
     pub log_path: PathBuf,
+    /// The config it was started with, listeners and admin port filled in
+    /// (`None` when started from text).
+    config: Option<GatewayConfig>,
     child: Child,
 }
 
 impl Gateway {
-    /// Starts a gateway on a free port with the standard preamble (see
-    /// [`default_config`]) followed by `config_yaml_body`, and waits until it
-    /// answers HTTP. Retries on a fresh port if the chosen one was taken in
-    /// the meantime. Panics (with the gateway log) if it does not come up.
-    pub fn start(config_yaml_body: &str, keys_json: &str) -> Gateway {
-        Gateway::start_with_log_level(config_yaml_body, keys_json, DEFAULT_LOG_LEVEL)
+    /// Starts a gateway with `config` and waits until it answers HTTP.
+    ///
+    /// Without a `listen` entry the gateway gets a plain listener on a free
+    /// loopback port (retried on a fresh one if it was taken meanwhile),
+    /// and [`GatewayConfig::with_admin`] gets a free admin port the same
+    /// way; otherwise the first plain (or redirect) listener is the one
+    /// probed. Panics (with the gateway log) if it does not come up.
+    pub fn start(config: impl StartConfig, keys: impl std::fmt::Display) -> Gateway {
+        Gateway::start_with_log_level(config, keys, DEFAULT_LOG_LEVEL)
     }
 
     /// Like [`Gateway::start`], with `RUST_LOG` set to `log_level` (e.g.
     /// `"debug"`) instead of [`DEFAULT_LOG_LEVEL`].
     pub fn start_with_log_level(
-        config_yaml_body: &str,
-        keys_json: &str,
+        config: impl StartConfig,
+        keys: impl std::fmt::Display,
         log_level: &str,
     ) -> Gateway {
+        let config = config.start_config();
+        let keys = keys.to_string();
+        let free_listener = config.listeners().is_empty();
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let port = free_port();
-            let files = GatewayFiles::write(&default_config(port, config_yaml_body), keys_json);
+            let mut config = config.clone();
+            if free_listener {
+                config = config.listen(format!("127.0.0.1:{}", free_port()));
+            }
+            if config.wants_free_admin_port() {
+                config = config.admin_listen(format!("127.0.0.1:{}", free_port()));
+            }
+            let port = probe_port(&config);
+            let files = GatewayFiles::write(&config, &keys);
             let mut gw = Gateway::spawn_with_log_level(files, port, log_level);
+            gw.config = Some(config);
             match gw.wait_ready(READY_TIMEOUT) {
                 Ok(()) => return gw,
                 Err(msg) => {
@@ -115,10 +164,11 @@ impl Gateway {
         }
     }
 
-    /// Starts a gateway with a complete, test-written config that listens
-    /// on (at least) `127.0.0.1:<port>`, and waits until it answers HTTP.
-    pub fn start_raw(config_full_yaml: &str, keys_json: &str, port: u16) -> Gateway {
-        let mut gw = Gateway::spawn(GatewayFiles::write(config_full_yaml, keys_json), port);
+    /// Starts a gateway with a complete config that listens on (at least)
+    /// `127.0.0.1:<port>` (text for shipped configs), and waits until it
+    /// answers HTTP.
+    pub fn start_raw(config: impl ConfigText, keys: impl std::fmt::Display, port: u16) -> Gateway {
+        let mut gw = Gateway::spawn(GatewayFiles::write(config, keys), port);
         if let Err(msg) = gw.wait_ready(READY_TIMEOUT) {
             panic!("{msg}");
         }
@@ -152,6 +202,7 @@ impl Gateway {
             config_path: files.config_path,
             keys_path: files.keys_path,
             log_path: files.log_path,
+            config: None,
             child,
         }
     }
@@ -202,6 +253,21 @@ impl Gateway {
         SocketAddr::from(([127, 0, 0, 1], self.port))
     }
 
+    /// The config the gateway was started with by [`Gateway::start`], with
+    /// its listeners and admin port, e.g. to write a changed copy.
+    pub fn config(&self) -> &GatewayConfig {
+        self.config
+            .as_ref()
+            .expect("a gateway started by Gateway::start has its config")
+    }
+
+    /// The admin listener's address.
+    pub fn admin(&self) -> SocketAddr {
+        self.config()
+            .admin_addr()
+            .expect("this gateway has an admin listener on an address")
+    }
+
     /// Process id of the gateway.
     pub fn pid(&self) -> u32 {
         self.child.id()
@@ -230,13 +296,13 @@ impl Gateway {
 
     /// Atomically replaces the keys file (temp file in the same dir, then
     /// rename), so the gateway never observes a half-written file.
-    pub fn write_keys(&self, json: &str) {
-        atomic_write(&self.keys_path, json);
+    pub fn write_keys(&self, keys: impl std::fmt::Display) {
+        atomic_write(&self.keys_path, &keys.to_string());
     }
 
     /// Atomically replaces the config file (see [`Gateway::write_keys`]).
-    pub fn write_config(&self, yaml: &str) {
-        atomic_write(&self.config_path, yaml);
+    pub fn write_config(&self, config: impl ConfigText) {
+        atomic_write(&self.config_path, &config.config_text());
     }
 
     /// Polls for process exit for up to `timeout`; `None` if still running.
@@ -285,6 +351,20 @@ impl Drop for Gateway {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The port [`Gateway::wait_ready`] probes: the first plain (or redirect)
+/// listener's.
+fn probe_port(config: &GatewayConfig) -> u16 {
+    config
+        .listeners()
+        .iter()
+        .find_map(|l| match l {
+            Listen::Plain(a) | Listen::Redirect(a) => a.parse::<SocketAddr>().ok(),
+            _ => None,
+        })
+        .map(|a| a.port())
+        .expect("a config for Gateway::start has a plain or redirect listener on an address")
 }
 
 fn atomic_write(path: &Path, contents: &str) {

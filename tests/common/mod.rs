@@ -6,6 +6,8 @@
 //! * [`upstreams`]: small, dependency-free HTTP/1.1 upstream servers (echo,
 //!   streaming, silent, custom) that run on background threads, so tests can
 //!   observe exactly what the gateway forwarded and how it forwarded it;
+//! * [`config`]: typed gateway configs ([`GatewayConfig`], [`Route`]) and
+//!   key files ([`KeyFile`], [`Key`]), rendered to what the gateway reads;
 //! * [`gateway`]: a [`Gateway`] runner that writes a config + keys file into
 //!   a temporary directory, spawns the real `ai-gateway` binary and waits
 //!   until it answers HTTP, and [`run_cli`] for one-shot commands;
@@ -24,6 +26,7 @@
 //! (private items that are unused are still reported).
 
 pub mod ai_upstream;
+pub mod config;
 pub mod gateway;
 pub mod key_files;
 pub mod metrics;
@@ -36,6 +39,7 @@ pub mod upstreams;
 pub mod util;
 
 pub use ai_upstream::*;
+pub use config::*;
 pub use gateway::*;
 pub use key_files::*;
 pub use metrics::*;
