@@ -924,11 +924,11 @@ fn shipped(name: &str) -> String {
 
 #[test]
 fn the_shipped_https_examples_are_in_the_readme_and_work() {
-    let readme = shipped("../README.md");
+    let readme = shipped("../docs/https.md");
     for name in ["https.yaml", "https-acme.yaml"] {
         assert!(
             readme.contains(&shipped(name)),
-            "README.md does not show conf/{name} as it is"
+            "docs/https.md does not show conf/{name} as it is"
         );
     }
 
