@@ -16,16 +16,17 @@ const SOON: Duration = Duration::from_secs(15);
 const KEY_A: &str = "reload-key-a-0001";
 const KEY_B: &str = "reload-key-b-0002";
 
-fn keys_with(key: &str, user: &str) -> String {
-    format!(r#"{{"{key}": {{"user": "{user}", "services": ["chat", "tts"]}}}}"#)
+fn keys_with(key: &str, user: &str) -> KeyFile {
+    KeyFile::of([Key::new(key, user).services(["chat", "tts"])])
 }
 
-/// The config body after the standard preamble. File watching is off, so
+/// The config: `/chat/` to `chat_upstream`. File watching is off, so
 /// SIGHUP is the only reload trigger and every reload log line is ours.
-fn body(chat_upstream: SocketAddr, extra_routes: &str) -> String {
-    format!(
-        "threads: 2\nwatch: false\nroutes:\n  - {{name: chat, path_prefix: /chat/, service: chat, strip_prefix: true, upstreams: [\"{chat_upstream}\"]}}\n{extra_routes}"
-    )
+fn config(chat_upstream: SocketAddr) -> GatewayConfig {
+    GatewayConfig::new()
+        .threads(2)
+        .watch(false)
+        .route(Route::chat(chat_upstream))
 }
 
 fn status(gw: &Gateway, path: &str, key: &str) -> u16 {
@@ -73,7 +74,7 @@ fn finish_stream(reader: BufReader<ureq::BodyReader<'static>>, first: String, s:
 #[test]
 fn sighup_adds_and_revokes_keys() {
     let echo = EchoServer::start();
-    let gw = Gateway::start(&body(echo.addr, ""), &keys_with(KEY_A, "a"));
+    let gw = Gateway::start(&config(echo.addr), &keys_with(KEY_A, "a"));
     assert_eq!(status(&gw, "/chat/x", KEY_A), 200);
     assert_eq!(status(&gw, "/chat/x", KEY_B), 401);
 
@@ -100,7 +101,7 @@ fn sighup_adds_and_revokes_keys() {
 #[test]
 fn broken_key_file_on_sighup_keeps_old_keys() {
     let echo = EchoServer::start();
-    let mut gw = Gateway::start(&body(echo.addr, ""), &keys_with(KEY_A, "a"));
+    let mut gw = Gateway::start(&config(echo.addr), &keys_with(KEY_A, "a"));
     gw.write_keys(&format!(
         "{{\n  \"{KEY_B}\": {{\"user\": \"b\", \"service\": \"chat\"}},\n  oops\n}}\n"
     ));
@@ -135,9 +136,9 @@ fn broken_key_file_on_sighup_keeps_old_keys() {
 #[test]
 fn broken_config_on_sighup_keeps_everything() {
     let echo = EchoServer::start();
-    let mut gw = Gateway::start(&body(echo.addr, ""), &keys_with(KEY_A, "a"));
+    let mut gw = Gateway::start(&config(echo.addr), &keys_with(KEY_A, "a"));
     let good = std::fs::read_to_string(&gw.config_path).expect("read config");
-    let broken = good.replace("strip_prefix: true", "strip_prefx: true");
+    let broken = good.replace("\"strip_prefix\": true", "\"strip_prefx\": true");
     assert_ne!(good, broken);
     gw.write_config(&broken);
     // The key file changes too: a failed reload must not take it either.
@@ -167,20 +168,14 @@ fn broken_config_on_sighup_keeps_everything() {
 fn route_added_on_sighup_serves() {
     let chat = EchoServer::start();
     let tts = EchoServer::start();
-    let gw = Gateway::start(&body(chat.addr, ""), &keys_with(KEY_A, "a"));
+    let gw = Gateway::start(&config(chat.addr), &keys_with(KEY_A, "a"));
     assert_eq!(status(&gw, "/tts/speak", KEY_A), 404);
 
-    let config = default_config(
-        gw.port,
-        &body(
-            chat.addr,
-            &format!(
-                "  - {{name: tts, path_prefix: /tts/, service: tts, strip_prefix: true, upstreams: [\"{}\"]}}\n",
-                tts.addr
-            ),
-        ),
+    gw.write_config(
+        gw.config()
+            .clone()
+            .route(Route::stripped("tts", "/tts/", "tts", tts.addr)),
     );
-    gw.write_config(&config);
     gw.signal("HUP");
     assert!(
         gw.wait_log_contains("generation 2, 2 routes,", SOON),
@@ -199,9 +194,9 @@ fn route_added_on_sighup_serves() {
 #[test]
 fn listen_change_on_sighup_needs_a_restart() {
     let echo = EchoServer::start();
-    let gw = Gateway::start(&body(echo.addr, ""), &keys_with(KEY_A, "a"));
+    let gw = Gateway::start(&config(echo.addr), &keys_with(KEY_A, "a"));
     let other = free_port();
-    gw.write_config(&default_config(other, &body(echo.addr, "")));
+    gw.write_config(config(echo.addr).listen(loopback(other)));
     gw.signal("HUP");
     assert!(
         gw.wait_log_contains("needs a restart", SOON),
@@ -222,7 +217,7 @@ fn listen_change_on_sighup_needs_a_restart() {
 #[test]
 fn request_in_flight_finishes_on_its_snapshot() {
     let streamer = StreamServer::start(8, Duration::from_millis(300));
-    let gw = Gateway::start(&body(streamer.addr, ""), &keys_with(KEY_A, "a"));
+    let gw = Gateway::start(&config(streamer.addr), &keys_with(KEY_A, "a"));
     let (reader, first) = start_stream(&gw, KEY_A);
 
     gw.write_keys(&keys_with(KEY_B, "b"));
@@ -250,8 +245,8 @@ fn sighup_as_soon_as_caught_does_not_kill() {
     let echo = EchoServer::start();
     let port = free_port();
     let files = GatewayFiles::write(
-        &default_config(port, &body(echo.addr, "")),
-        &keys_with(KEY_A, "a"),
+        config(echo.addr).listen(loopback(port)),
+        keys_with(KEY_A, "a"),
     );
     let mut gw = Gateway::spawn(files, port);
     let catches_hup = |pid: u32| {
@@ -285,8 +280,8 @@ fn sighup_during_startup_does_not_kill() {
     let echo = EchoServer::start();
     let port = free_port();
     let files = GatewayFiles::write(
-        &default_config(port, &body(echo.addr, "")),
-        &keys_with(KEY_A, "a"),
+        config(echo.addr).listen(loopback(port)),
+        keys_with(KEY_A, "a"),
     );
     let mut gw = Gateway::spawn(files, port);
     assert!(
@@ -310,24 +305,16 @@ fn sighup_during_startup_does_not_kill() {
 // SIGTERM and start-up failures
 // ---------------------------------------------------------------------------
 
-/// A complete config with a 30 s shutdown grace, so an exit well within
-/// that shows the gateway did not wait the grace out.
-fn full_config_30s(port: u16, upstream: SocketAddr) -> String {
-    format!(
-        "listen: \"127.0.0.1:{port}\"\nkeys_file: keys.json\nshutdown_grace: 30s\n{}",
-        body(upstream, "")
-    )
+/// A config with a 30 s shutdown grace, so an exit well within that shows
+/// the gateway did not wait the grace out.
+fn config_30s(upstream: SocketAddr) -> GatewayConfig {
+    config(upstream).shutdown_grace("30s")
 }
 
 #[test]
 fn sigterm_when_idle_exits_0_without_waiting_the_grace() {
     let echo = EchoServer::start();
-    let port = free_port();
-    let mut gw = Gateway::start_raw(
-        &full_config_30s(port, echo.addr),
-        &keys_with(KEY_A, "a"),
-        port,
-    );
+    let mut gw = Gateway::start(&config_30s(echo.addr), &keys_with(KEY_A, "a"));
     assert_eq!(status(&gw, "/chat/x", KEY_A), 200);
     gw.signal("TERM");
     let exit = gw.wait_exit(Duration::from_secs(10));
@@ -338,12 +325,7 @@ fn sigterm_when_idle_exits_0_without_waiting_the_grace() {
 #[test]
 fn sigterm_during_stream_lets_it_finish_then_exits_0() {
     let streamer = StreamServer::start(6, Duration::from_millis(300));
-    let port = free_port();
-    let mut gw = Gateway::start_raw(
-        &full_config_30s(port, streamer.addr),
-        &keys_with(KEY_A, "a"),
-        port,
-    );
+    let mut gw = Gateway::start(&config_30s(streamer.addr), &keys_with(KEY_A, "a"));
     let (mut reader, first) = start_stream(&gw, KEY_A);
     gw.signal("TERM");
     let mut second = String::new();
@@ -369,8 +351,8 @@ fn unbindable_listen_address_exits_non_zero() {
     let held = TcpListener::bind("127.0.0.1:0").expect("hold a port");
     let port = held.local_addr().expect("local addr").port();
     let files = GatewayFiles::write(
-        &default_config(port, &body(echo.addr, "")),
-        &keys_with(KEY_A, "a"),
+        config(echo.addr).listen(loopback(port)),
+        keys_with(KEY_A, "a"),
     );
     let mut gw = Gateway::spawn(files, port);
     let exit = gw

@@ -40,6 +40,11 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// `127.0.0.1:<port>`.
+pub fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
 /// An address on 127.0.0.1 with nothing listening, so connecting to it is
 /// refused; used as an upstream to provoke 502 responses.
 pub fn refused_addr() -> SocketAddr {
