@@ -17,15 +17,15 @@ const OTHER_SERVICE: &str = "acct-key-tts";
 const EXPIRED: &str = "acct-key-expired";
 const DISABLED: &str = "acct-key-disabled";
 
-fn keys() -> String {
-    format!(
-        r#"{{
-  "{GOOD}": {{"user": "ann", "service": "chat"}},
-  "{OTHER_SERVICE}": {{"user": "bob", "service": "tts"}},
-  "{EXPIRED}": {{"user": "old", "service": "chat", "expires_at": "2020-01-01T00:00:00Z"}},
-  "{DISABLED}": {{"user": "gone", "service": "chat", "disabled": true}}
-}}"#
-    )
+fn keys() -> KeyFile {
+    KeyFile::of([
+        Key::new(GOOD, "ann").service("chat"),
+        Key::new(OTHER_SERVICE, "bob").service("tts"),
+        Key::new(EXPIRED, "old")
+            .service("chat")
+            .expires_at("2020-01-01T00:00:00Z"),
+        Key::new(DISABLED, "gone").service("chat").disabled(true),
+    ])
 }
 
 /// Sends `head` (without the final blank line, which is added) on a new
@@ -44,13 +44,10 @@ fn send(addr: SocketAddr, head: &str) -> u16 {
 /// The sum of every `agw_requests_total` series; `None` while the admin
 /// listener does not answer.
 fn requests_total(admin: SocketAddr) -> Option<u64> {
-    let text = agent()
-        .get(&format!("http://{admin}/metrics"))
-        .call()
-        .ok()?
-        .body_mut()
-        .read_to_string()
-        .ok()?;
+    let text = metrics_text(admin);
+    if text.is_empty() {
+        return None;
+    }
     Some(
         text.lines()
             .filter(|l| l.starts_with("agw_requests_total{"))
@@ -65,17 +62,20 @@ fn every_refusal_and_every_accepted_request_is_counted_and_audited_once() {
     let echo = EchoServer::start();
     let silent = SilentServer::start();
     let refused = refused_addr();
-    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let gw = Gateway::start(
-        &format!(
-            "admin_listen: \"{admin}\"\naudit_log: audit.log\nroutes:\n\
-             \x20 - {{name: chat, path_prefix: /chat/, service: chat, strip_prefix: true, methods: [GET, POST], upstreams: [\"{}\"]}}\n\
-             \x20 - {{name: down, path_prefix: /down/, service: chat, upstreams: [\"{refused}\"]}}\n\
-             \x20 - {{name: slow, path_prefix: /slow/, service: chat, read_timeout: 1s, upstreams: [\"{}\"]}}\n",
-            echo.addr, silent.addr
-        ),
+        &GatewayConfig::new()
+            .with_admin()
+            .audit_log("audit.log")
+            .route(Route::chat(echo.addr).methods(["GET", "POST"]))
+            .route(Route::new("down", "/down/", "chat").upstream(refused))
+            .route(
+                Route::new("slow", "/slow/", "chat")
+                    .read_timeout("1s")
+                    .upstream(silent.addr),
+            ),
         &keys(),
     );
+    let admin = gw.admin();
     assert!(
         wait_until(Duration::from_secs(10), || requests_total(admin).is_some()),
         "the admin listener answers"
@@ -112,12 +112,10 @@ fn every_refusal_and_every_accepted_request_is_counted_and_audited_once() {
         assert_eq!(got, *status, "{id}");
     }
 
-    let audit_path = gw.dir.path().join("audit.log");
+    let audit_path = audit_file(&gw);
     let ours = || -> Vec<serde_json::Value> {
-        std::fs::read_to_string(&audit_path)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        audit_lines(&audit_path)
+            .into_iter()
             .filter(|v| {
                 v["request_id"]
                     .as_str()

@@ -20,11 +20,12 @@ fn an_upstream_out_of_rotation_stays_out_across_a_keygen_reload() {
     let echo = EchoServer::start();
     let dead = refused_addr();
     let gw = Gateway::start(
-        &format!(
-            "routes:\n  - {{name: chat, path_prefix: /chat/, service: chat, strip_prefix: true, upstreams: [\"{dead}\", \"{}\"]}}\n",
-            echo.addr
+        &GatewayConfig::new().route(
+            Route::new("chat", "/chat/", "chat")
+                .strip_prefix(true)
+                .upstreams([dead, echo.addr]),
         ),
-        &format!(r#"{{"{KEY}": {{"user": "ann", "service": "chat"}}}}"#),
+        &KeyFile::of([Key::new(KEY, "ann").service("chat")]),
     );
     let get = || {
         agent()

@@ -23,12 +23,15 @@ use std::time::Duration;
 use common::*;
 
 const KEY: &str = "per-core-key-0001";
-const KEYS: &str = r#"{"per-core-key-0001": {"user": "pc", "service": "chat"}}"#;
+fn keys() -> KeyFile {
+    KeyFile::of([Key::new(KEY, "pc").service("chat")])
+}
 
-fn routes(upstream: SocketAddr) -> String {
-    format!(
-        "routes:\n  - {{name: chat, path_prefix: /chat/, service: chat, strip_prefix: true, upstreams: [\"{upstream}\"]}}\n"
-    )
+/// `threads` services, `/chat/` to `upstream`.
+fn config(threads: usize, upstream: SocketAddr) -> GatewayConfig {
+    GatewayConfig::new()
+        .threads(threads)
+        .route(Route::chat(upstream))
 }
 
 /// The inodes of the listening TCP sockets on `port` that process `pid`
@@ -139,7 +142,7 @@ impl Conn {
 #[test]
 fn threads_2_runs_two_one_thread_services_with_a_socket_each() {
     let echo = EchoServer::start();
-    let gw = Gateway::start(&format!("threads: 2\n{}", routes(echo.addr)), KEYS);
+    let gw = Gateway::start(&config(2, echo.addr), &keys());
     let pid = gw.pid();
     let sockets = listening_sockets(pid, gw.port);
     assert_eq!(
@@ -193,7 +196,7 @@ fn threads_2_runs_two_one_thread_services_with_a_socket_each() {
 #[test]
 fn threads_1_has_one_socket() {
     let echo = EchoServer::start();
-    let gw = Gateway::start(&format!("threads: 1\n{}", routes(echo.addr)), KEYS);
+    let gw = Gateway::start(&config(1, echo.addr), &keys());
     assert_eq!(listening_sockets(gw.pid(), gw.port).len(), 1);
     assert_eq!(Conn::open(gw.addr()).status("one"), 200);
 }
@@ -201,10 +204,7 @@ fn threads_1_has_one_socket() {
 #[test]
 fn max_connections_counts_the_connections_of_every_service() {
     let echo = EchoServer::start();
-    let gw = Gateway::start(
-        &format!("threads: 2\nmax_connections: 3\n{}", routes(echo.addr)),
-        KEYS,
-    );
+    let gw = Gateway::start(&config(2, echo.addr).max_connections(3), &keys());
     assert_eq!(listening_sockets(gw.pid(), gw.port).len(), 2);
     // Readiness probes may still be closing.
     thread::sleep(Duration::from_millis(300));
@@ -258,18 +258,12 @@ impl Drop for Upgraded {
 /// the old process's sockets and the new one's, once the old has exited.
 fn upgrade_to(threads_b: usize) -> (BTreeSet<u64>, BTreeSet<u64>) {
     let echo = EchoServer::start();
-    let body = format!("upgrade_sock: up.sock\n{}", routes(echo.addr));
-    let mut a = Gateway::start(&format!("threads: 2\n{body}"), KEYS);
+    let mut a = Gateway::start(&config(2, echo.addr).upgrade_sock("up.sock"), &keys());
     let old = listening_sockets(a.pid(), a.port);
     assert_eq!(old.len(), 2, "{old:?}");
 
     let config_b = a.dir.path().join("gateway-b.yaml");
-    let text = fs::read_to_string(&a.config_path).unwrap();
-    fs::write(
-        &config_b,
-        text.replace("threads: 2", &format!("threads: {threads_b}")),
-    )
-    .unwrap();
+    fs::write(&config_b, a.config().clone().threads(threads_b).render()).unwrap();
     let mut b = Upgraded::spawn(&config_b, a.dir.path());
     let b_log = a.dir.path().join("gateway-b.log");
     let b_says = |needle: &str| {

@@ -20,26 +20,31 @@ use std::time::{Duration, Instant};
 use common::*;
 
 const KEY: &str = "slow-clients-key-0001";
-const KEYS: &str = r#"{"slow-clients-key-0001": {"user": "slow", "service": "chat"}}"#;
+fn keys() -> KeyFile {
+    KeyFile::of([Key::new(KEY, "slow").service("chat")])
+}
 
 /// The pace of a trickling client.
 const TRICKLE: Duration = Duration::from_millis(500);
 
-/// A gateway with an admin listener, the given top-level settings (each
-/// line ending in `\n`) and one route to `upstream`.
+/// A gateway with an admin listener (see [`config`]).
 struct Setup {
     gw: Gateway,
     admin: SocketAddr,
 }
 
-fn start(settings: &str, upstream: SocketAddr) -> Setup {
-    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let gw = Gateway::start(
-        &format!(
-            "threads: 2\nadmin_listen: \"{admin}\"\n{settings}routes:\n  - {{name: chat, path_prefix: /chat/, service: chat, strip_prefix: true, upstreams: [\"{upstream}\"]}}\n"
-        ),
-        KEYS,
-    );
+/// Two threads, an admin listener and one route to `upstream`; the test
+/// adds its settings.
+fn config(upstream: SocketAddr) -> GatewayConfig {
+    GatewayConfig::new()
+        .threads(2)
+        .with_admin()
+        .route(Route::chat(upstream))
+}
+
+fn start(config: GatewayConfig) -> Setup {
+    let gw = Gateway::start(&config, &keys());
+    let admin = gw.admin();
     assert!(
         wait_until(Duration::from_secs(10), || try_metric(
             admin,
@@ -196,7 +201,7 @@ fn assert_nothing_logged_per_connection(gw: &Gateway) {
 #[test]
 fn a_trickled_head_is_closed_at_the_header_timeout() {
     let echo = EchoServer::start();
-    let s = start("client_header_timeout: 2s\n", echo.addr);
+    let s = start(config(echo.addr).client_header_timeout("2s"));
     let before = timeouts(s.admin, "header");
     let mut c = Client::connect(s.gw.addr());
     c.send(b"GET /chat/x HTTP/1.1\r\n");
@@ -219,7 +224,7 @@ fn a_trickled_head_is_closed_at_the_header_timeout() {
 #[test]
 fn a_silent_client_is_closed_at_the_header_timeout() {
     let echo = EchoServer::start();
-    let s = start("client_header_timeout: 2s\n", echo.addr);
+    let s = start(config(echo.addr).client_header_timeout("2s"));
     let mut c = Client::connect(s.gw.addr());
     let took = c.trickle_until_closed(None, c.connected);
     assert_closed_at("a client that sends nothing", took, Duration::from_secs(2));
@@ -232,7 +237,7 @@ fn a_silent_client_is_closed_at_the_header_timeout() {
 #[test]
 fn blank_lines_before_the_head_do_not_stop_the_clock() {
     let echo = EchoServer::start();
-    let s = start("client_header_timeout: 2s\n", echo.addr);
+    let s = start(config(echo.addr).client_header_timeout("2s"));
     let mut c = Client::connect(s.gw.addr());
     c.send(b"\r\n\r\n");
     let took = c.trickle_until_closed(Some(b'\n'), c.connected);
@@ -264,8 +269,9 @@ fn blank_lines_before_the_head_do_not_stop_the_clock() {
 fn a_keep_alive_connection_waits_the_idle_timeout_not_the_header_timeout() {
     let echo = EchoServer::start();
     let s = start(
-        "client_header_timeout: 2s\nclient_idle_timeout: 10s\n",
-        echo.addr,
+        config(echo.addr)
+            .client_header_timeout("2s")
+            .client_idle_timeout("10s"),
     );
     let mut c = Client::connect(s.gw.addr());
     assert_eq!(c.request(&get("one")).status, 200);
@@ -283,8 +289,9 @@ fn a_keep_alive_connection_waits_the_idle_timeout_not_the_header_timeout() {
 fn a_second_head_trickled_is_closed_at_the_header_timeout_from_its_first_byte() {
     let echo = EchoServer::start();
     let s = start(
-        "client_header_timeout: 2s\nclient_idle_timeout: 10s\n",
-        echo.addr,
+        config(echo.addr)
+            .client_header_timeout("2s")
+            .client_idle_timeout("10s"),
     );
     let mut c = Client::connect(s.gw.addr());
     assert_eq!(c.request(&get("one")).status, 200);
@@ -303,7 +310,7 @@ fn a_second_head_trickled_is_closed_at_the_header_timeout_from_its_first_byte() 
 #[test]
 fn an_idle_keep_alive_connection_is_closed_at_the_idle_timeout() {
     let echo = EchoServer::start();
-    let s = start("client_idle_timeout: 1s\n", echo.addr);
+    let s = start(config(echo.addr).client_idle_timeout("1s"));
     let mut c = Client::connect(s.gw.addr());
     assert_eq!(c.request(&get("one")).status, 200);
     let served = Instant::now();
@@ -329,8 +336,9 @@ fn an_idle_keep_alive_connection_is_closed_at_the_idle_timeout() {
 fn a_slow_body_is_proxied_intact() {
     let echo = EchoServer::start();
     let s = start(
-        "client_header_timeout: 2s\nclient_body_timeout: 2s\n",
-        echo.addr,
+        config(echo.addr)
+            .client_header_timeout("2s")
+            .client_body_timeout("2s"),
     );
     let mut c = Client::connect(s.gw.addr());
     c.send(
@@ -359,7 +367,11 @@ fn a_slow_body_is_proxied_intact() {
 #[test]
 fn a_stalled_body_ends_the_request_with_408() {
     let echo = EchoServer::start();
-    let s = start("client_body_timeout: 1s\naudit_log: audit.log\n", echo.addr);
+    let s = start(
+        config(echo.addr)
+            .client_body_timeout("1s")
+            .audit_log("audit.log"),
+    );
     let mut c = Client::connect(s.gw.addr());
     c.send(
         format!("POST /chat/upload HTTP/1.1\r\nHost: gw\r\nX-API-Key: {KEY}\r\nContent-Length: 10\r\n\r\nabc")
@@ -422,7 +434,11 @@ fn refused_quickly(addr: SocketAddr) -> Duration {
 #[test]
 fn one_connection_over_max_connections_is_refused_and_the_others_keep_working() {
     let echo = EchoServer::start();
-    let s = start("max_connections: 3\nclient_header_timeout: 1s\n", echo.addr);
+    let s = start(
+        config(echo.addr)
+            .max_connections(3)
+            .client_header_timeout("1s"),
+    );
     // Readiness probes may still be closing.
     wait_metric(s.admin, "agw_client_connections", 0.0);
     let mut open: Vec<Client> = (0..3).map(|_| Client::connect(s.gw.addr())).collect();
@@ -490,16 +506,23 @@ fn one_connection_over_max_connections_is_refused_and_the_others_keep_working() 
 #[test]
 fn a_reload_applies_the_cap_and_the_timeouts_to_new_connections() {
     let echo = EchoServer::start();
-    let settings = "max_connections: 1\nclient_header_timeout: 5s\n";
-    let s = start(settings, echo.addr);
+    let s = start(
+        config(echo.addr)
+            .max_connections(1)
+            .client_header_timeout("5s"),
+    );
     wait_metric(s.admin, "agw_client_connections", 0.0);
     let mut held = Client::connect(s.gw.addr());
     assert_eq!(held.request(&get("held")).status, 200);
     let took = refused_quickly(s.gw.addr());
     assert!(took < Duration::from_millis(100), "refused after {took:?}");
 
-    let config = std::fs::read_to_string(&s.gw.config_path).expect("read the config");
-    s.gw.write_config(&config.replace(settings, "max_connections: 2\nclient_header_timeout: 1s\n"));
+    s.gw.write_config(
+        s.gw.config()
+            .clone()
+            .max_connections(2)
+            .client_header_timeout("1s"),
+    );
     assert!(
         s.gw.wait_log_contains("generation 2", Duration::from_secs(10)),
         "reloaded:\n{}",

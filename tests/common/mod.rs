@@ -8,6 +8,7 @@
 //!   observe exactly what the gateway forwarded and how it forwarded it;
 //! * [`config`]: typed gateway configs ([`GatewayConfig`], [`Route`]) and
 //!   key files ([`KeyFile`], [`Key`]), rendered to what the gateway reads;
+//! * [`audit`]: the audit log's lines, by request id;
 //! * [`gateway`]: a [`Gateway`] runner that writes a config + keys file into
 //!   a temporary directory, spawns the real `ai-gateway` binary and waits
 //!   until it answers HTTP, and [`run_cli`] for one-shot commands;
@@ -26,6 +27,7 @@
 //! (private items that are unused are still reported).
 
 pub mod ai_upstream;
+pub mod audit;
 pub mod config;
 pub mod gateway;
 pub mod key_files;
@@ -39,6 +41,7 @@ pub mod upstreams;
 pub mod util;
 
 pub use ai_upstream::*;
+pub use audit::*;
 pub use config::*;
 pub use gateway::*;
 pub use key_files::*;
