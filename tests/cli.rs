@@ -7,13 +7,24 @@ use std::path::Path;
 
 use common::*;
 
-const KEYS: &str = r#"{
-  "cli-key-0001": {"user": "ann", "service": "chat"},
-  "cli-key-0002": {"user": "bob", "services": ["chat", "tts"]},
-  "cli-key-0003": {"user": "root", "service": "*"}
-}"#;
+fn keys() -> KeyFile {
+    KeyFile::of([
+        Key::new("cli-key-0001", "ann").service("chat"),
+        Key::new("cli-key-0002", "bob").services(["chat", "tts"]),
+        Key::new("cli-key-0003", "root").service("*"),
+    ])
+}
 
-/// Two routes, written block style so every field has its own line.
+/// Two routes to `127.0.0.1:11434` and `tts_upstream`.
+fn two_routes(tts_upstream: &str) -> GatewayConfig {
+    GatewayConfig::new()
+        .listen(loopback(free_port()))
+        .route(Route::stripped("chat", "/chat/", "chat", "127.0.0.1:11434"))
+        .route(Route::new("tts", "/tts/", "tts").upstream(tts_upstream))
+}
+
+/// The routes of [`two_routes`] written block style, so every field has
+/// its own line, for the tests of error positions.
 const ROUTES: &str = r#"routes:
   - name: chat
     path_prefix: /chat/
@@ -26,17 +37,12 @@ const ROUTES: &str = r#"routes:
     upstreams: ["127.0.0.1:5002"]
 "#;
 
+/// A config with `routes` written as YAML text.
 fn config(routes: &str) -> String {
-    default_config(free_port(), routes)
-}
-
-/// Writes `config_yaml` and `keys` to a temp dir and runs
-/// `check --config <path>` from there.
-fn check(config_yaml: &str, keys: &str) -> (GatewayFiles, CliOutput) {
-    let files = GatewayFiles::write(config_yaml, keys);
-    let path = files.config_path.to_str().expect("UTF-8 temp path");
-    let out = run_cli(&["check", "--config", path], files.dir.path());
-    (files, out)
+    GatewayConfig::new()
+        .listen(loopback(free_port()))
+        .extra_yaml(routes)
+        .render()
 }
 
 /// Asserts a failed `check` whose stderr names `file` followed by
@@ -64,20 +70,9 @@ fn assert_fails_at(out: &CliOutput, file: &Path) -> String {
     err.clone()
 }
 
-/// The line number printed after `file:` in `err`.
-fn reported_line(err: &str, file: &Path) -> usize {
-    let name = format!("{}:", file.display());
-    let at = err.find(&name).expect("file named") + name.len();
-    err[at..]
-        .split(':')
-        .next()
-        .and_then(|l| l.parse().ok())
-        .unwrap_or_else(|| panic!("no line number: {err}"))
-}
-
 #[test]
 fn check_good_config_prints_summary() {
-    let (files, out) = check(&config(ROUTES), KEYS);
+    let (files, out) = run_check(two_routes("127.0.0.1:5002"), keys());
     assert!(out.status.success(), "stderr: {}", out.stderr);
     assert!(
         out.stdout.contains("ok, 2 routes, 3 keys"),
@@ -98,7 +93,7 @@ fn check_good_config_prints_summary() {
 fn check_rejects_unknown_field_with_position() {
     let typo = ROUTES.replace("    strip_prefix: true", "    strip_prefx: true");
     let yaml = config(&typo);
-    let (files, out) = check(&yaml, KEYS);
+    let (files, out) = run_check(&yaml, keys());
     let err = assert_fails_at(&out, &files.config_path);
     assert!(err.contains("strip_prefx"), "{err}");
     let expected_line = yaml
@@ -118,7 +113,7 @@ fn check_rejects_bad_upstreams_with_position() {
     for bad in ["http://127.0.0.1:5002", "127.0.0.1", "127.0.0.1:0", ":5002"] {
         let routes = ROUTES.replace("\"127.0.0.1:5002\"", &format!("\"{bad}\""));
         let yaml = config(&routes);
-        let (files, out) = check(&yaml, KEYS);
+        let (files, out) = run_check(&yaml, keys());
         let err = assert_fails_at(&out, &files.config_path);
         assert!(err.contains(bad), "{bad}: {err}");
         let expected_line = yaml
@@ -136,8 +131,7 @@ fn check_rejects_bad_upstreams_with_position() {
 
 #[test]
 fn check_rejects_unresolvable_upstream() {
-    let routes = ROUTES.replace("127.0.0.1:5002", "no-such-host.invalid:5002");
-    let (files, out) = check(&config(&routes), KEYS);
+    let (files, out) = run_check(two_routes("no-such-host.invalid:5002"), keys());
     assert!(!out.status.success());
     assert!(
         out.stderr
@@ -157,6 +151,28 @@ fn check_rejects_unresolvable_upstream() {
     );
 }
 
+/// Two routes named `chat`.
+fn duplicate_name() -> GatewayConfig {
+    GatewayConfig::new()
+        .listen(loopback(free_port()))
+        .route(Route::new("chat", "/chat/", "chat").upstream("127.0.0.1:11434"))
+        .route(Route::new("chat", "/chat2/", "chat").upstream("127.0.0.1:11434"))
+}
+
+#[test]
+fn check_rejects_duplicate_route_name() {
+    let (files, out) = run_check(duplicate_name(), keys());
+    assert!(!out.status.success());
+    let err = &out.stderr;
+    assert!(
+        err.contains(&files.config_path.display().to_string()),
+        "{err}"
+    );
+    assert!(err.contains("\"chat\""), "names the route: {err}");
+    assert!(err.contains("already exists"), "{err}");
+}
+
+/// [`duplicate_name`] written block style.
 const DUPLICATE_NAME: &str = r#"routes:
   - name: chat
     path_prefix: /chat/
@@ -168,31 +184,18 @@ const DUPLICATE_NAME: &str = r#"routes:
     upstreams: ["127.0.0.1:11434"]
 "#;
 
-#[test]
-fn check_rejects_duplicate_route_name() {
-    let (files, out) = check(&config(DUPLICATE_NAME), KEYS);
-    assert!(!out.status.success());
-    let err = &out.stderr;
-    assert!(
-        err.contains(&files.config_path.display().to_string()),
-        "{err}"
-    );
-    assert!(err.contains("\"chat\""), "names the route: {err}");
-    assert!(err.contains("already exists"), "{err}");
-}
-
 /// Duplicate names are found after parsing, and located in the text.
 #[test]
 fn check_duplicate_route_name_has_position() {
-    let (files, out) = check(&config(DUPLICATE_NAME), KEYS);
+    let (files, out) = run_check(config(DUPLICATE_NAME), keys());
     assert_fails_at(&out, &files.config_path);
 }
 
 #[test]
 fn check_rejects_missing_key_file() {
-    let yaml = config(ROUTES).replace("keys_file: \"keys.json\"", "keys_file: \"nope.json\"");
-    assert!(yaml.contains("nope.json"));
-    let (files, out) = check(&yaml, KEYS);
+    let config = two_routes("127.0.0.1:5002").keys_file("nope.json");
+    assert!(config.render().contains("nope.json"));
+    let (files, out) = run_check(&config, keys());
     assert!(!out.status.success());
     let missing = files.dir.path().join("nope.json");
     assert!(
@@ -205,7 +208,7 @@ fn check_rejects_missing_key_file() {
 #[test]
 fn check_rejects_invalid_key_file_with_line() {
     let keys = "{\n  \"cli-key-0001\": {\"user\": \"ann\", \"service\": \"chat\"},\n  oops\n}\n";
-    let (files, out) = check(&config(ROUTES), keys);
+    let (files, out) = run_check(two_routes("127.0.0.1:5002"), keys);
     let err = assert_fails_at(&out, &files.keys_path);
     assert_eq!(reported_line(&err, &files.keys_path), 3, "{err}");
     assert!(!err.contains("cli-key-0001"), "leaks the key: {err}");

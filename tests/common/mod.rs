@@ -9,6 +9,7 @@
 //! * [`config`]: typed gateway configs ([`GatewayConfig`], [`Route`]) and
 //!   key files ([`KeyFile`], [`Key`]), rendered to what the gateway reads;
 //! * [`audit`]: the audit log's lines, by request id;
+//! * [`check`]: `ai-gateway check` runs, and the line its errors name;
 //! * [`gateway`]: a [`Gateway`] runner that writes a config + keys file into
 //!   a temporary directory, spawns the real `ai-gateway` binary and waits
 //!   until it answers HTTP, and [`run_cli`] for one-shot commands;
@@ -28,6 +29,7 @@
 
 pub mod ai_upstream;
 pub mod audit;
+pub mod check;
 pub mod config;
 pub mod gateway;
 pub mod key_files;
@@ -42,6 +44,7 @@ pub mod util;
 
 pub use ai_upstream::*;
 pub use audit::*;
+pub use check::*;
 pub use config::*;
 pub use gateway::*;
 pub use key_files::*;
