@@ -17,17 +17,29 @@ use common::tls::*;
 use common::*;
 
 const DOMAIN: &str = "gw.acme.test";
-const KEYS: &str = r#"{"acme-test-key": {"user": "ann", "service": "chat"}}"#;
+fn keys() -> KeyFile {
+    KeyFile::of([Key::new("acme-test-key", "ann").service("chat")])
+}
 /// Lifetime of the certificates Pebble issues here, in seconds.
 const VALIDITY: u64 = 30;
 
-fn config(plain: u16, tls: u16, admin: u16, pebble: &Pebble, cache: &Path) -> String {
-    format!(
-        "listen:\n  - \"127.0.0.1:{plain}\"\n  - address: \"127.0.0.1:{tls}\"\n    tls:\n      acme:\n        domains: [{DOMAIN}]\n        email: admin@acme.test\n        directory: \"{}\"\n        cache: \"{}\"\n        ca: \"{}\"\nadmin_listen: \"127.0.0.1:{admin}\"\nkeys_file: keys.json\nshutdown_grace: 2s\nroutes:\n  - {{name: chat, path_prefix: /chat/, service: chat, upstreams: [\"127.0.0.1:9\"]}}\n",
-        pebble.directory,
-        cache.display(),
-        pebble.ca_file.display()
-    )
+/// The route every config here has: its upstream is never reached.
+fn chat_route() -> Route {
+    Route::new("chat", "/chat/", "chat").upstream("127.0.0.1:9")
+}
+
+fn config(plain: u16, tls: u16, admin: u16, pebble: &Pebble, cache: &Path) -> GatewayConfig {
+    GatewayConfig::new()
+        .listen(loopback(plain))
+        .listen_acme(
+            loopback(tls),
+            Acme::new([DOMAIN], &pebble.directory, cache)
+                .email("admin@acme.test")
+                .ca(&pebble.ca_file),
+        )
+        .admin_listen(loopback(admin))
+        .shutdown_grace("2s")
+        .route(chat_route())
 }
 
 fn mode(p: &Path) -> u32 {
@@ -52,7 +64,7 @@ fn certificates_are_obtained_cached_renewed_and_kept_when_the_server_fails() {
     let failed = r#"agw_acme_orders_total{result="error"}"#;
 
     // 1. From an empty cache: a certificate issued under Pebble's root.
-    let gw = Gateway::start_raw(&config, KEYS, plain);
+    let gw = Gateway::start(&config, &keys());
     let root = pebble.root();
     assert!(
         wait_until(Duration::from_secs(60), || served_leaf(
@@ -108,7 +120,7 @@ fn certificates_are_obtained_cached_renewed_and_kept_when_the_server_fails() {
     // 2. A second start reuses the cache: Pebble is stopped (paused: it
     //    would answer nothing), and the cached certificate is served.
     pebble.pause();
-    let gw = Gateway::start_raw(&config, KEYS, plain);
+    let gw = Gateway::start(&config, &keys());
     assert!(
         wait_until(Duration::from_secs(5), || served_leaf(
             tls_addr,
@@ -196,17 +208,22 @@ fn certificates_are_obtained_cached_renewed_and_kept_when_the_server_fails() {
 #[test]
 fn check_validates_acme_settings_without_contacting_the_server() {
     let dir = tempfile::tempdir().unwrap();
-    let write = |acme: &str| {
-        let config = format!(
-            "listen:\n  - \"127.0.0.1:1\"\n  - {{address: \"127.0.0.1:2\", tls: {{acme: {acme}}}}}\nkeys_file: keys.json\nroutes:\n  - {{name: chat, path_prefix: /chat/, service: chat, upstreams: [\"127.0.0.1:9\"]}}\n"
-        );
-        std::fs::write(dir.path().join("gateway.yaml"), config).unwrap();
-        std::fs::write(dir.path().join("keys.json"), KEYS).unwrap();
+    let write = |acme: Acme| {
+        let config = GatewayConfig::new()
+            .unset("shutdown_grace")
+            .listen("127.0.0.1:1")
+            .listen_acme("127.0.0.1:2", acme)
+            .route(chat_route());
+        std::fs::write(dir.path().join("gateway.yaml"), config.render()).unwrap();
+        std::fs::write(dir.path().join("keys.json"), keys().render()).unwrap();
         run_cli(&["check", "--config", "gateway.yaml"], dir.path())
     };
     // Nothing listens at this directory: check never contacts it.
-    let out =
-        write("{domains: [ai.example.com], directory: \"https://127.0.0.1:9/dir\", cache: acme}");
+    let out = write(Acme::new(
+        ["ai.example.com"],
+        "https://127.0.0.1:9/dir",
+        "acme",
+    ));
     assert!(out.status.success(), "{}", out.stderr);
     assert!(
         out.stdout.contains(
@@ -215,31 +232,41 @@ fn check_validates_acme_settings_without_contacting_the_server() {
         "{}",
         out.stdout
     );
-    let out = write(
-        "{domains: [\"*.example.com\"], directory: \"https://127.0.0.1:9/dir\", cache: acme}",
-    );
+    let out = write(Acme::new(
+        ["*.example.com"],
+        "https://127.0.0.1:9/dir",
+        "acme",
+    ));
     assert!(!out.status.success());
     assert!(
         out.stderr.contains("wildcards need the DNS-01 challenge"),
         "{}",
         out.stderr
     );
-    let out =
-        write("{domains: [ai.example.com], directory: \"http://127.0.0.1:9/dir\", cache: acme}");
+    let out = write(Acme::new(
+        ["ai.example.com"],
+        "http://127.0.0.1:9/dir",
+        "acme",
+    ));
     assert!(!out.status.success());
     assert!(
         out.stderr.contains("must be an https:// URL"),
         "{}",
         out.stderr
     );
-    let out = write("{domains: [ai.example.com], directory: \"https://127.0.0.1:9/dir\", cache: acme, ca: missing.pem}");
+    let out =
+        write(Acme::new(["ai.example.com"], "https://127.0.0.1:9/dir", "acme").ca("missing.pem"));
     assert!(!out.status.success());
     assert!(
         out.stderr.contains("missing.pem: cannot read"),
         "{}",
         out.stderr
     );
-    let out = write("{domains: [], directory: \"https://127.0.0.1:9/dir\", cache: acme}");
+    let out = write(Acme::new(
+        Vec::<&str>::new(),
+        "https://127.0.0.1:9/dir",
+        "acme",
+    ));
     assert!(!out.status.success());
     assert!(out.stderr.contains("at least one domain"), "{}", out.stderr);
 }
