@@ -1148,10 +1148,16 @@ fn failed_key_attempts_older_than_the_window_are_forgotten_and_a_wrong_service_i
         "the third failure in the window",
     );
     assert_refusal(
-        &get_as(&gw, guesser, Some(GOOD)),
+        &get_as(&gw, guesser, Some("prot-window-unknown")),
         429,
         "too many failed key attempts",
         "after 3 failures in the window",
+    );
+    // GOOD worked from this address before the block, so it still does.
+    assert_status(
+        &get_as(&gw, guesser, Some(GOOD)),
+        200,
+        "a key known to work from the blocked address",
     );
 }
 

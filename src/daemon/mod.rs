@@ -40,7 +40,7 @@ use crate::cluster::Cluster;
 use crate::config::{AuditDest, LoadError, OnRedisError};
 use crate::ops::{Admin, AuditLog, Live, Metrics, SharedLive};
 use crate::policy::{load_timed, Snapshot};
-use crate::proxy::{Gateway, Listeners};
+use crate::proxy::{Gateway, GatewayParts, Listeners};
 use crate::state::Carried;
 use crate::tls::Challenges;
 
@@ -166,15 +166,15 @@ pub fn run(config_path: &Path, upgrade: bool, signals: Signals) -> Result<(), St
     } else {
         services::layout(config.threads, &config.listen, config.admin_listen)
     };
-    let gateway = Gateway::new(
-        Arc::clone(&shared),
-        Arc::clone(&carried),
-        Arc::clone(&metrics),
+    let gateway = Gateway::from(GatewayParts {
+        live: Arc::clone(&shared),
+        carried: Arc::clone(&carried),
+        metrics: Arc::clone(&metrics),
         audit,
-        Listeners::new(&config.listeners, Arc::clone(&challenges)),
+        listeners: Listeners::new(&config.listeners, Arc::clone(&challenges)),
         cluster,
-        epoch,
-    );
+        started: epoch,
+    });
     services::add_proxy_services(
         &mut server,
         &config,

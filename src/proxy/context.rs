@@ -26,8 +26,8 @@ pub struct RequestCtx {
     /// come after routing, so they are counted under their route).
     pub route_index: Option<usize>,
     pub request_id: Option<HeaderValue>,
-    pub user: Option<HeaderValue>,
-    pub key_id: Option<KeyId>,
+    /// Whose key admitted the request; `None` until the key phase passed.
+    pub caller: Option<Caller>,
     pub outcome: Outcome,
     pub upstream: Option<SocketAddr>,
     pub upstream_status: Option<u16>,
@@ -41,8 +41,7 @@ pub struct RequestCtx {
     /// The page origin to name in CORS headers, when the route allows it.
     pub cors_origin: Option<HeaderValue>,
     /// The largest body this request may send, and how much it has sent.
-    pub max_body: Option<u64>,
-    pub body_seen: u64,
+    pub body: BodyBudget,
     /// The key's concurrency slot (held until the request ends) and token
     /// meter.
     pub admission: Admission,
@@ -53,6 +52,23 @@ pub struct RequestCtx {
     /// with `api`); `None` elsewhere, so plain routes carry nothing more.
     pub ai: Option<Box<AiRequest>>,
     _in_flight: InFlight,
+}
+
+/// The key that admitted a request: its id (for logs and counters) and
+/// the `X-Gateway-User` value its user goes upstream as, built at load.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub id: KeyId,
+    pub user: HeaderValue,
+}
+
+/// A request body against `max_body_size`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BodyBudget {
+    /// The largest body the request may send; `None` for no limit.
+    pub max: Option<u64>,
+    /// What it has sent so far.
+    pub seen: u64,
 }
 
 /// A request on a route with `api`.
@@ -155,8 +171,7 @@ impl RequestCtx {
             live,
             route_index: None,
             request_id: None,
-            user: None,
-            key_id: None,
+            caller: None,
             outcome: Outcome::Undecided,
             upstream: None,
             upstream_status: None,
@@ -164,8 +179,7 @@ impl RequestCtx {
             connect_retries: 0,
             client: None,
             cors_origin: None,
-            max_body: None,
-            body_seen: 0,
+            body: BodyBudget::default(),
             admission: Admission::default(),
             late_refusal: None,
             ai: None,

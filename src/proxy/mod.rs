@@ -40,11 +40,12 @@ mod framing;
 mod gateway;
 mod headers;
 mod listener;
+mod phases;
 mod reply;
 
 pub use connection::{ClientApp, Slots};
 
 pub use context::{AiRequest, Outcome, Replay, RequestCtx};
 pub use framing::MAX_HEADER_BYTES;
-pub use gateway::Gateway;
+pub use gateway::{Gateway, GatewayParts};
 pub use listener::Listeners;
