@@ -16,7 +16,11 @@ use common::tls::*;
 use common::*;
 
 const KEY: &str = "tls-test-key-0001";
-const KEYS: &str = r#"{"tls-test-key-0001": {"user": "ann", "service": "chat", "created_at": "2025-06-01T18:58:30.356Z"}}"#;
+fn keys() -> KeyFile {
+    KeyFile::of([Key::new(KEY, "ann")
+        .service("chat")
+        .created_at("2025-06-01T18:58:30.356Z")])
+}
 
 /// A gateway with a plain listener (for the harness's readiness probe) and
 /// a TLS listener using certificate files in `certs`.
@@ -28,24 +32,19 @@ struct Https {
     key: PathBuf,
 }
 
-fn route(upstream: &str, extra: &str) -> String {
-    format!("  - {{name: chat, path_prefix: /chat/, service: chat, strip_prefix: true, upstreams: [\"{upstream}\"]{extra}}}\n")
-}
-
-/// Starts the gateway; `extra` goes before `routes:`.
-fn start(leaf: &Leaf, extra: &str, routes: &str) -> Https {
+/// Starts the gateway with `config` (settings and routes), a plain and a
+/// TLS listener added.
+fn start(leaf: &Leaf, config: GatewayConfig) -> Https {
     let certs = tempfile::tempdir().expect("cert dir");
     let cert = certs.path().join("cert.pem");
     let key = certs.path().join("key.pem");
     leaf.write(&cert, &key);
     let plain = free_port();
     let tls_port = free_port();
-    let config = format!(
-        "listen:\n  - \"127.0.0.1:{plain}\"\n  - {{address: \"127.0.0.1:{tls_port}\", tls: {{cert: \"{}\", key: \"{}\"}}}}\nkeys_file: keys.json\nshutdown_grace: 5s\n{extra}routes:\n{routes}",
-        cert.display(),
-        key.display()
-    );
-    let gw = Gateway::start_raw(&config, KEYS, plain);
+    let config = config
+        .listen(loopback(plain))
+        .listen_tls(loopback(tls_port), &cert, &key);
+    let gw = Gateway::start(&config, &keys());
     Https {
         gw,
         tls: SocketAddr::from(([127, 0, 0, 1], tls_port)),
@@ -82,8 +81,7 @@ fn keys_are_checked_over_tls() {
     let echo = EchoServer::start();
     let h = start(
         &ca.leaf(&["localhost"], 1, 30),
-        "",
-        &route(&echo.addr.to_string(), ""),
+        GatewayConfig::new().route(Route::chat(echo.addr)),
     );
     let tls_agent = https_agent(&ca.pem);
 
@@ -181,8 +179,7 @@ fn tls_1_1_is_refused_and_1_2_accepted() {
     let ca = TestCa::new("test CA");
     let h = start(
         &ca.leaf(&["localhost"], 1, 30),
-        "",
-        &route("127.0.0.1:9", ""),
+        GatewayConfig::new().route(Route::chat("127.0.0.1:9")),
     );
     // The same hello, offering TLS 1.2: a ServerHello (handshake record,
     // message type 2), so the hello itself is well formed.
@@ -206,8 +203,7 @@ fn http2_is_negotiated_by_alpn_and_http1_otherwise() {
     let ca = TestCa::new("test CA");
     let h = start(
         &ca.leaf(&["localhost"], 1, 30),
-        "",
-        &route("127.0.0.1:9", ""),
+        GatewayConfig::new().route(Route::chat("127.0.0.1:9")),
     );
     let t = tls_connect(h.tls, "localhost", &[&ca.pem], &[b"h2", b"http/1.1"]).unwrap();
     assert_eq!(t.conn.alpn_protocol(), Some(&b"h2"[..]));
@@ -222,12 +218,12 @@ fn http2_streams_ndjson_chunk_by_chunk_with_curl() {
     let ca = TestCa::new("test CA");
     let streamer = StreamServer::start(6, Duration::from_millis(300));
     let echo = EchoServer::start();
-    let routes = format!(
-        "{}  - {{name: echo, path_prefix: /echo/, service: chat, strip_prefix: true, upstreams: [\"{}\"]}}\n",
-        route(&streamer.addr.to_string(), ""),
-        echo.addr
+    let h = start(
+        &ca.leaf(&["localhost"], 1, 30),
+        GatewayConfig::new()
+            .route(Route::chat(streamer.addr))
+            .route(Route::stripped("echo", "/echo/", "chat", echo.addr)),
     );
-    let h = start(&ca.leaf(&["localhost"], 1, 30), "", &routes);
     let ca_file = write_ca(&h.certs, &ca);
 
     // Without a key: 401 over HTTP/2.
@@ -308,8 +304,13 @@ fn limits_audit_and_timeouts_hold_over_http2() {
     let admin = free_port();
     let h = start(
         &ca.leaf(&["localhost"], 1, 30),
-        &format!("client_header_timeout: 1s\nmax_connections: 2\nadmin_listen: \"{admin}\"\naudit_log: audit.log\nrate_limit: 2/min\n"),
-        &route(&echo.addr.to_string(), ""),
+        GatewayConfig::new()
+            .client_header_timeout("1s")
+            .max_connections(2)
+            .admin_listen(admin)
+            .audit_log("audit.log")
+            .rate_limit("2/min")
+            .route(Route::chat(echo.addr)),
     );
     let ca_file = write_ca(&h.certs, &ca);
     let curl_code = |version: &str| {
@@ -336,10 +337,8 @@ fn limits_audit_and_timeouts_hold_over_http2() {
     let audit = h.gw.dir.path().join("audit.log");
     // (The harness's readiness probe has a line of its own.)
     let chat_lines = || -> Vec<serde_json::Value> {
-        std::fs::read_to_string(&audit)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("audit JSON"))
+        audit_lines(&audit)
+            .into_iter()
             .filter(|l| l["path"] == "/chat/x")
             .collect()
     };
@@ -504,8 +503,10 @@ fn a_stalled_http2_body_ends_at_the_body_timeout() {
     let admin = free_port();
     let h = start(
         &ca.leaf(&["localhost"], 1, 30),
-        &format!("client_body_timeout: 1s\nadmin_listen: \"{admin}\"\n"),
-        &route(&echo.addr.to_string(), ", read_timeout: 30s"),
+        GatewayConfig::new()
+            .client_body_timeout("1s")
+            .admin_listen(admin)
+            .route(Route::chat(echo.addr).read_timeout("30s")),
     );
     let (got, took) = stalled_h2_post(&h, &ca, Duration::from_secs(10));
     eprintln!("stalled HTTP/2 body: {got:?} after {took:?}");
@@ -548,8 +549,7 @@ fn sigterm_lets_an_http2_stream_finish() {
     let streamer = StreamServer::start(6, Duration::from_millis(300));
     let mut h = start(
         &ca.leaf(&["localhost"], 1, 30),
-        "",
-        &route(&streamer.addr.to_string(), ""),
+        GatewayConfig::new().route(Route::chat(streamer.addr)),
     );
     let ca_file = write_ca(&h.certs, &ca);
     let mut child = curl()
@@ -606,7 +606,7 @@ fn renewal_while_streaming(swap: impl FnOnce(&Https, &Leaf)) {
     let old = ca.leaf(&["localhost"], 0x1001, 30);
     let new = ca.leaf(&["localhost"], 0x2002, 60);
     let streamer = StreamServer::start(8, Duration::from_millis(250));
-    let h = start(&old, "", &route(&streamer.addr.to_string(), ""));
+    let h = start(&old, GatewayConfig::new().route(Route::chat(streamer.addr)));
     assert_eq!(
         served_leaf(h.tls, "localhost", &[&ca.pem]).unwrap(),
         old.der
@@ -683,7 +683,12 @@ fn a_changed_certificate_file_is_picked_up_by_itself() {
 fn a_bad_certificate_on_reload_keeps_the_old_one() {
     let ca = TestCa::new("test CA");
     let old = ca.leaf(&["localhost"], 0x77, 30);
-    let h = start(&old, "admin_listen: \"0\"\n", &route("127.0.0.1:9", ""));
+    let h = start(
+        &old,
+        GatewayConfig::new()
+            .admin_listen("0")
+            .route(Route::chat("127.0.0.1:9")),
+    );
     // A key that belongs to another certificate.
     let other = ca.leaf(&["localhost"], 0x78, 30);
     std::fs::write(&h.key, &other.key_pem).unwrap();
@@ -720,12 +725,13 @@ fn check_with(leaf_cert: &str, leaf_key: &str, write_cert: bool) -> CliOutput {
         std::fs::write(&cert, leaf_cert).unwrap();
     }
     std::fs::write(&key, leaf_key).unwrap();
-    let config = format!(
-        "listen:\n  - \"127.0.0.1:1\"\n  - {{address: \"127.0.0.1:2\", tls: {{cert: cert.pem, key: key.pem}}}}\nkeys_file: keys.json\nroutes:\n{}",
-        route("127.0.0.1:9", "")
-    );
-    std::fs::write(dir.path().join("gateway.yaml"), config).unwrap();
-    std::fs::write(dir.path().join("keys.json"), KEYS).unwrap();
+    let config = GatewayConfig::new()
+        .unset("shutdown_grace")
+        .listen("127.0.0.1:1")
+        .listen_tls("127.0.0.1:2", "cert.pem", "key.pem")
+        .route(Route::chat("127.0.0.1:9"));
+    std::fs::write(dir.path().join("gateway.yaml"), config.render()).unwrap();
+    std::fs::write(dir.path().join("keys.json"), keys().render()).unwrap();
     let out = run_cli(&["check", "--config", "gateway.yaml"], dir.path());
     // Keep the folder until the command is done.
     drop(dir);
@@ -800,13 +806,12 @@ fn a_redirect_listener_answers_308_except_for_challenges() {
     leaf.write(&cert, &key);
     let redirect = free_port();
     let tls_port = free_port();
-    let config = format!(
-        "listen:\n  - {{address: \"127.0.0.1:{redirect}\", redirect_https: true}}\n  - {{address: \"127.0.0.1:{tls_port}\", tls: {{cert: \"{}\", key: \"{}\"}}}}\nkeys_file: keys.json\nroutes:\n{}",
-        cert.display(),
-        key.display(),
-        route("127.0.0.1:9", "")
-    );
-    let gw = Gateway::start_raw(&config, KEYS, redirect);
+    let config = GatewayConfig::new()
+        .unset("shutdown_grace")
+        .listen_redirect(loopback(redirect))
+        .listen_tls(loopback(tls_port), &cert, &key)
+        .route(Route::chat("127.0.0.1:9"));
+    let gw = Gateway::start(&config, &keys());
     let resp = agent()
         .get(format!(
             "http://127.0.0.1:{redirect}/chat/api/tags?x=1&y=%20"
@@ -869,12 +874,13 @@ fn https_upstreams_are_verified_against_upstream_ca() {
     std::fs::write(&good, &upstream_ca.pem).unwrap();
     std::fs::write(&wrong, &wrong_ca.pem).unwrap();
     let port = upstream.addr.port();
-    let routes = format!(
-        "  - {{name: good, path_prefix: /good/, service: chat, strip_prefix: true, upstreams: [\"https://localhost:{port}\"], upstream_ca: \"{}\"}}\n  - {{name: wrong, path_prefix: /wrong/, service: chat, strip_prefix: true, upstreams: [\"https://localhost:{port}\"], upstream_ca: \"{}\"}}\n",
-        good.display(),
-        wrong.display()
+    let upstream_url = format!("https://localhost:{port}");
+    let h = start(
+        &client_ca.leaf(&["localhost"], 1, 30),
+        GatewayConfig::new()
+            .route(Route::stripped("good", "/good/", "chat", &upstream_url).upstream_ca(&good))
+            .route(Route::stripped("wrong", "/wrong/", "chat", &upstream_url).upstream_ca(&wrong)),
     );
-    let h = start(&client_ca.leaf(&["localhost"], 1, 30), "", &routes);
 
     let mut resp = agent()
         .get(h.gw.url("/good/v1/models"))
