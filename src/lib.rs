@@ -8,15 +8,18 @@
 //! | [`keys`]   | digests, the key store, the key file and its commands |
 //! | [`state`]  | what outlives a snapshot: upstream health, per-key counters |
 //! | [`tls`]    | certificates: PEM pairs, the swappable slot, ACME orders and challenges |
-//! | [`usage`]  | what AI APIs say: models in requests, token usage in answers, the usage report (pure) |
+//! | [`usage`]  | what AI APIs say: models in requests, token usage in answers (pure readers), the usage report over the audit log |
 //! | [`policy`] | the snapshot, routes, path rules, refusals, the decision (pure) |
 //! | [`ops`]    | metrics, audit log, request ids, admin endpoints |
 //! | [`cluster`] | limits shared with other instances through Redis: leases, revocations, sync |
 //! | [`proxy`]  | Pingora's `ProxyHttp` hooks: the only place that names a `Session` |
-//! | [`daemon`] | start-up, listeners, reloads, threads: the only place that spawns or binds |
+//! | [`daemon`] | start-up, listeners, reloads, threads: the only place that starts threads or binds |
 //!
-//! [`cli`] sits on top and runs the commands. `tests/layering.rs` checks
-//! the rule on every `use crate::…` in `src/`.
+//! [`cli`] sits on top and runs the commands. Each layer's `mod.rs` says
+//! what it owns and may import; `tests/layering.rs` checks every `use
+//! crate::…` in `src/` against those lists, that no files of one folder
+//! import each other in a circle, and that only the layers whose doc says
+//! so spawn threads or tasks.
 
 pub mod cli;
 pub mod cluster;

@@ -186,3 +186,323 @@ fn the_checker_catches_a_wrong_import() {
         "a grouped import is reported"
     );
 }
+
+/// The `crate::` names a layer's `mod.rs` allows in its "May import:"
+/// paragraph (backquoted names up to the paragraph's first full stop);
+/// "every other layer" allows every layer below it.
+fn documented_imports(layer: &str, doc: &str) -> Vec<String> {
+    let Some(at) = doc.find("May import:") else {
+        panic!("src/{layer}/mod.rs does not say what it may import (\"May import:\")");
+    };
+    let para: String = doc[at..]
+        .lines()
+        .map(|l| l.trim_start_matches("//!").trim())
+        .take_while(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let sentence = para.split(". ").next().unwrap_or(&para);
+    // What stands in parentheses explains; it lists nothing.
+    let mut depth = 0usize;
+    let sentence: String = sentence
+        .chars()
+        .filter(|c| {
+            match c {
+                '(' => depth += 1,
+                ')' => depth = depth.saturating_sub(1),
+                _ => return depth == 0,
+            }
+            false
+        })
+        .collect();
+    let sentence = sentence.as_str();
+    if sentence.contains("every other layer") {
+        let level = LAYERS.iter().position(|l| *l == layer).unwrap_or(0);
+        return LAYERS[..level].iter().map(|l| l.to_string()).collect();
+    }
+    sentence
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn each_layer_imports_only_what_its_doc_lists() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut report = Vec::new();
+    for (level, layer) in LAYERS.iter().enumerate() {
+        let doc = fs::read_to_string(src.join(layer).join("mod.rs")).expect("mod.rs");
+        let allowed = documented_imports(layer, &doc);
+        for name in &allowed {
+            match LAYERS.iter().position(|l| l == name) {
+                Some(i) if i < level => {}
+                _ => report.push(format!(
+                    "src/{layer}/mod.rs: lists `{name}`, which is not a layer below {layer}"
+                )),
+            }
+        }
+        let mut files = Vec::new();
+        rust_files(&src.join(layer), &mut files);
+        for f in files {
+            let code = fs::read_to_string(&f).expect("read");
+            for (line, to) in crate_paths(&code) {
+                if to != *layer && !allowed.contains(&to) {
+                    report.push(format!(
+                        "{}:{line}: imports crate::{to}, which src/{layer}/mod.rs does not list",
+                        f.display()
+                    ));
+                }
+            }
+        }
+    }
+    assert!(report.is_empty(), "\n{}", report.join("\n"));
+}
+
+/// The module path of a file under `src/` (`proxy/connection/mod.rs` is
+/// `["proxy", "connection"]`).
+fn module_path(src: &Path, file: &Path) -> Vec<String> {
+    let rel = file.strip_prefix(src).unwrap_or(file);
+    let mut parts: Vec<String> = rel
+        .iter()
+        .map(|p| p.to_string_lossy().trim_end_matches(".rs").to_string())
+        .collect();
+    if parts.last().is_some_and(|p| p == "mod" || p == "lib") {
+        parts.pop();
+    }
+    parts
+}
+
+/// The modules a file names through `super::`, `self::` and `crate::`
+/// paths, as absolute module paths (as far as they go; a grouped
+/// `super::{a, b}` names each of `a` and `b`).
+fn named_modules(module: &[String], is_mod_rs: bool, code: &str) -> Vec<Vec<String>> {
+    let is_path_char = |c: char| c.is_alphanumeric() || c == '_' || c == ':';
+    let mut out = Vec::new();
+    for line in code.lines() {
+        let line = line.split("//").next().unwrap_or("");
+        let mut rest = line;
+        while let Some(start) = rest.find(|c: char| is_path_char(c)) {
+            let tail = &rest[start..];
+            let len = tail.find(|c: char| !is_path_char(c)).unwrap_or(tail.len());
+            let token = &tail[..len];
+            let after = &tail[len..];
+            rest = after;
+            let segments: Vec<&str> = token.split("::").collect();
+            // The module a file's `self` is: itself (a mod.rs is its
+            // folder's module); each `super` goes one up.
+            let mut base: Vec<String> = module.to_vec();
+            let mut i = 0;
+            match segments.first().copied() {
+                Some("crate") => {
+                    base.clear();
+                    i = 1;
+                }
+                Some("super") => {
+                    while segments.get(i) == Some(&"super") {
+                        base.pop();
+                        i += 1;
+                    }
+                }
+                Some("self") if is_mod_rs => i = 1,
+                _ => continue,
+            }
+            let named: Vec<String> = segments[i..]
+                .iter()
+                .filter(|s| !s.is_empty())
+                .map(|s| s.to_string())
+                .collect();
+            if named.is_empty() && after.starts_with('{') {
+                let group = after[1..].split('}').next().unwrap_or("");
+                for item in group.split(',') {
+                    let first = item.trim().split("::").next().unwrap_or("").trim();
+                    if !first.is_empty() && first != "self" {
+                        let mut m = base.clone();
+                        m.push(first.to_string());
+                        out.push(m);
+                    }
+                }
+            } else {
+                base.extend(named);
+                out.push(base);
+            }
+        }
+    }
+    out
+}
+
+/// A circle among the children of one module (files and subfolders of
+/// one folder), if any, as the names on it.
+fn find_circle(
+    edges: &std::collections::BTreeMap<String, std::collections::BTreeSet<String>>,
+) -> Option<Vec<String>> {
+    fn visit(
+        n: &str,
+        edges: &std::collections::BTreeMap<String, std::collections::BTreeSet<String>>,
+        stack: &mut Vec<String>,
+        done: &mut std::collections::BTreeSet<String>,
+    ) -> Option<Vec<String>> {
+        if let Some(at) = stack.iter().position(|s| s == n) {
+            let mut circle = stack[at..].to_vec();
+            circle.push(n.to_string());
+            return Some(circle);
+        }
+        if done.contains(n) {
+            return None;
+        }
+        stack.push(n.to_string());
+        for next in edges.get(n).into_iter().flatten() {
+            if let Some(c) = visit(next, edges, stack, done) {
+                return Some(c);
+            }
+        }
+        stack.pop();
+        done.insert(n.to_string());
+        None
+    }
+    let mut done = Default::default();
+    edges
+        .keys()
+        .find_map(|n| visit(n, edges, &mut Vec::new(), &mut done))
+}
+
+#[test]
+fn no_import_circle_between_the_files_of_a_folder() {
+    use std::collections::{BTreeMap, BTreeSet};
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    // main.rs is a crate of its own.
+    files.retain(|f| !f.ends_with("main.rs"));
+    // For each folder (module), the edges between its children.
+    let mut graphs: BTreeMap<Vec<String>, BTreeMap<String, BTreeSet<String>>> = BTreeMap::new();
+    for f in &files {
+        let module = module_path(&src, f);
+        let is_mod_rs = f
+            .file_name()
+            .is_some_and(|n| n == "mod.rs" || n == "lib.rs");
+        let code = fs::read_to_string(f).expect("read");
+        let code = code.split("#[cfg(test)]").next().unwrap_or("");
+        for target in named_modules(&module, is_mod_rs, code) {
+            // The deepest folder both paths are inside, and the child of
+            // it each one is in.
+            let common = module
+                .iter()
+                .zip(&target)
+                .take_while(|(a, b)| a == b)
+                .count();
+            let (Some(from), Some(to)) = (module.get(common), target.get(common)) else {
+                continue;
+            };
+            graphs
+                .entry(module[..common].to_vec())
+                .or_default()
+                .entry(from.clone())
+                .or_default()
+                .insert(to.clone());
+        }
+    }
+    let circles: Vec<String> = graphs
+        .iter()
+        .filter_map(|(folder, edges)| {
+            find_circle(edges).map(|c| format!("src/{}: {}", folder.join("/"), c.join(" -> ")))
+        })
+        .collect();
+    assert!(
+        circles.is_empty(),
+        "import circles:\n{}",
+        circles.join("\n")
+    );
+}
+
+#[test]
+fn the_circle_finder_finds_one() {
+    let mut edges = std::collections::BTreeMap::new();
+    let set = |names: &[&str]| names.iter().map(|s| s.to_string()).collect();
+    edges.insert("connection".to_string(), set(&["gateway", "clock"]));
+    edges.insert("gateway".to_string(), set(&["clock"]));
+    assert_eq!(find_circle(&edges), None);
+    edges.insert("gateway".to_string(), set(&["connection"]));
+    assert_eq!(
+        find_circle(&edges),
+        Some(vec![
+            "connection".into(),
+            "gateway".into(),
+            "connection".into()
+        ])
+    );
+    let m = |s: &str| s.split('/').map(str::to_owned).collect::<Vec<_>>();
+    assert_eq!(
+        named_modules(
+            &m("proxy/gateway"),
+            false,
+            "use super::clock::Signal;\nuse crate::ops::Metrics;"
+        ),
+        vec![m("proxy/clock/Signal"), m("ops/Metrics")]
+    );
+    assert_eq!(
+        named_modules(
+            &m("proxy/connection"),
+            true,
+            "use self::slots::Slots;\nuse super::super::x;\nuse super::{ai, clock::Signal};"
+        ),
+        vec![
+            m("proxy/connection/slots/Slots"),
+            m("x"),
+            m("proxy/ai"),
+            m("proxy/clock")
+        ]
+    );
+}
+
+/// Where the code may start threads or tasks, and why; each layer named
+/// here says so in its `mod.rs` (the word "spawns").
+const SPAWNERS: &[(&str, &str, &str)] = &[
+    ("daemon/", "threads and tasks", "start-up owns every thread"),
+    (
+        "cluster/",
+        "tasks",
+        "on the runtime the daemon starts for it: the pub/sub listener and Redis calls off the request path",
+    ),
+    (
+        "proxy/connection/",
+        "tasks",
+        "one per HTTP/2 stream, as Pingora's own accept loop does",
+    ),
+];
+
+#[test]
+fn only_the_layers_whose_doc_says_so_spawn() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    let mut report = Vec::new();
+    for f in &files {
+        let rel = f.strip_prefix(&src).unwrap_or(f).display().to_string();
+        let code = fs::read_to_string(f).expect("read");
+        let code = code.split("#[cfg(test)]").next().unwrap_or("");
+        for (i, line) in code.lines().enumerate() {
+            let line = line.split("//").next().unwrap_or("");
+            let thread = line.contains("thread::spawn") || line.contains("thread::Builder");
+            let task = line.contains("tokio::spawn") || line.contains("spawn_blocking");
+            let allowed = SPAWNERS.iter().find(|(dir, _, _)| rel.starts_with(dir));
+            let ok = match allowed {
+                Some((_, what, _)) => !thread || what.contains("threads"),
+                None => !thread && !task,
+            };
+            if !ok {
+                report.push(format!("src/{rel}:{}: spawns, and may not", i + 1));
+            }
+        }
+    }
+    for (dir, what, why) in SPAWNERS {
+        let layer = dir.split('/').next().unwrap_or_default();
+        let doc = fs::read_to_string(src.join(layer).join("mod.rs")).expect("mod.rs");
+        if !doc.contains("spawns") {
+            report.push(format!(
+                "src/{layer}/mod.rs does not say that it spawns {what} ({why})"
+            ));
+        }
+    }
+    assert!(report.is_empty(), "\n{}", report.join("\n"));
+}

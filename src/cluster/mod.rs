@@ -19,6 +19,10 @@
 //! ([`scripts`]), admission against shared counts ([`Cluster::admit`]),
 //! revocations heard from other instances, the sync task ([`sync`]).
 //!
+//! It spawns tasks, never threads: the sync task, the pub/sub listener and
+//! the Redis calls made off the request path run on the runtime that the
+//! daemon starts for the cluster on a thread of its own.
+//!
 //! May import: `config`, `keys`, `state`, `policy`, `ops`.
 
 mod link;

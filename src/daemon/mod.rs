@@ -3,8 +3,9 @@
 //!
 //! Owns: start-up, the proxy services and their listeners (one service per
 //! core: [`services`]), reloads (SIGHUP and file changes), the active
-//! health checker, and shutdown. The only layer that spawns threads,
-//! binds sockets or builds the Pingora `Server`.
+//! health checker, the audit log's writer, and shutdown. The only layer
+//! that spawns threads, binds sockets or builds the Pingora `Server`
+//! (`cluster` and `proxy::connection` spawn tasks on runtimes it made).
 //!
 //! May import: every other layer.
 
@@ -83,16 +84,8 @@ pub fn run(config_path: &Path, upgrade: bool, signals: Signals) -> Result<(), St
         warn!("{w}");
     }
     let config = snapshot.config.clone();
-    // Pingora binds in a service task and, when that fails, keeps running
-    // with no listener; find out here, where a clear exit is possible. (On
-    // an upgrade the old process still holds the addresses: nothing to check.)
     if !upgrade {
-        for addr in config.listen.iter().chain(config.admin_listen.iter()) {
-            TcpListener::bind(addr).map_err(|source| StartError::Bind {
-                addr: *addr,
-                source,
-            })?;
-        }
+        check_binds(&config)?;
     }
     exit_if_listeners_fail();
     memory::release_free_memory();
@@ -109,17 +102,7 @@ pub fn run(config_path: &Path, upgrade: bool, signals: Signals) -> Result<(), St
     let challenges = Arc::new(Challenges::default());
     let audit = match &config.audit_log {
         None => None,
-        Some(dest) => Some(
-            AuditLog::start(dest.clone(), metrics.audit_dropped.clone()).map_err(|source| {
-                StartError::Audit {
-                    path: match dest {
-                        AuditDest::Stderr => "-".into(),
-                        AuditDest::File(p) => p.display().to_string(),
-                    },
-                    source,
-                }
-            })?,
-        ),
+        Some(dest) => Some(start_audit(dest, &metrics)?),
     };
     let shared: SharedLive = Arc::new(ArcSwap::from_pointee(Live::new(snapshot, &metrics)));
     // The zero of the monotonic clock per-key windows are kept in, for the
@@ -192,20 +175,7 @@ pub fn run(config_path: &Path, upgrade: bool, signals: Signals) -> Result<(), St
     tls.start_acme(Arc::clone(&challenges), plain);
 
     if let Some(addr) = config.admin_listen {
-        let admin = Admin {
-            metrics: Arc::clone(&metrics),
-            live: Arc::clone(&shared),
-            listen: config.listen.clone(),
-            needs_shared_state: config
-                .shared_state
-                .as_ref()
-                .is_some_and(|s| s.on_error == OnRedisError::Deny),
-        };
-        let mut svc = ListeningService::new("admin".to_string(), admin);
-        svc.threads = Some(1);
-        svc.add_tcp(&addr.to_string());
-        info!("admin (/metrics, /healthz, /readyz) on http://{addr}");
-        server.add_service(svc);
+        add_admin(&mut server, addr, &config, &metrics, &shared);
     }
 
     let checked = Arc::clone(&shared);
@@ -218,6 +188,61 @@ pub fn run(config_path: &Path, upgrade: bool, signals: Signals) -> Result<(), St
     });
 
     server.run_forever()
+}
+
+/// Pingora binds in a service task and, when that fails, keeps running
+/// with no listener: bind each address once here, where a clear exit is
+/// possible. (Not on an upgrade: the old process still holds them.)
+fn check_binds(config: &crate::config::Config) -> Result<(), StartError> {
+    for addr in config.listen.iter().chain(config.admin_listen.iter()) {
+        TcpListener::bind(addr).map_err(|source| StartError::Bind {
+            addr: *addr,
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+/// Opens the audit log and starts its writer thread.
+fn start_audit(dest: &AuditDest, metrics: &Metrics) -> Result<AuditLog, StartError> {
+    let failed = |source| StartError::Audit {
+        path: match dest {
+            AuditDest::Stderr => "-".into(),
+            AuditDest::File(p) => p.display().to_string(),
+        },
+        source,
+    };
+    let (log, writer) =
+        AuditLog::open(dest.clone(), metrics.audit_dropped.clone()).map_err(failed)?;
+    std::thread::Builder::new()
+        .name("audit-writer".into())
+        .spawn(move || writer.run())
+        .map_err(failed)?;
+    Ok(log)
+}
+
+/// The admin listener's service: `/metrics`, `/healthz`, `/readyz`.
+fn add_admin(
+    server: &mut Server,
+    addr: std::net::SocketAddr,
+    config: &crate::config::Config,
+    metrics: &Arc<Metrics>,
+    shared: &SharedLive,
+) {
+    let admin = Admin {
+        metrics: Arc::clone(metrics),
+        live: Arc::clone(shared),
+        listen: config.listen.clone(),
+        needs_shared_state: config
+            .shared_state
+            .as_ref()
+            .is_some_and(|s| s.on_error == OnRedisError::Deny),
+    };
+    let mut svc = ListeningService::new("admin".to_string(), admin);
+    svc.threads = Some(1);
+    svc.add_tcp(&addr.to_string());
+    info!("admin (/metrics, /healthz, /readyz) on http://{addr}");
+    server.add_service(svc);
 }
 
 /// Connects to the shared-state Redis (probing it once, so the first

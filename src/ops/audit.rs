@@ -116,16 +116,29 @@ pub struct AuditLog {
     dropped: IntCounter,
 }
 
+/// The audit log's writer: it owns the file and runs on a thread of its
+/// own, which the daemon starts (`AuditWriter::run`).
+pub struct AuditWriter {
+    dest: AuditDest,
+    out: BufWriter<Box<dyn Write + Send>>,
+    rx: Receiver<Msg>,
+}
+
+impl AuditWriter {
+    /// Writes records until every [`AuditLog`] handle is gone. Blocks.
+    pub fn run(self) {
+        writer(self.dest, self.out, self.rx);
+    }
+}
+
 impl AuditLog {
-    /// Opens `dest` and starts the writer thread. Fails if the file cannot
-    /// be opened, so a bad path is a start-up error, not silence.
-    pub fn start(dest: AuditDest, dropped: IntCounter) -> std::io::Result<AuditLog> {
+    /// Opens `dest`: the handle serving threads log through, and the
+    /// writer to run on a thread. Fails if the file cannot be opened, so a
+    /// bad path is a start-up error, not silence.
+    pub fn open(dest: AuditDest, dropped: IntCounter) -> std::io::Result<(AuditLog, AuditWriter)> {
         let out = open(&dest)?;
         let (tx, rx) = sync_channel(QUEUE_LEN);
-        std::thread::Builder::new()
-            .name("audit-writer".into())
-            .spawn(move || writer(dest, out, rx))?;
-        Ok(AuditLog { tx, dropped })
+        Ok((AuditLog { tx, dropped }, AuditWriter { dest, out, rx }))
     }
 
     /// Queues a record; never blocks.
@@ -262,11 +275,12 @@ mod tests {
     fn writes_one_json_line_per_record_and_reopens() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("audit.log");
-        let log = AuditLog::start(
+        let (log, writer) = AuditLog::open(
             AuditDest::File(p.clone()),
             IntCounter::new("d", "d").unwrap(),
         )
         .unwrap();
+        std::thread::spawn(move || writer.run());
         log.log(record("/chat/a"));
         let text = wait_for(&p, "/chat/a");
         let v: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
@@ -291,7 +305,7 @@ mod tests {
 
     #[test]
     fn unopenable_file_is_an_error() {
-        assert!(AuditLog::start(
+        assert!(AuditLog::open(
             AuditDest::File("/nonexistent-dir/a.log".into()),
             IntCounter::new("d", "d").unwrap()
         )

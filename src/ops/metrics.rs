@@ -149,18 +149,9 @@ pub struct Metrics {
     pub client_refused: IntCounter,
     client_timeouts: [IntCounter; 3],
     per_user: IntCounterVec,
-    tokens: IntCounterVec,
-    user_tokens: IntCounterVec,
-    usage_sources: IntCounterVec,
+    tokens: TokenMetrics,
     model_labels: RwLock<ModelLabels>,
-    /// TLS certificates re-read on reload, by result.
-    cert_reload_ok: IntCounter,
-    cert_reload_failed: IntCounter,
-    /// ACME orders (obtaining or renewing), by result.
-    acme_ok: IntCounter,
-    acme_failed: IntCounter,
-    /// When each TLS listener's certificate expires (Unix seconds).
-    cert_expiry: IntGaugeVec,
+    tls: TlsMetrics,
     /// Shared state (Redis): whether it answers (1) or not (0).
     pub shared_state_up: IntGauge,
     /// Redis calls that failed or timed out.
@@ -169,6 +160,84 @@ pub struct Metrics {
     /// `on_redis_error` mode ("local" counted here, "deny" refused).
     shared_state_fallback: [IntCounter; 2],
     route_cache: std::sync::Mutex<HashMap<String, Arc<RouteMetrics>>>,
+}
+
+/// Token usage on routes with `api`.
+struct TokenMetrics {
+    by_model: IntCounterVec,
+    by_user: IntCounterVec,
+    sources: IntCounterVec,
+}
+
+impl TokenMetrics {
+    fn new(r: &Registry) -> TokenMetrics {
+        TokenMetrics {
+            by_model: counter_vec(
+                r,
+                "agw_tokens_total",
+                "Tokens by route, model and kind (prompt, completion), on routes with api.",
+                &["route", "model", "kind"],
+            ),
+            by_user: counter_vec(
+                r,
+                "agw_user_tokens_total",
+                "Tokens by user and kind (only when metrics_per_user is on).",
+                &["user", "kind"],
+            ),
+            sources: counter_vec(
+                r,
+                "agw_usage_total",
+                "Answers that carry usage, by route and where their counts come from (reported, estimated, unknown).",
+                &["route", "source"],
+            ),
+        }
+    }
+}
+
+/// Certificates: reloads, ACME orders, expiry.
+struct TlsMetrics {
+    /// Certificate files re-read on reload, by result.
+    reload_ok: IntCounter,
+    reload_failed: IntCounter,
+    /// ACME orders (obtaining or renewing), by result.
+    acme_ok: IntCounter,
+    acme_failed: IntCounter,
+    /// When each TLS listener's certificate expires (Unix seconds).
+    expiry: IntGaugeVec,
+}
+
+impl TlsMetrics {
+    fn new(r: &Registry) -> TlsMetrics {
+        let reloads = counter_vec(
+            r,
+            "agw_tls_cert_reloads_total",
+            "Certificate files re-read on reload, by result (a failed one keeps the old certificate).",
+            &["result"],
+        );
+        let acme = counter_vec(
+            r,
+            "agw_acme_orders_total",
+            "ACME orders (a first certificate or a renewal), by result.",
+            &["result"],
+        );
+        let expiry = registered(
+            r,
+            IntGaugeVec::new(
+                Opts::new(
+                    "agw_tls_cert_expiry_timestamp_seconds",
+                    "When the certificate each TLS listener serves expires (Unix time).",
+                ),
+                &["listener"],
+            ),
+        );
+        TlsMetrics {
+            reload_ok: reloads.with_label_values(&["ok"]),
+            reload_failed: reloads.with_label_values(&["error"]),
+            acme_ok: acme.with_label_values(&["ok"]),
+            acme_failed: acme.with_label_values(&["error"]),
+            expiry,
+        }
+    }
 }
 
 /// One route's pre-resolved handles.
@@ -304,28 +373,6 @@ impl Metrics {
             &["reason"],
         );
         let reloads = counter_vec(&r, "agw_reloads_total", "Reloads by result.", &["result"]);
-        let cert_reloads = counter_vec(
-            &r,
-            "agw_tls_cert_reloads_total",
-            "Certificate files re-read on reload, by result (a failed one keeps the old certificate).",
-            &["result"],
-        );
-        let acme = counter_vec(
-            &r,
-            "agw_acme_orders_total",
-            "ACME orders (a first certificate or a renewal), by result.",
-            &["result"],
-        );
-        let cert_expiry = registered(
-            &r,
-            IntGaugeVec::new(
-                Opts::new(
-                    "agw_tls_cert_expiry_timestamp_seconds",
-                    "When the certificate each TLS listener serves expires (Unix time).",
-                ),
-                &["listener"],
-            ),
-        );
         let client_timeouts = counter_vec(
             &r,
             "agw_client_timeouts_total",
@@ -385,11 +432,7 @@ impl Metrics {
             auth_failures: Refusal::ALL
                 .map(|k| k.key_denial().map(|_| auth.with_label_values(&[k.label()]))),
             in_flight: gauge(&r, "agw_requests_in_flight", "Requests being served now."),
-            cert_reload_ok: cert_reloads.with_label_values(&["ok"]),
-            cert_reload_failed: cert_reloads.with_label_values(&["error"]),
-            acme_ok: acme.with_label_values(&["ok"]),
-            acme_failed: acme.with_label_values(&["error"]),
-            cert_expiry,
+            tls: TlsMetrics::new(&r),
             reload_ok: reloads.with_label_values(&["ok"]),
             reload_failed: reloads.with_label_values(&["error"]),
             keys_loaded: gauge(&r, "agw_keys_loaded", "Keys in the current snapshot."),
@@ -422,24 +465,7 @@ impl Metrics {
                 "Requests by user (only when metrics_per_user is on).",
                 &["user"],
             ),
-            tokens: counter_vec(
-                &r,
-                "agw_tokens_total",
-                "Tokens by route, model and kind (prompt, completion), on routes with api.",
-                &["route", "model", "kind"],
-            ),
-            user_tokens: counter_vec(
-                &r,
-                "agw_user_tokens_total",
-                "Tokens by user and kind (only when metrics_per_user is on).",
-                &["user", "kind"],
-            ),
-            usage_sources: counter_vec(
-                &r,
-                "agw_usage_total",
-                "Answers that carry usage, by route and where their counts come from (reported, estimated, unknown).",
-                &["route", "source"],
-            ),
+            tokens: TokenMetrics::new(&r),
             model_labels: RwLock::default(),
             requests,
             registry: r,
@@ -548,7 +574,10 @@ impl Metrics {
         completion: Option<u64>,
         user: Option<&str>,
     ) {
-        self.usage_sources.with_label_values(&[route, source]).inc();
+        self.tokens
+            .sources
+            .with_label_values(&[route, source])
+            .inc();
         if prompt.is_none() && completion.is_none() {
             return;
         }
@@ -556,10 +585,14 @@ impl Metrics {
         for (kind, n) in [("prompt", prompt), ("completion", completion)] {
             let Some(n) = n else { continue };
             self.tokens
+                .by_model
                 .with_label_values(&[route, &label, kind])
                 .inc_by(n);
             if let Some(user) = user {
-                self.user_tokens.with_label_values(&[user, kind]).inc_by(n);
+                self.tokens
+                    .by_user
+                    .with_label_values(&[user, kind])
+                    .inc_by(n);
             }
         }
     }
@@ -578,9 +611,9 @@ impl Metrics {
 
     pub fn cert_reloaded(&self, ok: bool) {
         if ok {
-            self.cert_reload_ok.inc();
+            self.tls.reload_ok.inc();
         } else {
-            self.cert_reload_failed.inc();
+            self.tls.reload_failed.inc();
         }
     }
 
@@ -591,9 +624,9 @@ impl Metrics {
 
     pub fn acme_order(&self, ok: bool) {
         if ok {
-            self.acme_ok.inc();
+            self.tls.acme_ok.inc();
         } else {
-            self.acme_failed.inc();
+            self.tls.acme_failed.inc();
         }
     }
 
@@ -602,7 +635,7 @@ impl Metrics {
         let secs = not_after
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
-        self.cert_expiry.with_label_values(&[listener]).set(secs);
+        self.tls.expiry.with_label_values(&[listener]).set(secs);
     }
 
     /// The Prometheus text exposition of every metric.

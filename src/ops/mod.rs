@@ -18,7 +18,7 @@ mod metrics;
 pub mod request_id;
 
 pub use admin::Admin;
-pub use audit::{AuditLog, AuditRecord, ClientAddr, QUEUE_LEN};
+pub use audit::{AuditLog, AuditRecord, AuditWriter, ClientAddr, QUEUE_LEN};
 pub use live::{Live, SharedLive};
 pub use metrics::{
     ClientTimeout, Metrics, RouteMetrics, UpstreamErrorKind, MAX_SEEN_MODELS, NO_MODEL, NO_ROUTE,

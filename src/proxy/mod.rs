@@ -29,7 +29,17 @@
 //!         ─▶ logging                 metrics and the audit line, always
 //! ```
 //!
-//! May import: `config`, `keys`, `state`, `policy`, `ops`.
+//! The connection loop (`connection`) spawns one task per HTTP/2 stream,
+//! as Pingora's own accept loop does; nothing here starts a thread.
+//!
+//! Files, lowest first (each imports only those before it): `clock` (the
+//! events that move a connection's clocks), `client_stream` (the client's
+//! stream, which reports them), `connection` (the loop around Pingora's
+//! proxy, generic over its hooks), `context`, `framing`, `headers`,
+//! `reply`, `listener`, `ai`, `phases`, `gateway` (the hooks).
+//!
+//! May import: `config`, `keys`, `state`, `tls`, `usage`, `policy`, `ops`,
+//! `cluster`.
 
 mod ai;
 mod client_stream;

@@ -9,8 +9,9 @@
 //! from clients that did not ask for it), [`ModelListFilter`], [`Endpoint`],
 //! and the [`report`].
 //!
-//! Pure: no sockets, threads or clocks; the report reads the files it is
-//! given.
+//! No sockets, threads or clocks: the readers are pure functions of the
+//! bytes fed to them. The [`report`] is the exception in I/O: it reads the
+//! audit log files it is given and renders tables for `ai-gateway usage`.
 //!
 //! May import: `config`, `keys`, `state`.
 

@@ -93,6 +93,14 @@ pub struct Scanner {
     capture_truncated: bool,
 }
 
+/// The first byte at or after `i` that `stop` is true of, with its index.
+#[inline]
+fn next_of(input: &[u8], i: usize, stop: impl Fn(u8) -> bool) -> Option<(usize, u8)> {
+    let rest = input.get(i..)?;
+    let n = rest.iter().position(|c| stop(*c))?;
+    rest.get(n).map(|c| (i + n, *c))
+}
+
 #[inline]
 fn is_ws(b: u8) -> bool {
     matches!(b, b' ' | b'\t' | b'\n' | b'\r')
@@ -152,6 +160,95 @@ impl Scanner {
         self.offset
     }
 
+    /// `State::Key` at `i`: the key up to its closing quote or an escape.
+    /// The next state and the index of the byte that ended the part;
+    /// `None` when the piece ended inside the key (what was read is kept).
+    #[inline]
+    fn key_part(&mut self, input: &[u8], i: usize) -> Option<(State, usize)> {
+        let rest = input.get(i..).unwrap_or_default();
+        let n = memchr::memchr2(b'"', b'\\', rest).unwrap_or(rest.len());
+        let part = rest.get(..n).unwrap_or_default();
+        let at = i + n;
+        let Some(&c) = input.get(at) else {
+            self.keep_key(part);
+            return None;
+        };
+        if c != b'"' {
+            self.keep_key(part);
+            self.keep_key(&[c]);
+            self.key_escaped = true;
+            return Some((State::KeyEscape, at));
+        }
+        // A key within one piece is compared where it is.
+        self.pending = if self.key.is_empty() && !self.key_escaped {
+            wanted_index(self.wanted, self.wanted_lengths, part, false)
+        } else {
+            self.keep_key(part);
+            if self.key_overflow {
+                None
+            } else {
+                wanted_index(
+                    self.wanted,
+                    self.wanted_lengths,
+                    &self.key,
+                    self.key_escaped,
+                )
+            }
+        };
+        Some((State::Colon, at))
+    }
+
+    /// A byte `b` (at offset `at`) read between the members of the
+    /// top-level objects, where only structure and white space may stand:
+    /// the next state.
+    #[inline]
+    fn structural(
+        &mut self,
+        state: State,
+        b: u8,
+        at: u64,
+        on: &mut impl FnMut(Event<'_>),
+    ) -> State {
+        match (state, b) {
+            (State::Between, b'{') => {
+                on(Event::ObjectStart { at });
+                State::KeyOrEnd
+            }
+            (State::KeyOrEnd | State::KeyNext, b'"') => {
+                self.key.clear();
+                self.key_overflow = false;
+                self.key_escaped = false;
+                State::Key
+            }
+            (State::KeyOrEnd | State::CommaOrEnd, b'}') => {
+                on(Event::ObjectEnd { at });
+                State::Between
+            }
+            (State::Colon, b':') => {
+                self.capturing = self.pending.take();
+                State::Value
+            }
+            (State::CommaOrEnd, b',') => State::KeyNext,
+            (_, b) if is_ws(b) => state,
+            _ => self.fail(on),
+        }
+    }
+
+    /// The state a value starting with `b` puts the scanner in
+    /// (`State::Scalar` for a literal, read from that byte on).
+    #[inline]
+    fn value_start(&mut self, b: u8, on: &mut impl FnMut(Event<'_>)) -> State {
+        match b {
+            b'"' => State::Str,
+            b'{' | b'[' => {
+                self.depth = 1;
+                State::Nested
+            }
+            b',' | b'}' | b']' | b':' => self.fail(on),
+            _ => State::Scalar,
+        }
+    }
+
     /// Scans `input`, the next piece of the body, calling `on` for each
     /// event.
     pub fn feed(&mut self, input: &[u8], on: &mut impl FnMut(Event<'_>)) {
@@ -164,78 +261,24 @@ impl Scanner {
         while let Some(&b) = input.get(i) {
             match state {
                 State::Failed => break,
-                State::Between => {
-                    if b == b'{' {
-                        state = State::KeyOrEnd;
-                        on(Event::ObjectStart {
-                            at: self.offset + i as u64,
-                        });
-                    } else if !is_ws(b) {
-                        state = self.fail(on);
-                    }
-                }
-                State::KeyOrEnd | State::KeyNext => {
-                    if b == b'"' {
-                        self.key.clear();
-                        self.key_overflow = false;
-                        self.key_escaped = false;
-                        state = State::Key;
-                    } else if b == b'}' && state == State::KeyOrEnd {
-                        state = State::Between;
-                        on(Event::ObjectEnd {
-                            at: self.offset + i as u64,
-                        });
-                    } else if !is_ws(b) {
-                        state = self.fail(on);
-                    }
+                State::Between
+                | State::KeyOrEnd
+                | State::KeyNext
+                | State::Colon
+                | State::CommaOrEnd => {
+                    state = self.structural(state, b, self.offset + i as u64, on);
                 }
                 State::KeyEscape => {
                     state = State::Key;
                     self.keep_key(&[b]);
                 }
-                State::Key => {
-                    // Take the key up to its closing quote or an escape.
-                    let rest = input.get(i..).unwrap_or_default();
-                    let n = memchr::memchr2(b'"', b'\\', rest).unwrap_or(rest.len());
-                    let part = rest.get(..n).unwrap_or_default();
-                    i += n;
-                    let Some(&c) = input.get(i) else {
-                        self.keep_key(part);
-                        break;
-                    };
-                    if c == b'"' {
-                        // A key within one piece is compared where it is.
-                        self.pending = if self.key.is_empty() && !self.key_escaped {
-                            wanted_index(self.wanted, self.wanted_lengths, part, false)
-                        } else {
-                            self.keep_key(part);
-                            if self.key_overflow {
-                                None
-                            } else {
-                                wanted_index(
-                                    self.wanted,
-                                    self.wanted_lengths,
-                                    &self.key,
-                                    self.key_escaped,
-                                )
-                            }
-                        };
-                        state = State::Colon;
-                    } else {
-                        self.keep_key(part);
-                        self.keep_key(&[c]);
-                        self.key_escaped = true;
-                        state = State::KeyEscape;
+                State::Key => match self.key_part(input, i) {
+                    Some((next, at)) => {
+                        state = next;
+                        i = at;
                     }
-                }
-                State::Colon => {
-                    if b == b':' {
-                        self.capturing = self.pending.take();
-                        state = State::Value;
-                    } else if !is_ws(b) {
-                        state = self.fail(on);
-                    }
-                }
+                    None => break,
+                },
                 State::Value => {
                     if !is_ws(b) {
                         if self.capturing.is_some() {
@@ -244,50 +287,37 @@ impl Scanner {
                             self.capture_truncated = false;
                             cap_from = Some(i);
                         }
-                        state = match b {
-                            b'"' => State::Str,
-                            b'{' | b'[' => {
-                                self.depth = 1;
-                                State::Nested
-                            }
-                            b',' | b'}' | b']' | b':' => self.fail(on),
-                            _ => {
-                                // A literal, read from this byte on.
-                                state = State::Scalar;
-                                continue;
-                            }
-                        };
+                        state = self.value_start(b, on);
+                        if state == State::Scalar {
+                            // A literal, read from this byte on.
+                            continue;
+                        }
                     }
                 }
                 State::Str | State::NestedStr => {
                     // Skip ahead to the next quote or backslash.
                     let rest = input.get(i..).unwrap_or_default();
-                    let n = memchr::memchr2(b'"', b'\\', rest).unwrap_or(rest.len());
+                    let Some(n) = memchr::memchr2(b'"', b'\\', rest) else {
+                        break;
+                    };
                     i += n;
-                    let Some(&c) = input.get(i) else { break };
-                    if c == b'\\' {
-                        state = if state == State::Str {
-                            State::StrEscape
-                        } else {
-                            State::NestedStrEscape
-                        };
-                    } else if state == State::Str {
-                        state = self.member_done(input, cap_from.take(), i + 1, on);
-                    } else {
-                        state = State::Nested;
-                    }
+                    state = match (rest.get(n), state) {
+                        (Some(b'\\'), State::Str) => State::StrEscape,
+                        (Some(b'\\'), _) => State::NestedStrEscape,
+                        (_, State::Str) => self.member_done(input, cap_from.take(), i + 1, on),
+                        _ => State::Nested,
+                    };
                 }
                 State::StrEscape => state = State::Str,
                 State::NestedStrEscape => state = State::NestedStr,
                 State::Nested => {
                     // Skip ahead to the next byte that matters.
-                    let rest = input.get(i..).unwrap_or_default();
-                    let n = rest
-                        .iter()
-                        .position(|c| matches!(c, b'"' | b'{' | b'[' | b'}' | b']'))
-                        .unwrap_or(rest.len());
-                    i += n;
-                    let Some(&c) = input.get(i) else { break };
+                    let Some((at, c)) =
+                        next_of(input, i, |c| matches!(c, b'"' | b'{' | b'[' | b'}' | b']'))
+                    else {
+                        break;
+                    };
+                    i = at;
                     match c {
                         b'"' => state = State::NestedStr,
                         b'{' | b'[' => self.depth = self.depth.saturating_add(1),
@@ -303,28 +333,14 @@ impl Scanner {
                     // A literal (a number, `true`, `false`, `null`), up to
                     // its delimiter, which belongs to what follows it; it
                     // may have begun in an earlier piece.
-                    let rest = input.get(i..).unwrap_or_default();
-                    let n = rest
-                        .iter()
-                        .position(|c| is_ws(*c) || matches!(c, b',' | b'}' | b']'))
-                        .unwrap_or(rest.len());
-                    i += n;
-                    if i < input.len() {
-                        state = self.member_done(input, cap_from.take(), i, on);
+                    match next_of(input, i, |c| is_ws(c) || matches!(c, b',' | b'}' | b']')) {
+                        Some((at, _)) => {
+                            i = at;
+                            state = self.member_done(input, cap_from.take(), i, on);
+                        }
+                        None => i = input.len(),
                     }
                     continue;
-                }
-                State::CommaOrEnd => {
-                    if b == b',' {
-                        state = State::KeyNext;
-                    } else if b == b'}' {
-                        state = State::Between;
-                        on(Event::ObjectEnd {
-                            at: self.offset + i as u64,
-                        });
-                    } else if !is_ws(b) {
-                        state = self.fail(on);
-                    }
                 }
             }
             i += 1;
