@@ -436,12 +436,13 @@ const SEGMENTS: &[&str] = &[
     "a\\b",
 ];
 
-/// The reference: a literal backslash; a `.`/`..` segment, also before
-/// `;` parameters (literal or `%3b`); or an escape that is malformed,
-/// decodes to an unreserved character, a (back)slash or a control
-/// character, or is `%25` followed by two hex digits (double encoding).
+/// The reference: a literal backslash; segment parameters (`;`, literal
+/// or `%3b`), which these routes do not allow; a `.`/`..` segment; or an
+/// escape that is malformed, decodes to an unreserved character, a
+/// (back)slash or a control character, or is `%25` followed by two hex
+/// digits (double encoding).
 fn is_ambiguous(path: &str) -> bool {
-    if path.contains('\\') {
+    if path.contains('\\') || path.contains(';') || path.to_ascii_lowercase().contains("%3b") {
         return true;
     }
     let dot = |seg: &str| {
