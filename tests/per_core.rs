@@ -15,8 +15,6 @@ use std::collections::BTreeSet;
 use std::fs;
 use std::io::{BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::Duration;
 
@@ -227,33 +225,6 @@ fn max_connections_counts_the_connections_of_every_service() {
     }
 }
 
-/// `ai-gateway run --upgrade` with `config` in `dir`; killed on drop.
-struct Upgraded(Child);
-
-impl Upgraded {
-    fn spawn(config: &Path, dir: &Path) -> Upgraded {
-        let log = fs::File::create(dir.join("gateway-b.log")).expect("create gateway-b.log");
-        let child = Command::new(gateway_bin())
-            .args(["run", "--upgrade", "--config"])
-            .arg(config)
-            .current_dir(dir)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("spawn ai-gateway run --upgrade");
-        Upgraded(child)
-    }
-}
-
-impl Drop for Upgraded {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Upgrades a 2-service gateway to one with `threads_b` threads; returns
 /// the old process's sockets and the new one's, once the old has exited.
 fn upgrade_to(threads_b: usize) -> (BTreeSet<u64>, BTreeSet<u64>) {
@@ -292,7 +263,10 @@ fn upgrade_to(threads_b: usize) -> (BTreeSet<u64>, BTreeSet<u64>) {
         .expect("the old gateway exits");
     assert!(status.success(), "old gateway: {status}\n{}", a.log());
 
-    assert!(b.0.try_wait().unwrap().is_none(), "the new gateway died");
+    assert!(
+        b.child.try_wait().unwrap().is_none(),
+        "the new gateway died"
+    );
     for i in 0..20 {
         assert_eq!(
             Conn::open(a.addr()).status(&format!("after/{i}")),
@@ -300,7 +274,7 @@ fn upgrade_to(threads_b: usize) -> (BTreeSet<u64>, BTreeSet<u64>) {
             "request {i}"
         );
     }
-    let new = listening_sockets(b.0.id(), a.port);
+    let new = listening_sockets(b.child.id(), a.port);
     let log = fs::read_to_string(&b_log).unwrap_or_default();
     assert!(
         !log.contains("in use"),

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use tempfile::TempDir;
 
 use super::config::{ConfigText, GatewayConfig, Listen};
-use super::util::{free_port, wait_until};
+use super::util::{free_port, poll, wait_until};
 
 /// The `RUST_LOG` a gateway runs with unless a test asks for another.
 pub const DEFAULT_LOG_LEVEL: &str = "info";
@@ -399,6 +399,61 @@ fn probe_http(port: u16) -> bool {
         }
     }
     buf[..got].starts_with(b"HTTP/1.")
+}
+
+// ---------------------------------------------------------------------------
+// 8. Graceful upgrade
+// ---------------------------------------------------------------------------
+
+/// A second gateway process started with `run --upgrade` in another
+/// gateway's directory; killed on drop.
+pub struct Upgraded {
+    /// The process.
+    pub child: Child,
+    /// Where its stderr goes: `gateway-b.log` in the directory.
+    pub log_path: PathBuf,
+}
+
+impl Upgraded {
+    pub fn spawn(config: &Path, dir: &Path) -> Upgraded {
+        let log_path = dir.join("gateway-b.log");
+        let log = fs::File::create(&log_path).expect("create gateway-b.log");
+        let child = Command::new(gateway_bin())
+            .args(["run", "--upgrade", "--config"])
+            .arg(config)
+            .current_dir(dir)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn ai-gateway run --upgrade");
+        Upgraded { child, log_path }
+    }
+
+    pub fn log(&self) -> String {
+        String::from_utf8_lossy(&fs::read(&self.log_path).unwrap_or_default()).into_owned()
+    }
+
+    pub fn wait_log(&mut self, needle: &str, timeout: Duration) {
+        let what = format!("{needle:?} in the new gateway's log");
+        poll(timeout, &what, || {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("new gateway exited ({status}):\n{}", self.log());
+            }
+            self.log().contains(needle).then_some(())
+        });
+    }
+}
+
+impl Drop for Upgraded {
+    fn drop(&mut self) {
+        if thread::panicking() {
+            eprintln!("---- new gateway log ----\n{}\n---- end ----", self.log());
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// Output of a one-shot run of the binary (see [`run_cli`]).

@@ -1,8 +1,11 @@
-//! Reading the gateway's `/metrics` (Prometheus text) from its admin
-//! listener.
+//! The gateway's admin listener: `/metrics` (Prometheus text) read by
+//! series, and `/readyz`.
 
-use std::net::SocketAddr;
+use std::io::{BufReader, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
 
+use super::raw_http::read_response;
 use super::util::agent;
 
 /// The Prometheus text the admin listener at `admin` serves; empty when it
@@ -34,4 +37,18 @@ pub fn metric_at(admin: SocketAddr, series: &str) -> f64 {
 /// The admin listener on loopback port `port`.
 pub fn local_admin(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+// ---------------------------------------------------------------------------
+// 5. Health and readiness
+// ---------------------------------------------------------------------------
+
+/// The status `/readyz` answers, or `None` if the admin listener does not
+/// answer at all.
+pub fn readyz_status(admin: SocketAddr) -> Option<u16> {
+    let mut s = TcpStream::connect_timeout(&admin, Duration::from_millis(200)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    s.write_all(b"GET /readyz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    read_response(&mut BufReader::new(s)).ok().map(|r| r.status)
 }

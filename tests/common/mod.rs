@@ -15,6 +15,8 @@
 //!   until it answers HTTP, and [`run_cli`] for one-shot commands;
 //! * [`redis`]: a real `redis-server` on a loopback port (for the cluster
 //!   tests), with a small RESP client to look inside it;
+//! * [`metrics`] and [`prometheus`]: the admin listener's `/metrics`, by
+//!   series or parsed strictly, and `/readyz`;
 //! * [`raw_http`]: raw HTTP/1.x request and response reading, for upstreams
 //!   and for tests that talk to the gateway over a bare `TcpStream`;
 //! * [`util`]: client helpers ([`agent`], [`wait_until`], [`sha256_hex`],
@@ -35,6 +37,7 @@ pub mod gateway;
 pub mod key_files;
 pub mod metrics;
 pub mod pebble;
+pub mod prometheus;
 pub mod raw_client;
 pub mod raw_http;
 pub mod redis;
@@ -49,6 +52,7 @@ pub use config::*;
 pub use gateway::*;
 pub use key_files::*;
 pub use metrics::*;
+pub use prometheus::*;
 pub use raw_client::*;
 pub use raw_http::*;
 pub use upstreams::*;

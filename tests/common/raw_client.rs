@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::raw_http::RawResponse;
+use super::raw_http::{read_response, RawResponse};
 
 /// How long a raw client waits for an answer before calling it missing.
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -44,6 +44,37 @@ pub fn request_bytes(
     let mut bytes = head.into_bytes();
     bytes.extend_from_slice(body);
     bytes
+}
+
+/// Sends one request on a new connection (in one write, `Connection:
+/// close`) and reads the whole answer. A write error is ignored (the
+/// gateway may refuse and close before it read the body); no connection
+/// or no answer is an `Err`.
+pub fn try_send(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> io::Result<RawResponse> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(15)))?;
+    s.set_write_timeout(Some(Duration::from_secs(15)))?;
+    let _ = s.set_nodelay(true);
+    let _ = s.write_all(&request_bytes(addr, method, path, headers, body));
+    read_response(&mut BufReader::new(s))
+}
+
+/// [`try_send`] that must get an answer.
+pub fn send(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> RawResponse {
+    try_send(addr, method, path, headers, body)
+        .unwrap_or_else(|e| panic!("{method} {path} {headers:?}: no answer from {addr}: {e}"))
 }
 
 pub fn show(r: &RawResponse) -> String {
