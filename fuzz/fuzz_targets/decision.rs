@@ -294,6 +294,11 @@ fn model_decide(method: &Method, path: &str, key: &ModelCredential, now: i64) ->
     if model_dot_segment(path) {
         return Expect::BadPath;
     }
+    // Segment parameters: no route here allows them (`allow_path_params`),
+    // and every path reaches a route (`/` is one).
+    if path.contains(';') || path.to_ascii_lowercase().contains("%3b") {
+        return Expect::BadPath;
+    }
     let Some(route) = ROUTES
         .iter()
         .filter(|r| path.starts_with(r.prefix))
