@@ -7,7 +7,14 @@
 //! head's deadline) or when a request starts (the later deadlines), from
 //! the snapshot in service at that moment: a reload changes them for new
 //! connections and new requests, without a restart.
+//!
+//! Also in this section: `underscores_in_headers`, which header names a
+//! client may send on.
+//!
+//! The connection cap's default depends on the process's open-file limit,
+//! which the compile step reads (`compile.rs`); everything here is pure.
 
+use std::num::NonZeroU64;
 use std::time::Duration;
 
 /// How long a client has to send a whole request head (request line and
@@ -51,80 +58,38 @@ pub enum CapSource {
     OpenFileLimit(u64),
 }
 
-/// The four settings as written in the config file.
-#[derive(Debug, Default)]
-pub struct ClientSettings<'a> {
-    pub header_timeout: Option<&'a str>,
-    pub idle_timeout: Option<&'a str>,
-    pub body_timeout: Option<&'a str>,
-    pub max_connections: Option<u64>,
-}
-
-/// A setting with a value that is not allowed; the caller turns it into a
-/// [`super::LoadError`] at the setting's line.
-#[derive(Debug, thiserror::Error)]
-#[error("{key}: {message}")]
-pub struct SettingError {
-    pub key: &'static str,
-    /// The value as written, to find its line.
-    pub value: String,
-    pub message: String,
+/// The four settings, checked (each timeout above zero, the cap at least
+/// one); `None` where the config leaves the default.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ClientSettings {
+    pub header_timeout: Option<Duration>,
+    pub idle_timeout: Option<Duration>,
+    pub body_timeout: Option<Duration>,
+    pub max_connections: Option<NonZeroU64>,
 }
 
 impl ClientLimits {
-    /// Validates the settings and fills in the defaults; `threads` is the
-    /// proxy's worker count (the upstream pool grows with it).
-    pub fn from_settings(
-        s: &ClientSettings<'_>,
-        threads: usize,
-    ) -> Result<ClientLimits, SettingError> {
-        let timeout = |key: &'static str, value: Option<&str>, default: Duration| match value {
-            None => Ok(default),
-            Some(v) => parse_timeout(v).map_err(|message| SettingError {
-                key,
-                value: v.to_string(),
-                message,
-            }),
-        };
+    /// The limits `s` asks for, defaults filled in. `threads` is the
+    /// proxy's worker count (the upstream pool grows with it); `open_files`
+    /// the soft open-file limit, which the default cap is derived from.
+    pub fn from_settings(s: &ClientSettings, threads: usize, open_files: u64) -> ClientLimits {
         let (max_connections, max_connections_from) = match s.max_connections {
-            Some(0) => {
-                return Err(SettingError {
-                    key: "max_connections",
-                    value: "0".into(),
-                    message: "must be at least 1 (leave it out for the default, derived from the open-file limit)".into(),
-                })
-            }
             Some(n) => (
-                usize::try_from(n).unwrap_or(usize::MAX),
+                usize::try_from(n.get()).unwrap_or(usize::MAX),
                 CapSource::Configured,
             ),
-            None => {
-                let soft = open_file_limit();
-                (
-                    cap_for_open_files(soft, threads),
-                    CapSource::OpenFileLimit(soft),
-                )
-            }
+            None => (
+                cap_for_open_files(open_files, threads),
+                CapSource::OpenFileLimit(open_files),
+            ),
         };
-        Ok(ClientLimits {
-            header_timeout: timeout(
-                "client_header_timeout",
-                s.header_timeout,
-                DEFAULT_CLIENT_HEADER_TIMEOUT,
-            )?,
-            idle_timeout: timeout(
-                "client_idle_timeout",
-                s.idle_timeout,
-                DEFAULT_CLIENT_IDLE_TIMEOUT,
-            )?,
-            body_timeout: timeout(
-                "client_body_timeout",
-                s.body_timeout,
-                DEFAULT_CLIENT_BODY_TIMEOUT,
-            )?,
+        ClientLimits {
+            header_timeout: s.header_timeout.unwrap_or(DEFAULT_CLIENT_HEADER_TIMEOUT),
+            idle_timeout: s.idle_timeout.unwrap_or(DEFAULT_CLIENT_IDLE_TIMEOUT),
+            body_timeout: s.body_timeout.unwrap_or(DEFAULT_CLIENT_BODY_TIMEOUT),
             max_connections,
             max_connections_from,
-        })
+        }
     }
 
     /// One line for `check` and the start-up log: the effective values and
@@ -144,17 +109,6 @@ impl ClientLimits {
     }
 }
 
-/// A duration such as `5s`, `300ms` or `2m`, as every timeout of the
-/// config is written; zero is refused (it would fail every request).
-pub fn parse_timeout(s: &str) -> Result<Duration, String> {
-    let d = humantime::parse_duration(s.trim())
-        .map_err(|e| format!("invalid duration {s:?} ({e}); write it like 5s, 300ms or 2m"))?;
-    if d.is_zero() {
-        return Err("a timeout of zero is not allowed".into());
-    }
-    Ok(d)
-}
-
 /// The default connection cap for a soft open-file limit of `soft`, so the
 /// gateway never runs out of descriptors:
 ///
@@ -172,29 +126,6 @@ pub fn cap_for_open_files(soft: u64, threads: usize) -> usize {
     let pool = UPSTREAM_POOL_PER_THREAD.saturating_mul(threads.max(1) as u64);
     let spare = soft.saturating_sub(RESERVED_FDS).saturating_sub(pool) / 2;
     usize::try_from(spare).unwrap_or(usize::MAX).max(1)
-}
-
-/// This process's soft `RLIMIT_NOFILE` (`ulimit -n`); `RLIM_INFINITY` is
-/// reported as `u64::MAX`. If the limit cannot be read, 1,024 (the usual
-/// default) is assumed.
-pub fn open_file_limit() -> u64 {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit only writes the struct it is given.
-    let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
-    if rc != 0 {
-        return 1024;
-    }
-    if lim.rlim_cur == libc::RLIM_INFINITY {
-        u64::MAX
-    } else {
-        // rlim_t is narrower than u64 on some targets.
-        #[allow(clippy::unnecessary_cast)]
-        let soft = lim.rlim_cur as u64;
-        soft
-    }
 }
 
 #[cfg(test)]
@@ -220,47 +151,27 @@ mod tests {
 
     #[test]
     fn defaults_and_configured_values() {
-        let d = ClientLimits::from_settings(&ClientSettings::default(), 2).unwrap();
+        let d = ClientLimits::from_settings(&ClientSettings::default(), 2, 1_024);
         assert_eq!(d.header_timeout, DEFAULT_CLIENT_HEADER_TIMEOUT);
         assert_eq!(d.idle_timeout, DEFAULT_CLIENT_IDLE_TIMEOUT);
         assert_eq!(d.body_timeout, DEFAULT_CLIENT_BODY_TIMEOUT);
-        let soft = open_file_limit();
-        assert_eq!(d.max_connections_from, CapSource::OpenFileLimit(soft));
-        assert_eq!(d.max_connections, cap_for_open_files(soft, 2));
+        assert_eq!(d.max_connections_from, CapSource::OpenFileLimit(1_024));
+        assert_eq!(d.max_connections, cap_for_open_files(1_024, 2));
         let c = ClientLimits::from_settings(
             &ClientSettings {
-                header_timeout: Some("2s"),
-                idle_timeout: Some(" 3s "),
-                body_timeout: Some("4000ms"),
-                max_connections: Some(7),
+                header_timeout: Some(Duration::from_secs(2)),
+                idle_timeout: Some(Duration::from_secs(3)),
+                body_timeout: Some(Duration::from_secs(4)),
+                max_connections: NonZeroU64::new(7),
             },
             2,
-        )
-        .unwrap();
-        assert_eq!(c.header_timeout, Duration::from_secs(2));
-        assert_eq!(c.idle_timeout, Duration::from_secs(3));
-        assert_eq!(c.body_timeout, Duration::from_secs(4));
+            1_024,
+        );
         assert_eq!(c.max_connections, 7);
         assert_eq!(c.max_connections_from, CapSource::Configured);
         assert_eq!(
             c.describe(),
             "client connections: at most 7 (set by max_connections); header timeout 2s, idle timeout 3s, body timeout 4s"
-        );
-        let e = ClientLimits::from_settings(
-            &ClientSettings {
-                idle_timeout: Some("0ms"),
-                ..ClientSettings::default()
-            },
-            2,
-        )
-        .unwrap_err();
-        assert_eq!(
-            (e.key, e.value.as_str(), e.to_string().as_str()),
-            (
-                "client_idle_timeout",
-                "0ms",
-                "client_idle_timeout: a timeout of zero is not allowed"
-            )
         );
     }
 }

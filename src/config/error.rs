@@ -54,32 +54,6 @@ impl LoadError {
         }
     }
 
-    /// Wraps a serde_yaml error, keeping its line and column.
-    pub fn from_yaml(path: &Path, err: &serde_yaml::Error) -> Self {
-        let location = err
-            .location()
-            .map(|l| Location::new(l.line(), l.column()))
-            .unwrap_or_default();
-        LoadError::at(path, location, strip_yaml_position(&err.to_string()))
-    }
-
-    /// Wraps a serde_yaml error about `text`. serde_yaml places an error
-    /// raised by a value's own check at the start of the mapping that holds
-    /// it; when the message quotes the value, the position is moved to
-    /// where that value is written, so the line points at the mistake.
-    pub fn from_yaml_in(path: &Path, err: &serde_yaml::Error, text: &str) -> Self {
-        let mut e = LoadError::from_yaml(path, err);
-        if let LoadError::Invalid {
-            location, message, ..
-        } = &mut e
-        {
-            if let Some(found) = quoted_value_location(text, message, *location) {
-                *location = found;
-            }
-        }
-        e
-    }
-
     /// Wraps a serde_json error, keeping its line and column.
     pub fn from_json(path: &Path, err: &serde_json::Error) -> Self {
         let location = if err.line() > 0 {
@@ -89,16 +63,6 @@ impl LoadError {
         };
         LoadError::at(path, location, strip_json_position(&err.to_string()))
     }
-}
-
-/// Where the first value quoted in `message` is written in `text`, at or
-/// after `from`.
-fn quoted_value_location(text: &str, message: &str, from: Location) -> Option<Location> {
-    let quoted = message.split('"').nth(1).filter(|q| !q.is_empty())?;
-    text.lines()
-        .enumerate()
-        .skip(from.line.unwrap_or(1).saturating_sub(1))
-        .find_map(|(i, line)| line.find(quoted).map(|col| Location::new(i + 1, col + 1)))
 }
 
 /// A 1-based line and column, printed the way compilers print them
@@ -128,18 +92,13 @@ impl fmt::Display for Location {
     }
 }
 
-/// serde_yaml appends " at line X column Y" to its messages; the position
+/// serde_json appends " at line X column Y" to its messages; the position
 /// is printed once, up front, instead.
-fn strip_yaml_position(msg: &str) -> String {
+fn strip_json_position(msg: &str) -> String {
     match msg.rfind(" at line ") {
         Some(i) => msg.get(..i).unwrap_or(msg).to_string(),
         None => msg.to_string(),
     }
-}
-
-/// serde_json appends " at line X column Y" too.
-fn strip_json_position(msg: &str) -> String {
-    strip_yaml_position(msg)
 }
 
 #[cfg(test)]
@@ -157,9 +116,9 @@ mod tests {
     #[test]
     fn position_suffix_is_stripped_once() {
         assert_eq!(
-            strip_yaml_position("unknown field `x` at line 3 column 5"),
+            strip_json_position("unknown field `x` at line 3 column 5"),
             "unknown field `x`"
         );
-        assert_eq!(strip_yaml_position("plain"), "plain");
+        assert_eq!(strip_json_position("plain"), "plain");
     }
 }

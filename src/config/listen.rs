@@ -11,8 +11,9 @@
 //!        directory: "https://acme-v02.api.letsencrypt.org/directory", cache: acme}}}
 //! ```
 //!
-//! Only the shape is checked here; the certificate files and the ACME cache
-//! are read by the `tls` layer.
+//! Only the shape is checked here; the addresses are resolved by the
+//! compile step, and the certificate files and the ACME cache are read by
+//! the `tls` layer, when listeners are set up and on every reload.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -20,6 +21,11 @@ use std::path::{Path, PathBuf};
 
 use serde::de::{self, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer};
+use serde_saphyr::{Location as Span, Spanned};
+
+use super::address::HostPort;
+use super::error::{LoadError, Location};
+use super::yaml::location;
 
 /// One listener, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,14 +106,14 @@ impl ListenSpec {
 /// A `listen` entry as written: a string or an object.
 #[derive(Debug)]
 pub(super) enum FileListen {
-    Plain(String),
+    Plain(HostPort),
     Full(FileListener),
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct FileListener {
-    address: String,
+    address: HostPort,
     #[serde(default)]
     tls: Option<FileTls>,
     #[serde(default)]
@@ -146,7 +152,7 @@ impl<'de> Deserialize<'de> for FileListen {
                 f.write_str("host:port, or {address: host:port, tls: {...}, redirect_https: bool}")
             }
             fn visit_str<E: de::Error>(self, s: &str) -> Result<FileListen, E> {
-                Ok(FileListen::Plain(s.to_string()))
+                HostPort::parse(s).map(FileListen::Plain).map_err(E::custom)
             }
             fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<FileListen, A::Error> {
                 FileListener::deserialize(de::value::MapAccessDeserializer::new(map))
@@ -157,9 +163,16 @@ impl<'de> Deserialize<'de> for FileListen {
     }
 }
 
-/// `listen` as written: one entry or a list of them.
+/// `listen` as written: one entry or a list of them, each with its
+/// position when it is one of a list (a single entry has the position of
+/// `listen`'s value).
 #[derive(Debug)]
-pub(super) struct FileListenList(pub(super) Vec<FileListen>);
+pub(super) struct FileListenList(Vec<Spanned<FileListen>>);
+
+/// A value without a position of its own.
+fn unplaced<T>(value: T) -> Spanned<T> {
+    Spanned::new(value, Span::UNKNOWN, Span::UNKNOWN)
+}
 
 impl<'de> Deserialize<'de> for FileListenList {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -170,18 +183,19 @@ impl<'de> Deserialize<'de> for FileListenList {
                 f.write_str("an address (host:port), a listener object, or a list of them")
             }
             fn visit_str<E: de::Error>(self, s: &str) -> Result<FileListenList, E> {
-                Ok(FileListenList(vec![FileListen::Plain(s.to_string())]))
+                let entry = HostPort::parse(s).map_err(E::custom)?;
+                Ok(FileListenList(vec![unplaced(FileListen::Plain(entry))]))
             }
             fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<FileListenList, A::Error> {
                 FileListener::deserialize(de::value::MapAccessDeserializer::new(map))
-                    .map(|l| FileListenList(vec![FileListen::Full(l)]))
+                    .map(|l| FileListenList(vec![unplaced(FileListen::Full(l))]))
             }
             fn visit_seq<A: de::SeqAccess<'de>>(
                 self,
                 mut seq: A,
             ) -> Result<FileListenList, A::Error> {
                 let mut v = Vec::new();
-                while let Some(l) = seq.next_element::<FileListen>()? {
+                while let Some(l) = seq.next_element::<Spanned<FileListen>>()? {
                     v.push(l);
                 }
                 Ok(FileListenList(v))
@@ -191,43 +205,79 @@ impl<'de> Deserialize<'de> for FileListenList {
     }
 }
 
-impl FileListen {
-    pub(super) fn address(&self) -> &str {
-        match self {
-            FileListen::Plain(a) => a,
-            FileListen::Full(l) => &l.address,
-        }
-    }
+/// A listener, checked: its address as written (resolved by the compile
+/// step) and what it speaks.
+#[derive(Debug)]
+pub(super) struct CheckedListener {
+    pub(super) address: HostPort,
+    /// Where the entry is written.
+    pub(super) at: Location,
+    pub(super) kind: ListenKind,
+}
 
-    /// Validates the entry; `addr` is its resolved address, `base` the
-    /// config's folder (relative paths are resolved against it).
-    pub(super) fn validate(self, addr: SocketAddr, base: &Path) -> Result<ListenSpec, String> {
+/// Checks `listen`: at least one entry, each a consistent listener, and
+/// the listeners together (see [`check_listeners`]); `base` is the config's
+/// folder (relative paths are resolved against it). Errors are about
+/// `path`.
+pub(super) fn check(
+    path: &Path,
+    listen: Spanned<FileListenList>,
+    base: &Path,
+) -> Result<Vec<CheckedListener>, LoadError> {
+    let list_at = location(&listen);
+    let entries = listen.value.0;
+    if entries.is_empty() {
+        return Err(LoadError::at(
+            path,
+            list_at,
+            "listen: at least one address is needed",
+        ));
+    }
+    let mut out = Vec::with_capacity(entries.len());
+    for entry in entries {
+        let at = match location(&entry) {
+            Location { line: None, .. } => list_at,
+            known => known,
+        };
+        let (address, kind) = entry.value.check(base).map_err(|(address, why)| {
+            LoadError::at(path, at, format!("listen {:?}: {why}", address.to_string()))
+        })?;
+        out.push(CheckedListener { address, at, kind });
+    }
+    let kinds: Vec<&ListenKind> = out.iter().map(|l| &l.kind).collect();
+    check_listeners(&kinds).map_err(|why| LoadError::at(path, list_at, why))?;
+    Ok(out)
+}
+
+impl FileListen {
+    /// The entry's address and kind; `base` is the config's folder. An
+    /// error comes with the address, which names the entry.
+    fn check(self, base: &Path) -> Result<(HostPort, ListenKind), (HostPort, String)> {
         let l = match self {
-            FileListen::Plain(_) => {
-                return Ok(ListenSpec {
-                    addr,
-                    kind: ListenKind::Plain,
-                })
-            }
+            FileListen::Plain(address) => return Ok((address, ListenKind::Plain)),
             FileListen::Full(l) => l,
         };
         let kind = match (l.tls, l.redirect_https) {
             (None, false) => ListenKind::Plain,
             (None, true) => ListenKind::Redirect,
             (Some(_), true) => {
-                return Err(
+                return Err((
+                    l.address,
                     "redirect_https is for plain listeners: a TLS listener serves https itself"
                         .into(),
-                )
+                ))
             }
-            (Some(tls), false) => ListenKind::Tls(tls.validate(base)?),
+            (Some(tls), false) => match tls.check(base) {
+                Ok(source) => ListenKind::Tls(source),
+                Err(why) => return Err((l.address, why)),
+            },
         };
-        Ok(ListenSpec { addr, kind })
+        Ok((l.address, kind))
     }
 }
 
 impl FileTls {
-    fn validate(self, base: &Path) -> Result<TlsSource, String> {
+    fn check(self, base: &Path) -> Result<TlsSource, String> {
         match (self.cert, self.key, self.acme) {
             (Some(cert), Some(key), None) => Ok(TlsSource::Files {
                 cert: base.join(cert),
@@ -269,17 +319,20 @@ impl FileTls {
 /// Checks across listeners: a redirect needs a TLS listener to point at,
 /// ACME needs a plain listener for its HTTP-01 challenges, and two ACME
 /// listeners sharing a cache must ask for the same certificate.
-pub(super) fn check_listeners(listeners: &[ListenSpec]) -> Result<(), String> {
-    let has_tls = listeners.iter().any(ListenSpec::is_tls);
-    let has_plain = listeners.iter().any(|l| !l.is_tls());
-    if !has_tls && listeners.iter().any(|l| l.kind == ListenKind::Redirect) {
+fn check_listeners(kinds: &[&ListenKind]) -> Result<(), String> {
+    let tls = kinds
+        .iter()
+        .filter(|k| matches!(k, ListenKind::Tls(_)))
+        .count();
+    let (has_tls, has_plain) = (tls > 0, tls < kinds.len());
+    if !has_tls && kinds.iter().any(|k| **k == ListenKind::Redirect) {
         return Err(
             "listen: redirect_https needs a TLS listener (an entry with tls) to redirect to".into(),
         );
     }
-    let acme: Vec<&AcmeSpec> = listeners
+    let acme: Vec<&AcmeSpec> = kinds
         .iter()
-        .filter_map(|l| match &l.kind {
+        .filter_map(|k| match k {
             ListenKind::Tls(TlsSource::Acme(a)) => Some(a),
             _ => None,
         })

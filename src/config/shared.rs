@@ -4,15 +4,17 @@
 //! Only the settings live here; connecting and counting are the `cluster`
 //! layer's. The URL is checked for its form (scheme, host, port, database)
 //! without connecting, so `check` can run on a machine that cannot reach
-//! Redis.
+//! Redis. The CA file (`ca`) is read by the compile step.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
+use serde_saphyr::Spanned;
 
-use super::clients::parse_timeout;
-use super::error::LoadError;
+use super::error::{LoadError, Location};
+use super::values::Timeout;
+use super::yaml::location;
 
 /// How long one Redis call may take before the request goes on without it.
 pub const DEFAULT_REDIS_TIMEOUT: Duration = Duration::from_millis(100);
@@ -129,7 +131,7 @@ pub(super) struct FileSharedState {
     #[serde(default)]
     timeout: Option<RedisTimeout>,
     #[serde(default)]
-    ca: Option<PathBuf>,
+    ca: Option<Spanned<PathBuf>>,
 }
 
 impl std::fmt::Debug for RedisUrl {
@@ -146,7 +148,7 @@ struct RedisTimeout(Duration);
 impl<'de> Deserialize<'de> for RedisTimeout {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        let t = parse_timeout(&s).map_err(serde::de::Error::custom)?;
+        let Timeout(t) = Timeout::parse(&s).map_err(serde::de::Error::custom)?;
         if t > Duration::from_secs(10) {
             return Err(serde::de::Error::custom(format!(
                 "shared_state.timeout {s:?} is over 10s: a request may wait this long for Redis"
@@ -156,26 +158,32 @@ impl<'de> Deserialize<'de> for RedisTimeout {
     }
 }
 
+/// `shared_state`, checked; the CA file not read yet.
+#[derive(Debug)]
+pub(super) struct CheckedSharedState {
+    pub(super) redis: RedisUrl,
+    pub(super) on_error: OnRedisError,
+    pub(super) timeout: Duration,
+    /// `ca` (relative to the config's folder) and where it is written.
+    pub(super) ca: Option<(PathBuf, Location)>,
+}
+
 impl FileSharedState {
-    /// Fills in the defaults and reads `ca` (relative to `base`, the
-    /// config's folder); errors name `path`, the config, or the CA file.
-    pub(super) fn validate(self, path: &Path, base: &Path) -> Result<SharedStateSpec, LoadError> {
+    /// Fills in the defaults; `base` is the config's folder. Errors are
+    /// about `path`, the config.
+    pub(super) fn check(self, path: &Path, base: &Path) -> Result<CheckedSharedState, LoadError> {
         let ca = match self.ca {
             None => None,
-            Some(_) if !self.redis.secret().starts_with("rediss://") => {
-                return Err(LoadError::invalid(
+            Some(ca) if !self.redis.secret().starts_with("rediss://") => {
+                return Err(LoadError::at(
                     path,
+                    location(&ca),
                     "shared_state.ca is set but shared_state.redis is not a rediss:// (TLS) URL",
                 ))
             }
-            Some(ca) => {
-                let ca_path = base.join(ca);
-                let pem = std::fs::read(&ca_path).map_err(|e| LoadError::io(&ca_path, e))?;
-                super::pem::parse_certificates(&ca_path, &pem)?;
-                Some(RedisCa { path: ca_path, pem })
-            }
+            Some(ca) => Some((base.join(&ca.value), location(&ca))),
         };
-        Ok(SharedStateSpec {
+        Ok(CheckedSharedState {
             redis: self.redis,
             on_error: self.on_redis_error,
             timeout: self.timeout.map_or(DEFAULT_REDIS_TIMEOUT, |t| t.0),

@@ -1,15 +1,80 @@
 //! Setting values that are more than a number or a string: a request rate
-//! (`60/min`), a size (`10MB`), an address or range (`10.0.0.0/8`). Each
-//! checks itself while it is deserialized, so its error carries the line
-//! and column, in the config and in the key file alike.
+//! (`60/min`), a size (`10MB`), an address or range (`10.0.0.0/8`), a
+//! timeout (`5s`), a count of at least one. Each checks itself while it is
+//! deserialized, so its error carries the line and column, in the config
+//! and in the key file alike.
 
 use std::fmt;
+use std::marker::PhantomData;
 use std::net::IpAddr;
-use std::num::NonZeroU32;
+use std::num::{NonZeroU32, NonZeroU64};
 use std::time::Duration;
 
 use ipnet::IpNet;
+use serde::de::{Unexpected, Visitor};
 use serde::{Deserialize, Deserializer};
+
+/// A duration such as `5s`, `300ms` or `2m`, as every timeout of the
+/// config is written; zero is refused (it would fail every request).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeout(pub Duration);
+
+impl Timeout {
+    pub fn parse(s: &str) -> Result<Timeout, String> {
+        let d = humantime::parse_duration(s.trim())
+            .map_err(|e| format!("invalid duration {s:?} ({e}); write it like 5s, 300ms or 2m"))?;
+        if d.is_zero() {
+            return Err("a timeout of zero is not allowed".into());
+        }
+        Ok(Timeout(d))
+    }
+}
+
+impl<'de> Deserialize<'de> for Timeout {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Timeout::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// A whole number of at least 1 (`threads`, `max_concurrent`,
+/// `max_connections`), written as a plain number and held as `T`
+/// (`NonZeroU32`, `NonZeroUsize`, ...). Zero is refused with a reason
+/// (for these settings it would let nothing through), and anything else
+/// that is not such a number in serde's words, quoting what was written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Positive<T>(pub T);
+
+impl<'de, T: TryFrom<NonZeroU64>> Deserialize<'de> for Positive<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<T>(PhantomData<T>);
+        impl<T: TryFrom<NonZeroU64>> Visitor<'_> for V<T> {
+            type Value = Positive<T>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a whole number of at least 1")
+            }
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<Positive<T>, E> {
+                let Some(nz) = NonZeroU64::new(n) else {
+                    return Err(E::custom(
+                        "must be at least 1 (leave the setting out for its default)",
+                    ));
+                };
+                T::try_from(nz)
+                    .map(Positive)
+                    .map_err(|_| E::custom(format!("{n} is too large")))
+            }
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<Positive<T>, E> {
+                match u64::try_from(n) {
+                    Ok(u) => self.visit_u64(u),
+                    Err(_) => Err(E::invalid_type(Unexpected::Signed(n), &self)),
+                }
+            }
+        }
+        // `any`: a string or a fraction reaches the visitor, which names
+        // it, instead of the parser's bare "invalid u64".
+        d.deserialize_any(V(PhantomData))
+    }
+}
 
 /// A request rate: `count` requests per `period`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -430,6 +495,17 @@ mod tests {
             assert!(ModelPattern::parse(bad).is_err(), "{bad:?}");
         }
         assert!(ModelPattern::parse(&"x".repeat(MAX_MODEL_NAME + 1)).is_err());
+    }
+
+    #[test]
+    fn timeouts() {
+        assert_eq!(Timeout::parse(" 3s ").unwrap().0, Duration::from_secs(3));
+        assert_eq!(Timeout::parse("4000ms").unwrap().0, Duration::from_secs(4));
+        let e = Timeout::parse("0ms").unwrap_err();
+        assert_eq!(e, "a timeout of zero is not allowed");
+        assert!(Timeout::parse("5")
+            .unwrap_err()
+            .contains("time unit needed"));
     }
 
     #[test]

@@ -9,13 +9,14 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
+use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
 
 use super::digest::{KeyDigest, KeyId, DIGEST_PREFIX};
 use super::store::{KeyStore, ServiceTable};
-use crate::config::LoadError;
+use crate::config::{yaml, LoadError};
 
 /// The two syntaxes a key file can have.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,9 +95,7 @@ impl KeyFile {
                 serde_json::from_str(&text).map_err(|e| LoadError::from_json(path, &e))?
             }
             Format::Yaml if text.trim().is_empty() => Map::new(),
-            Format::Yaml => {
-                serde_yaml::from_str(&text).map_err(|e| LoadError::from_yaml(path, &e))?
-            }
+            Format::Yaml => yaml::from_str_seed(path, &text, PhantomData)?,
         };
         Ok(KeyFile {
             path: path.to_path_buf(),
@@ -114,8 +113,7 @@ impl KeyFile {
                     s
                 })
                 .map_err(|e| LoadError::invalid(&self.path, e.to_string())),
-            Format::Yaml => serde_yaml::to_string(&self.entries)
-                .map_err(|e| LoadError::invalid(&self.path, e.to_string())),
+            Format::Yaml => yaml::to_string(&self.path, &self.entries),
         }
     }
 

@@ -6,8 +6,8 @@
 //! immutable key set: one hash, one lookup), the key file's formats and its
 //! locked, atomic edits.
 //!
-//! May import: `config` (for [`LoadError`](crate::config::LoadError) and to
-//! find the key file a config names).
+//! May import: `config` (for [`LoadError`](crate::config::LoadError), its
+//! YAML reader, and to find the key file a config names).
 
 mod commands;
 mod digest;

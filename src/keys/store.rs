@@ -27,7 +27,7 @@ use serde::de::{DeserializeSeed, Error as _, MapAccess, Visitor};
 use serde::Deserialize;
 
 use super::digest::{DigestHasher, KeyDigest, KeyId, DIGEST_PREFIX};
-use crate::config::{Limits, LoadError, ModelPattern, Rate, TokenRate};
+use crate::config::{yaml, Limits, LoadError, ModelPattern, Rate, TokenRate};
 
 /// An index into the route table's list of services.
 pub type ServiceId = u16;
@@ -166,10 +166,7 @@ impl KeyStore {
             .is_some_and(|e| e.eq_ignore_ascii_case("yaml") || e.eq_ignore_ascii_case("yml"));
         let looks_json = text.trim_start().starts_with('{');
         if is_yaml_name || !looks_json {
-            let de = serde_yaml::Deserializer::from_str(text);
-            EntriesSeed(&mut builder)
-                .deserialize(de)
-                .map_err(|e| LoadError::from_yaml(path, &e))?;
+            yaml::from_str_seed(path, text, EntriesSeed(&mut builder))?;
         } else {
             let mut de = serde_json::Deserializer::from_str(text);
             EntriesSeed(&mut builder)
@@ -593,7 +590,9 @@ struct EntriesSeed<'b, 's>(&'b mut KeyStoreBuilder<'s>);
 impl<'de> DeserializeSeed<'de> for EntriesSeed<'_, '_> {
     type Value = ();
     fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        d.deserialize_map(self)
+        // `any`, not `map`: what is not a mapping is then named in serde's words
+        // ("invalid type: sequence, expected ..."), by any parser.
+        d.deserialize_any(self)
     }
 }
 
@@ -633,7 +632,9 @@ struct EntrySeed<'n, 'b, 's> {
 impl<'de> DeserializeSeed<'de> for EntrySeed<'_, '_, '_> {
     type Value = ();
     fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        d.deserialize_map(self)
+        // `any`, not `map`: what is not a mapping is then named in serde's words
+        // ("invalid type: sequence, expected ..."), by any parser.
+        d.deserialize_any(self)
     }
 }
 
@@ -792,6 +793,32 @@ mod tests {
         let s = parse("k.json", r#"{"k": {"user": "u", "service": "*"}}"#).unwrap();
         assert!(s.check(Some(b"k"), 0, NOW).is_ok());
         assert!(s.check(Some(b"k"), 1, NOW).is_ok());
+    }
+
+    #[test]
+    fn yaml_errors_name_the_line_and_never_the_key() {
+        let e = err(
+            "keys.yaml",
+            "yaml-secret-1:\n  user: a\n  service: chat\n  rate_limit: fast\n",
+        );
+        let id = KeyDigest::of(b"yaml-secret-1").id().to_string();
+        assert!(
+            e.starts_with(&format!(
+                "keys.yaml:4:15: entry for key {id}: invalid rate \"fast\""
+            )),
+            "{e}"
+        );
+        let e = err(
+            "keys.yaml",
+            "yaml-secret-1: {user: a, service: chat}\nyaml-secret-1: {user: b, service: chat}\n",
+        );
+        assert!(
+            e.starts_with("keys.yaml:2:") && e.contains("listed twice"),
+            "{e}"
+        );
+        for e in [e, err("keys.yaml", "yaml-secret-1: [1]\n")] {
+            assert!(!e.contains("yaml-secret-1"), "{e}");
+        }
     }
 
     #[test]

@@ -88,9 +88,9 @@ pub struct Cors {
 const ALL_METHODS: &str = "GET, POST, PUT, PATCH, DELETE, OPTIONS";
 
 impl Cors {
-    fn build(spec: &CorsSpec, methods: Option<&[String]>) -> Option<Cors> {
+    fn build(spec: &CorsSpec, methods: Option<&[Method]>) -> Option<Cors> {
         let allow_methods = match methods {
-            Some(ms) => HeaderValue::from_str(&ms.join(", ")).ok()?,
+            Some(ms) => method_list(ms)?,
             None => HeaderValue::from_static(ALL_METHODS),
         };
         Some(Cors {
@@ -120,17 +120,17 @@ pub struct Upstream {
     pub health: Arc<UpstreamHealth>,
 }
 
+/// `POST, GET`: an `Allow` or `Access-Control-Allow-Methods` value. Method
+/// tokens are always valid header text.
+fn method_list(methods: &[Method]) -> Option<HeaderValue> {
+    let names: Vec<&str> = methods.iter().map(Method::as_str).collect();
+    HeaderValue::from_str(&names.join(", ")).ok()
+}
+
 impl Route {
     fn build(spec: &RouteSpec, services: &mut ServiceTable, health: &HealthBook) -> Route {
-        let methods: Option<Box<[Method]>> = spec.methods.as_ref().map(|ms| {
-            ms.iter()
-                .filter_map(|m| Method::from_bytes(m.as_bytes()).ok())
-                .collect()
-        });
-        let allow = spec
-            .methods
-            .as_ref()
-            .and_then(|ms| HeaderValue::from_str(&ms.join(", ")).ok());
+        let methods: Option<Box<[Method]>> = spec.methods.as_deref().map(Box::from);
+        let allow = spec.methods.as_deref().and_then(method_list);
         let ca = spec.upstream_ca.as_ref().and_then(ca_list);
         let mut upstreams: Vec<Upstream> = Vec::new();
         let mut pool_of = |ups: &mut dyn Iterator<Item = UpstreamSpec>| {
@@ -607,7 +607,7 @@ mod tests {
     #[test]
     fn methods_and_allow_header() {
         let mut s = spec("chat", "/chat/", true);
-        s.methods = Some(vec!["POST".into(), "GET".into()]);
+        s.methods = Some(vec![Method::POST, Method::GET]);
         let r = router(&[s]);
         let route = r.get(0).unwrap();
         assert!(route.allows_method(&Method::POST));
