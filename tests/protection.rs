@@ -55,89 +55,9 @@ fn exclusive() -> RwLockWriteGuard<'static, ()> {
 /// How long a reload (file watch or SIGHUP) may take to show in the log.
 const RELOAD_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// One route in YAML flow style, prefix stripped; `extra` goes inside the
-/// mapping (e.g. `", rate_limit: \"3/min\""`).
-fn route(name: &str, prefix: &str, service: &str, upstream: SocketAddr, extra: &str) -> String {
-    format!(
-        "  - {{name: {name}, path_prefix: \"{prefix}\", service: {service}, strip_prefix: true, upstreams: [\"{upstream}\"]{extra}}}\n"
-    )
-}
-
-/// A config body: `top` (top-level settings, each line ending in `\n`)
-/// followed by the routes.
-fn config(top: &str, routes: &[String]) -> String {
-    format!("threads: 2\n{top}routes:\n{}", routes.concat())
-}
-
-/// Starts a gateway whose config needs the port of its admin listener:
-/// `body(admin_port)` is the config body. Retries on fresh ports if one
-/// was taken in the meantime. Returns the gateway and the admin address.
-fn start_with_admin(body: impl Fn(u16) -> String, keys_json: &str) -> (Gateway, SocketAddr) {
-    for attempt in 1.. {
-        let port = free_port();
-        let admin_port = free_port();
-        let files = GatewayFiles::write(&default_config(port, &body(admin_port)), keys_json);
-        let mut gw = Gateway::spawn(files, port);
-        match gw.wait_ready(READY_TIMEOUT) {
-            Ok(()) => return (gw, SocketAddr::from(([127, 0, 0, 1], admin_port))),
-            Err(msg) => {
-                if !(msg.to_ascii_lowercase().contains("in use") && attempt < 3) {
-                    panic!("{msg}");
-                }
-            }
-        }
-    }
-    unreachable!()
-}
-
 // ---------------------------------------------------------------------------
 // A raw HTTP/1.1 client
 // ---------------------------------------------------------------------------
-
-/// Sends one request on a new connection (in one write) and reads the whole
-/// answer; a write error is ignored (the gateway may refuse and close before
-/// it read the body), a missing answer is an `Err`.
-fn try_send(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &[u8],
-) -> io::Result<RawResponse> {
-    let mut s = connect(addr);
-    let _ = s.write_all(&request_bytes(addr, method, path, headers, body));
-    read_response(&mut BufReader::new(s))
-}
-
-/// [`try_send`] that must get an answer.
-fn send(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &[u8],
-) -> RawResponse {
-    try_send(addr, method, path, headers, body)
-        .unwrap_or_else(|e| panic!("{method} {path} {headers:?}: no answer from {addr}: {e}"))
-}
-
-/// `GET path` with `X-API-Key: key` (and any `extra` headers).
-fn get(gw: &Gateway, path: &str, key: &str, extra: &[(&str, &str)]) -> RawResponse {
-    let mut headers = vec![("X-API-Key", key)];
-    headers.extend_from_slice(extra);
-    send(gw.addr(), "GET", path, &headers, b"")
-}
-
-/// Sleeps until `retry_after` seconds after `since`: waiting out the window
-/// the gateway announced is the behaviour under test. (A `Retry-After`
-/// rounded down would make the request after it fail, as it should.)
-fn wait_retry_after(since: Instant, retry_after: u64) {
-    let until = since + Duration::from_secs(retry_after);
-    let now = Instant::now();
-    if until > now {
-        thread::sleep(until - now);
-    }
-}
 
 /// Whether any `Vary` header lists `Origin`.
 fn varies_on_origin(r: &RawResponse) -> bool {
@@ -182,56 +102,6 @@ fn token_set(v: &str) -> Vec<String> {
 // Streams held open
 // ---------------------------------------------------------------------------
 
-/// [`open_stream`] that must succeed.
-fn must_open(addr: SocketAddr, path: &str, key: &str, what: &str) -> OpenStream {
-    open_stream(addr, path, key)
-        .unwrap_or_else(|r| panic!("{what}: the stream was refused: {}", show(&r)))
-}
-
-/// Asserts that a stream request is refused with 429 `too many concurrent
-/// requests` (reading only the answer's head if it is a stream); returns
-/// how long the answer took.
-fn assert_stream_refused(addr: SocketAddr, path: &str, key: &str, what: &str) -> Duration {
-    let asked = Instant::now();
-    match open_stream(addr, path, key) {
-        Ok(st) => {
-            let took = asked.elapsed();
-            st.disconnect();
-            panic!("{what}: the stream opened (200 after {took:?}) instead of a 429");
-        }
-        Err(r) => {
-            let took = asked.elapsed();
-            assert_refusal(&r, 429, "too many concurrent requests", what);
-            took
-        }
-    }
-}
-
-/// Retries [`open_stream`] until it succeeds (a slot is freed by the
-/// gateway just after the body ended, or after it noticed a disconnect),
-/// refused meanwhile only with 429 `too many concurrent requests`.
-fn open_stream_within(
-    addr: SocketAddr,
-    path: &str,
-    key: &str,
-    timeout: Duration,
-    what: &str,
-) -> OpenStream {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match open_stream(addr, path, key) {
-            Ok(st) => return st,
-            Err(r) => {
-                assert_refusal(&r, 429, "too many concurrent requests", what);
-                if Instant::now() >= deadline {
-                    panic!("{what}: still 429 after {timeout:?}: the slot was not freed");
-                }
-                thread::sleep(Duration::from_millis(20));
-            }
-        }
-    }
-}
-
 // ---------------------------------------------------------------------------
 // Metrics and audit
 // ---------------------------------------------------------------------------
@@ -254,17 +124,6 @@ fn refused_total(admin: SocketAddr, reason: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// The complete lines of the audit file, parsed.
-fn audit_lines(path: &Path) -> Vec<Value> {
-    let text = fs::read_to_string(path).unwrap_or_default();
-    let complete = text.rfind('\n').map_or("", |i| &text[..=i]);
-    complete
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("audit line {l:?}: {e}")))
-        .collect()
-}
-
 // ---------------------------------------------------------------------------
 // Rate limits
 // ---------------------------------------------------------------------------
@@ -277,16 +136,12 @@ fn rate_limit_allows_n_then_429_with_retry_after_then_recovers_and_keys_do_not_s
     let _load = shared();
     let echo = EchoServer::start();
     let gw = Gateway::start(
-        &config("", &[route("chat", "/chat/", "chat", echo.addr, "")]),
-        &keys(&[
-            (
-                RATE_A,
-                r#""user": "ann", "service": "chat", "rate_limit": "5/s""#,
-            ),
-            (
-                RATE_B,
-                r#""user": "bob", "service": "chat", "rate_limit": "5/s""#,
-            ),
+        &GatewayConfig::new()
+            .threads(2)
+            .route(Route::chat(echo.addr)),
+        &KeyFile::of([
+            Key::new(RATE_A, "ann").service("chat").rate_limit("5/s"),
+            Key::new(RATE_B, "bob").service("chat").rate_limit("5/s"),
         ]),
     );
 
@@ -294,12 +149,12 @@ fn rate_limit_allows_n_then_429_with_retry_after_then_recovers_and_keys_do_not_s
     let burst_start = Instant::now();
     for i in 1..=5 {
         assert_status(
-            &get(&gw, "/chat/x", RATE_A, &[]),
+            &get_keyed(&gw, "/chat/x", RATE_A, &[]),
             200,
             &format!("A request {i}"),
         );
     }
-    let refused = get(&gw, "/chat/x", RATE_A, &[]);
+    let refused = get_keyed(&gw, "/chat/x", RATE_A, &[]);
     let refused_at = Instant::now();
     assert_refusal(
         &refused,
@@ -314,13 +169,13 @@ fn rate_limit_allows_n_then_429_with_retry_after_then_recovers_and_keys_do_not_s
     // Another key has its own budget.
     for i in 1..=5 {
         assert_status(
-            &get(&gw, "/chat/x", RATE_B, &[]),
+            &get_keyed(&gw, "/chat/x", RATE_B, &[]),
             200,
             &format!("B request {i}"),
         );
     }
     assert_refusal(
-        &get(&gw, "/chat/x", RATE_B, &[]),
+        &get_keyed(&gw, "/chat/x", RATE_B, &[]),
         429,
         "rate limit exceeded",
         "B request 6",
@@ -330,13 +185,13 @@ fn rate_limit_allows_n_then_429_with_retry_after_then_recovers_and_keys_do_not_s
     wait_retry_after(refused_at, wait);
     for i in 1..=5 {
         assert_status(
-            &get(&gw, "/chat/x", RATE_A, &[]),
+            &get_keyed(&gw, "/chat/x", RATE_A, &[]),
             200,
             &format!("A request {i} after Retry-After"),
         );
     }
     assert_refusal(
-        &get(&gw, "/chat/x", RATE_A, &[]),
+        &get_keyed(&gw, "/chat/x", RATE_A, &[]),
         429,
         "rate limit exceeded",
         "A request 6 after Retry-After",
@@ -348,38 +203,34 @@ fn rate_limit_precedence_is_key_then_route_then_global_and_a_key_has_one_counter
     let _load = shared();
     let echo = EchoServer::start();
     let gw = Gateway::start(
-        &config(
-            "rate_limit: \"2/min\"\n",
-            &[
-                route("a", "/a/", "chat", echo.addr, ", rate_limit: \"3/min\""),
-                route("b", "/b/", "chat", echo.addr, ""),
-            ],
-        ),
-        &keys(&[
-            (
-                "prot-prec-own-0001",
-                r#""user": "own", "service": "chat", "rate_limit": "4/min""#,
-            ),
-            ("prot-prec-route-0002", r#""user": "r1", "service": "chat""#),
-            ("prot-prec-route-0003", r#""user": "r2", "service": "chat""#),
-            ("prot-prec-global-0004", r#""user": "g", "service": "chat""#),
-            (
-                "prot-prec-both-0005",
-                r#""user": "both", "service": "chat", "rate_limit": "3/min""#,
-            ),
+        &GatewayConfig::new()
+            .threads(2)
+            .rate_limit("2/min")
+            .route(Route::stripped("a", "/a/", "chat", echo.addr).rate_limit("3/min"))
+            .route(Route::stripped("b", "/b/", "chat", echo.addr)),
+        &KeyFile::of([
+            Key::new("prot-prec-own-0001", "own")
+                .service("chat")
+                .rate_limit("4/min"),
+            Key::new("prot-prec-route-0002", "r1").service("chat"),
+            Key::new("prot-prec-route-0003", "r2").service("chat"),
+            Key::new("prot-prec-global-0004", "g").service("chat"),
+            Key::new("prot-prec-both-0005", "both")
+                .service("chat")
+                .rate_limit("3/min"),
         ]),
     );
     // `n` requests pass on `path`, the next is 429.
     let exactly = |key: &str, path: &str, n: usize, what: &str| {
         for i in 1..=n {
             assert_status(
-                &get(&gw, path, key, &[]),
+                &get_keyed(&gw, path, key, &[]),
                 200,
                 &format!("{what}: request {i}"),
             );
         }
         assert_refusal(
-            &get(&gw, path, key, &[]),
+            &get_keyed(&gw, path, key, &[]),
             429,
             "rate limit exceeded",
             &format!("{what}: request {}", n + 1),
@@ -413,16 +264,24 @@ fn rate_limit_precedence_is_key_then_route_then_global_and_a_key_has_one_counter
 
     // One counter per key, whichever route it is used on.
     let both = "prot-prec-both-0005";
-    assert_status(&get(&gw, "/a/x", both, &[]), 200, "one-counter key on /a/");
-    assert_status(&get(&gw, "/b/x", both, &[]), 200, "one-counter key on /b/");
     assert_status(
-        &get(&gw, "/a/x", both, &[]),
+        &get_keyed(&gw, "/a/x", both, &[]),
+        200,
+        "one-counter key on /a/",
+    );
+    assert_status(
+        &get_keyed(&gw, "/b/x", both, &[]),
+        200,
+        "one-counter key on /b/",
+    );
+    assert_status(
+        &get_keyed(&gw, "/a/x", both, &[]),
         200,
         "one-counter key on /a/ again",
     );
     for path in ["/b/x", "/a/x"] {
         assert_refusal(
-            &get(&gw, path, both, &[]),
+            &get_keyed(&gw, path, both, &[]),
             429,
             "rate limit exceeded",
             &format!("the 4th request of a 3/min key, on {path}"),
@@ -436,11 +295,8 @@ fn rate_limit_precedence_is_key_then_route_then_global_and_a_key_has_one_counter
 
 const CONC_KEY: &str = "prot-conc-key-0001";
 
-fn conc_keys() -> String {
-    keys(&[(
-        CONC_KEY,
-        r#""user": "ann", "service": "chat", "max_concurrent": 2"#,
-    )])
+fn conc_keys() -> KeyFile {
+    KeyFile::of([Key::new(CONC_KEY, "ann").service("chat").max_concurrent(2)])
 }
 
 #[test]
@@ -453,13 +309,10 @@ fn max_concurrent_refuses_a_third_stream_at_once_and_a_finished_stream_frees_its
     let up = StreamServer::start(30, Duration::from_millis(100));
     let long = StreamServer::start(100, Duration::from_millis(100));
     let gw = Gateway::start(
-        &config(
-            "",
-            &[
-                route("s1", "/s1/", "chat", up.addr, ""),
-                route("s2", "/s2/", "chat", long.addr, ""),
-            ],
-        ),
+        &GatewayConfig::new()
+            .threads(2)
+            .route(Route::stripped("s1", "/s1/", "chat", up.addr))
+            .route(Route::stripped("s2", "/s2/", "chat", long.addr)),
         &conc_keys(),
     );
     let a = must_open(gw.addr(), "/s1/gen", CONC_KEY, "stream A");
@@ -508,7 +361,9 @@ fn a_client_disconnecting_mid_stream_frees_its_concurrency_slot() {
     // 200 chunks 50 ms apart: a stream would last 10 s if nobody left.
     let up = StreamServer::start(200, Duration::from_millis(50));
     let gw = Gateway::start(
-        &config("", &[route("s", "/s/", "chat", up.addr, "")]),
+        &GatewayConfig::new()
+            .threads(2)
+            .route(Route::stripped("s", "/s/", "chat", up.addr)),
         &conc_keys(),
     );
     let opened = Instant::now();
@@ -551,16 +406,19 @@ fn an_exhausted_rate_limit_stays_exhausted_across_a_keygen_reload() {
     let echo = EchoServer::start();
     let key = "prot-reload-rate-0001";
     let gw = Gateway::start(
-        &config("", &[route("chat", "/chat/", "chat", echo.addr, "")]),
-        &keys(&[(
-            key,
-            r#""user": "ann", "service": "chat", "rate_limit": "3/min""#,
-        )]),
+        &GatewayConfig::new()
+            .threads(2)
+            .route(Route::chat(echo.addr)),
+        &KeyFile::of([Key::new(key, "ann").service("chat").rate_limit("3/min")]),
     );
     for i in 1..=3 {
-        assert_status(&get(&gw, "/chat/x", key, &[]), 200, &format!("request {i}"));
+        assert_status(
+            &get_keyed(&gw, "/chat/x", key, &[]),
+            200,
+            &format!("request {i}"),
+        );
     }
-    let r = get(&gw, "/chat/x", key, &[]);
+    let r = get_keyed(&gw, "/chat/x", key, &[]);
     assert_refusal(&r, 429, "rate limit exceeded", "request 4");
     let wait = retry_after(&r);
     assert!(wait <= 60, "Retry-After {wait} for a 3/min limit");
@@ -584,9 +442,13 @@ fn an_exhausted_rate_limit_stays_exhausted_across_a_keygen_reload() {
         "no reload after keygen: {}",
         gw.log()
     );
-    assert_status(&get(&gw, "/chat/x", &new_key, &[]), 200, "the new key");
+    assert_status(
+        &get_keyed(&gw, "/chat/x", &new_key, &[]),
+        200,
+        "the new key",
+    );
 
-    let r = get(&gw, "/chat/x", key, &[]);
+    let r = get_keyed(&gw, "/chat/x", key, &[]);
     assert_refusal(
         &r,
         429,
@@ -602,7 +464,9 @@ fn revoking_and_re_enabling_a_key_mid_stream_leaks_no_concurrency_slot() {
     // 20 chunks 100 ms apart: about 2 s per stream.
     let up = StreamServer::start(20, Duration::from_millis(100));
     let gw = Gateway::start(
-        &config("", &[route("s", "/s/", "chat", up.addr, "")]),
+        &GatewayConfig::new()
+            .threads(2)
+            .route(Route::stripped("s", "/s/", "chat", up.addr)),
         &conc_keys(),
     );
     let a = must_open(gw.addr(), "/s/gen", CONC_KEY, "stream A");
@@ -672,38 +536,27 @@ fn protection_settings_apply_on_config_reload() {
     let echo = EchoServer::start();
     let key = "prot-cfg-reload-0001";
     let fresh = "prot-cfg-reload-0002";
-    let body = |allow: &str, size: &str, rate: &str| {
-        config(
-            "",
-            &[
-                route(
-                    "a",
-                    "/a/",
-                    "chat",
-                    echo.addr,
-                    &format!(", allow: [\"{allow}\"]"),
-                ),
-                route(
-                    "b",
-                    "/b/",
-                    "chat",
-                    echo.addr,
-                    &format!(", max_body_size: \"{size}\""),
-                ),
-                route("c", "/c/", "chat", echo.addr, rate),
-            ],
-        )
+    let body = |allow: &str, size: &str, rate: Option<&str>| {
+        let c = Route::stripped("c", "/c/", "chat", echo.addr);
+        GatewayConfig::new()
+            .threads(2)
+            .route(Route::stripped("a", "/a/", "chat", echo.addr).allow([allow]))
+            .route(Route::stripped("b", "/b/", "chat", echo.addr).max_body_size(size))
+            .route(match rate {
+                Some(rate) => c.rate_limit(rate),
+                None => c,
+            })
     };
     let gw = Gateway::start(
-        &body("10.0.0.0/8", "10B", ""),
-        &keys(&[
-            (key, r#""user": "ann", "service": "chat""#),
-            (fresh, r#""user": "bob", "service": "chat""#),
+        &body("10.0.0.0/8", "10B", None),
+        &KeyFile::of([
+            Key::new(key, "ann").service("chat"),
+            Key::new(fresh, "bob").service("chat"),
         ]),
     );
     let twenty = [b'x'; 20];
     assert_refusal(
-        &get(&gw, "/a/x", key, &[]),
+        &get_keyed(&gw, "/a/x", key, &[]),
         403,
         "address not allowed",
         "/a/ before",
@@ -715,20 +568,21 @@ fn protection_settings_apply_on_config_reload() {
         "/b/ before",
     );
     for _ in 0..3 {
-        assert_status(&get(&gw, "/c/x", key, &[]), 200, "/c/ before (no limit)");
+        assert_status(
+            &get_keyed(&gw, "/c/x", key, &[]),
+            200,
+            "/c/ before (no limit)",
+        );
     }
 
-    gw.write_config(&default_config(
-        gw.port,
-        &body("127.0.0.1", "100B", ", rate_limit: \"1/min\""),
-    ));
+    gw.write_config(body("127.0.0.1", "100B", Some("1/min")).listen(gw.addr()));
     assert!(
         gw.wait_log_contains("generation 2", RELOAD_TIMEOUT),
         "no reload after the config change: {}",
         gw.log()
     );
     assert_status(
-        &get(&gw, "/a/x", key, &[]),
+        &get_keyed(&gw, "/a/x", key, &[]),
         200,
         "/a/ after allowing 127.0.0.1",
     );
@@ -738,12 +592,12 @@ fn protection_settings_apply_on_config_reload() {
         "/b/ after raising the limit",
     );
     assert_status(
-        &get(&gw, "/c/x", fresh, &[]),
+        &get_keyed(&gw, "/c/x", fresh, &[]),
         200,
         "/c/ after 1/min: request 1",
     );
     assert_refusal(
-        &get(&gw, "/c/x", fresh, &[]),
+        &get_keyed(&gw, "/c/x", fresh, &[]),
         429,
         "rate limit exceeded",
         "/c/ after 1/min: request 2",
@@ -755,8 +609,10 @@ fn keygen_writes_rate_limit_and_max_concurrent_and_the_gateway_applies_them() {
     let _load = shared();
     let echo = EchoServer::start();
     let gw = Gateway::start(
-        &config("", &[route("chat", "/chat/", "chat", echo.addr, "")]),
-        &keys(&[("prot-keygen-0001", r#""user": "ann", "service": "chat""#)]),
+        &GatewayConfig::new()
+            .threads(2)
+            .route(Route::chat(echo.addr)),
+        &KeyFile::of([Key::new("prot-keygen-0001", "ann").service("chat")]),
     );
     let before = fs::read_to_string(&gw.keys_path).expect("read keys.json");
     let bad = run_cli(
@@ -815,13 +671,13 @@ fn keygen_writes_rate_limit_and_max_concurrent_and_the_gateway_applies_them() {
     );
     for i in 1..=2 {
         assert_status(
-            &get(&gw, "/chat/x", &key, &[]),
+            &get_keyed(&gw, "/chat/x", &key, &[]),
             200,
             &format!("request {i}"),
         );
     }
     assert_refusal(
-        &get(&gw, "/chat/x", &key, &[]),
+        &get_keyed(&gw, "/chat/x", &key, &[]),
         429,
         "rate limit exceeded",
         "request 3",
@@ -837,18 +693,14 @@ const REVOKED: &str = "prot-guess-revoked-0002";
 const EXPIRED: &str = "prot-guess-expired-0003";
 const OTHER_SERVICE: &str = "prot-guess-tts-0004";
 
-fn guess_keys() -> String {
-    keys(&[
-        (GOOD, r#""user": "ann", "service": "chat""#),
-        (
-            REVOKED,
-            r#""user": "rev", "service": "chat", "disabled": true"#,
-        ),
-        (
-            EXPIRED,
-            r#""user": "old", "service": "chat", "expires_at": "2020-01-01T00:00:00Z""#,
-        ),
-        (OTHER_SERVICE, r#""user": "tts", "service": "tts""#),
+fn guess_keys() -> KeyFile {
+    KeyFile::of([
+        Key::new(GOOD, "ann").service("chat"),
+        Key::new(REVOKED, "rev").service("chat").disabled(true),
+        Key::new(EXPIRED, "old")
+            .service("chat")
+            .expires_at("2020-01-01T00:00:00Z"),
+        Key::new(OTHER_SERVICE, "tts").service("tts"),
     ])
 }
 
@@ -867,10 +719,11 @@ fn failed_key_throttle_blocks_an_address_even_with_a_valid_key_then_lifts_after_
     let _load = shared();
     let echo = EchoServer::start();
     let gw = Gateway::start(
-        &config(
-            "trusted_proxies: [\"127.0.0.1\"]\nfailed_key_throttle: {max_failures: 5, window: 60s, cooldown: 2s}\n",
-            &[route("chat", "/chat/", "chat", echo.addr, "")],
-        ),
+        &GatewayConfig::new()
+            .threads(2)
+            .trusted_proxies(["127.0.0.1"])
+            .failed_key_throttle(Throttle::after(5, "60s", "2s"))
+            .route(Route::chat(echo.addr)),
         &guess_keys(),
     );
     let guesser = "203.0.113.10";
@@ -968,10 +821,11 @@ fn a_blocked_address_is_still_served_for_keys_that_worked_from_it_before() {
     let _load = shared();
     let echo = EchoServer::start();
     let gw = Gateway::start(
-        &config(
-            "trusted_proxies: [\"127.0.0.1\"]\nfailed_key_throttle: {max_failures: 3, window: 60s, cooldown: 60s}\n",
-            &[route("chat", "/chat/", "chat", echo.addr, "")],
-        ),
+        &GatewayConfig::new()
+            .threads(2)
+            .trusted_proxies(["127.0.0.1"])
+            .failed_key_throttle(Throttle::after(3, "60s", "60s"))
+            .route(Route::chat(echo.addr)),
         &guess_keys(),
     );
     let nat = "203.0.113.77";
@@ -1039,10 +893,10 @@ fn failed_key_throttle_is_on_by_default_with_20_failures_and_a_300s_cooldown() {
     let _load = shared();
     let echo = EchoServer::start();
     let gw = Gateway::start(
-        &config(
-            "trusted_proxies: [\"127.0.0.1\"]\n",
-            &[route("chat", "/chat/", "chat", echo.addr, "")],
-        ),
+        &GatewayConfig::new()
+            .threads(2)
+            .trusted_proxies(["127.0.0.1"])
+            .route(Route::chat(echo.addr)),
         &guess_keys(),
     );
     let guesser = "198.51.100.7";
@@ -1073,10 +927,11 @@ fn failed_key_throttle_can_be_turned_off() {
     let _load = shared();
     let echo = EchoServer::start();
     let gw = Gateway::start(
-        &config(
-            "trusted_proxies: [\"127.0.0.1\"]\nfailed_key_throttle: {enabled: false}\n",
-            &[route("chat", "/chat/", "chat", echo.addr, "")],
-        ),
+        &GatewayConfig::new()
+            .threads(2)
+            .trusted_proxies(["127.0.0.1"])
+            .failed_key_throttle(Throttle::off())
+            .route(Route::chat(echo.addr)),
         &guess_keys(),
     );
     let guesser = "198.51.100.9";
@@ -1100,10 +955,11 @@ fn failed_key_attempts_older_than_the_window_are_forgotten_and_a_wrong_service_i
     let _load = shared();
     let echo = EchoServer::start();
     let gw = Gateway::start(
-        &config(
-            "trusted_proxies: [\"127.0.0.1\"]\nfailed_key_throttle: {max_failures: 3, window: 1s, cooldown: 60s}\n",
-            &[route("chat", "/chat/", "chat", echo.addr, "")],
-        ),
+        &GatewayConfig::new()
+            .threads(2)
+            .trusted_proxies(["127.0.0.1"])
+            .failed_key_throttle(Throttle::after(3, "1s", "60s"))
+            .route(Route::chat(echo.addr)),
         &guess_keys(),
     );
     let guesser = "198.51.100.10";
@@ -1247,10 +1103,10 @@ fn a_hundred_thousand_guessing_addresses_keep_the_gateway_serving_in_bounded_mem
     const RSS_BOUND_KIB: u64 = 64 * 1024;
     let echo = EchoServer::start();
     let gw = Gateway::start(
-        &config(
-            "trusted_proxies: [\"127.0.0.1\"]\n",
-            &[route("chat", "/chat/", "chat", echo.addr, "")],
-        ),
+        &GatewayConfig::new()
+            .threads(2)
+            .trusted_proxies(["127.0.0.1"])
+            .route(Route::chat(echo.addr)),
         &guess_keys(),
     );
     let deadline = Instant::now() + Duration::from_secs(240);
@@ -1327,17 +1183,17 @@ fn max_body_size_refuses_declared_and_chunked_bodies_over_it_and_passes_exactly_
     // Only ever sent the request that must be aborted, so its connection
     // count tells whether the gateway closed that connection.
     let abort_up = RecordingServer::start();
-    let limit = ", max_body_size: \"100B\"";
+    let limit = "100B";
     let gw = Gateway::start(
-        &config(
-            "",
-            &[
-                route("body", "/body/", "chat", declared_up.addr, limit),
-                route("chunked", "/chunked/", "chat", chunked_up.addr, limit),
-                route("abort", "/abort/", "chat", abort_up.addr, limit),
-            ],
-        ),
-        &keys(&[(BODY_KEY, r#""user": "ann", "service": "chat""#)]),
+        &GatewayConfig::new()
+            .threads(2)
+            .route(Route::stripped("body", "/body/", "chat", declared_up.addr).max_body_size(limit))
+            .route(
+                Route::stripped("chunked", "/chunked/", "chat", chunked_up.addr)
+                    .max_body_size(limit),
+            )
+            .route(Route::stripped("abort", "/abort/", "chat", abort_up.addr).max_body_size(limit)),
+        &KeyFile::of([Key::new(BODY_KEY, "ann").service("chat")]),
     );
 
     // Declared 101 bytes: refused, and nothing reaches the upstream.
@@ -1442,22 +1298,14 @@ fn max_body_size_units_are_decimal_and_binary_and_a_bare_number_is_bytes() {
     let _load = shared();
     let echo = EchoServer::start();
     let gw = Gateway::start(
-        &config(
-            "max_body_size: \"50B\"\n",
-            &[
-                route("kb", "/kb/", "chat", echo.addr, ", max_body_size: \"1KB\""),
-                route(
-                    "kib",
-                    "/kib/",
-                    "chat",
-                    echo.addr,
-                    ", max_body_size: \"1KiB\"",
-                ),
-                route("bare", "/bare/", "chat", echo.addr, ", max_body_size: 1000"),
-                route("default", "/default/", "chat", echo.addr, ""),
-            ],
-        ),
-        &keys(&[(BODY_KEY, r#""user": "ann", "service": "chat""#)]),
+        &GatewayConfig::new()
+            .threads(2)
+            .max_body_size("50B")
+            .route(Route::stripped("kb", "/kb/", "chat", echo.addr).max_body_size("1KB"))
+            .route(Route::stripped("kib", "/kib/", "chat", echo.addr).max_body_size("1KiB"))
+            .route(Route::stripped("bare", "/bare/", "chat", echo.addr).max_body_size(1000))
+            .route(Route::stripped("default", "/default/", "chat", echo.addr)),
+        &KeyFile::of([Key::new(BODY_KEY, "ann").service("chat")]),
     );
     for (path, limit) in [
         ("/kb/x", 1000),
@@ -1493,8 +1341,8 @@ fn max_body_size_units_are_decimal_and_binary_and_a_bare_number_is_bytes() {
 
 const ALLOW_KEY: &str = "prot-allow-key-0001";
 
-fn allow_keys() -> String {
-    keys(&[(ALLOW_KEY, r#""user": "ann", "service": "chat""#)])
+fn allow_keys() -> KeyFile {
+    KeyFile::of([Key::new(ALLOW_KEY, "ann").service("chat")])
 }
 
 #[test]
@@ -1502,23 +1350,15 @@ fn an_address_outside_allow_gets_403_before_the_key_check_and_it_is_no_failed_at
     let _load = shared();
     let up = RecordingServer::start();
     let gw = Gateway::start(
-        &config(
-            "failed_key_throttle: {max_failures: 3, window: 60s, cooldown: 60s}\n",
-            &[
-                route(
-                    "private",
-                    "/private/",
-                    "chat",
-                    up.addr,
-                    ", allow: [\"10.0.0.0/8\"]",
-                ),
-                route("open", "/open/", "chat", up.addr, ""),
-            ],
-        ),
+        &GatewayConfig::new()
+            .threads(2)
+            .failed_key_throttle(Throttle::after(3, "60s", "60s"))
+            .route(Route::stripped("private", "/private/", "chat", up.addr).allow(["10.0.0.0/8"]))
+            .route(Route::stripped("open", "/open/", "chat", up.addr)),
         &allow_keys(),
     );
     for i in 1..=5 {
-        let r = get(&gw, "/private/x", "prot-allow-wrong-key", &[]);
+        let r = get_keyed(&gw, "/private/x", "prot-allow-wrong-key", &[]);
         assert_refusal(
             &r,
             403,
@@ -1528,7 +1368,7 @@ fn an_address_outside_allow_gets_403_before_the_key_check_and_it_is_no_failed_at
     }
     let r = send(gw.addr(), "GET", "/private/x", &[], b"");
     assert_refusal(&r, 403, "address not allowed", "no key from 127.0.0.1");
-    let r = get(&gw, "/private/x", ALLOW_KEY, &[]);
+    let r = get_keyed(&gw, "/private/x", ALLOW_KEY, &[]);
     assert_refusal(
         &r,
         403,
@@ -1545,12 +1385,12 @@ fn an_address_outside_allow_gets_403_before_the_key_check_and_it_is_no_failed_at
     // The six refused invalid keys were no failed key attempts (the limit is
     // 3): the address is not throttled elsewhere.
     assert_status(
-        &get(&gw, "/open/x", ALLOW_KEY, &[]),
+        &get_keyed(&gw, "/open/x", ALLOW_KEY, &[]),
         200,
         "the valid key on /open/",
     );
     assert_refusal(
-        &get(&gw, "/open/x", "prot-allow-wrong-key", &[]),
+        &get_keyed(&gw, "/open/x", "prot-allow-wrong-key", &[]),
         401,
         "invalid api key",
         "the first real failure",
@@ -1562,13 +1402,13 @@ fn a_global_allow_list_applies_to_every_route_and_loopback_in_it_works() {
     let _load = shared();
     let echo = EchoServer::start();
     let closed = Gateway::start(
-        &config(
-            "allow: [\"10.0.0.0/8\"]\n",
-            &[route("chat", "/chat/", "chat", echo.addr, "")],
-        ),
+        &GatewayConfig::new()
+            .threads(2)
+            .allow(["10.0.0.0/8"])
+            .route(Route::chat(echo.addr)),
         &allow_keys(),
     );
-    let r = get(&closed, "/chat/x", "prot-allow-wrong-key", &[]);
+    let r = get_keyed(&closed, "/chat/x", "prot-allow-wrong-key", &[]);
     assert_refusal(
         &r,
         403,
@@ -1578,19 +1418,19 @@ fn a_global_allow_list_applies_to_every_route_and_loopback_in_it_works() {
     assert_eq!(echo.hits(), 0);
 
     let open = Gateway::start(
-        &config(
-            "allow: [\"127.0.0.1\"]\n",
-            &[route("chat", "/chat/", "chat", echo.addr, "")],
-        ),
+        &GatewayConfig::new()
+            .threads(2)
+            .allow(["127.0.0.1"])
+            .route(Route::chat(echo.addr)),
         &allow_keys(),
     );
     assert_status(
-        &get(&open, "/chat/x", ALLOW_KEY, &[]),
+        &get_keyed(&open, "/chat/x", ALLOW_KEY, &[]),
         200,
         "127.0.0.1 allowed",
     );
     assert_refusal(
-        &get(&open, "/chat/x", "prot-allow-wrong-key", &[]),
+        &get_keyed(&open, "/chat/x", "prot-allow-wrong-key", &[]),
         401,
         "invalid api key",
         "an allowed address still needs a valid key",
@@ -1602,16 +1442,17 @@ fn a_global_allow_list_applies_to_every_route_and_loopback_in_it_works() {
 fn x_forwarded_for_counts_only_from_trusted_proxies() {
     let _load = shared();
     let echo = EchoServer::start();
-    let route_line = route("chat", "/chat/", "chat", echo.addr, "");
+    let route_line = Route::chat(echo.addr);
     let trusting = Gateway::start(
-        &config(
-            "trusted_proxies: [\"127.0.0.1\"]\nallow: [\"192.0.2.0/24\"]\n",
-            std::slice::from_ref(&route_line),
-        ),
+        &GatewayConfig::new()
+            .threads(2)
+            .trusted_proxies(["127.0.0.1"])
+            .allow(["192.0.2.0/24"])
+            .route(route_line.clone()),
         &allow_keys(),
     );
     assert_status(
-        &get(
+        &get_keyed(
             &trusting,
             "/chat/x",
             ALLOW_KEY,
@@ -1621,7 +1462,7 @@ fn x_forwarded_for_counts_only_from_trusted_proxies() {
         "XFF 192.0.2.7 from a trusted proxy",
     );
     assert_refusal(
-        &get(
+        &get_keyed(
             &trusting,
             "/chat/x",
             ALLOW_KEY,
@@ -1632,7 +1473,7 @@ fn x_forwarded_for_counts_only_from_trusted_proxies() {
         "XFF outside the list from a trusted proxy",
     );
     assert_refusal(
-        &get(&trusting, "/chat/x", ALLOW_KEY, &[]),
+        &get_keyed(&trusting, "/chat/x", ALLOW_KEY, &[]),
         403,
         "address not allowed",
         "the proxy itself (no XFF) is not in the list",
@@ -1640,11 +1481,14 @@ fn x_forwarded_for_counts_only_from_trusted_proxies() {
 
     // Without trusted_proxies, a direct client's XFF is ignored.
     let direct = Gateway::start(
-        &config("allow: [\"192.0.2.0/24\"]\n", &[route_line]),
+        &GatewayConfig::new()
+            .threads(2)
+            .allow(["192.0.2.0/24"])
+            .route(route_line),
         &allow_keys(),
     );
     assert_refusal(
-        &get(
+        &get_keyed(
             &direct,
             "/chat/x",
             ALLOW_KEY,
@@ -1662,14 +1506,15 @@ fn x_forwarded_for_is_read_from_the_right_skipping_trusted_hops() {
     let _load = shared();
     let echo = EchoServer::start();
     let gw = Gateway::start(
-        &config(
-            "trusted_proxies: [\"127.0.0.1\", \"10.0.0.0/8\"]\nallow: [\"192.0.2.0/24\"]\n",
-            &[route("chat", "/chat/", "chat", echo.addr, "")],
-        ),
+        &GatewayConfig::new()
+            .threads(2)
+            .trusted_proxies(["127.0.0.1", "10.0.0.0/8"])
+            .allow(["192.0.2.0/24"])
+            .route(Route::chat(echo.addr)),
         &allow_keys(),
     );
     assert_status(
-        &get(
+        &get_keyed(
             &gw,
             "/chat/x",
             ALLOW_KEY,
@@ -1681,7 +1526,7 @@ fn x_forwarded_for_is_read_from_the_right_skipping_trusted_hops() {
     // A client that prepends an allowed address: the rightmost untrusted
     // address (203.0.113.5) is the client.
     assert_refusal(
-        &get(
+        &get_keyed(
             &gw,
             "/chat/x",
             ALLOW_KEY,
@@ -1692,7 +1537,7 @@ fn x_forwarded_for_is_read_from_the_right_skipping_trusted_hops() {
         "a spoofed 192.0.2.7 left of the real client 203.0.113.5",
     );
     assert_refusal(
-        &get(
+        &get_keyed(
             &gw,
             "/chat/x",
             ALLOW_KEY,
@@ -1717,17 +1562,20 @@ fn allow_lists_match_ipv6_addresses_and_ranges() {
     let v6_port = v6_listener.local_addr().expect("local_addr").port();
     drop(v6_listener);
     let port = free_port();
-    let full = format!(
-        "listen: [\"127.0.0.1:{port}\", \"[::1]:{v6_port}\"]\nkeys_file: \"keys.json\"\nshutdown_grace: 5s\n{}",
-        config(
-            "trusted_proxies: [\"127.0.0.1\"]\n",
-            &[
-                route("v6", "/v6/", "chat", echo.addr, ", allow: [\"::1\", \"192.0.2.0/24\"]"),
-                route("mixed", "/mixed/", "chat", echo.addr, ", allow: [\"fe80::/10\", \"127.0.0.0/8\", \"2001:db8::/32\"]"),
-            ],
-        )
-    );
-    let gw = Gateway::start_raw(&full, &allow_keys(), port);
+    let config = GatewayConfig::new()
+        .listen(loopback(port))
+        .listen(format!("[::1]:{v6_port}"))
+        .threads(2)
+        .trusted_proxies(["127.0.0.1"])
+        .route(Route::stripped("v6", "/v6/", "chat", echo.addr).allow(["::1", "192.0.2.0/24"]))
+        .route(
+            Route::stripped("mixed", "/mixed/", "chat", echo.addr).allow([
+                "fe80::/10",
+                "127.0.0.0/8",
+                "2001:db8::/32",
+            ]),
+        );
+    let gw = Gateway::start(&config, &allow_keys());
     let v4 = gw.addr();
     let v6 = SocketAddr::from(([0, 0, 0, 0, 0, 0, 0, 1], v6_port));
     let k = [("X-API-Key", ALLOW_KEY)];
@@ -1787,45 +1635,25 @@ const CORS_TTS: &str = "prot-cors-tts-0003";
 
 fn cors_gateway(echo: &EchoServer) -> Gateway {
     Gateway::start(
-        &config(
-            "",
-            &[
-                route(
-                    "chat",
-                    "/chat/",
-                    "chat",
-                    echo.addr,
-                    &format!(", cors: {{origins: [\"{ORIGIN}\"]}}"),
+        &GatewayConfig::new()
+            .threads(2)
+            .route(Route::chat(echo.addr).cors(Cors::new([ORIGIN])))
+            .route(
+                Route::stripped("custom", "/custom/", "chat", echo.addr).cors(
+                    Cors::new([ORIGIN])
+                        .max_age("60s")
+                        .headers(["authorization", "x-custom"]),
                 ),
-                route(
-                    "custom",
-                    "/custom/",
-                    "chat",
-                    echo.addr,
-                    &format!(", cors: {{origins: [\"{ORIGIN}\"], max_age: 60s, headers: [\"authorization\", \"x-custom\"]}}"),
-                ),
-                route("plain", "/plain/", "chat", echo.addr, ""),
-            ],
-        ),
-        &keys(&[
-            (CORS_KEY, r#""user": "ann", "service": "chat""#),
-            (CORS_LIMITED, r#""user": "lim", "service": "chat", "rate_limit": "1/min""#),
-            (CORS_TTS, r#""user": "tts", "service": "tts""#),
+            )
+            .route(Route::stripped("plain", "/plain/", "chat", echo.addr)),
+        &KeyFile::of([
+            Key::new(CORS_KEY, "ann").service("chat"),
+            Key::new(CORS_LIMITED, "lim")
+                .service("chat")
+                .rate_limit("1/min"),
+            Key::new(CORS_TTS, "tts").service("tts"),
         ]),
     )
-}
-
-fn preflight(gw: &Gateway, path: &str, origin: &str, extra: &[(&str, &str)]) -> RawResponse {
-    let mut headers = vec![
-        ("Origin", origin),
-        ("Access-Control-Request-Method", "POST"),
-        (
-            "Access-Control-Request-Headers",
-            "content-type, authorization",
-        ),
-    ];
-    headers.extend_from_slice(extra);
-    send(gw.addr(), "OPTIONS", path, &headers, b"")
 }
 
 fn assert_allows_origin(r: &RawResponse, what: &str) {
@@ -1907,7 +1735,7 @@ fn cors_headers_are_on_every_answer_to_an_allowed_origin_including_refusals() {
     let gw = cors_gateway(&echo);
     let origin = [("Origin", ORIGIN)];
 
-    let r = get(&gw, "/chat/x", CORS_KEY, &origin);
+    let r = get_keyed(&gw, "/chat/x", CORS_KEY, &origin);
     assert_status(&r, 200, "a keyed request");
     assert_allows_origin(&r, "the upstream's 200");
 
@@ -1915,7 +1743,7 @@ fn cors_headers_are_on_every_answer_to_an_allowed_origin_including_refusals() {
     assert_refusal(&r, 401, "missing api key", "no key");
     assert_allows_origin(&r, "the gateway's 401");
 
-    let r = get(&gw, "/chat/x", CORS_TTS, &origin);
+    let r = get_keyed(&gw, "/chat/x", CORS_TTS, &origin);
     assert_refusal(
         &r,
         403,
@@ -1925,11 +1753,11 @@ fn cors_headers_are_on_every_answer_to_an_allowed_origin_including_refusals() {
     assert_allows_origin(&r, "the gateway's 403");
 
     assert_status(
-        &get(&gw, "/chat/x", CORS_LIMITED, &origin),
+        &get_keyed(&gw, "/chat/x", CORS_LIMITED, &origin),
         200,
         "limited key, request 1",
     );
-    let r = get(&gw, "/chat/x", CORS_LIMITED, &origin);
+    let r = get_keyed(&gw, "/chat/x", CORS_LIMITED, &origin);
     assert_refusal(&r, 429, "rate limit exceeded", "limited key, request 2");
     assert_allows_origin(&r, "the gateway's 429");
 }
@@ -1946,7 +1774,7 @@ fn cors_gives_a_disallowed_origin_nothing_and_routes_without_cors_are_unchanged(
         "https://chat.example.evil.example",
         "http://chat.example",
     ] {
-        let r = get(&gw, "/chat/x", CORS_KEY, &[("Origin", origin)]);
+        let r = get_keyed(&gw, "/chat/x", CORS_KEY, &[("Origin", origin)]);
         assert_status(&r, 200, &format!("a keyed request from {origin}"));
         assert_no_cors(&r, origin);
     }
@@ -1982,7 +1810,7 @@ fn cors_gives_a_disallowed_origin_nothing_and_routes_without_cors_are_unchanged(
         "a preflight on a route without cors",
     );
     assert_no_cors(&r, "a preflight on a route without cors");
-    let r = get(&gw, "/plain/x", CORS_KEY, &[("Origin", ORIGIN)]);
+    let r = get_keyed(&gw, "/plain/x", CORS_KEY, &[("Origin", ORIGIN)]);
     assert_status(&r, 200, "a keyed request on a route without cors");
     assert_no_cors(&r, "a keyed request on a route without cors");
     assert!(
@@ -2001,35 +1829,30 @@ fn every_protection_refusal_is_counted_by_reason_and_audited_with_the_same_word(
     let _load = shared();
     let echo = EchoServer::start();
     let up = StreamServer::start(50, Duration::from_millis(100));
-    let (gw, admin) = start_with_admin(
-        |admin_port| {
-            config(
-                &format!(
-                    "admin_listen: \"127.0.0.1:{admin_port}\"\naudit_log: audit.log\ntrusted_proxies: [\"127.0.0.1\"]\nfailed_key_throttle: {{max_failures: 2, window: 60s, cooldown: 60s}}\n"
-                ),
-                &[
-                    route("chat", "/chat/", "chat", echo.addr, &format!(", cors: {{origins: [\"{ORIGIN}\"]}}")),
-                    route("stream", "/stream/", "chat", up.addr, ""),
-                    route("private", "/private/", "chat", echo.addr, ", allow: [\"192.0.2.0/24\"]"),
-                    route("small", "/small/", "chat", echo.addr, ", max_body_size: \"10B\""),
-                ],
+    let gw = Gateway::start(
+        &GatewayConfig::new()
+            .threads(2)
+            .with_admin()
+            .audit_log("audit.log")
+            .trusted_proxies(["127.0.0.1"])
+            .failed_key_throttle(Throttle::after(2, "60s", "60s"))
+            .route(Route::chat(echo.addr).cors(Cors::new([ORIGIN])))
+            .route(Route::stripped("stream", "/stream/", "chat", up.addr))
+            .route(
+                Route::stripped("private", "/private/", "chat", echo.addr).allow(["192.0.2.0/24"]),
             )
-        },
-        &keys(&[
-            (
-                "prot-metrics-plain-0001",
-                r#""user": "ann", "service": "chat""#,
-            ),
-            (
-                "prot-metrics-rate-0002",
-                r#""user": "rate", "service": "chat", "rate_limit": "1/min""#,
-            ),
-            (
-                "prot-metrics-conc-0003",
-                r#""user": "conc", "service": "chat", "max_concurrent": 1"#,
-            ),
+            .route(Route::stripped("small", "/small/", "chat", echo.addr).max_body_size("10B")),
+        &KeyFile::of([
+            Key::new("prot-metrics-plain-0001", "ann").service("chat"),
+            Key::new("prot-metrics-rate-0002", "rate")
+                .service("chat")
+                .rate_limit("1/min"),
+            Key::new("prot-metrics-conc-0003", "conc")
+                .service("chat")
+                .max_concurrent(1),
         ]),
     );
+    let admin = gw.admin();
     let reasons = [
         "rate_limited",
         "too_many_concurrent",
@@ -2045,14 +1868,18 @@ fn every_protection_refusal_is_counted_by_reason_and_audited_with_the_same_word(
 
     // rate_limited
     let rate = "prot-metrics-rate-0002";
-    assert_status(&get(&gw, "/chat/x", rate, &[]), 200, "rate key, request 1");
-    let r = get(&gw, "/chat/x", rate, &[id("rate_limited")]);
+    assert_status(
+        &get_keyed(&gw, "/chat/x", rate, &[]),
+        200,
+        "rate key, request 1",
+    );
+    let r = get_keyed(&gw, "/chat/x", rate, &[id("rate_limited")]);
     assert_refusal(&r, 429, "rate limit exceeded", "rate key, request 2");
 
     // too_many_concurrent
     let conc = "prot-metrics-conc-0003";
     let held = must_open(gw.addr(), "/stream/x", conc, "the one stream");
-    let r = get(&gw, "/stream/x", conc, &[id("too_many_concurrent")]);
+    let r = get_keyed(&gw, "/stream/x", conc, &[id("too_many_concurrent")]);
     assert_refusal(&r, 429, "too many concurrent requests", "a second stream");
     held.disconnect();
 
@@ -2060,12 +1887,12 @@ fn every_protection_refusal_is_counted_by_reason_and_audited_with_the_same_word(
     let xff = ("X-Forwarded-For", "203.0.113.99");
     for _ in 0..2 {
         assert_status(
-            &get(&gw, "/chat/x", "prot-metrics-wrong", &[xff]),
+            &get_keyed(&gw, "/chat/x", "prot-metrics-wrong", &[xff]),
             401,
             "a failure",
         );
     }
-    let r = get(
+    let r = get_keyed(
         &gw,
         "/chat/x",
         "prot-metrics-plain-0001",
@@ -2085,7 +1912,7 @@ fn every_protection_refusal_is_counted_by_reason_and_audited_with_the_same_word(
     assert_refusal(&r, 413, "request body too large", "11 bytes over 10B");
 
     // ip_not_allowed
-    let r = get(&gw, "/private/x", plain, &[id("ip_not_allowed")]);
+    let r = get_keyed(&gw, "/private/x", plain, &[id("ip_not_allowed")]);
     assert_refusal(&r, 403, "address not allowed", "127.0.0.1 on /private/");
 
     // preflight
@@ -2142,16 +1969,6 @@ fn every_protection_refusal_is_counted_by_reason_and_audited_with_the_same_word(
 // Config: accepted forms and errors
 // ---------------------------------------------------------------------------
 
-/// Writes `config_yaml` (complete) and `keys_json`, runs `check` on them.
-fn check(config_yaml: &str, keys_json: &str) -> (GatewayFiles, CliOutput) {
-    let files = GatewayFiles::write(config_yaml, keys_json);
-    let out = run_cli(
-        &["check", "--config", s(&files.config_path)],
-        files.dir.path(),
-    );
-    (files, out)
-}
-
 /// Asserts a failed `check` whose stderr names `file`, then a line number
 /// (as `file:line:`), and quotes the offending value `bad` (so an error
 /// that only says "unknown field" does not count). Returns the line.
@@ -2186,62 +2003,97 @@ fn assert_fails_at_line(out: &CliOutput, file: &Path, bad: &str, line: usize, wh
     assert_eq!(reported, line, "{what}: the wrong line: {}", out.stderr);
 }
 
-/// The 1-based number of the first line of `text` containing `needle`.
-fn line_of(text: &str, needle: &str) -> usize {
-    text.lines()
-        .position(|l| l.contains(needle))
-        .unwrap_or_else(|| panic!("{needle:?} not in {text}"))
-        + 1
+fn check_keys() -> KeyFile {
+    KeyFile::of([Key::new("prot-check-key-0001", "ann").service("chat")])
 }
 
-const CHECK_KEYS: &str = r#"{"prot-check-key-0001": {"user": "ann", "service": "chat"}}"#;
+/// A config on a free port with `yaml` (written as text: the tests below
+/// are about the positions in it).
+fn config_text(yaml: &str) -> String {
+    GatewayConfig::new()
+        .listen(loopback(free_port()))
+        .extra_yaml(yaml)
+        .render()
+}
 
 #[test]
 fn check_accepts_every_documented_form_of_the_protection_settings() {
     let _load = shared();
     let up: SocketAddr = "127.0.0.1:9".parse().unwrap();
-    let body = config(
-        "rate_limit: \"1000/day\"\nmax_concurrent: 8\nmax_body_size: \"10MB\"\nallow: [\"127.0.0.1\", \"10.0.0.0/8\", \"::1\", \"fd00::/8\"]\ntrusted_proxies: [\"127.0.0.1\", \"10.0.0.0/8\", \"::1\"]\nfailed_key_throttle: {enabled: true, max_failures: 20, window: 60s, cooldown: 300s}\n",
-        &[
-            route("a", "/a/", "chat", up, ", rate_limit: \"5/s\", max_concurrent: 2, max_body_size: \"100B\""),
-            route("b", "/b/", "chat", up, ", rate_limit: \"60/min\", max_body_size: \"1KB\", allow: [\"::1\"]"),
-            route("c", "/c/", "chat", up, ", rate_limit: \"100/h\", max_body_size: \"1KiB\", allow: [\"192.0.2.0/24\", \"2001:db8::/32\"]"),
-            route("d", "/d/", "chat", up, ", max_body_size: \"2MiB\", cors: {origins: [\"https://chat.example\"]}"),
-            route("e", "/e/", "chat", up, ", max_body_size: \"1GB\", cors: {origins: [\"https://a.example\", \"https://b.example\"], max_age: 600s, headers: [\"authorization\", \"content-type\", \"x-api-key\"]}"),
-            route("f", "/f/", "chat", up, ", max_body_size: \"2GiB\""),
-            route("g", "/g/", "chat", up, ", max_body_size: \"512\""),
-            route("h", "/h/", "chat", up, ", max_body_size: 512"),
-        ],
-    );
-    let keys_json = keys(&[
-        (
-            "prot-check-key-0001",
-            r#""user": "ann", "service": "chat", "rate_limit": "60/min", "max_concurrent": 2"#,
-        ),
-        (
-            "prot-check-key-0002",
-            r#""user": "bob", "service": "chat", "rate_limit": "10/s""#,
-        ),
-        (
-            "prot-check-key-0003",
-            r#""user": "cy", "service": "chat", "max_concurrent": 1"#,
-        ),
+    let body = GatewayConfig::new()
+        .threads(2)
+        .rate_limit("1000/day")
+        .max_concurrent(8)
+        .max_body_size("10MB")
+        .allow(["127.0.0.1", "10.0.0.0/8", "::1", "fd00::/8"])
+        .trusted_proxies(["127.0.0.1", "10.0.0.0/8", "::1"])
+        .failed_key_throttle(
+            Throttle::new()
+                .enabled(true)
+                .max_failures(20)
+                .window("60s")
+                .cooldown("300s"),
+        )
+        .route(
+            Route::stripped("a", "/a/", "chat", up)
+                .rate_limit("5/s")
+                .max_concurrent(2)
+                .max_body_size("100B"),
+        )
+        .route(
+            Route::stripped("b", "/b/", "chat", up)
+                .rate_limit("60/min")
+                .max_body_size("1KB")
+                .allow(["::1"]),
+        )
+        .route(
+            Route::stripped("c", "/c/", "chat", up)
+                .rate_limit("100/h")
+                .max_body_size("1KiB")
+                .allow(["192.0.2.0/24", "2001:db8::/32"]),
+        )
+        .route(
+            Route::stripped("d", "/d/", "chat", up)
+                .max_body_size("2MiB")
+                .cors(Cors::new(["https://chat.example"])),
+        )
+        .route(
+            Route::stripped("e", "/e/", "chat", up)
+                .max_body_size("1GB")
+                .cors(
+                    Cors::new(["https://a.example", "https://b.example"])
+                        .max_age("600s")
+                        .headers(["authorization", "content-type", "x-api-key"]),
+                ),
+        )
+        .route(Route::stripped("f", "/f/", "chat", up).max_body_size("2GiB"))
+        .route(Route::stripped("g", "/g/", "chat", up).max_body_size("512"))
+        .route(Route::stripped("h", "/h/", "chat", up).max_body_size(512));
+    let keys_json = KeyFile::of([
+        Key::new("prot-check-key-0001", "ann")
+            .service("chat")
+            .rate_limit("60/min")
+            .max_concurrent(2),
+        Key::new("prot-check-key-0002", "bob")
+            .service("chat")
+            .rate_limit("10/s"),
+        Key::new("prot-check-key-0003", "cy")
+            .service("chat")
+            .max_concurrent(1),
     ]);
-    let (_files, out) = check(&default_config(free_port(), &body), &keys_json);
+    let (_files, out) = run_check(body.listen(loopback(free_port())), &keys_json);
     assert!(
         out.status.success(),
         "check refused the documented forms: {}",
         out.stderr
     );
-    let (_files, out) = check(
-        &default_config(
-            free_port(),
-            &config(
-                "failed_key_throttle: {enabled: false}\n",
-                &[route("a", "/a/", "chat", up, "")],
-            ),
-        ),
-        CHECK_KEYS,
+    let (_files, out) = run_check(
+        GatewayConfig::new()
+            .listen(loopback(free_port()))
+            .threads(2)
+            .failed_key_throttle(Throttle::off())
+            .route(Route::stripped("a", "/a/", "chat", up)),
+        check_keys(),
     );
     assert!(
         out.status.success(),
@@ -2253,11 +2105,8 @@ fn check_accepts_every_documented_form_of_the_protection_settings() {
 #[test]
 fn check_names_the_file_and_line_of_a_bad_rate_limit() {
     let _load = shared();
-    let text = default_config(
-        free_port(),
-        "rate_limit: \"five\"\nroutes:\n  - name: chat\n    path_prefix: /chat/\n    service: chat\n    upstreams: [\"127.0.0.1:9\"]\n",
-    );
-    let (files, out) = check(&text, CHECK_KEYS);
+    let text = config_text("rate_limit: \"five\"\nroutes:\n  - name: chat\n    path_prefix: /chat/\n    service: chat\n    upstreams: [\"127.0.0.1:9\"]\n");
+    let (files, out) = run_check(&text, check_keys());
     assert_fails_at_line(
         &out,
         &files.config_path,
@@ -2270,11 +2119,8 @@ fn check_names_the_file_and_line_of_a_bad_rate_limit() {
 #[test]
 fn check_names_the_file_and_line_of_a_bad_max_body_size() {
     let _load = shared();
-    let text = default_config(
-        free_port(),
-        "routes:\n  - name: chat\n    path_prefix: /chat/\n    service: chat\n    max_body_size: \"10XB\"\n    upstreams: [\"127.0.0.1:9\"]\n",
-    );
-    let (files, out) = check(&text, CHECK_KEYS);
+    let text = config_text("routes:\n  - name: chat\n    path_prefix: /chat/\n    service: chat\n    max_body_size: \"10XB\"\n    upstreams: [\"127.0.0.1:9\"]\n");
+    let (files, out) = run_check(&text, check_keys());
     assert_fails_at_line(
         &out,
         &files.config_path,
@@ -2287,11 +2133,8 @@ fn check_names_the_file_and_line_of_a_bad_max_body_size() {
 #[test]
 fn check_names_the_file_and_line_of_a_bad_allow_address() {
     let _load = shared();
-    let text = default_config(
-        free_port(),
-        "routes:\n  - name: chat\n    path_prefix: /chat/\n    service: chat\n    upstreams: [\"127.0.0.1:9\"]\n    allow:\n      - \"10.0.0.0/8\"\n      - \"300.1.1.1\"\n",
-    );
-    let (files, out) = check(&text, CHECK_KEYS);
+    let text = config_text("routes:\n  - name: chat\n    path_prefix: /chat/\n    service: chat\n    upstreams: [\"127.0.0.1:9\"]\n    allow:\n      - \"10.0.0.0/8\"\n      - \"300.1.1.1\"\n");
+    let (files, out) = run_check(&text, check_keys());
     assert_fails_at_line(
         &out,
         &files.config_path,
@@ -2304,17 +2147,16 @@ fn check_names_the_file_and_line_of_a_bad_allow_address() {
 #[test]
 fn check_names_the_key_file_and_the_key_id_of_a_bad_limit_in_a_key_entry() {
     let _load = shared();
-    let text = default_config(
-        free_port(),
-        "routes:\n  - name: chat\n    path_prefix: /chat/\n    service: chat\n    upstreams: [\"127.0.0.1:9\"]\n",
-    );
+    let text = GatewayConfig::new()
+        .listen(loopback(free_port()))
+        .route(Route::new("chat", "/chat/", "chat").upstream("127.0.0.1:9"));
     // Key-file errors name the file, a line of the entry and the key's id
     // (never the key), as the other key-file errors do.
     for (field, bad) in [("rate_limit", "\"fast\""), ("max_concurrent", "\"two\"")] {
         let keys_json = format!(
             "{{\n  \"prot-check-key-0001\": {{\n    \"user\": \"ann\",\n    \"service\": \"chat\",\n    \"{field}\": {bad}\n  }}\n}}\n"
         );
-        let (files, out) = check(&text, &keys_json);
+        let (files, out) = run_check(&text, &keys_json);
         let what = format!("\"{field}\": {bad}");
         assert_check_fails(&out, &files.keys_path, bad.trim_matches('"'), &what);
         assert!(

@@ -4,10 +4,12 @@
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::time::Duration;
+use std::thread;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use super::gateway::Gateway;
 use super::raw_http::{read_response, RawResponse};
 
 /// How long a raw client waits for an answer before calling it missing.
@@ -75,6 +77,14 @@ pub fn send(
 ) -> RawResponse {
     try_send(addr, method, path, headers, body)
         .unwrap_or_else(|e| panic!("{method} {path} {headers:?}: no answer from {addr}: {e}"))
+}
+
+/// `GET path` on the gateway with `X-API-Key: key` (and any `extra`
+/// headers).
+pub fn get_keyed(gw: &Gateway, path: &str, key: &str, extra: &[(&str, &str)]) -> RawResponse {
+    let mut headers = vec![("X-API-Key", key)];
+    headers.extend_from_slice(extra);
+    send(gw.addr(), "GET", path, &headers, b"")
 }
 
 pub fn show(r: &RawResponse) -> String {
@@ -232,4 +242,78 @@ pub fn retry_after(r: &RawResponse) -> u64 {
         .unwrap_or_else(|_| panic!("Retry-After {v:?} is not whole seconds"));
     assert!(secs >= 1, "Retry-After {secs} must be at least 1");
     secs
+}
+
+/// Sleeps until `retry_after` seconds after `since`: waiting out the window
+/// the gateway announced is the behaviour under test. (A `Retry-After`
+/// rounded down would make the request after it fail, as it should.)
+pub fn wait_retry_after(since: Instant, retry_after: u64) {
+    let until = since + Duration::from_secs(retry_after);
+    let now = Instant::now();
+    if until > now {
+        thread::sleep(until - now);
+    }
+}
+
+pub fn preflight(gw: &Gateway, path: &str, origin: &str, extra: &[(&str, &str)]) -> RawResponse {
+    let mut headers = vec![
+        ("Origin", origin),
+        ("Access-Control-Request-Method", "POST"),
+        (
+            "Access-Control-Request-Headers",
+            "content-type, authorization",
+        ),
+    ];
+    headers.extend_from_slice(extra);
+    send(gw.addr(), "OPTIONS", path, &headers, b"")
+}
+
+/// [`open_stream`] that must succeed.
+pub fn must_open(addr: SocketAddr, path: &str, key: &str, what: &str) -> OpenStream {
+    open_stream(addr, path, key)
+        .unwrap_or_else(|r| panic!("{what}: the stream was refused: {}", show(&r)))
+}
+
+/// Asserts that a stream request is refused with 429 `too many concurrent
+/// requests` (reading only the answer's head if it is a stream); returns
+/// how long the answer took.
+pub fn assert_stream_refused(addr: SocketAddr, path: &str, key: &str, what: &str) -> Duration {
+    let asked = Instant::now();
+    match open_stream(addr, path, key) {
+        Ok(st) => {
+            let took = asked.elapsed();
+            st.disconnect();
+            panic!("{what}: the stream opened (200 after {took:?}) instead of a 429");
+        }
+        Err(r) => {
+            let took = asked.elapsed();
+            assert_refusal(&r, 429, "too many concurrent requests", what);
+            took
+        }
+    }
+}
+
+/// Retries [`open_stream`] until it succeeds (a slot is freed by the
+/// gateway just after the body ended, or after it noticed a disconnect),
+/// refused meanwhile only with 429 `too many concurrent requests`.
+pub fn open_stream_within(
+    addr: SocketAddr,
+    path: &str,
+    key: &str,
+    timeout: Duration,
+    what: &str,
+) -> OpenStream {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match open_stream(addr, path, key) {
+            Ok(st) => return st,
+            Err(r) => {
+                assert_refusal(&r, 429, "too many concurrent requests", what);
+                if Instant::now() >= deadline {
+                    panic!("{what}: still 429 after {timeout:?}: the slot was not freed");
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
 }
