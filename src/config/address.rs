@@ -11,6 +11,8 @@ use std::net::{IpAddr, SocketAddr};
 
 use serde::{Deserialize, Deserializer};
 
+use super::values::parsed;
+
 /// `host:port` as written: a host name or an IP address (IPv6 in
 /// brackets), and a port.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,8 +85,7 @@ impl fmt::Display for HostPort {
 
 impl<'de> Deserialize<'de> for HostPort {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        HostPort::parse(&s).map_err(serde::de::Error::custom)
+        parsed(d, HostPort::parse)
     }
 }
 
@@ -130,8 +131,7 @@ impl UpstreamAddr {
 
 impl<'de> Deserialize<'de> for UpstreamAddr {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        UpstreamAddr::parse(&s).map_err(serde::de::Error::custom)
+        parsed(d, UpstreamAddr::parse)
     }
 }
 

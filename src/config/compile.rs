@@ -262,3 +262,44 @@ pub fn open_file_limit() -> u64 {
         soft
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// The files of parsing and checking, which must stay pure.
+    const PURE: [(&str, &str); 13] = [
+        ("address.rs", include_str!("address.rs")),
+        ("admin.rs", include_str!("admin.rs")),
+        ("ai.rs", include_str!("ai.rs")),
+        ("clients.rs", include_str!("clients.rs")),
+        ("error.rs", include_str!("error.rs")),
+        ("file.rs", include_str!("file.rs")),
+        ("key_file.rs", include_str!("key_file.rs")),
+        ("limits.rs", include_str!("limits.rs")),
+        ("listen.rs", include_str!("listen.rs")),
+        ("routes.rs", include_str!("routes.rs")),
+        ("shared.rs", include_str!("shared.rs")),
+        ("values.rs", include_str!("values.rs")),
+        ("yaml.rs", include_str!("yaml.rs")),
+    ];
+
+    /// Only the compile step does the I/O of loading: parsing and checking
+    /// name no file, socket, lookup or system call.
+    #[test]
+    fn parsing_and_checking_do_no_io() {
+        let io = [
+            "std::fs",
+            "File::",
+            "to_socket_addrs",
+            "ToSocketAddrs",
+            "libc::",
+            "available_parallelism",
+            "std::env",
+            "std::process",
+        ];
+        for (name, code) in PURE {
+            for call in io {
+                assert!(!code.contains(call), "{name} uses {call}");
+            }
+        }
+    }
+}

@@ -44,7 +44,6 @@ mod shared;
 mod values;
 pub(crate) mod yaml;
 
-pub use address::{HostPort, UpstreamAddr};
 pub use admin::{AuditDest, DEFAULT_SHUTDOWN_GRACE, DEFAULT_UPGRADE_SOCK};
 pub use ai::ApiKind;
 pub use clients::{
@@ -65,6 +64,6 @@ pub use routes::{
 };
 pub use shared::{OnRedisError, RedisCa, RedisUrl, SharedStateSpec, DEFAULT_REDIS_TIMEOUT};
 pub use values::{
-    any_contains, any_model_matches, ByteSize, IpRange, ModelPattern, Positive, Rate, Timeout,
-    TokenRate, MAX_MODEL_NAME, MAX_TOKEN_BUDGET,
+    any_contains, any_model_matches, ByteSize, IpRange, ModelPattern, Rate, Timeout, TokenRate,
+    MAX_MODEL_NAME, MAX_TOKEN_BUDGET,
 };

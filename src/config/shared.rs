@@ -13,7 +13,7 @@ use serde::{Deserialize, Deserializer};
 use serde_saphyr::Spanned;
 
 use super::error::{LoadError, Location};
-use super::values::Timeout;
+use super::values::{parsed, Timeout};
 use super::yaml::location;
 
 /// How long one Redis call may take before the request goes on without it.
@@ -116,8 +116,7 @@ impl RedisUrl {
 
 impl<'de> Deserialize<'de> for RedisUrl {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        RedisUrl::parse(&s).map_err(serde::de::Error::custom)
+        parsed(d, RedisUrl::parse)
     }
 }
 

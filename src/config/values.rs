@@ -14,6 +14,17 @@ use ipnet::IpNet;
 use serde::de::{Unexpected, Visitor};
 use serde::{Deserialize, Deserializer};
 
+/// Deserializes a string and checks it with `parse`, whose error becomes
+/// the parser's (at the value's line and column): how every value of this
+/// module, and the addresses, read themselves.
+pub(super) fn parsed<'de, D: Deserializer<'de>, T>(
+    d: D,
+    parse: impl FnOnce(&str) -> Result<T, String>,
+) -> Result<T, D::Error> {
+    let s = String::deserialize(d)?;
+    parse(&s).map_err(serde::de::Error::custom)
+}
+
 /// A duration such as `5s`, `300ms` or `2m`, as every timeout of the
 /// config is written; zero is refused (it would fail every request).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,8 +43,7 @@ impl Timeout {
 
 impl<'de> Deserialize<'de> for Timeout {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        Timeout::parse(&s).map_err(serde::de::Error::custom)
+        parsed(d, Timeout::parse)
     }
 }
 
@@ -106,8 +116,7 @@ impl fmt::Display for Rate {
 
 impl<'de> Deserialize<'de> for Rate {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        Rate::parse(&s).map_err(serde::de::Error::custom)
+        parsed(d, Rate::parse)
     }
 }
 
@@ -158,8 +167,7 @@ impl fmt::Display for TokenRate {
 
 impl<'de> Deserialize<'de> for TokenRate {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        TokenRate::parse(&s).map_err(serde::de::Error::custom)
+        parsed(d, TokenRate::parse)
     }
 }
 
@@ -282,8 +290,7 @@ impl fmt::Display for ModelPattern {
 
 impl<'de> Deserialize<'de> for ModelPattern {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        ModelPattern::parse(&s).map_err(serde::de::Error::custom)
+        parsed(d, ModelPattern::parse)
     }
 }
 
@@ -398,8 +405,7 @@ impl IpRange {
 
 impl<'de> Deserialize<'de> for IpRange {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        IpRange::parse(&s).map_err(serde::de::Error::custom)
+        parsed(d, IpRange::parse)
     }
 }
 
