@@ -127,6 +127,59 @@ impl H2Gateway {
     }
 }
 
+impl H2Gateway {
+    /// [`TRIES`] times curl `--http2` uploading `body_len` bytes from its
+    /// standard input (`-T -`: no `Content-Length`, so the body is counted
+    /// as it comes and refused mid-body) to `/small/`: every try must get
+    /// the 413 over HTTP/2 with curl exiting 0.
+    fn every_chunked_try(&self, what: &str, body_len: usize) {
+        use std::io::Write;
+        let body = "x".repeat(body_len);
+        let mut got = Vec::new();
+        for _ in 0..TRIES {
+            let mut child = curl()
+                .args(["-s", "--http2", "--cacert"])
+                .arg(&self.ca_file)
+                .args([
+                    "--resolve",
+                    &format!("localhost:{}:127.0.0.1", self.tls.port()),
+                    "-X",
+                    "POST",
+                    "-T",
+                    "-",
+                    "-H",
+                    &format!("x-api-key: {KEY}"),
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code} %{http_version}",
+                ])
+                .arg(format!("https://localhost:{}/small/x", self.tls.port()))
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .expect("run curl");
+            if let Some(mut stdin) = child.stdin.take() {
+                // curl may stop reading once it has the answer.
+                let _ = stdin.write_all(body.as_bytes());
+            }
+            let out = child.wait_with_output().expect("curl's output");
+            got.push((
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+                out.status.code().unwrap_or(-1),
+            ));
+        }
+        let right = got
+            .iter()
+            .filter(|(out, code)| out == "413 2" && *code == 0)
+            .count();
+        assert_eq!(
+            right, TRIES,
+            "{what}: (curl output, exit code) per try: {got:?}"
+        );
+    }
+}
+
 #[test]
 fn every_refusal_of_a_request_with_a_body_reaches_curl_over_http2() {
     let g = H2Gateway::start();
@@ -156,6 +209,7 @@ fn every_refusal_of_a_request_with_a_body_reaches_curl_over_http2() {
         big,
         413,
     );
+    g.every_chunked_try("over max_body_size (no Content-Length: mid-body)", big);
     // The first request of the limited key is admitted (a small body),
     // then every one is over its rate.
     assert_eq!(
@@ -270,4 +324,72 @@ fn a_raw_http2_client_sending_its_body_after_the_answer_reads_it_whole() {
         g.curl_post(&[&format!("x-api-key: {KEY}")], 10),
         ("200 2".to_string(), 0)
     );
+}
+
+/// A chunked (no `Content-Length`) HTTP/2 body that grows past
+/// `max_body_size` is ended with a 413 mid-body: the answer reaches the
+/// client whole, and the stream ends without an error, while the client
+/// is still sending.
+#[test]
+fn a_413_mid_body_reaches_a_raw_http2_client_whole() {
+    let g = H2Gateway::start();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let seen = rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(g.tls)
+            .await
+            .expect("connect");
+        let tls = tokio_rustls::TlsConnector::from(client_config(&[&g.ca.pem], &[b"h2"]))
+            .connect(
+                rustls::pki_types::ServerName::try_from("localhost").expect("name"),
+                tcp,
+            )
+            .await
+            .expect("TLS handshake");
+        let (client, connection) = h2::client::handshake(tls).await.expect("h2 handshake");
+        tokio::spawn(connection);
+        let mut client = client.ready().await.expect("h2 ready");
+        let request = http::Request::post(format!("https://localhost:{}/small/x", g.tls.port()))
+            .header("x-api-key", KEY)
+            .body(())
+            .expect("request");
+        let (answer, mut send) = client.send_request(request, false).expect("send headers");
+        // 800 bytes (under the 1 KB limit), then 1,500 more in pieces.
+        send.send_data(bytes::Bytes::from(vec![b'x'; 800]), false)
+            .expect("first piece");
+        for i in 0..3 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let _ = send.send_data(bytes::Bytes::from(vec![b'y'; 500]), i == 2);
+        }
+        let resp = tokio::time::timeout(Duration::from_secs(10), answer)
+            .await
+            .expect("an answer within 10 s")
+            .expect("an answer, not a reset");
+        let status = resp.status().as_u16();
+        let mut recv = resp.into_body();
+        let mut text = Vec::new();
+        let mut ended_by = None;
+        while let Some(chunk) = recv.data().await {
+            match chunk {
+                Ok(chunk) => {
+                    let _ = recv.flow_control().release_capacity(chunk.len());
+                    text.extend_from_slice(&chunk);
+                }
+                Err(e) => {
+                    ended_by = Some(e.to_string());
+                    break;
+                }
+            }
+        }
+        (
+            status,
+            String::from_utf8_lossy(&text).into_owned(),
+            ended_by,
+        )
+    });
+    assert_eq!(seen.0, 413, "{seen:?}");
+    assert_eq!(seen.1, r#"{"error":"request body too large"}"#, "{seen:?}");
+    assert_eq!(seen.2, None, "the answer ends cleanly: {seen:?}");
 }

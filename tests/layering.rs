@@ -382,7 +382,7 @@ fn no_import_circle_between_the_files_of_a_folder() {
             .file_name()
             .is_some_and(|n| n == "mod.rs" || n == "lib.rs");
         let code = fs::read_to_string(f).expect("read");
-        let code = code.split("#[cfg(test)]").next().unwrap_or("");
+        let code = before_tests(&code);
         for target in named_modules(&module, is_mod_rs, code) {
             // The deepest folder both paths are inside, and the child of
             // it each one is in.
@@ -480,11 +480,16 @@ fn only_the_layers_whose_doc_says_so_spawn() {
     for f in &files {
         let rel = f.strip_prefix(&src).unwrap_or(f).display().to_string();
         let code = fs::read_to_string(f).expect("read");
-        let code = code.split("#[cfg(test)]").next().unwrap_or("");
+        let code = before_tests(&code);
         for (i, line) in code.lines().enumerate() {
             let line = line.split("//").next().unwrap_or("");
-            let thread = line.contains("thread::spawn") || line.contains("thread::Builder");
-            let task = line.contains("tokio::spawn") || line.contains("spawn_blocking");
+            let thread = ["thread::spawn", "thread::Builder", "thread::scope"]
+                .iter()
+                .any(|p| line.contains(p));
+            let task = !thread
+                && ["spawn(", "spawn_blocking", "spawn_local", "JoinSet"]
+                    .iter()
+                    .any(|p| line.contains(p));
             let allowed = SPAWNERS.iter().find(|(dir, _, _)| rel.starts_with(dir));
             let ok = match allowed {
                 Some((_, what, _)) => !thread || what.contains("threads"),
@@ -505,4 +510,18 @@ fn only_the_layers_whose_doc_says_so_spawn() {
         }
     }
     assert!(report.is_empty(), "\n{}", report.join("\n"));
+}
+
+/// The code of a file before its `#[cfg(test)] mod tests` (a
+/// `#[cfg(test)]` on a single item does not end the checked part).
+fn before_tests(code: &str) -> &str {
+    let mut at = 0;
+    for line in code.split_inclusive('\n') {
+        let rest = &code[at + line.len()..];
+        if line.trim() == "#[cfg(test)]" && rest.trim_start().starts_with("mod tests") {
+            return &code[..at];
+        }
+        at += line.len();
+    }
+    code
 }

@@ -138,9 +138,13 @@ impl Gateway {
         let counted = snapshot.counted(&principal, route);
         let limited = phases::limits(counted, principal.id, self.cluster.is_some());
         ctx.ai = ai::start(route, req.uri.path(), principal.models);
+        // The pure check first: a refused model costs no limit (nor a
+        // call to Redis).
+        if let Some(ai) = ctx.ai.as_deref() {
+            ai::check_path_model(ai)?;
+        }
         ctx.admission = self.take_limits(limited, now.mono_ms).await?;
         if let Some(ai) = ctx.ai.as_deref_mut() {
-            ai::check_path_model(ai)?;
             if ai::wants_body(ai, route) && !session.is_body_empty() {
                 ai::read_body_start(session, ai, route).await??;
             }

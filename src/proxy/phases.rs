@@ -133,24 +133,31 @@ pub struct KeyCheck<'a> {
     pub now_s: u32,
 }
 
-/// Key: the decision's verdict, judged by the throttle. A blocked address
-/// is served only for keys that worked from it before; anything else,
+/// Key: the decision's verdict, judged by the throttle. A key revoked on
+/// another instance counts as revoked here, first, so no path (a block
+/// included) serves it. A blocked address is served only for keys that
+/// worked from it before (each use keeps them known); anything else,
 /// right key or wrong, gets the same 429. Failed keys are counted (here
 /// and, with shared state, across instances); a key that passes is
-/// remembered for the address; a key revoked on another instance is
-/// refused.
+/// remembered for the address.
 pub fn key<'s>(
     verdict: Result<Principal<'s>, Refusal>,
     check: &KeyCheck<'_>,
 ) -> Result<Principal<'s>, Refusal> {
-    let ip = check.client.ip;
+    let verdict = verdict.and_then(|p| match check.cluster {
+        Some(c) if c.is_revoked(p.id) => Err(Refusal::Key(KeyDenial::Disabled)),
+        _ => Ok(p),
+    });
     let addr = match check.client.throttle {
         Throttle::Blocked {
             addr,
             retry_after_s,
         } => {
             return match verdict {
-                Ok(p) if check.failed_keys.known(addr, p.id, check.now_s) => Ok(p),
+                Ok(p) if check.failed_keys.known(addr, p.id, check.now_s) => {
+                    check.failed_keys.succeeded(addr, p.id, check.now_s);
+                    Ok(p)
+                }
                 _ => Err(Refusal::KeyThrottled { retry_after_s }),
             };
         }
@@ -159,14 +166,11 @@ pub fn key<'s>(
     };
     let principal = verdict.inspect_err(|r| {
         if r.is_failed_key() && addr.is_some() {
-            count_failure(ip, check);
+            count_failure(check.client.ip, check);
         }
     })?;
     if let Some(addr) = addr {
         check.failed_keys.succeeded(addr, principal.id, check.now_s);
-    }
-    if check.cluster.is_some_and(|c| c.is_revoked(principal.id)) {
-        return Err(Refusal::Key(KeyDenial::Disabled));
     }
     Ok(principal)
 }

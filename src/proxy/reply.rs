@@ -75,9 +75,18 @@ pub const DISCARD_MAX_TIME: Duration = Duration::from_secs(2);
 /// was still sending, and curl reported a framing error instead of the
 /// status.
 pub async fn answer(session: &mut Session, resp: ResponseHeader, body: Bytes) -> Result<()> {
+    let declared = session
+        .req_header()
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    // A body declared larger than the discard's bound would be reset
+    // anyway: no point reading it first.
+    let worth_reading = declared.is_none_or(|n| n <= DISCARD_MAX_BYTES as u64);
     let downstream = session.as_downstream_mut();
     downstream.write_error_response(resp, body).await?;
-    if downstream.is_http2() && !downstream.is_body_done() {
+    if worth_reading && downstream.is_http2() && !downstream.is_body_done() {
         let _ = tokio::time::timeout(DISCARD_MAX_TIME, discard_body(downstream)).await;
     }
     Ok(())

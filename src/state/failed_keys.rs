@@ -11,7 +11,7 @@
 //! One address is often many people: a team behind a NAT, every user of a
 //! front end such as Open WebUI. So that one stale key does not lock them
 //! all out, a second fixed table remembers which keys succeeded from which
-//! address ([`KNOWN_SLOTS`] pairs, [`KNOWN_FOR`]); a blocked address is
+//! address ([`KNOWN_SLOTS`] pairs, for [`KNOWN_FOR_S`] seconds); a blocked address is
 //! still served for those. Any other key, right or wrong, is refused while
 //! the block lasts, so a block never tells a guesser which guess was right.
 

@@ -286,6 +286,7 @@ where
         let mut timer = pin!(tokio::time::sleep(body_timeout));
         let mut armed = false;
         let timed_out = poll_fn(|cx| {
+            let _ = signal.take();
             if fut.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(false);
             }
@@ -344,7 +345,8 @@ async fn serve_request<T>(
 ) -> Result<T, ClientTimeout> {
     poll_fn(|cx| {
         // Pingora's future first, so bytes that have arrived are never
-        // refused for a timeout.
+        // refused for a timeout; what the signal holds is this poll's.
+        let _ = signal.take();
         if let Poll::Ready(ended) = fut.as_mut().poll(cx) {
             return Poll::Ready(Ok(ended));
         }
