@@ -137,6 +137,22 @@ fn message(err: &Error) -> String {
         Error::SerdeUnknownVariant {
             variant, expected, ..
         } => unknown("variant", variant, expected),
+        // The parser's own wording of these is meant for programmers
+        // ("expected sequence start", "use Option<String>").
+        Error::Unexpected {
+            expected: "sequence start",
+            ..
+        } => "invalid type: expected a list, such as [a, b]".into(),
+        Error::Unexpected {
+            expected: "mapping start",
+            ..
+        } => "invalid type: expected a mapping, such as {key: value}".into(),
+        Error::Unexpected {
+            expected: "string scalar" | "scalar",
+            ..
+        } => "invalid type: expected a single value, not a list or a mapping".into(),
+        Error::NullIntoString { .. } => "invalid type: null, expected a string".into(),
+        Error::InvalidBooleanStrict { .. } => "invalid type: expected true or false".into(),
         other => DefaultMessageFormatter.format_message(other).into_owned(),
     }
 }
@@ -282,6 +298,13 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert_eq!(e, "d.yaml:3:5: items[1]: unknown field `m`, expected `n`");
+        let e = from_str::<Doc>(p, "items: {n: 1}\n")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "d.yaml:1:8: items: invalid type: expected a list, such as [a, b]"
+        );
         let e = from_str::<Doc>(p, "items:\n  - n: \"\u{7}\"\n")
             .unwrap_err()
             .to_string();
