@@ -20,8 +20,8 @@
 #                             a pair of wrk runs, on and off, order alternating)
 #   PACED_ROUNDS=6  PACED_CONNS=200   rounds and connections of the usage
 #                             comparison on paced (Ollama-like) streams
-#   HTTPS_N=2                 parallel `openssl s_time -new` clients in the
-#                             full-handshake run (HTTPS phase)
+#   HTTPS_N=2                 parallel `openssl s_time` clients in the
+#                             handshake runs, full and resumed (HTTPS phase)
 #   RATE=5000  FR_SECS=10  FR_CONNS=32   the fixed-rate latency runs (direct,
 #                             nginx, gateway; ROUNDS rounds, interleaved)
 #   NO_NGINX=1                act as if nginx were not installed
@@ -497,7 +497,8 @@ make_cert() {
 }
 
 # nginx as the key-checking proxy over TLS (1.2 and 1.3, HTTP/1.1), the
-# same key check as start_nginx_proxy; $1 = port.
+# same key check as start_nginx_proxy, resuming sessions by ticket and by
+# ID as the gateway does; $1 = port.
 start_nginx_tls() {
     local port=$1 d=$TMP/nginx-tls
     mkdir -p "$d"
@@ -519,6 +520,8 @@ start_nginx_tls() {
         ssl_certificate $TMP/tls-cert.pem;
         ssl_certificate_key $TMP/tls-key.pem;
         ssl_protocols TLSv1.2 TLSv1.3;
+        ssl_session_cache shared:SSL:10m;
+        ssl_session_tickets on;
         location /ollama/ {
             default_type application/json;
             if (\$allowed = 0) {
@@ -591,6 +594,40 @@ handshake_rate() {
     done
     HS_RATE=$(awk -v n="$total" -v s="$secs" 'BEGIN { printf "%.0f", n / s }')
     HS_CPU=$(awk -v t=$((c1 - c0)) -v hz="$CLK_TCK" -v n="$total" 'BEGIN { if (n > 0) printf "%.0f", t * 1e6 / hz / n; else print "-" }')
+}
+
+# Resumed TLS handshakes per second against 127.0.0.1:$1 for $2 seconds:
+# HTTPS_N parallel `openssl s_time -reuse` (one full handshake each, then
+# every connection presents that session); $3 = the process tree charged
+# CPU; the rest: s_time's options (TLS 1.3 needs `-www PATH`: its tickets
+# come after the handshake, and s_time takes them in only when it reads an
+# answer). Leaves RS_RATE, RS_CPU (µs per connection) and RS_SHARE (the
+# share of connections that resumed: s_time marks each `r` or `*`) set.
+resumed_rate() {
+    local port=$1 secs=$2 pid=$3 c0 c1 u s i total=0 n out pids=()
+    shift 3
+    read -r u s < <(cpu_ticks "$pid")
+    c0=$((u + s))
+    for i in $(seq 1 "$HTTPS_N"); do
+        openssl s_time -connect "127.0.0.1:$port" -reuse -time "$secs" "$@" >"$TMP/s_time-reuse-$port-$i.txt" 2>&1 &
+        pids+=("$!")
+        PIDS+=("$!")
+    done
+    for i in "${pids[@]}"; do
+        wait "$i" || true
+        forget_pid "$i"
+    done
+    read -r u s < <(cpu_ticks "$pid")
+    c1=$((u + s))
+    for i in $(seq 1 "$HTTPS_N"); do
+        out=$TMP/s_time-reuse-$port-$i.txt
+        n=$(awk '/connections in .* real seconds/ { print $1; exit }' "$out")
+        total=$((total + ${n:-0}))
+    done
+    RS_RATE=$(awk -v n="$total" -v s="$secs" 'BEGIN { printf "%.0f", n / s }')
+    RS_CPU=$(awk -v t=$((c1 - c0)) -v hz="$CLK_TCK" -v n="$total" 'BEGIN { if (n > 0) printf "%.0f", t * 1e6 / hz / n; else print "-" }')
+    RS_SHARE=$(cat "$TMP"/s_time-reuse-"$port"-*.txt | awk '/^[r*]+$/ { all += length($0); r += gsub(/r/, "") }
+        END { if (all > 0) printf "%.0f", 100 * r / all; else print "-" }')
 }
 
 # ---------------------------------------------------------------- measuring
@@ -912,7 +949,7 @@ fixed_rate_table() {
 
 HTTPS_OK=0
 if [ -n "$NGINX" ]; then
-    say "HTTPS: nginx and the gateway with the same certificate; keep-alive, a new connection per request, full handshakes"
+    say "HTTPS: nginx and the gateway with the same certificate; keep-alive, a new connection per request, full and resumed handshakes"
     make_cert
     start_nginx_tls "$P_NGX_TLS"
     start_gateway_tls "$P_GW_TLS" "$P_GW_TLS_PLAIN"
@@ -931,9 +968,18 @@ if [ -n "$NGINX" ]; then
             nc_rps=$WRK_RPS nc_cpu=$WRK_CPU
             [ "$WRK_NON2XX" = 0 ] || note "HTTPS $name Connection: close round $round: $WRK_NON2XX non-2xx"
             say "HTTPS round $round/$ROUNDS: $name: full handshakes ($HTTPS_N x openssl s_time -new)"
-            handshake_rate "$port" "$(awk -v d="$DURATION" 'BEGIN { print int(d + 0) }')" "$pid"
-            printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$round" "$ka_rps" "$ka_p99" "$ka_cpu" \
-                "$nc_rps" "$nc_cpu" "$HS_RATE" "$HS_CPU" >>"$HTTPS_TSV"
+            secs=$(awk -v d="$DURATION" 'BEGIN { print int(d + 0) }')
+            handshake_rate "$port" "$secs" "$pid"
+            say "HTTPS round $round/$ROUNDS: $name: resumed handshakes, TLS 1.2 ($HTTPS_N x openssl s_time -reuse -tls1_2)"
+            resumed_rate "$port" "$secs" "$pid" -tls1_2
+            rs12_rate=$RS_RATE rs12_cpu=$RS_CPU rs12_share=$RS_SHARE
+            say "HTTPS round $round/$ROUNDS: $name: resumed handshakes, TLS 1.3 ($HTTPS_N x openssl s_time -reuse -tls1_3 -www)"
+            resumed_rate "$port" "$secs" "$pid" -tls1_3 -www /ollama/api/generate
+            [ "$rs12_share" = 100 ] && [ "$RS_SHARE" = 100 ] ||
+                note "HTTPS $name round $round: resumed only $rs12_share% (TLS 1.2) and $RS_SHARE% (TLS 1.3) of the connections presenting a session"
+            printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$round" "$ka_rps" "$ka_p99" "$ka_cpu" \
+                "$nc_rps" "$nc_cpu" "$HS_RATE" "$HS_CPU" "$rs12_rate" "$rs12_cpu" "$rs12_share" "$RS_RATE" "$RS_CPU" \
+                "$RS_SHARE" >>"$HTTPS_TSV"
         done
     done
     HTTPS_OK=1
@@ -961,6 +1007,25 @@ https_table() {
     printf '| ai-gateway / nginx |'
     for c in 3 4 5 6 7 8 9; do
         awk -v a="$(https_col ai-gateway "$c")" -v b="$(https_col nginx "$c")" 'BEGIN { if (b > 0) printf " %.2f× |", a / b; else printf " - |" }'
+    done
+    echo
+}
+
+https_resumed_table() {
+    echo "| target | TLS 1.2 resumed/s | CPU µs/conn | resumed | TLS 1.3 resumed/s (+ a request) | CPU µs/conn | resumed | full handshakes/s |"
+    echo "|---|---:|---:|---:|---:|---:|---:|---:|"
+    local name c
+    for name in nginx ai-gateway; do
+        printf '| %s | %s | %s | %s%% | %s | %s | %s%% | %s |\n' "$name" "$(https_col "$name" 10)" "$(https_col "$name" 11)" \
+            "$(https_col "$name" 12)" "$(https_col "$name" 13)" "$(https_col "$name" 14)" "$(https_col "$name" 15)" \
+            "$(https_col "$name" 8)"
+    done
+    printf '| ai-gateway / nginx |'
+    for c in 10 11 12 13 14 15 8; do
+        case $c in
+            12 | 15) printf ' |' ;;
+            *) awk -v a="$(https_col ai-gateway "$c")" -v b="$(https_col nginx "$c")" 'BEGIN { if (b > 0) printf " %.2f× |", a / b; else printf " - |" }' ;;
+        esac
     done
     echo
 }
@@ -1234,7 +1299,8 @@ report() {
     echo "## HTTPS"
     echo
     if [ "$HTTPS_OK" = 1 ]; then
-        echo "nginx (2 workers, \`ssl_protocols TLSv1.2 TLSv1.3\`, defaults otherwise) and ai-gateway (\`threads: 2\`, a TLS"
+        echo "nginx (2 workers, \`ssl_protocols TLSv1.2 TLSv1.3\`, \`ssl_session_cache shared:SSL:10m\`, \`ssl_session_tickets on\`,"
+        echo "defaults otherwise) and ai-gateway (\`threads: 2\`, a TLS"
         echo "listener with certificate files) with the same ECDSA P-256 certificate, the same key check and upstream; wrk"
         echo "negotiates TLS 1.3 and HTTP/1.1. Keep-alive: \`wrk -t$THREADS -c$CONNS -d$DURATION\`. Connection: close: the same"
         echo "with that header (a new TCP and TLS connection per request; wrk may resume sessions). Full handshakes:"
@@ -1242,6 +1308,15 @@ report() {
         echo "$ROUNDS round(s), interleaved."
         echo
         https_table
+        echo
+        echo "Resumed handshakes: $HTTPS_N parallel \`openssl s_time -reuse -time N\`, each a full handshake then every"
+        echo "connection presenting that session (a ticket or the session ID, as the server offers), so on the gateway"
+        echo "connections land on both proxy services. TLS 1.2: \`-tls1_2\`, no request. TLS 1.3: \`-tls1_3 -www"
+        echo "/ollama/api/generate\` (s_time takes in the TLS 1.3 ticket, which comes after the handshake, only when it"
+        echo "reads an answer: one request without a key per connection, answered 401 by both). *Resumed* is the share of"
+        echo "connections that resumed. Full handshakes/s is from the table above."
+        echo
+        https_resumed_table
     else
         echo "Skipped; see the notes."
     fi

@@ -9,6 +9,7 @@
 //!
 //! May import: every other layer.
 
+mod handshake;
 mod health_check;
 mod memory;
 mod reload;

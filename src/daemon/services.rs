@@ -30,6 +30,12 @@
 //! (`transfer_fd`); past either limit, services get more than one thread
 //! each ([`layout`]).
 //!
+//! TLS listeners are plain TCP listeners to Pingora: the proxy services'
+//! application does the handshake ([`TlsFront`]), with one rustls
+//! configuration per listener shared by all services, so a TLS session
+//! resumes whichever socket the kernel hands the client's next
+//! connection to.
+//!
 //! An upgrade from a gateway that predates this layout inherits sockets
 //! bound without `SO_REUSEPORT`, beside which no other socket can be bound.
 //! Then the gateway runs one service of N threads on them, as before, until
@@ -40,13 +46,14 @@ use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{FromRawFd, RawFd};
 use std::sync::Arc;
 
-use log::{error, info};
+use log::info;
 use pingora::apps::HttpServerOptions;
 use pingora::listeners::{L4BufferSettings, ListenerConfig, TcpSocketOptions};
 use pingora::server::configuration::ServerConf;
 use pingora::server::Server;
 use pingora::services::listening::Service as ListeningService;
 
+use super::handshake::TlsFront;
 use super::tls::TlsListeners;
 use crate::config::{Config, ListenKind};
 use crate::ops::{Metrics, SharedLive};
@@ -118,7 +125,8 @@ pub fn server_conf(config: &Config, threads: usize) -> ServerConf {
 
 /// Adds the proxy services to `server`: `threads` holds each service's
 /// thread count (see [`layout`]). Each serves a clone of `gateway` behind
-/// the connection cap and client timeouts, with its own `HttpProxy`.
+/// the TLS handshake (TLS listeners), the connection cap and client
+/// timeouts, with its own `HttpProxy`.
 pub fn add_proxy_services(
     server: &mut Server,
     config: &Config,
@@ -129,6 +137,7 @@ pub fn add_proxy_services(
     metrics: &Arc<Metrics>,
 ) {
     let slots = Arc::new(Slots::new(metrics.client_connections.clone()));
+    let acceptors = tls.acceptors();
     let mut options = TcpSocketOptions::default();
     options.so_reuseport = Some(true);
     for (i, &n) in threads.iter().enumerate() {
@@ -145,19 +154,13 @@ pub fn add_proxy_services(
             Arc::clone(metrics),
             Arc::clone(&slots),
         );
+        let app = TlsFront::new(app, acceptors.clone());
         let mut service = ListeningService::new(format!("ai-gateway-{i}"), app);
         service.threads = Some(n);
         for l in &config.listeners {
-            let mut listener = ListenerConfig::tcp(listener_key(l.addr, i))
+            let listener = ListenerConfig::tcp(listener_key(l.addr, i))
                 .tcp_socket_options(options.clone())
                 .l4_buffer(L4BufferSettings::default().read(CLIENT_READ_BUFFER));
-            if l.is_tls() {
-                let Some(settings) = tls.settings(l.addr) else {
-                    error!("no TLS settings for {}; exiting", l.addr);
-                    std::process::exit(1);
-                };
-                listener = listener.tls(settings);
-            }
             service.add_listener(listener);
         }
         server.add_service(service);
@@ -165,7 +168,11 @@ pub fn add_proxy_services(
     for l in &config.listeners {
         match l.kind {
             ListenKind::Redirect => info!("listening on {} (redirecting to https)", l.url()),
-            ListenKind::Tls(_) => info!("listening on {} (HTTP/2 and HTTP/1.1)", l.url()),
+            ListenKind::Tls(_) => info!(
+                "listening on {} (HTTP/2 and HTTP/1.1; sessions resume by ticket or by ID, cache of {} sessions)",
+                l.url(),
+                crate::tls::SESSION_CACHE_SIZE
+            ),
             ListenKind::Plain => info!("listening on {}", l.url()),
         }
     }

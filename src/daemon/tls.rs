@@ -5,7 +5,9 @@
 //! Each TLS listener has a [`CertSlot`]; rustls asks it on every
 //! handshake. A reload or a renewal replaces what the slot holds; a bad
 //! file or a failed order leaves the old certificate in place (logged,
-//! counted).
+//! counted). Each also has one rustls configuration, made at start and
+//! shared by all the proxy services, so that a session resumes whichever
+//! service the kernel hands the client's next connection to.
 
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
@@ -13,12 +15,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use log::{error, info, warn};
-use pingora::listeners::tls::TlsSettings;
+use pingora::listeners::tls::Acceptor;
 
+use super::handshake::Acceptors;
 use crate::config::{AcmeSpec, Config, ListenKind, LoadError, TlsSource};
 use crate::ops::Metrics;
 use crate::tls::acme::{self, AcmeCache};
-use crate::tls::{CertSlot, Challenges, LoadedCert, SlotResolver};
+use crate::tls::{server_config, CertSlot, Challenges, LoadedCert, SlotResolver};
 
 /// The first wait after a failed ACME order; doubled after each failure.
 const ACME_FIRST_BACKOFF: Duration = Duration::from_secs(30);
@@ -34,6 +37,9 @@ const ACME_MAX_SLEEP: Duration = Duration::from_secs(3600);
 struct Entry {
     addr: SocketAddr,
     slot: Arc<CertSlot>,
+    /// The handshakes' configuration (certificates from `slot`, the
+    /// session ticket key and cache), the same for every proxy service.
+    acceptor: Arc<Acceptor>,
     /// ACME settings as at start (a change needs a restart).
     acme: Option<AcmeSpec>,
 }
@@ -92,24 +98,28 @@ impl TlsListeners {
             if let Some(c) = &cert {
                 metrics.cert_expires(&l.url(), c.not_after);
             }
+            let slot = Arc::new(CertSlot::new(cert));
+            let tls = server_config(Arc::new(SlotResolver(Arc::clone(&slot))))
+                .map_err(|e| LoadError::invalid(&config.path, format!("{}: {e}", l.url())))?;
             entries.push(Entry {
                 addr: l.addr,
-                slot: Arc::new(CertSlot::new(cert)),
+                slot,
+                acceptor: Arc::new(Acceptor::from_server_config(Arc::new(tls))),
                 acme,
             });
         }
         Ok(TlsListeners { entries, metrics })
     }
 
-    /// Pingora's TLS settings for the listener on `addr`: TLS 1.2 and 1.3
-    /// (Pingora's rustls defaults), HTTP/2 or HTTP/1.1 by ALPN, the
-    /// certificate from the listener's slot on each handshake.
-    pub fn settings(&self, addr: SocketAddr) -> Option<TlsSettings> {
-        let entry = self.entries.iter().find(|e| e.addr == addr)?;
-        let mut settings = TlsSettings::intermediate("", "").ok()?;
-        settings.set_cert_resolver(Arc::new(SlotResolver(Arc::clone(&entry.slot))));
-        settings.enable_h2();
-        Some(settings)
+    /// The TLS listeners' handshakes (see [`crate::tls::server_config`]),
+    /// for the proxy services to share.
+    pub fn acceptors(&self) -> Acceptors {
+        Acceptors::new(
+            self.entries
+                .iter()
+                .map(|e| (e.addr, Arc::clone(&e.acceptor)))
+                .collect(),
+        )
     }
 
     /// Re-reads the certificate files of the listeners that use files,

@@ -4,9 +4,10 @@
 //! Owns: reading and checking certificate/key pairs ([`LoadedCert`]), the
 //! per-listener certificate slot rustls asks on every handshake
 //! ([`CertSlot`]), the HTTP-01 challenges in progress ([`Challenges`]),
-//! and one ACME order with its cache ([`acme`]). Nothing here spawns
-//! threads or tasks or binds sockets: the daemon runs the ACME task and
-//! the reloads.
+//! one ACME order with its cache ([`acme`]), and a listener's rustls
+//! configuration with session resumption ([`server_config`]). Nothing
+//! here spawns threads or tasks or binds sockets: the daemon runs the
+//! ACME task and the reloads, and the TLS handshakes.
 //!
 //! May import: `config`, `keys`, `state`.
 
@@ -14,7 +15,9 @@ pub mod acme;
 mod certs;
 mod challenges;
 mod resolver;
+mod sessions;
 
 pub use certs::LoadedCert;
 pub use challenges::{is_challenge_path, Challenges};
 pub use resolver::{CertSlot, SlotResolver};
+pub use sessions::{server_config, SESSION_CACHE_SIZE};
