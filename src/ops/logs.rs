@@ -46,10 +46,17 @@ impl Log for Capped {
     }
 }
 
+/// The filter without `RUST_LOG`: `info`, but rustls at `error`. rustls
+/// warns once per handshake about what a client sent (an IP address as
+/// the server name, as wrk and `curl https://127.0.0.1` do): a line per
+/// connection, unbounded, about nothing the operator can fix.
+const DEFAULT_FILTER: &str = "info,rustls=error";
+
 /// Installs the process logger. Call once, first thing.
 pub fn init() {
     let logger =
-        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).build();
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(DEFAULT_FILTER))
+            .build();
     let max: LevelFilter = logger.filter();
     if log::set_boxed_logger(Box::new(Capped(logger))).is_ok() {
         log::set_max_level(max);

@@ -5,9 +5,10 @@
 //! timeouts.
 //!
 //! ```text
-//!  client ─▶ (TLS listeners: the handshake, in Pingora's listener, with
-//!             the certificate the listener's slot holds now; ALPN h2 or
-//!             http/1.1)
+//!  client ─▶ (TLS listeners: the handshake, in the daemon's TLS front
+//!             (`daemon::handshake`) with the listener's shared session
+//!             cache and ticket keys, and the certificate the listener's
+//!             slot holds now; ALPN h2 or http/1.1)
 //!         ─▶ new_ctx                 the one snapshot load
 //!         ─▶ early_request_filter    stop the head's clock (see `connection`),
 //!                                    bound each read of the body
