@@ -528,6 +528,11 @@ impl GatewayConfig {
         self
     }
 
+    /// Whether the top-level setting `name` is set.
+    pub fn has(&self, name: &str) -> bool {
+        self.settings.contains_key(name) || (name == "admin_listen" && self.admin.is_some())
+    }
+
     /// Removes a top-level setting (e.g. `shutdown_grace`, to run on the
     /// gateway's default).
     pub fn unset(mut self, name: &str) -> GatewayConfig {

@@ -13,6 +13,8 @@
 //! * [`gateway`]: a [`Gateway`] runner that writes a config + keys file into
 //!   a temporary directory, spawns the real `ai-gateway` binary and waits
 //!   until it answers HTTP, and [`run_cli`] for one-shot commands;
+//! * [`cluster`]: three gateway instances sharing one Redis (not glob
+//!   re-exported: `use common::cluster::*` where needed);
 //! * [`redis`]: a real `redis-server` on a loopback port (for the cluster
 //!   tests), with a small RESP client to look inside it;
 //! * [`metrics`] and [`prometheus`]: the admin listener's `/metrics`, by
@@ -32,6 +34,7 @@
 pub mod ai_upstream;
 pub mod audit;
 pub mod check;
+pub mod cluster;
 pub mod config;
 pub mod gateway;
 pub mod key_files;

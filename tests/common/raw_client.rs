@@ -79,12 +79,35 @@ pub fn send(
         .unwrap_or_else(|e| panic!("{method} {path} {headers:?}: no answer from {addr}: {e}"))
 }
 
-/// `GET path` on the gateway with `X-API-Key: key` (and any `extra`
-/// headers).
-pub fn get_keyed(gw: &Gateway, path: &str, key: &str, extra: &[(&str, &str)]) -> RawResponse {
+/// Where a request goes: a gateway (its first listener) or an address.
+pub trait Target {
+    fn target(&self) -> SocketAddr;
+}
+
+impl Target for SocketAddr {
+    fn target(&self) -> SocketAddr {
+        *self
+    }
+}
+
+impl Target for Gateway {
+    fn target(&self) -> SocketAddr {
+        self.addr()
+    }
+}
+
+impl<T: Target + ?Sized> Target for &T {
+    fn target(&self) -> SocketAddr {
+        (**self).target()
+    }
+}
+
+/// `GET path` with `X-API-Key: key` (and any `extra` headers), on a new
+/// connection; must get an answer.
+pub fn get_keyed(to: impl Target, path: &str, key: &str, extra: &[(&str, &str)]) -> RawResponse {
     let mut headers = vec![("X-API-Key", key)];
     headers.extend_from_slice(extra);
-    send(gw.addr(), "GET", path, &headers, b"")
+    send(to.target(), "GET", path, &headers, b"")
 }
 
 pub fn show(r: &RawResponse) -> String {
@@ -278,12 +301,25 @@ pub fn must_open(addr: SocketAddr, path: &str, key: &str, what: &str) -> OpenStr
 /// requests` (reading only the answer's head if it is a stream); returns
 /// how long the answer took.
 pub fn assert_stream_refused(addr: SocketAddr, path: &str, key: &str, what: &str) -> Duration {
+    assert_stream_refused_or(addr, path, key, what, String::new)
+}
+
+/// [`assert_stream_refused`], with `context()` (e.g. the state of a shared
+/// store, taken while the stream is open) added to the failure message.
+pub fn assert_stream_refused_or(
+    addr: SocketAddr,
+    path: &str,
+    key: &str,
+    what: &str,
+    context: impl FnOnce() -> String,
+) -> Duration {
     let asked = Instant::now();
     match open_stream(addr, path, key) {
         Ok(st) => {
             let took = asked.elapsed();
+            let context = context();
             st.disconnect();
-            panic!("{what}: the stream opened (200 after {took:?}) instead of a 429");
+            panic!("{what}: the stream opened (200 after {took:?}) instead of a 429{context}");
         }
         Err(r) => {
             let took = asked.elapsed();
