@@ -15,6 +15,9 @@
 //!   until it answers HTTP, and [`run_cli`] for one-shot commands;
 //! * [`cluster`]: three gateway instances sharing one Redis (not glob
 //!   re-exported: `use common::cluster::*` where needed);
+//! * [`hostile`]: exact bytes on a raw connection and checks that the
+//!   upstream received nothing, for the hardening tests (not glob
+//!   re-exported: `use common::hostile::*` where needed);
 //! * [`redis`]: a real `redis-server` on a loopback port (for the cluster
 //!   tests), with a small RESP client to look inside it;
 //! * [`metrics`] and [`prometheus`]: the admin listener's `/metrics`, by
@@ -37,6 +40,7 @@ pub mod check;
 pub mod cluster;
 pub mod config;
 pub mod gateway;
+pub mod hostile;
 pub mod key_files;
 pub mod metrics;
 pub mod pebble;
