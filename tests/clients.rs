@@ -17,6 +17,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 
+use common::ai_gateway::{ai_keys, ollama_route, openai_route};
 use common::*;
 
 const ANN: &str = "client-test-key-ann";
@@ -77,29 +78,19 @@ fn drive(gw: &Gateway, scenario: &str, key: &str, model: &str) -> Value {
 
 fn start(ollama: &AiServer, openai: &AiServer) -> Gateway {
     Gateway::start(
-        &format!(
-            "audit_log: audit.log\nroutes:\n\
-             \x20 - {{name: ollama, path_prefix: /ollama/, service: ai, strip_prefix: true, api: ollama, upstreams: [\"{}\"]}}\n\
-             \x20 - {{name: openai, path_prefix: /v1/, service: ai, api: openai, include_usage: true, upstreams: [\"{}\"]}}\n",
-            ollama.addr, openai.addr
-        ),
-        &format!(
-            r#"{{
-  "{ANN}": {{"user": "ann", "service": "ai"}},
-  "{BOB}": {{"user": "bob", "service": "ai", "models": ["llama3.2", "qwen*"]}},
-  "{CAROL}": {{"user": "carol", "service": "ai", "token_limit": "20/min"}}
-}}"#
-        ),
+        &GatewayConfig::new()
+            .audit_log("audit.log")
+            .route(ollama_route(ollama.addr))
+            .route(openai_route(openai.addr)),
+        &ai_keys(ANN, BOB, CAROL),
     )
 }
 
 /// The audit lines of requests to a route so far (not the harness's
 /// readiness probes).
-fn audit_lines(gw: &Gateway) -> Vec<Value> {
-    std::fs::read_to_string(gw.dir.path().join("audit.log"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+fn route_audit_lines(gw: &Gateway) -> Vec<Value> {
+    audit_lines(&audit_file(gw))
+        .into_iter()
         .filter(|v| !v["route"].is_null())
         .collect()
 }
@@ -107,11 +98,14 @@ fn audit_lines(gw: &Gateway) -> Vec<Value> {
 /// Waits for `n` audit lines and returns the last.
 fn nth_audit(gw: &Gateway, n: usize) -> Value {
     assert!(
-        wait_until(Duration::from_secs(10), || audit_lines(gw).len() >= n),
+        wait_until(Duration::from_secs(10), || route_audit_lines(gw).len() >= n),
         "{n} audit lines: {:?}",
-        audit_lines(gw)
+        route_audit_lines(gw)
     );
-    audit_lines(gw).get(n - 1).cloned().unwrap_or(Value::Null)
+    route_audit_lines(gw)
+        .get(n - 1)
+        .cloned()
+        .unwrap_or(Value::Null)
 }
 
 fn secs(t: SystemTime) -> f64 {

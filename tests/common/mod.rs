@@ -3,6 +3,9 @@
 //! * [`ai_upstream`]: a mock model server speaking Ollama's and the
 //!   OpenAI-compatible API, streaming with delays, with predictable token
 //!   counts;
+//! * [`ai_gateway`]: the gateway of the AI-route tests (routes with `api`,
+//!   scoped keys, a raw client sending what the official clients send; not
+//!   glob re-exported: `use common::ai_gateway::*` where needed);
 //! * [`upstreams`]: small, dependency-free HTTP/1.1 upstream servers (echo,
 //!   streaming, silent, custom) that run on background threads, so tests can
 //!   observe exactly what the gateway forwarded and how it forwarded it;
@@ -34,6 +37,7 @@
 //! are reachable from the crate root, so no `dead_code` allowance is needed
 //! (private items that are unused are still reported).
 
+pub mod ai_gateway;
 pub mod ai_upstream;
 pub mod audit;
 pub mod check;
