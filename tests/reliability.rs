@@ -1,55 +1,29 @@
-//! Reliability tests against the real binary: failover between upstreams,
-//! no retry once a request body went upstream, active health checks with an
-//! upstream stopped and started again, stale pooled connections, hostile
-//! clients, many idle connections, and upstreams that fail in every way.
+//! Reliability tests against the real binary, the upstream side: failover
+//! between upstreams, no retry once a request body went upstream, active
+//! health checks with an upstream stopped and started again, stale pooled
+//! connections, and upstreams that fail in every way. The client side
+//! (hostile and idle clients) is in `reliability_clients.rs`.
 //!
 //! Every wait is a poll with a deadline; every test finishes in a few
-//! seconds.
+//! seconds (the shared gateway and raw client are in
+//! `tests/common/reliability.rs`).
 
 // `pub` so rustc does not report harness items this crate leaves unused.
 pub mod common;
 
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::reliability::*;
 use common::*;
 
 // ---------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------
-
-const KEY: &str = "reliability-key-0001";
-const KEYS: &str = r#"{"reliability-key-0001": {"user": "rel", "service": "chat"}}"#;
-
-/// One route in YAML flow style (service `chat`, prefix stripped); `extra`
-/// goes inside the mapping, e.g. `", read_timeout: 1s"`.
-fn route(name: &str, prefix: &str, upstreams: &[SocketAddr], extra: &str) -> String {
-    let ups: Vec<String> = upstreams.iter().map(|a| format!("\"{a}\"")).collect();
-    format!(
-        "  - {{name: {name}, path_prefix: \"{prefix}\", service: chat, strip_prefix: true, upstreams: [{}]{extra}}}\n",
-        ups.join(", ")
-    )
-}
-
-/// A gateway with the given routes (2 worker threads).
-fn gateway(routes: &[String]) -> Gateway {
-    Gateway::start(&format!("threads: 2\nroutes:\n{}", routes.concat()), KEYS)
-}
-
-/// GET `path` with the key; the status and the body (empty on a read error).
-fn get(agent: &ureq::Agent, gw: &Gateway, path: &str) -> (u16, String) {
-    let mut resp = agent
-        .get(gw.url(path))
-        .header("X-API-Key", KEY)
-        .call()
-        .unwrap_or_else(|e| panic!("GET {path}: {e}"));
-    let status = resp.status().as_u16();
-    (status, resp.body_mut().read_to_string().unwrap_or_default())
-}
 
 /// POST `body` to `path` with the key; the status and the response body.
 fn post(agent: &ureq::Agent, gw: &Gateway, path: &str, body: &[u8]) -> (u16, String) {
@@ -60,101 +34,6 @@ fn post(agent: &ureq::Agent, gw: &Gateway, path: &str, body: &[u8]) -> (u16, Str
         .unwrap_or_else(|e| panic!("POST {path}: {e}"));
     let status = resp.status().as_u16();
     (status, resp.body_mut().read_to_string().unwrap_or_default())
-}
-
-/// How a raw exchange ended.
-#[derive(Debug, PartialEq, Eq)]
-enum End {
-    /// The peer closed the connection (clean EOF).
-    Eof,
-    /// The peer reset the connection.
-    Reset,
-    /// Nothing more arrived before the read timeout: a hang.
-    TimedOut,
-}
-
-/// Everything a raw client read off one connection, and how it ended.
-#[derive(Debug)]
-struct Exchange {
-    bytes: Vec<u8>,
-    end: End,
-    elapsed: Duration,
-}
-
-impl Exchange {
-    /// The status of the first response, if a status line arrived.
-    fn status(&self) -> Option<u16> {
-        let text = String::from_utf8_lossy(&self.bytes);
-        let line = text.lines().next()?;
-        line.strip_prefix("HTTP/1.")?.get(2..5)?.parse().ok()
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.bytes).into_owned()
-    }
-}
-
-/// Reads `stream` until EOF, reset or `timeout` without data.
-fn read_all(mut stream: TcpStream, timeout: Duration) -> Exchange {
-    let start = Instant::now();
-    stream
-        .set_read_timeout(Some(timeout))
-        .expect("set read timeout");
-    let mut bytes = Vec::new();
-    let mut buf = [0u8; 16 * 1024];
-    let end = loop {
-        match stream.read(&mut buf) {
-            Ok(0) => break End::Eof,
-            Ok(n) => bytes.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                break End::TimedOut
-            }
-            Err(_) => break End::Reset,
-        }
-    };
-    Exchange {
-        bytes,
-        end,
-        elapsed: start.elapsed(),
-    }
-}
-
-/// Sends `request` on a new connection (write errors are ignored: the
-/// gateway may answer and close before it has read everything) and reads
-/// until the gateway closes the connection, or 5 s pass without data.
-fn raw_exchange(addr: SocketAddr, request: &[u8]) -> Exchange {
-    let mut s = TcpStream::connect(addr).expect("connect to the gateway");
-    s.set_write_timeout(Some(Duration::from_secs(5)))
-        .expect("set write timeout");
-    let _ = s.write_all(request);
-    let ex = read_all(s, Duration::from_secs(5));
-    eprintln!(
-        "{:?}...: {:?}, {:?} after {:?}",
-        String::from_utf8_lossy(&request[..request.len().min(40)]),
-        ex.status(),
-        ex.end,
-        ex.elapsed
-    );
-    ex
-}
-
-/// A good request on a new connection still gets its 200.
-fn assert_still_serving(gw: &Gateway) {
-    let (status, _) = get(&agent(), gw, "/chat/after");
-    assert_eq!(status, 200, "a good request after the hostile one");
-}
-
-/// Counts the open file descriptors of process `pid`.
-fn open_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
-        .unwrap_or(0)
 }
 
 /// An upstream on a given listener that answers every request with `200`
@@ -272,7 +151,9 @@ fn reset_on_close(stream: TcpStream) {
 fn failed_connect_fails_over_and_takes_the_upstream_out_of_rotation() {
     let dead = refused_addr();
     let echo = EchoServer::start();
-    let gw = gateway(&[route("chat", "/chat/", &[dead, echo.addr], "")]);
+    let gw = gateway([Route::new("chat", "/chat/", "chat")
+        .strip_prefix(true)
+        .upstreams([dead, echo.addr])]);
     let agent = agent();
     for i in 0..20 {
         if i % 2 == 0 {
@@ -338,9 +219,13 @@ fn post_whose_body_went_upstream_is_not_retried() {
     let closes = bad(false);
     let resets = bad(true);
     let echo = EchoServer::start();
-    let gw = gateway(&[
-        route("close", "/close/", &[closes.addr, echo.addr], ""),
-        route("reset", "/reset/", &[resets.addr, echo.addr], ""),
+    let gw = gateway([
+        Route::new("close", "/close/", "chat")
+            .strip_prefix(true)
+            .upstreams([closes.addr, echo.addr]),
+        Route::new("reset", "/reset/", "chat")
+            .strip_prefix(true)
+            .upstreams([resets.addr, echo.addr]),
     ]);
     let payload = b"{\"prompt\": \"do something once\"}".repeat(50);
     for (n, path) in ["/close/api/generate", "/reset/api/generate"]
@@ -372,12 +257,10 @@ fn active_check_follows_an_upstream_stopped_and_started() {
     let a_addr = listener_a.local_addr().expect("A addr");
     let a = Named::start_on(listener_a, "A");
     let b = Named::start_on(TcpListener::bind("127.0.0.1:0").expect("bind B"), "B");
-    let gw = gateway(&[route(
-        "pool",
-        "/chat/",
-        &[a_addr, b.addr],
-        ", health_check: {path: /, interval: 200ms, timeout: 200ms}",
-    )]);
+    let gw = gateway([Route::new("pool", "/chat/", "chat")
+        .strip_prefix(true)
+        .upstreams([a_addr, b.addr])
+        .health_check(HealthCheck::new("/").interval("200ms").timeout("200ms"))]);
     assert!(
         wait_until(Duration::from_secs(3), || a.checks() > 0 && b.checks() > 0),
         "both upstreams get health checks"
@@ -477,7 +360,7 @@ fn upstream_closing_idle_connections_never_surfaces_as_an_error() {
             thread::sleep(Duration::from_millis(50));
         })
     };
-    let gw = gateway(&[route("chat", "/chat/", &[upstream.addr], "")]);
+    let gw = gateway([Route::chat(upstream.addr)]);
     let agent = agent();
     for i in 0..16 {
         let (status, body) = if i % 2 == 0 {
@@ -497,439 +380,12 @@ fn upstream_closing_idle_connections_never_surfaces_as_an_error() {
 }
 
 // ---------------------------------------------------------------------------
-// Hostile clients
-// ---------------------------------------------------------------------------
-
-#[test]
-fn oversized_header_is_refused_and_the_next_request_is_served() {
-    let echo = EchoServer::start();
-    let gw = gateway(&[route("chat", "/chat/", &[echo.addr], "")]);
-    let one_big = format!(
-        "GET /chat/x HTTP/1.1\r\nHost: gw\r\nX-API-Key: {KEY}\r\nX-Big: {}\r\n\r\n",
-        "a".repeat(64 * 1024)
-    );
-    let many: String = (0..90)
-        .map(|i| format!("X-Pad-{i}: {}\r\n", "b".repeat(800)))
-        .collect();
-    let many = format!("GET /chat/x HTTP/1.1\r\nHost: gw\r\nX-API-Key: {KEY}\r\n{many}\r\n");
-    for (what, request) in [
-        ("one 64 KiB header", one_big),
-        ("90 headers of 800 B", many),
-    ] {
-        let ex = raw_exchange(gw.addr(), request.as_bytes());
-        assert_ne!(ex.end, End::TimedOut, "{what}: no answer: {}", ex.text());
-        let status = ex.status();
-        assert!(
-            matches!(status, Some(431) | Some(400)),
-            "{what}: {status:?} {}",
-            ex.text()
-        );
-        assert_still_serving(&gw);
-    }
-    // Only the good requests went upstream.
-    assert_eq!(echo.hits(), 2);
-    assert!(echo.requests().iter().all(|r| r.head.target == "/after"));
-}
-
-/// Requests with both `Content-Length` and `Transfer-Encoding` (the
-/// ambiguity request smuggling relies on), each followed on the same
-/// connection by a second request hidden where a `Content-Length` reader
-/// would see body bytes.
-fn cl_te_requests() -> Vec<(&'static str, String)> {
-    [
-        "Content-Length: 5\r\nTransfer-Encoding: chunked\r\n",
-        "Transfer-Encoding: chunked\r\nContent-Length: 5\r\n",
-        "Content-Length: 30\r\nTransfer-Encoding: gzip, chunked\r\n",
-    ]
-    .into_iter()
-    .map(|framing| {
-        (
-            framing,
-            format!(
-                "POST /chat/api/generate HTTP/1.1\r\nHost: gw\r\nX-API-Key: {KEY}\r\n{framing}\r\n5\r\nhello\r\n0\r\n\r\nGET /chat/smuggled HTTP/1.1\r\nHost: gw\r\nX-API-Key: {KEY}\r\n\r\n"
-            ),
-        )
-    })
-    .collect()
-}
-
-/// Whatever the gateway does with such a request, it answers once and
-/// closes the connection, the hidden request is never served, and the
-/// upstream never gets both framing headers.
-#[test]
-fn content_length_with_transfer_encoding_never_smuggles() {
-    let echo = EchoServer::start();
-    let gw = gateway(&[route("chat", "/chat/", &[echo.addr], "")]);
-    for (framing, request) in cl_te_requests() {
-        let ex = raw_exchange(gw.addr(), request.as_bytes());
-        assert_ne!(
-            ex.end,
-            End::TimedOut,
-            "{framing:?}: not closed: {}",
-            ex.text()
-        );
-        assert_eq!(
-            ex.text().matches("HTTP/1.").count(),
-            1,
-            "{framing:?}: one response, the hidden request is not served: {}",
-            ex.text()
-        );
-    }
-    for r in echo.requests() {
-        assert_ne!(
-            r.head.target, "/smuggled",
-            "the hidden request went upstream"
-        );
-        assert!(
-            r.head.header("content-length").is_none()
-                || r.head.header("transfer-encoding").is_none(),
-            "both framings went upstream: {:?}",
-            r.head
-        );
-    }
-    assert_still_serving(&gw);
-}
-
-/// The documented answer: 400, and the upstream never sees the request.
-#[test]
-fn content_length_with_transfer_encoding_is_400_and_never_forwarded() {
-    let echo = EchoServer::start();
-    let gw = gateway(&[route("chat", "/chat/", &[echo.addr], "")]);
-    for (framing, request) in cl_te_requests() {
-        let ex = raw_exchange(gw.addr(), request.as_bytes());
-        assert_eq!(ex.status(), Some(400), "{framing:?}: {}", ex.text());
-    }
-    assert_eq!(echo.hits(), 0, "the upstream never saw them");
-    assert_still_serving(&gw);
-}
-
-#[test]
-fn malformed_chunked_body_is_refused_and_the_daemon_keeps_serving() {
-    let echo = EchoServer::start();
-    let gw = gateway(&[route("chat", "/chat/", &[echo.addr], "")]);
-    let request = format!(
-        "POST /chat/api/generate HTTP/1.1\r\nHost: gw\r\nX-API-Key: {KEY}\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n"
-    );
-    let ex = raw_exchange(gw.addr(), request.as_bytes());
-    assert_ne!(ex.end, End::TimedOut, "no hang: {}", ex.text());
-    assert!(
-        ex.status() == Some(400) || ex.bytes.is_empty(),
-        "400 or a closed connection, got: {}",
-        ex.text()
-    );
-    assert!(
-        echo.requests().is_empty(),
-        "no complete request reached the upstream"
-    );
-    assert_still_serving(&gw);
-}
-
-#[test]
-fn garbage_request_lines_get_400_or_a_close() {
-    let echo = EchoServer::start();
-    let gw = gateway(&[route("chat", "/chat/", &[echo.addr], "")]);
-    let garbage: [&[u8]; 4] = [
-        b"GARBAGE\r\n\r\n",
-        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n",
-        b"GET /chat/x HTTP/9.9\r\nHost: gw\r\n\r\n",
-        b"GET\x00/chat/x HTTP/1.1\r\n\r\n",
-    ];
-    for g in garbage {
-        let ex = raw_exchange(gw.addr(), g);
-        assert_ne!(ex.end, End::TimedOut, "{g:?}: no hang: {}", ex.text());
-        assert!(
-            ex.status() == Some(400) || ex.bytes.is_empty(),
-            "{g:?}: 400 or a closed connection, got: {}",
-            ex.text()
-        );
-    }
-    assert_eq!(echo.hits(), 0);
-    assert_still_serving(&gw);
-}
-
-/// The client reads one line of a long stream and goes away: the gateway
-/// cancels the upstream request instead of letting the model run on.
-#[test]
-fn client_leaving_mid_stream_cancels_the_upstream_request() {
-    // 100 chunks 100 ms apart: 10 s if nobody cancels.
-    let streamer = StreamServer::start(100, Duration::from_millis(100));
-    let gw = gateway(&[route("chat", "/chat/", &[streamer.addr], "")]);
-    let mut s = TcpStream::connect(gw.addr()).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("set read timeout");
-    write!(
-        s,
-        "POST /chat/api/generate HTTP/1.1\r\nHost: gw\r\nX-API-Key: {KEY}\r\nContent-Length: 2\r\n\r\n{{}}"
-    )
-    .expect("send request");
-    let mut reader = BufReader::new(s);
-    let mut line = String::new();
-    while !line.contains("tok0") {
-        line.clear();
-        let n = reader.read_line(&mut line).expect("read the stream");
-        assert!(n > 0, "stream ended before the first token");
-    }
-    let left_at = Instant::now();
-    drop(reader);
-    assert!(
-        wait_until(Duration::from_secs(2), || streamer.aborted() == 1),
-        "upstream stream not cancelled within 2 s (aborted {})",
-        streamer.aborted()
-    );
-    eprintln!(
-        "upstream stream cancelled {:?} after the client left",
-        left_at.elapsed()
-    );
-    let records = streamer.records();
-    assert_eq!(records.len(), 1);
-    assert!(!records[0].completed, "the stream did not run to its end");
-}
-
-// ---------------------------------------------------------------------------
-// Many idle connections
-// ---------------------------------------------------------------------------
-
-/// The soft open-file limit of this process after raising it to the hard
-/// limit (the gateway inherits it): each side of 10,000 connections needs
-/// 10,000 descriptors.
-fn raise_open_file_limit() -> u64 {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit and setrlimit only read and write the struct given.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
-            return 0;
-        }
-        if lim.rlim_cur < lim.rlim_max {
-            let raised = libc::rlimit {
-                rlim_cur: lim.rlim_max,
-                rlim_max: lim.rlim_max,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
-                lim = raised;
-            }
-        }
-    }
-    #[allow(clippy::unnecessary_cast)] // rlim_t is narrower on some targets
-    let soft = lim.rlim_cur as u64;
-    soft
-}
-
-/// Taken by the tests that open 10,000 connections, so that they do not
-/// run at once: together they would need twice the descriptors.
-static MANY_CONNECTIONS: Mutex<()> = Mutex::new(());
-
-/// Whether `n` connections fit this machine's open-file limit (raised
-/// first); says why not when they do not.
-fn room_for_connections(n: usize) -> bool {
-    let limit = raise_open_file_limit();
-    if limit < n as u64 + 500 {
-        eprintln!("skipped: the open-file limit is {limit}, {n} connections need more");
-        return false;
-    }
-    true
-}
-
-/// Opens `n` connections to `addr` that send nothing.
-fn open_silent(addr: SocketAddr, n: usize) -> Vec<TcpStream> {
-    let started = Instant::now();
-    let conns: Vec<TcpStream> = (0..n)
-        .map(|i| {
-            TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-                .unwrap_or_else(|e| panic!("silent connection {i}: {e}"))
-        })
-        .collect();
-    eprintln!("opened {n} silent connections in {:?}", started.elapsed());
-    conns
-}
-
-/// Polls a keyed GET until it gets a 200 (for up to 5 s); how long that
-/// took.
-fn served_after(gw: &Gateway) -> Duration {
-    let asked = Instant::now();
-    let mut last = String::new();
-    let served = wait_until(Duration::from_secs(5), || {
-        match agent()
-            .get(gw.url("/chat/busy"))
-            .header("X-API-Key", KEY)
-            .call()
-        {
-            Ok(r) if r.status() == 200 => true,
-            Ok(r) => {
-                last = format!("status {}", r.status());
-                false
-            }
-            Err(e) => {
-                last = e.to_string();
-                false
-            }
-        }
-    });
-    assert!(served, "no 200 within 5 s: {last}");
-    asked.elapsed()
-}
-
-/// One series of the admin listener's `/metrics` (written as exported,
-/// labels included), if it answers.
-fn admin_metric(admin: SocketAddr, series: &str) -> Option<f64> {
-    let mut s = TcpStream::connect_timeout(&admin, Duration::from_secs(2)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
-        .ok()?;
-    let resp = read_response(&mut BufReader::new(s)).ok()?;
-    resp.text().lines().find_map(|l| {
-        let (name, value) = l.rsplit_once(' ')?;
-        (name == series).then(|| value.parse().ok())?
-    })
-}
-
-/// 10,000 connections that send nothing do not stop the gateway from
-/// serving, and their descriptors are released when they close.
-#[test]
-fn ten_thousand_idle_connections_do_not_block_serving() {
-    const IDLE: usize = 10_000;
-    let _one_at_a_time = MANY_CONNECTIONS.lock().unwrap_or_else(|p| p.into_inner());
-    if !room_for_connections(IDLE) {
-        return;
-    }
-    let echo = EchoServer::start();
-    // Set on purpose, so that this test keeps its meaning (idle clients do
-    // not block serving) with the new defaults: the header timeout (10 s)
-    // would close these silent connections while the test runs, and the
-    // cap derived from a 20,000 open-file limit (9,840) is below 10,000.
-    let gw = Gateway::start(
-        &format!(
-            "threads: 2\nclient_header_timeout: 60s\nmax_connections: {}\nroutes:\n{}",
-            IDLE + 500,
-            route("chat", "/chat/", &[echo.addr], "")
-        ),
-        KEYS,
-    );
-    let baseline = open_fds(gw.pid());
-    let idle = open_silent(gw.addr(), IDLE);
-    assert!(
-        wait_until(Duration::from_secs(10), || open_fds(gw.pid())
-            >= baseline + IDLE - 100),
-        "the gateway accepted them: {} fds, baseline {baseline}",
-        open_fds(gw.pid())
-    );
-    let took = served_after(&gw);
-    eprintln!("served in {took:?} next to {IDLE} idle connections");
-    drop(idle);
-    assert!(
-        wait_until(Duration::from_secs(10), || open_fds(gw.pid())
-            < baseline + 100),
-        "descriptors released: {} open, baseline {baseline}",
-        open_fds(gw.pid())
-    );
-    assert_still_serving(&gw);
-}
-
-/// 10,000 connections that send nothing are closed by the gateway at
-/// `client_header_timeout`, each counted once and none logged, while a
-/// keyed request is still served in under a second.
-#[test]
-fn ten_thousand_silent_connections_are_closed_by_the_header_timeout() {
-    const SILENT: usize = 10_000;
-    const HEADER_TIMEOUT: Duration = Duration::from_secs(6);
-    let _one_at_a_time = MANY_CONNECTIONS.lock().unwrap_or_else(|p| p.into_inner());
-    if !room_for_connections(SILENT) {
-        return;
-    }
-    let echo = EchoServer::start();
-    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let gw = Gateway::start(
-        &format!(
-            "threads: 2\nadmin_listen: \"{admin}\"\nclient_header_timeout: {}s\nmax_connections: {}\nroutes:\n{}",
-            HEADER_TIMEOUT.as_secs(),
-            SILENT + 500,
-            route("chat", "/chat/", &[echo.addr], "")
-        ),
-        KEYS,
-    );
-    let header = r#"agw_client_timeouts_total{kind="header"}"#;
-    assert!(
-        wait_until(Duration::from_secs(10), || admin_metric(admin, header)
-            == Some(0.0)),
-        "the admin listener answers"
-    );
-    let baseline = open_fds(gw.pid());
-    let opened = Instant::now();
-    let mut silent = open_silent(gw.addr(), SILENT);
-    let all_open = opened.elapsed();
-    assert!(
-        all_open < HEADER_TIMEOUT - Duration::from_secs(2),
-        "opening took {all_open:?}: too slow for a {HEADER_TIMEOUT:?} header timeout"
-    );
-    assert!(
-        wait_until(Duration::from_secs(3), || admin_metric(
-            admin,
-            "agw_client_connections"
-        )
-        .is_some_and(|n| n >= SILENT as f64)),
-        "the gateway holds them: {:?}",
-        admin_metric(admin, "agw_client_connections")
-    );
-    let took = served_after(&gw);
-    eprintln!("served in {took:?} next to {SILENT} silent connections");
-    assert!(took < Duration::from_secs(1), "served after {took:?}");
-    if opened.elapsed() < HEADER_TIMEOUT {
-        assert_eq!(admin_metric(admin, header), Some(0.0), "closed too early");
-    }
-
-    // Every one is closed by the gateway, each counted once.
-    assert!(
-        wait_until(Duration::from_secs(30), || admin_metric(admin, header)
-            == Some(SILENT as f64)),
-        "header timeouts: {:?}",
-        admin_metric(admin, header)
-    );
-    let closed_by = opened.elapsed();
-    eprintln!("all closed {closed_by:?} after the first connect");
-    assert!(closed_by >= HEADER_TIMEOUT, "closed after {closed_by:?}");
-    for (i, s) in silent.iter_mut().enumerate().step_by(997) {
-        s.set_read_timeout(Some(Duration::from_secs(2)))
-            .expect("read timeout");
-        let mut byte = [0u8; 1];
-        assert!(
-            matches!(s.read(&mut byte), Ok(0) | Err(_)),
-            "connection {i} is still open"
-        );
-    }
-    assert!(
-        wait_until(Duration::from_secs(10), || admin_metric(
-            admin,
-            "agw_client_connections"
-        ) == Some(0.0)),
-        "open connections: {:?}",
-        admin_metric(admin, "agw_client_connections")
-    );
-    assert!(
-        wait_until(Duration::from_secs(10), || open_fds(gw.pid())
-            < baseline + 100),
-        "descriptors released: {} open, baseline {baseline}",
-        open_fds(gw.pid())
-    );
-    let log = gw.log();
-    assert!(
-        log.lines().count() < 100,
-        "the log grew with the timeouts: {} lines",
-        log.lines().count()
-    );
-    assert!(!log.contains("Fail to proxy"), "{log}");
-    drop(silent);
-    assert_still_serving(&gw);
-}
-
-// ---------------------------------------------------------------------------
 // Upstream faults
 // ---------------------------------------------------------------------------
 
 #[test]
 fn refused_upstream_is_502_json() {
-    let gw = gateway(&[route("chat", "/chat/", &[refused_addr()], "")]);
+    let gw = gateway([Route::chat(refused_addr())]);
     let mut resp = agent()
         .get(gw.url("/chat/x"))
         .header("X-API-Key", KEY)
@@ -982,9 +438,9 @@ fn upstream_dying_mid_body_ends_the_client_stream_in_error() {
     };
     let closes = dying(false);
     let resets = dying(true);
-    let gw = gateway(&[
-        route("close", "/close/", &[closes.addr], ""),
-        route("reset", "/reset/", &[resets.addr], ""),
+    let gw = gateway([
+        Route::stripped("close", "/close/", "chat", closes.addr),
+        Route::stripped("reset", "/reset/", "chat", resets.addr),
     ]);
     for path in ["/close/api/generate", "/reset/api/generate"] {
         let mut s = TcpStream::connect(gw.addr()).expect("connect");
@@ -1029,12 +485,7 @@ fn upstream_dying_mid_body_ends_the_client_stream_in_error() {
 #[test]
 fn upstream_that_never_answers_is_504_after_the_read_timeout() {
     let silent = SilentServer::start();
-    let gw = gateway(&[route(
-        "chat",
-        "/chat/",
-        &[silent.addr],
-        ", read_timeout: 1s",
-    )]);
+    let gw = gateway([Route::chat(silent.addr).read_timeout("1s")]);
     let started = Instant::now();
     let (status, body) = get(&agent(), &gw, "/chat/api/generate");
     let elapsed = started.elapsed();
@@ -1059,7 +510,7 @@ fn upstream_answering_garbage_is_502() {
             thread::sleep(Duration::from_millis(100));
         }
     });
-    let gw = gateway(&[route("chat", "/chat/", &[garbage.addr], "")]);
+    let gw = gateway([Route::chat(garbage.addr)]);
     let (status, body) = get(&agent(), &gw, "/chat/x");
     assert_eq!(status, 502, "{body}");
     assert_eq!(body, r#"{"error":"upstream unavailable"}"#);

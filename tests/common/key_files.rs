@@ -24,16 +24,6 @@ pub fn key_tests_config(upstream: SocketAddr) -> GatewayConfig {
     GatewayConfig::new().route(Route::new("chat", "/chat/", "chat").upstream(upstream))
 }
 
-/// A key file (JSON) from `(key, fields)` pairs; `fields` is the inside of
-/// the entry's object, e.g. `"user": "ann", "service": "chat"`.
-pub fn keys(entries: &[(&str, &str)]) -> String {
-    let body: Vec<String> = entries
-        .iter()
-        .map(|(k, fields)| format!("  \"{k}\": {{{fields}}}"))
-        .collect();
-    format!("{{\n{}\n}}\n", body.join(",\n"))
-}
-
 /// A key's id as logs, `keys list` and `keys revoke` know it: the first 12
 /// hex digits of its SHA-256.
 pub fn key_id(key: &str) -> String {

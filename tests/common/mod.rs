@@ -25,6 +25,8 @@
 //!   tests), with a small RESP client to look inside it;
 //! * [`metrics`] and [`prometheus`]: the admin listener's `/metrics`, by
 //!   series or parsed strictly, and `/readyz`;
+//! * [`reliability`]: the gateway and raw exchange of the reliability
+//!   tests (not glob re-exported);
 //! * [`raw_http`]: raw HTTP/1.x request and response reading, for upstreams
 //!   and for tests that talk to the gateway over a bare `TcpStream`;
 //! * [`util`]: client helpers ([`agent`], [`wait_until`], [`sha256_hex`],
@@ -52,6 +54,7 @@ pub mod prometheus;
 pub mod raw_client;
 pub mod raw_http;
 pub mod redis;
+pub mod reliability;
 pub mod tls;
 pub mod upstreams;
 pub mod util;
