@@ -16,12 +16,15 @@ use common::*;
 
 const KEY: &str = "h2-answers-key-0001";
 const OTHER: &str = "h2-answers-key-0002";
-const KEYS: &str = r#"{
-  "h2-answers-key-0001": {"user": "ann", "service": "chat"},
-  "h2-answers-key-0002": {"user": "bob", "service": "other"},
-  "h2-answers-key-0003": {"user": "cy", "service": "chat", "rate_limit": "1/h"}
-}"#;
 const LIMITED: &str = "h2-answers-key-0003";
+
+fn keys() -> KeyFile {
+    KeyFile::of([
+        Key::new(KEY, "ann").service("chat"),
+        Key::new(OTHER, "bob").service("other"),
+        Key::new(LIMITED, "cy").service("chat").rate_limit("1/h"),
+    ])
+}
 
 /// How many times each refusal is tried.
 const TRIES: usize = 20;
@@ -48,16 +51,13 @@ impl H2Gateway {
         std::fs::write(&ca_file, &ca.pem).expect("write CA");
         let echo = EchoServer::start();
         let (plain, tls_port) = (free_port(), free_port());
-        let (cert, key, up) = (cert.display(), key.display(), echo.addr);
-        let config = format!(
-            "listen:\n  - \"127.0.0.1:{plain}\"\n  \
-             - {{address: \"127.0.0.1:{tls_port}\", tls: {{cert: \"{cert}\", key: \"{key}\"}}}}\n\
-             keys_file: keys.json\nshutdown_grace: 5s\nfailed_key_throttle: {{enabled: false}}\n\
-             routes:\n  \
-             - {{name: chat, path_prefix: /chat/, service: chat, strip_prefix: true, upstreams: [\"{up}\"]}}\n  \
-             - {{name: small, path_prefix: /small/, service: chat, strip_prefix: true, upstreams: [\"{up}\"], max_body_size: 1KB}}\n",
-        );
-        let gw = Gateway::start_raw(&config, KEYS, plain);
+        let config = GatewayConfig::new()
+            .listen(loopback(plain))
+            .listen_tls(loopback(tls_port), &cert, &key)
+            .failed_key_throttle(Throttle::off())
+            .route(Route::chat(echo.addr))
+            .route(Route::stripped("small", "/small/", "chat", echo.addr).max_body_size("1KB"));
+        let gw = Gateway::start(&config, &keys());
         H2Gateway {
             _gw: gw,
             _echo: echo,

@@ -21,7 +21,11 @@ use common::tls::*;
 use common::*;
 
 const KEY: &str = "tls-resume-key-0001";
-const KEYS: &str = r#"{"tls-resume-key-0001": {"user": "ann", "service": "chat", "created_at": "2025-06-01T18:58:30.356Z"}}"#;
+fn keys() -> KeyFile {
+    KeyFile::of([Key::new(KEY, "ann")
+        .service("chat")
+        .created_at("2025-06-01T18:58:30.356Z")])
+}
 
 /// Connections that present the first connection's session.
 const RESUMES: usize = 12;
@@ -96,13 +100,12 @@ fn start() -> Setup {
     let echo = EchoServer::start();
     let plain = free_port();
     let tls_port = free_port();
-    let config = format!(
-        "listen:\n  - \"127.0.0.1:{plain}\"\n  - {{address: \"127.0.0.1:{tls_port}\", tls: {{cert: \"{}\", key: \"{}\"}}}}\nkeys_file: keys.json\nthreads: 2\nshutdown_grace: 5s\nroutes:\n  - {{name: chat, path_prefix: /chat/, service: chat, strip_prefix: true, upstreams: [\"{}\"]}}\n",
-        cert.display(),
-        key.display(),
-        echo.addr
-    );
-    let gw = Gateway::start_raw(&config, KEYS, plain);
+    let config = GatewayConfig::new()
+        .listen(loopback(plain))
+        .listen_tls(loopback(tls_port), &cert, &key)
+        .threads(2)
+        .route(Route::chat(echo.addr));
+    let gw = Gateway::start(&config, &keys());
     Setup {
         _gw: gw,
         _echo: echo,

@@ -15,9 +15,9 @@
 //! setting on its own line, its value in JSON (flow) style, one route per
 //! line; JSON is valid YAML, and nothing here needs YAML's quoting rules.
 //!
-//! [`GatewayConfig::new`] holds what almost every test wants and the old
-//! harness preamble wrote: `keys_file: keys.json` (the temp dir's key file)
-//! and `shutdown_grace: 5s`. [`Gateway::start`](super::Gateway::start)
+//! [`GatewayConfig::new`] holds what almost every test wants:
+//! `keys_file: keys.json` (the key file in the gateway's temp dir) and
+//! `shutdown_grace: 5s`. [`Gateway::start`](super::Gateway::start)
 //! adds a listener on a free loopback port when the config has none, and
 //! a free admin port for [`GatewayConfig::with_admin`].
 //!

@@ -25,43 +25,6 @@ pub fn gateway_bin() -> &'static str {
     env!("CARGO_BIN_EXE_ai-gateway")
 }
 
-/// The standard config preamble for a gateway on `port`, followed by `body`
-/// (which carries `routes:` etc.). `keys_file` is relative to the temp dir,
-/// which is both the config's directory and the child's working directory.
-pub fn default_config(port: u16, body: &str) -> String {
-    format!("listen: \"127.0.0.1:{port}\"\nkeys_file: \"keys.json\"\nshutdown_grace: 5s\n{body}")
-}
-
-/// What [`Gateway::start`] runs: a built [`GatewayConfig`] (or, until
-/// every test is converted, the YAML text after the standard preamble).
-pub trait StartConfig {
-    fn start_config(&self) -> GatewayConfig;
-}
-
-impl StartConfig for GatewayConfig {
-    fn start_config(&self) -> GatewayConfig {
-        self.clone()
-    }
-}
-
-impl StartConfig for str {
-    fn start_config(&self) -> GatewayConfig {
-        GatewayConfig::new().extra_yaml(self)
-    }
-}
-
-impl StartConfig for String {
-    fn start_config(&self) -> GatewayConfig {
-        GatewayConfig::new().extra_yaml(self)
-    }
-}
-
-impl<T: StartConfig + ?Sized> StartConfig for &T {
-    fn start_config(&self) -> GatewayConfig {
-        (**self).start_config()
-    }
-}
-
 /// A temporary directory holding `gateway.yaml` and `keys.json`, before any
 /// process is started; lets tests run the binary in other ways (e.g.
 /// `check` subcommands or expected start-up failures).
@@ -124,18 +87,17 @@ impl Gateway {
     /// and [`GatewayConfig::with_admin`] gets a free admin port the same
     /// way; otherwise the first plain (or redirect) listener is the one
     /// probed. Panics (with the gateway log) if it does not come up.
-    pub fn start(config: impl StartConfig, keys: impl std::fmt::Display) -> Gateway {
+    pub fn start(config: &GatewayConfig, keys: impl std::fmt::Display) -> Gateway {
         Gateway::start_with_log_level(config, keys, DEFAULT_LOG_LEVEL)
     }
 
     /// Like [`Gateway::start`], with `RUST_LOG` set to `log_level` (e.g.
     /// `"debug"`) instead of [`DEFAULT_LOG_LEVEL`].
     pub fn start_with_log_level(
-        config: impl StartConfig,
+        config: &GatewayConfig,
         keys: impl std::fmt::Display,
         log_level: &str,
     ) -> Gateway {
-        let config = config.start_config();
         let keys = keys.to_string();
         let free_listener = config.listeners().is_empty();
         let mut attempt = 0;

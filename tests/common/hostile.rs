@@ -66,7 +66,11 @@ pub fn exchange_and_shutdown(addr: SocketAddr, request: &[u8]) -> Result<RawResp
     exchange_with(addr, request, true)
 }
 
-pub fn exchange_with(addr: SocketAddr, request: &[u8], shutdown: bool) -> Result<RawResponse, String> {
+pub fn exchange_with(
+    addr: SocketAddr,
+    request: &[u8],
+    shutdown: bool,
+) -> Result<RawResponse, String> {
     let mut s = hostile_connect(addr);
     let _ = s.write_all(request);
     if shutdown {
@@ -87,7 +91,11 @@ pub fn show_bytes(bytes: &[u8]) -> String {
 
 /// Checks that `resp` is the gateway's own error: `status`, a JSON
 /// content type and exactly `{"error": error}`.
-pub fn check_error(resp: &Result<RawResponse, String>, status: u16, error: &str) -> Result<(), String> {
+pub fn check_error(
+    resp: &Result<RawResponse, String>,
+    status: u16,
+    error: &str,
+) -> Result<(), String> {
     let resp = resp.as_ref().map_err(Clone::clone)?;
     let expected = serde_json::json!({ "error": error });
     let body: Option<serde_json::Value> = serde_json::from_slice(&resp.body).ok();
@@ -226,7 +234,10 @@ pub fn check_forwarded(
         other => Err(format!(
             "want exactly one request upstream, found {}: {:?}",
             other.len(),
-            other.iter().map(|r| show_bytes(&r.raw_head)).collect::<Vec<_>>()
+            other
+                .iter()
+                .map(|r| show_bytes(&r.raw_head))
+                .collect::<Vec<_>>()
         )),
     }
 }
