@@ -15,7 +15,6 @@
 // `pub` so rustc does not report harness items this crate leaves unused.
 pub mod common;
 
-
 use common::hostile::*;
 use common::*;
 
