@@ -73,7 +73,7 @@ fn every_refusal_and_every_accepted_request_is_counted_and_audited_once() {
                     .read_timeout("1s")
                     .upstream(silent.addr),
             ),
-        &keys(),
+        keys(),
     );
     let admin = gw.admin();
     assert!(

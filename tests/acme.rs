@@ -64,7 +64,7 @@ fn certificates_are_obtained_cached_renewed_and_kept_when_the_server_fails() {
     let failed = r#"agw_acme_orders_total{result="error"}"#;
 
     // 1. From an empty cache: a certificate issued under Pebble's root.
-    let gw = Gateway::start(&config, &keys());
+    let gw = Gateway::start(&config, keys());
     let root = pebble.root();
     assert!(
         wait_until(Duration::from_secs(60), || served_leaf(
@@ -120,7 +120,7 @@ fn certificates_are_obtained_cached_renewed_and_kept_when_the_server_fails() {
     // 2. A second start reuses the cache: Pebble is stopped (paused: it
     //    would answer nothing), and the cached certificate is served.
     pebble.pause();
-    let gw = Gateway::start(&config, &keys());
+    let gw = Gateway::start(&config, keys());
     assert!(
         wait_until(Duration::from_secs(5), || served_leaf(
             tls_addr,

@@ -428,7 +428,7 @@ fn routing_by_model_reaches_the_server_that_hosts_it() {
                     .model("llama3*", [llama.addr])
                     .model("qwen*", [qwen.addr]),
             ),
-        &ai_keys(ANN, BOB, CAROL),
+        ai_keys(ANN, BOB, CAROL),
     );
     let chat = |model: &str, rid: &str| {
         let r = ai_post(

@@ -28,7 +28,7 @@ fn an_address_outside_allow_gets_403_before_the_key_check_and_it_is_no_failed_at
             .failed_key_throttle(Throttle::after(3, "60s", "60s"))
             .route(Route::stripped("private", "/private/", "chat", up.addr).allow(["10.0.0.0/8"]))
             .route(Route::stripped("open", "/open/", "chat", up.addr)),
-        &allow_keys(),
+        allow_keys(),
     );
     for i in 1..=5 {
         let r = get_keyed(&gw, "/private/x", "prot-allow-wrong-key", &[]);
@@ -78,7 +78,7 @@ fn a_global_allow_list_applies_to_every_route_and_loopback_in_it_works() {
             .threads(2)
             .allow(["10.0.0.0/8"])
             .route(Route::chat(echo.addr)),
-        &allow_keys(),
+        allow_keys(),
     );
     let r = get_keyed(&closed, "/chat/x", "prot-allow-wrong-key", &[]);
     assert_refusal(
@@ -94,7 +94,7 @@ fn a_global_allow_list_applies_to_every_route_and_loopback_in_it_works() {
             .threads(2)
             .allow(["127.0.0.1"])
             .route(Route::chat(echo.addr)),
-        &allow_keys(),
+        allow_keys(),
     );
     assert_status(
         &get_keyed(&open, "/chat/x", ALLOW_KEY, &[]),
@@ -120,7 +120,7 @@ fn x_forwarded_for_counts_only_from_trusted_proxies() {
             .trusted_proxies(["127.0.0.1"])
             .allow(["192.0.2.0/24"])
             .route(route_line.clone()),
-        &allow_keys(),
+        allow_keys(),
     );
     assert_status(
         &get_keyed(
@@ -156,7 +156,7 @@ fn x_forwarded_for_counts_only_from_trusted_proxies() {
             .threads(2)
             .allow(["192.0.2.0/24"])
             .route(route_line),
-        &allow_keys(),
+        allow_keys(),
     );
     assert_refusal(
         &get_keyed(
@@ -181,7 +181,7 @@ fn x_forwarded_for_is_read_from_the_right_skipping_trusted_hops() {
             .trusted_proxies(["127.0.0.1", "10.0.0.0/8"])
             .allow(["192.0.2.0/24"])
             .route(Route::chat(echo.addr)),
-        &allow_keys(),
+        allow_keys(),
     );
     assert_status(
         &get_keyed(
@@ -244,7 +244,7 @@ fn allow_lists_match_ipv6_addresses_and_ranges() {
                 "2001:db8::/32",
             ]),
         );
-    let gw = Gateway::start(&config, &allow_keys());
+    let gw = Gateway::start(&config, allow_keys());
     let v4 = gw.addr();
     let v6 = SocketAddr::from(([0, 0, 0, 0, 0, 0, 0, 1], v6_port));
     let k = [("X-API-Key", ALLOW_KEY)];

@@ -101,7 +101,7 @@ fn is_hex32(s: &str) -> bool {
 #[test]
 fn audit_log_records_every_decision_and_never_a_key() {
     let echo = EchoServer::start();
-    let gw = &Gateway::start(&config(echo.addr).audit_log("audit.log"), &keys());
+    let gw = &Gateway::start(&config(echo.addr).audit_log("audit.log"), keys());
     let audit = audit_file(gw);
 
     let body = br#"{"prompt":"hi"}"#;
@@ -220,7 +220,7 @@ fn audit_log_records_every_decision_and_never_a_key() {
 #[test]
 fn audit_log_dash_writes_to_stderr() {
     let echo = EchoServer::start();
-    let gw = &Gateway::start(&config(echo.addr).audit_log("-"), &keys());
+    let gw = &Gateway::start(&config(echo.addr).audit_log("-"), keys());
     let r = send(
         gw.addr(),
         "POST",
@@ -255,7 +255,7 @@ fn audit_log_dash_writes_to_stderr() {
 #[test]
 fn audit_log_reopens_on_sigusr1_and_sighup() {
     let echo = EchoServer::start();
-    let gw = &Gateway::start(&config(echo.addr).audit_log("audit.log"), &keys());
+    let gw = &Gateway::start(&config(echo.addr).audit_log("audit.log"), keys());
     let dir = gw.dir.path();
     let audit = dir.join("audit.log");
     let send = |rid: &str| {
@@ -323,7 +323,7 @@ fn upstream_ids(echo_response: &RawResponse) -> Vec<String> {
 #[test]
 fn request_ids_are_kept_when_well_formed_and_made_otherwise() {
     let echo = EchoServer::start();
-    let gw = &Gateway::start(&config(echo.addr).audit_log("audit.log"), &keys());
+    let gw = &Gateway::start(&config(echo.addr).audit_log("audit.log"), keys());
     let audit = audit_file(gw);
 
     // Well formed: kept, sent upstream once, returned.

@@ -56,7 +56,7 @@ fn max_body_size_refuses_declared_and_chunked_bodies_over_it_and_passes_exactly_
                     .max_body_size(limit),
             )
             .route(Route::stripped("abort", "/abort/", "chat", abort_up.addr).max_body_size(limit)),
-        &KeyFile::of([Key::new(BODY_KEY, "ann").service("chat")]),
+        KeyFile::of([Key::new(BODY_KEY, "ann").service("chat")]),
     );
 
     // Declared 101 bytes: refused, and nothing reaches the upstream.
@@ -167,7 +167,7 @@ fn max_body_size_units_are_decimal_and_binary_and_a_bare_number_is_bytes() {
             .route(Route::stripped("kib", "/kib/", "chat", echo.addr).max_body_size("1KiB"))
             .route(Route::stripped("bare", "/bare/", "chat", echo.addr).max_body_size(1000))
             .route(Route::stripped("default", "/default/", "chat", echo.addr)),
-        &KeyFile::of([Key::new(BODY_KEY, "ann").service("chat")]),
+        KeyFile::of([Key::new(BODY_KEY, "ann").service("chat")]),
     );
     for (path, limit) in [
         ("/kb/x", 1000),

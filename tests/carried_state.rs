@@ -25,7 +25,7 @@ fn an_upstream_out_of_rotation_stays_out_across_a_keygen_reload() {
                 .strip_prefix(true)
                 .upstreams([dead, echo.addr]),
         ),
-        &KeyFile::of([Key::new(KEY, "ann").service("chat")]),
+        KeyFile::of([Key::new(KEY, "ann").service("chat")]),
     );
     let get = || {
         agent()

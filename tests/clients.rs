@@ -82,7 +82,7 @@ fn start(ollama: &AiServer, openai: &AiServer) -> Gateway {
             .audit_log("audit.log")
             .route(ollama_route(ollama.addr))
             .route(openai_route(openai.addr)),
-        &ai_keys(ANN, BOB, CAROL),
+        ai_keys(ANN, BOB, CAROL),
     )
 }
 

@@ -37,7 +37,7 @@ fn max_concurrent_refuses_a_third_stream_at_once_and_a_finished_stream_frees_its
             .threads(2)
             .route(Route::stripped("s1", "/s1/", "chat", up.addr))
             .route(Route::stripped("s2", "/s2/", "chat", long.addr)),
-        &conc_keys(),
+        conc_keys(),
     );
     let a = must_open(gw.addr(), "/s1/gen", CONC_KEY, "stream A");
     // The key's one counter covers every route.
@@ -87,7 +87,7 @@ fn a_client_disconnecting_mid_stream_frees_its_concurrency_slot() {
         &GatewayConfig::new()
             .threads(2)
             .route(Route::stripped("s", "/s/", "chat", up.addr)),
-        &conc_keys(),
+        conc_keys(),
     );
     let opened = Instant::now();
     let mut a = must_open(gw.addr(), "/s/gen", CONC_KEY, "stream A");
@@ -127,7 +127,7 @@ fn revoking_and_re_enabling_a_key_mid_stream_leaks_no_concurrency_slot() {
         &GatewayConfig::new()
             .threads(2)
             .route(Route::stripped("s", "/s/", "chat", up.addr)),
-        &conc_keys(),
+        conc_keys(),
     );
     let a = must_open(gw.addr(), "/s/gen", CONC_KEY, "stream A");
 
@@ -155,7 +155,7 @@ fn revoking_and_re_enabling_a_key_mid_stream_leaks_no_concurrency_slot() {
     );
 
     // Enabled again, as it was.
-    gw.write_keys(&conc_keys());
+    gw.write_keys(conc_keys());
     assert!(
         gw.wait_log_contains("generation 3", RELOAD_TIMEOUT),
         "no reload after re-enabling: {}",

@@ -35,7 +35,7 @@ fn cors_gateway(echo: &EchoServer) -> Gateway {
                 ),
             )
             .route(Route::stripped("plain", "/plain/", "chat", echo.addr)),
-        &KeyFile::of([
+        KeyFile::of([
             Key::new(CORS_KEY, "ann").service("chat"),
             Key::new(CORS_LIMITED, "lim")
                 .service("chat")

@@ -57,7 +57,7 @@ impl H2Gateway {
             .failed_key_throttle(Throttle::off())
             .route(Route::chat(echo.addr))
             .route(Route::stripped("small", "/small/", "chat", echo.addr).max_body_size("1KB"));
-        let gw = Gateway::start(&config, &keys());
+        let gw = Gateway::start(&config, keys());
         H2Gateway {
             _gw: gw,
             _echo: echo,

@@ -237,7 +237,7 @@ fn underscores_in_headers_forwards_ordinary_ones_but_never_gateway_names() {
             .threads(2)
             .underscores_in_headers(true)
             .route(Route::chat(up.addr)),
-        &hardening_keys(),
+        hardening_keys(),
     );
     let request = keyed(
         "GET",

@@ -278,7 +278,7 @@ fn websocket_round_trip_on_a_websocket_route() {
         &GatewayConfig::new()
             .threads(2)
             .route(Route::stripped("ws", "/ws/", "chat", upstream.addr).websocket(true)),
-        &hardening_keys(),
+        hardening_keys(),
     );
     let url = format!("ws://127.0.0.1:{}/ws/echo", gw.port);
 

@@ -44,7 +44,7 @@ fn start(leaf: &Leaf, config: GatewayConfig) -> Https {
     let config = config
         .listen(loopback(plain))
         .listen_tls(loopback(tls_port), &cert, &key);
-    let gw = Gateway::start(&config, &keys());
+    let gw = Gateway::start(&config, keys());
     Https {
         gw,
         tls: SocketAddr::from(([127, 0, 0, 1], tls_port)),
@@ -811,7 +811,7 @@ fn a_redirect_listener_answers_308_except_for_challenges() {
         .listen_redirect(loopback(redirect))
         .listen_tls(loopback(tls_port), &cert, &key)
         .route(Route::chat("127.0.0.1:9"));
-    let gw = Gateway::start(&config, &keys());
+    let gw = Gateway::start(&config, keys());
     let resp = agent()
         .get(format!(
             "http://127.0.0.1:{redirect}/chat/api/tags?x=1&y=%20"

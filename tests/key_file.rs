@@ -283,13 +283,13 @@ fn one_key(key: &str, user: &str) -> KeyFile {
 fn rename_over_the_key_file_is_picked_up_without_a_signal() {
     let (old, new) = ("rename-old-key-3e1f", "rename-new-key-77ac");
     let echo = EchoServer::start();
-    let gw = Gateway::start(&key_tests_config(echo.addr), &one_key(old, "old"));
+    let gw = Gateway::start(&key_tests_config(echo.addr), one_key(old, "old"));
     let agent = agent();
     assert_eq!(ping_with_key(&agent, &gw, old).0, 200);
     assert_eq!(ping_with_key(&agent, &gw, new).0, 401);
 
     let written = Instant::now();
-    gw.write_keys(&one_key(new, "new"));
+    gw.write_keys(one_key(new, "new"));
     let (status, body, at) = poll_status_change(
         &agent,
         &gw,
@@ -319,12 +319,12 @@ fn with_watch_false_changes_wait_for_sighup() {
         &key_tests_config(echo.addr)
             .failed_key_throttle(Throttle::off())
             .watch(false),
-        &one_key(old, "old"),
+        one_key(old, "old"),
     );
     let agent = agent();
     assert_eq!(ping_with_key(&agent, &gw, old).0, 200);
 
-    gw.write_keys(&one_key(new, "new"));
+    gw.write_keys(one_key(new, "new"));
     // Also a plain in-place write, in case only renames were ignored.
     fs::write(&gw.keys_path, one_key(new, "new").render()).unwrap();
     let until = Instant::now() + Duration::from_millis(1500);

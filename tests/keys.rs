@@ -113,7 +113,7 @@ fn row_for<'a>(rows: &'a [Value], key: &str) -> Option<&'a Value> {
 #[test]
 fn keygen_key_works_within_a_second_without_a_signal() {
     let echo = EchoServer::start();
-    let gw = Gateway::start(&key_tests_config(echo.addr), &KeyFile::new());
+    let gw = Gateway::start(&key_tests_config(echo.addr), KeyFile::new());
     let agent = agent();
 
     let (key, exited) = keygen_keys(&gw, "ann", &[]);
@@ -178,7 +178,7 @@ fn keygen_key_works_within_a_second_without_a_signal() {
 #[test]
 fn revoke_refuses_within_a_second_and_delete_removes_the_entry() {
     let echo = EchoServer::start();
-    let gw = Gateway::start(&key_tests_config(echo.addr), &KeyFile::new());
+    let gw = Gateway::start(&key_tests_config(echo.addr), KeyFile::new());
     let agent = agent();
     // keygen through --config, from an unrelated working directory: the key
     // file is found relative to the config, not to the cwd.
@@ -324,7 +324,7 @@ fn revoke_refuses_within_a_second_and_delete_removes_the_entry() {
 #[test]
 fn key_stops_working_at_its_expiry_without_a_reload() {
     let echo = EchoServer::start();
-    let gw = Gateway::start(&key_tests_config(echo.addr), &KeyFile::new());
+    let gw = Gateway::start(&key_tests_config(echo.addr), KeyFile::new());
     let agent = agent();
 
     let (key, exited) = keygen_keys(&gw, "eve", &["--expires", "3s"]);

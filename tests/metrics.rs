@@ -68,7 +68,7 @@ fn prometheus_checker_rejects_malformed_text() {
 #[test]
 fn metrics_count_requests_denials_and_reloads() {
     let echo = EchoServer::start();
-    let gw = &Gateway::start(&config(echo.addr).with_admin(), &keys());
+    let gw = &Gateway::start(&config(echo.addr).with_admin(), keys());
     let admin = gw.admin();
 
     let ok200 = [("route", "chat"), ("status", "200")];
@@ -195,7 +195,7 @@ fn metrics_per_user_adds_a_user_series() {
     let echo = EchoServer::start();
     let gw = &Gateway::start(
         &config(echo.addr).metrics_per_user(true).with_admin(),
-        &keys(),
+        keys(),
     );
     let admin = gw.admin();
     for _ in 0..3 {

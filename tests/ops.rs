@@ -113,7 +113,7 @@ fn sigterm_lets_a_stream_finish_then_exits_0() {
     let stream = StreamServer::start(CHUNKS, Duration::from_millis(300));
     let mut gw = Gateway::start(
         &config(stream.addr).shutdown_grace("30s").with_admin(),
-        &keys(),
+        keys(),
     );
     let addr = gw.addr();
 
@@ -195,7 +195,7 @@ fn graceful_upgrade_loses_no_request() {
     let echo = EchoServer::start();
     let mut a = Gateway::start(
         &config(echo.addr).upgrade_sock("up.sock").with_admin(),
-        &keys(),
+        keys(),
     );
     let admin = a.admin();
     let addr = a.addr();

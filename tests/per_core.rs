@@ -140,7 +140,7 @@ impl Conn {
 #[test]
 fn threads_2_runs_two_one_thread_services_with_a_socket_each() {
     let echo = EchoServer::start();
-    let gw = Gateway::start(&config(2, echo.addr), &keys());
+    let gw = Gateway::start(&config(2, echo.addr), keys());
     let pid = gw.pid();
     let sockets = listening_sockets(pid, gw.port);
     assert_eq!(
@@ -194,7 +194,7 @@ fn threads_2_runs_two_one_thread_services_with_a_socket_each() {
 #[test]
 fn threads_1_has_one_socket() {
     let echo = EchoServer::start();
-    let gw = Gateway::start(&config(1, echo.addr), &keys());
+    let gw = Gateway::start(&config(1, echo.addr), keys());
     assert_eq!(listening_sockets(gw.pid(), gw.port).len(), 1);
     assert_eq!(Conn::open(gw.addr()).status("one"), 200);
 }
@@ -202,7 +202,7 @@ fn threads_1_has_one_socket() {
 #[test]
 fn max_connections_counts_the_connections_of_every_service() {
     let echo = EchoServer::start();
-    let gw = Gateway::start(&config(2, echo.addr).max_connections(3), &keys());
+    let gw = Gateway::start(&config(2, echo.addr).max_connections(3), keys());
     assert_eq!(listening_sockets(gw.pid(), gw.port).len(), 2);
     // Readiness probes may still be closing.
     thread::sleep(Duration::from_millis(300));
@@ -229,7 +229,7 @@ fn max_connections_counts_the_connections_of_every_service() {
 /// the old process's sockets and the new one's, once the old has exited.
 fn upgrade_to(threads_b: usize) -> (BTreeSet<u64>, BTreeSet<u64>) {
     let echo = EchoServer::start();
-    let mut a = Gateway::start(&config(2, echo.addr).upgrade_sock("up.sock"), &keys());
+    let mut a = Gateway::start(&config(2, echo.addr).upgrade_sock("up.sock"), keys());
     let old = listening_sockets(a.pid(), a.port);
     assert_eq!(old.len(), 2, "{old:?}");
 

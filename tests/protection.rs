@@ -60,7 +60,7 @@ fn protection_settings_apply_on_config_reload() {
     };
     let gw = Gateway::start(
         &body("10.0.0.0/8", "10B", None),
-        &KeyFile::of([
+        KeyFile::of([
             Key::new(key, "ann").service("chat"),
             Key::new(fresh, "bob").service("chat"),
         ]),
@@ -132,7 +132,7 @@ fn every_protection_refusal_is_counted_by_reason_and_audited_with_the_same_word(
                 Route::stripped("private", "/private/", "chat", echo.addr).allow(["192.0.2.0/24"]),
             )
             .route(Route::stripped("small", "/small/", "chat", echo.addr).max_body_size("10B")),
-        &KeyFile::of([
+        KeyFile::of([
             Key::new("prot-metrics-plain-0001", "ann").service("chat"),
             Key::new("prot-metrics-rate-0002", "rate")
                 .service("chat")

@@ -33,7 +33,7 @@ fn rate_limit_allows_n_then_429_with_retry_after_then_recovers_and_keys_do_not_s
         &GatewayConfig::new()
             .threads(2)
             .route(Route::chat(echo.addr)),
-        &KeyFile::of([
+        KeyFile::of([
             Key::new(RATE_A, "ann").service("chat").rate_limit("5/s"),
             Key::new(RATE_B, "bob").service("chat").rate_limit("5/s"),
         ]),
@@ -101,7 +101,7 @@ fn rate_limit_precedence_is_key_then_route_then_global_and_a_key_has_one_counter
             .rate_limit("2/min")
             .route(Route::stripped("a", "/a/", "chat", echo.addr).rate_limit("3/min"))
             .route(Route::stripped("b", "/b/", "chat", echo.addr)),
-        &KeyFile::of([
+        KeyFile::of([
             Key::new("prot-prec-own-0001", "own")
                 .service("chat")
                 .rate_limit("4/min"),
@@ -190,7 +190,7 @@ fn an_exhausted_rate_limit_stays_exhausted_across_a_keygen_reload() {
         &GatewayConfig::new()
             .threads(2)
             .route(Route::chat(echo.addr)),
-        &KeyFile::of([Key::new(key, "ann").service("chat").rate_limit("3/min")]),
+        KeyFile::of([Key::new(key, "ann").service("chat").rate_limit("3/min")]),
     );
     for i in 1..=3 {
         assert_status(
@@ -246,7 +246,7 @@ fn keygen_writes_rate_limit_and_max_concurrent_and_the_gateway_applies_them() {
         &GatewayConfig::new()
             .threads(2)
             .route(Route::chat(echo.addr)),
-        &KeyFile::of([Key::new("prot-keygen-0001", "ann").service("chat")]),
+        KeyFile::of([Key::new("prot-keygen-0001", "ann").service("chat")]),
     );
     let before = fs::read_to_string(&gw.keys_path).expect("read keys.json");
     let bad = run_cli(

@@ -329,7 +329,7 @@ fn ten_thousand_idle_connections_do_not_block_serving() {
         &config([Route::chat(echo.addr)])
             .client_header_timeout("60s")
             .max_connections(IDLE as u64 + 500),
-        &keys(),
+        keys(),
     );
     let baseline = open_fds(gw.pid());
     let idle = open_silent(gw.addr(), IDLE);
@@ -368,7 +368,7 @@ fn ten_thousand_silent_connections_are_closed_by_the_header_timeout() {
             .with_admin()
             .client_header_timeout(&format!("{}s", HEADER_TIMEOUT.as_secs()))
             .max_connections(SILENT as u64 + 500),
-        &keys(),
+        keys(),
     );
     let admin = gw.admin();
     let header = r#"agw_client_timeouts_total{kind="header"}"#;

@@ -74,11 +74,11 @@ fn finish_stream(reader: BufReader<ureq::BodyReader<'static>>, first: String, s:
 #[test]
 fn sighup_adds_and_revokes_keys() {
     let echo = EchoServer::start();
-    let gw = Gateway::start(&config(echo.addr), &keys_with(KEY_A, "a"));
+    let gw = Gateway::start(&config(echo.addr), keys_with(KEY_A, "a"));
     assert_eq!(status(&gw, "/chat/x", KEY_A), 200);
     assert_eq!(status(&gw, "/chat/x", KEY_B), 401);
 
-    gw.write_keys(&keys_with(KEY_B, "b"));
+    gw.write_keys(keys_with(KEY_B, "b"));
     gw.signal("HUP");
     assert!(
         gw.wait_log_contains("reload (SIGHUP): generation 2", SOON),
@@ -101,8 +101,8 @@ fn sighup_adds_and_revokes_keys() {
 #[test]
 fn broken_key_file_on_sighup_keeps_old_keys() {
     let echo = EchoServer::start();
-    let mut gw = Gateway::start(&config(echo.addr), &keys_with(KEY_A, "a"));
-    gw.write_keys(&format!(
+    let mut gw = Gateway::start(&config(echo.addr), keys_with(KEY_A, "a"));
+    gw.write_keys(format!(
         "{{\n  \"{KEY_B}\": {{\"user\": \"b\", \"service\": \"chat\"}},\n  oops\n}}\n"
     ));
     gw.signal("HUP");
@@ -127,7 +127,7 @@ fn broken_key_file_on_sighup_keeps_old_keys() {
     assert!(gw.is_running());
 
     // Fixing the file and reloading again works: generation 2, not 3.
-    gw.write_keys(&keys_with(KEY_B, "b"));
+    gw.write_keys(keys_with(KEY_B, "b"));
     gw.signal("HUP");
     assert!(gw.wait_log_contains("generation 2,", SOON), "{}", gw.log());
     assert!(wait_until(SOON, || status(&gw, "/chat/x", KEY_B) == 200));
@@ -136,13 +136,13 @@ fn broken_key_file_on_sighup_keeps_old_keys() {
 #[test]
 fn broken_config_on_sighup_keeps_everything() {
     let echo = EchoServer::start();
-    let mut gw = Gateway::start(&config(echo.addr), &keys_with(KEY_A, "a"));
+    let mut gw = Gateway::start(&config(echo.addr), keys_with(KEY_A, "a"));
     let good = std::fs::read_to_string(&gw.config_path).expect("read config");
     let broken = good.replace("\"strip_prefix\": true", "\"strip_prefx\": true");
     assert_ne!(good, broken);
     gw.write_config(&broken);
     // The key file changes too: a failed reload must not take it either.
-    gw.write_keys(&keys_with(KEY_B, "b"));
+    gw.write_keys(keys_with(KEY_B, "b"));
     gw.signal("HUP");
     assert!(
         gw.wait_log_contains("reload (SIGHUP) failed", SOON),
@@ -168,7 +168,7 @@ fn broken_config_on_sighup_keeps_everything() {
 fn route_added_on_sighup_serves() {
     let chat = EchoServer::start();
     let tts = EchoServer::start();
-    let gw = Gateway::start(&config(chat.addr), &keys_with(KEY_A, "a"));
+    let gw = Gateway::start(&config(chat.addr), keys_with(KEY_A, "a"));
     assert_eq!(status(&gw, "/tts/speak", KEY_A), 404);
 
     gw.write_config(
@@ -194,7 +194,7 @@ fn route_added_on_sighup_serves() {
 #[test]
 fn listen_change_on_sighup_needs_a_restart() {
     let echo = EchoServer::start();
-    let gw = Gateway::start(&config(echo.addr), &keys_with(KEY_A, "a"));
+    let gw = Gateway::start(&config(echo.addr), keys_with(KEY_A, "a"));
     let other = free_port();
     gw.write_config(config(echo.addr).listen(loopback(other)));
     gw.signal("HUP");
@@ -217,10 +217,10 @@ fn listen_change_on_sighup_needs_a_restart() {
 #[test]
 fn request_in_flight_finishes_on_its_snapshot() {
     let streamer = StreamServer::start(8, Duration::from_millis(300));
-    let gw = Gateway::start(&config(streamer.addr), &keys_with(KEY_A, "a"));
+    let gw = Gateway::start(&config(streamer.addr), keys_with(KEY_A, "a"));
     let (reader, first) = start_stream(&gw, KEY_A);
 
-    gw.write_keys(&keys_with(KEY_B, "b"));
+    gw.write_keys(keys_with(KEY_B, "b"));
     gw.signal("HUP");
     assert!(
         gw.wait_log_contains("reload (SIGHUP): generation 2", SOON),
@@ -314,7 +314,7 @@ fn config_30s(upstream: SocketAddr) -> GatewayConfig {
 #[test]
 fn sigterm_when_idle_exits_0_without_waiting_the_grace() {
     let echo = EchoServer::start();
-    let mut gw = Gateway::start(&config_30s(echo.addr), &keys_with(KEY_A, "a"));
+    let mut gw = Gateway::start(&config_30s(echo.addr), keys_with(KEY_A, "a"));
     assert_eq!(status(&gw, "/chat/x", KEY_A), 200);
     gw.signal("TERM");
     let exit = gw.wait_exit(Duration::from_secs(10));
@@ -325,7 +325,7 @@ fn sigterm_when_idle_exits_0_without_waiting_the_grace() {
 #[test]
 fn sigterm_during_stream_lets_it_finish_then_exits_0() {
     let streamer = StreamServer::start(6, Duration::from_millis(300));
-    let mut gw = Gateway::start(&config_30s(streamer.addr), &keys_with(KEY_A, "a"));
+    let mut gw = Gateway::start(&config_30s(streamer.addr), keys_with(KEY_A, "a"));
     let (mut reader, first) = start_stream(&gw, KEY_A);
     gw.signal("TERM");
     let mut second = String::new();

@@ -43,7 +43,7 @@ fn config(upstream: SocketAddr) -> GatewayConfig {
 }
 
 fn start(config: GatewayConfig) -> Setup {
-    let gw = Gateway::start(&config, &keys());
+    let gw = Gateway::start(&config, keys());
     let admin = gw.admin();
     assert!(
         wait_until(Duration::from_secs(10), || try_metric(

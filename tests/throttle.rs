@@ -79,7 +79,7 @@ fn failed_key_throttle_blocks_an_address_even_with_a_valid_key_then_lifts_after_
             .trusted_proxies(["127.0.0.1"])
             .failed_key_throttle(Throttle::after(5, "60s", "2s"))
             .route(Route::chat(echo.addr)),
-        &guess_keys(),
+        guess_keys(),
     );
     let guesser = "203.0.113.10";
     let other = "203.0.113.20";
@@ -181,7 +181,7 @@ fn a_blocked_address_is_still_served_for_keys_that_worked_from_it_before() {
             .trusted_proxies(["127.0.0.1"])
             .failed_key_throttle(Throttle::after(3, "60s", "60s"))
             .route(Route::chat(echo.addr)),
-        &guess_keys(),
+        guess_keys(),
     );
     let nat = "203.0.113.77";
     assert_status(&get_as(&gw, nat, Some(GOOD)), 200, "the team's key, before");
@@ -252,7 +252,7 @@ fn failed_key_throttle_is_on_by_default_with_20_failures_and_a_300s_cooldown() {
             .threads(2)
             .trusted_proxies(["127.0.0.1"])
             .route(Route::chat(echo.addr)),
-        &guess_keys(),
+        guess_keys(),
     );
     let guesser = "198.51.100.7";
     for i in 1..=20 {
@@ -287,7 +287,7 @@ fn failed_key_throttle_can_be_turned_off() {
             .trusted_proxies(["127.0.0.1"])
             .failed_key_throttle(Throttle::off())
             .route(Route::chat(echo.addr)),
-        &guess_keys(),
+        guess_keys(),
     );
     let guesser = "198.51.100.9";
     for i in 1..=30 {
@@ -315,7 +315,7 @@ fn failed_key_attempts_older_than_the_window_are_forgotten_and_a_wrong_service_i
             .trusted_proxies(["127.0.0.1"])
             .failed_key_throttle(Throttle::after(3, "1s", "60s"))
             .route(Route::chat(echo.addr)),
-        &guess_keys(),
+        guess_keys(),
     );
     let guesser = "198.51.100.10";
     // A valid key of another service is refused (403) but is no failed key
@@ -462,7 +462,7 @@ fn a_hundred_thousand_guessing_addresses_keep_the_gateway_serving_in_bounded_mem
             .threads(2)
             .trusted_proxies(["127.0.0.1"])
             .route(Route::chat(echo.addr)),
-        &guess_keys(),
+        guess_keys(),
     );
     let deadline = Instant::now() + Duration::from_secs(240);
     let base_warm = u32::from(Ipv4Addr::new(172, 16, 0, 0));

@@ -105,7 +105,7 @@ fn start() -> Setup {
         .listen_tls(loopback(tls_port), &cert, &key)
         .threads(2)
         .route(Route::chat(echo.addr));
-    let gw = Gateway::start(&config, &keys());
+    let gw = Gateway::start(&config, keys());
     Setup {
         _gw: gw,
         _echo: echo,

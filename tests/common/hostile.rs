@@ -40,7 +40,7 @@ pub fn hardening_gateway(upstream: SocketAddr) -> Gateway {
             .threads(2)
             .route(Route::chat(upstream))
             .route(Route::stripped("admin", "/admin/", "admin", upstream)),
-        &hardening_keys(),
+        hardening_keys(),
     )
 }
 

@@ -23,7 +23,7 @@ pub fn config(routes: impl IntoIterator<Item = Route>) -> GatewayConfig {
 
 /// A gateway with the given routes (2 worker threads).
 pub fn gateway(routes: impl IntoIterator<Item = Route>) -> Gateway {
-    Gateway::start(&config(routes), &keys())
+    Gateway::start(&config(routes), keys())
 }
 
 /// GET `path` with the key; the status and the body (empty on a read error).
