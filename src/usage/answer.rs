@@ -385,15 +385,50 @@ impl AnswerMeter {
     }
 }
 
-/// Whether an NDJSON line is a content record: one object that says
-/// `"done":false` (Ollama's intermediate records; its final record says
-/// `"done":true` and carries the counts). Inside JSON strings quotes are
-/// escaped, so text a model wrote cannot pass for the member.
+/// Whether an NDJSON line is a content record: one object whose own
+/// `"done"` member says `false` (Ollama's intermediate records; its final
+/// record says `"done":true` and carries the counts). Inside JSON strings
+/// quotes are escaped, so text a model wrote cannot pass for the member;
+/// an object nested in the record can (a tool call's arguments, which the
+/// model writes), so the member must be at the record's own level. Ollama
+/// writes `done` after the message: the last `"done":false` is checked,
+/// and a line where it is nested is scanned.
 fn is_content_line(line: &[u8]) -> bool {
-    static NOT_DONE: LazyLock<memmem::Finder<'static>> =
-        LazyLock::new(|| memmem::Finder::new(b"\"done\":false"));
+    static NOT_DONE: LazyLock<memmem::FinderRev<'static>> =
+        LazyLock::new(|| memmem::FinderRev::new(b"\"done\":false"));
     let body = line.trim_ascii();
-    body.first() == Some(&b'{') && body.last() == Some(&b'}') && NOT_DONE.find(body).is_some()
+    body.first() == Some(&b'{')
+        && body.last() == Some(&b'}')
+        && NOT_DONE
+            .rfind(body)
+            .is_some_and(|at| depth_at(body, at) == Some(1))
+}
+
+/// How deep in objects and arrays byte `at` of the JSON text `json` is;
+/// `None` inside a string.
+fn depth_at(json: &[u8], at: usize) -> Option<u32> {
+    let mut depth = 0u32;
+    let mut in_string = false;
+    let mut escaped = false;
+    for &b in json.get(..at).unwrap_or_default() {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+        } else {
+            match b {
+                b'"' => in_string = true,
+                b'{' | b'[' => depth = depth.saturating_add(1),
+                b'}' | b']' => depth = depth.saturating_sub(1),
+                _ => {}
+            }
+        }
+    }
+    (!in_string).then_some(depth)
 }
 
 fn read_member(record: &mut Record, key: usize, raw: &[u8], truncated: bool) {
@@ -598,6 +633,37 @@ mod tests {
             "{cut:?} {scanned:?}"
         );
         assert_eq!(cut.source, scanned.source);
+    }
+
+    #[test]
+    fn done_false_inside_the_final_record_is_not_a_content_line() {
+        // Found by fuzz/fuzz_targets/usage_scan.rs: a tool call's arguments
+        // (which the model writes) saying `"done":false` in Ollama's final
+        // record made the line pass for a content record, so its counts
+        // were never read.
+        let stream = concat!(
+            "{\"model\":\"qwen2\",\"message\":{\"role\":\"assistant\",\"content\":\"Hi\"},\"done\":false}\n",
+            "{\"model\":\"qwen2\",\"message\":{\"role\":\"assistant\",\"content\":\"\",",
+            "\"tool_calls\":[{\"function\":{\"name\":\"f\",\"arguments\":{\"done\":false}}}]},",
+            "\"done_reason\":\"stop\",\"done\":true,\"prompt_eval_count\":86,\"eval_count\":7}\n"
+        );
+        let u = each_step("application/x-ndjson", stream);
+        assert_eq!(
+            (u.prompt_tokens, u.completion_tokens, u.source),
+            (Some(86), Some(7), UsageSource::Reported)
+        );
+        let last = stream.lines().nth(1).unwrap_or_default();
+        assert!(!is_content_line(last.as_bytes()));
+        assert!(
+            !is_content_line(b"{\"model\":\"m\",\"x\":{\"done\":false}}\n"),
+            "nested, and no done of its own"
+        );
+        assert!(
+            is_content_line(
+                b"{\"message\":{\"tool_calls\":[{\"arguments\":{\"done\":false}}]},\"done\":false}\n"
+            ),
+            "its own done too"
+        );
     }
 
     #[test]
