@@ -31,7 +31,9 @@ use std::sync::{Arc, OnceLock};
 use ai_gateway::config::ModelPattern;
 use ai_gateway::usage::{Endpoint, ModelListFilter, MODEL_LIST_LIMIT};
 use arbitrary::{Result, Unstructured};
-use common::{arb_key, arb_string, arb_value, live, pieces, render_value, reset_peak, Header, Style};
+use common::{
+    arb_key, arb_string, arb_value, live, pieces, render_value, reset_peak, Header, Style,
+};
 use libfuzzer_sys::fuzz_target;
 use serde_json::{json, Value};
 
@@ -167,7 +169,10 @@ fn check(
     }
     let kept = live().saturating_sub(base);
     let held = if over || !readable { 0 } else { total };
-    assert!(kept <= 2 * held + 64, "the filter keeps {kept} bytes for an answer of {total}");
+    assert!(
+        kept <= 2 * held + 64,
+        "the filter keeps {kept} bytes for an answer of {total}"
+    );
     let json = serde_json::from_slice::<Value>(answer).is_ok();
     assert_eq!(f.unreadable(), !readable || over || !json);
     let out = f.finish();
@@ -223,7 +228,10 @@ fn entry(u: &mut Unstructured<'_>, endpoint: Endpoint) -> Result<Value> {
         }
         e.insert("size".into(), json!(2_019_393_189));
         e.insert("digest".into(), json!("a80c4f17acd5"));
-        e.insert("details".into(), json!({"family": "llama", "parameter_size": "3.2B"}));
+        e.insert(
+            "details".into(),
+            json!({"family": "llama", "parameter_size": "3.2B"}),
+        );
     }
     for _ in 0..u.int_in_range(0..=1)? {
         e.insert(arb_key(u)?, arb_value(u, 2)?);
@@ -292,7 +300,14 @@ fuzz_target!(|data: &[u8]| {
             return;
         };
         let body = text.as_bytes();
-        check(endpoint, readable, &patterns, body.len(), &pieces(body, &h.cuts), body);
+        check(
+            endpoint,
+            readable,
+            &patterns,
+            body.len(),
+            &pieces(body, &h.cuts),
+            body,
+        );
         return;
     }
     let Some((&mask, rest)) = h.rest.split_first() else {
@@ -315,8 +330,22 @@ fuzz_target!(|data: &[u8]| {
         let pad = &spaces[..total.saturating_sub(rest.len())];
         let mut cut = vec![pad];
         cut.extend(pieces(rest, &h.cuts));
-        check(endpoint, readable, &patterns, pad.len() + rest.len(), &cut, rest);
+        check(
+            endpoint,
+            readable,
+            &patterns,
+            pad.len() + rest.len(),
+            &cut,
+            rest,
+        );
     } else {
-        check(endpoint, readable, &patterns, rest.len(), &pieces(rest, &h.cuts), rest);
+        check(
+            endpoint,
+            readable,
+            &patterns,
+            rest.len(),
+            &pieces(rest, &h.cuts),
+            rest,
+        );
     }
 });

@@ -34,8 +34,8 @@ use ai_gateway::config::{ApiKind, MAX_MODEL_NAME};
 use ai_gateway::usage::{Edit, NamedModel, RequestInspector};
 use arbitrary::{Result, Unstructured};
 use common::{
-    arb_key, arb_string, arb_value, at_points, fold_key, live, pieces, render_members, repeated, reset_peak,
-    Header, Members, Style,
+    arb_key, arb_string, arb_value, at_points, fold_key, live, pieces, render_members, repeated,
+    reset_peak, Header, Members, Style,
 };
 use libfuzzer_sys::fuzz_target;
 use serde_json::{json, Value};
@@ -98,7 +98,11 @@ fn read(api: ApiKind, pieces: &[&[u8]], valid: Option<&Valid<'_>>) -> Reading {
         fed += p.len();
         if let Some(v) = valid {
             assert!(r.single_object(), "a prefix of one object is one object");
-            assert_eq!(r.complete(), fed > v.last_brace, "complete after {fed} bytes");
+            assert_eq!(
+                r.complete(),
+                fed > v.last_brace,
+                "complete after {fed} bytes"
+            );
             assert!(
                 v.models.starts_with(&r.models),
                 "{:?} so far, {:?} in the end",
@@ -107,8 +111,13 @@ fn read(api: ApiKind, pieces: &[&[u8]], valid: Option<&Valid<'_>>) -> Reading {
             );
         }
     }
-    let kept = live().saturating_sub(base).saturating_sub(models_heap(&r.models));
-    assert!(kept <= REQUEST_KEPT, "the reader keeps {kept} bytes besides its models");
+    let kept = live()
+        .saturating_sub(base)
+        .saturating_sub(models_heap(&r.models));
+    assert!(
+        kept <= REQUEST_KEPT,
+        "the reader keeps {kept} bytes besides its models"
+    );
     reading(&r)
 }
 
@@ -122,7 +131,9 @@ fn read_clearing(api: ApiKind, pieces: &[&[u8]]) -> usize {
         r.feed(p);
         named += r.models.len();
         r.models.clear();
-        let kept = live().saturating_sub(base).saturating_sub(models_heap(&r.models));
+        let kept = live()
+            .saturating_sub(base)
+            .saturating_sub(models_heap(&r.models));
         assert!(
             kept <= REQUEST_KEPT,
             "the reader keeps {kept} bytes after a piece of {}",
@@ -160,7 +171,12 @@ fn values(members: &Members) -> Vec<(String, Value)> {
     members
         .0
         .iter()
-        .map(|(k, raw)| (k.clone(), serde_json::from_str(raw.get()).expect("a raw value parses")))
+        .map(|(k, raw)| {
+            (
+                k.clone(),
+                serde_json::from_str(raw.get()).expect("a raw value parses"),
+            )
+        })
         .collect()
 }
 
@@ -203,7 +219,10 @@ fn reference_edit(members: &Members) -> Option<Vec<(String, Value)>> {
 fn same(a: &Value, b: &Value) -> bool {
     match (a, b) {
         (Value::Number(x), Value::Number(y)) if x.is_f64() || y.is_f64() => {
-            let (x, y) = (x.as_f64().unwrap_or(f64::NAN), y.as_f64().unwrap_or(f64::NAN));
+            let (x, y) = (
+                x.as_f64().unwrap_or(f64::NAN),
+                y.as_f64().unwrap_or(f64::NAN),
+            );
             x == y || (x - y).abs() <= x.abs().max(y.abs()) * 1e-15
         }
         (Value::Array(x), Value::Array(y)) => {
@@ -234,8 +253,15 @@ fn check_valid(api: ApiKind, body: &[u8], pieces: &[&[u8]]) {
     assert_eq!(got.models, models, "body: {text}");
     assert!(got.single_object && got.complete, "body: {text}");
     assert_eq!(got.named_any, !models.is_empty());
-    let stream = members.0.iter().rev().find(|(k, _)| fold_key(k) == "stream");
-    assert_eq!(got.streams, stream.is_some_and(|(_, raw)| raw.get() == "true"));
+    let stream = members
+        .0
+        .iter()
+        .rev()
+        .find(|(k, _)| fold_key(k) == "stream");
+    assert_eq!(
+        got.streams,
+        stream.is_some_and(|(_, raw)| raw.get() == "true")
+    );
     let want = reference_edit(&members);
     match (&got.edit, want) {
         (None, None) => {}
@@ -343,10 +369,7 @@ fn check(api: ApiKind, body: &[u8], pieces: &[&[u8]]) {
         assert!(cut.complete && cut.streams);
         assert!(edit.apply(body).is_some(), "{edit:?} does not fit the body");
     }
-    let valid = matches!(
-        serde_json::from_slice::<Value>(body),
-        Ok(Value::Object(_))
-    );
+    let valid = matches!(serde_json::from_slice::<Value>(body), Ok(Value::Object(_)));
     if valid {
         check_valid(api, body, pieces);
     }

@@ -248,8 +248,7 @@ pub fn arb_number(u: &mut Unstructured<'_>) -> Result<Value> {
         0 => Value::from(u.int_in_range(0..=300u64)?),
         1 => Value::from(u.arbitrary::<u64>()?),
         2 => Value::from(u.arbitrary::<i64>()?),
-        _ => serde_json::Number::from_f64(u.arbitrary::<f64>()?)
-            .map_or(Value::Null, Value::Number),
+        _ => serde_json::Number::from_f64(u.arbitrary::<f64>()?).map_or(Value::Null, Value::Number),
     })
 }
 
@@ -416,7 +415,9 @@ pub fn render_value(v: &Value, style: Style, indent: usize, out: &mut String) {
             }
             out.push(']');
         }
-        Value::Object(m) => render_object(m.iter().map(|(k, v)| (k.as_str(), v)), style, indent, out),
+        Value::Object(m) => {
+            render_object(m.iter().map(|(k, v)| (k.as_str(), v)), style, indent, out)
+        }
     }
 }
 
@@ -439,7 +440,10 @@ impl<'de> Deserialize<'de> for Members {
             fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
                 f.write_str("a JSON object")
             }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<Members, A::Error> {
+            fn visit_map<A: MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<Members, A::Error> {
                 let mut out = Vec::new();
                 while let Some((k, v)) = map.next_entry::<String, Box<RawValue>>()? {
                     out.push((k, v));

@@ -40,8 +40,8 @@ use ai_gateway::config::MAX_MODEL_NAME;
 use ai_gateway::usage::{AnswerMeter, SseHider, Usage, UsageSource, HELD_EVENT_LIMIT};
 use arbitrary::{Result, Unstructured};
 use common::{
-    arb_key, arb_number, arb_string, arb_value, at_points, fold_key, live, peak, pieces, render_members,
-    repeated, reset_peak, Header, Members, Style,
+    arb_key, arb_number, arb_string, arb_value, at_points, fold_key, live, peak, pieces,
+    render_members, repeated, reset_peak, Header, Members, Style,
 };
 use libfuzzer_sys::fuzz_target;
 use serde_json::{json, Value};
@@ -174,7 +174,11 @@ fn run(
         for p in pieces {
             meter.feed(p);
             let kept = live().saturating_sub(base);
-            assert!(kept <= METER_KEPT, "the meter keeps {kept} bytes after a piece of {}", p.len());
+            assert!(
+                kept <= METER_KEPT,
+                "the meter keeps {kept} bytes after a piece of {}",
+                p.len()
+            );
         }
         let transient = peak().saturating_sub(base);
         assert!(
@@ -184,7 +188,10 @@ fn run(
         );
     }
     let kept = live().saturating_sub(base);
-    assert!(kept <= METER_KEPT, "the meter keeps {kept} bytes at the end");
+    assert!(
+        kept <= METER_KEPT,
+        "the meter keeps {kept} bytes at the end"
+    );
     let usage = meter.usage();
     check_usage(framing, &usage);
     Run { usage, forwarded }
@@ -194,7 +201,10 @@ fn run(
 fn check_usage(framing: Framing, u: &Usage) {
     match u.source {
         UsageSource::Reported => {
-            assert!(u.prompt_tokens.is_some() && u.completion_tokens.is_some(), "{u:?}")
+            assert!(
+                u.prompt_tokens.is_some() && u.completion_tokens.is_some(),
+                "{u:?}"
+            )
         }
         UsageSource::Estimated => {
             assert!(u.prompt_tokens.is_none(), "{u:?}");
@@ -202,7 +212,10 @@ fn check_usage(framing: Framing, u: &Usage) {
             assert!(framing != Framing::Opaque);
         }
         UsageSource::Unknown => {
-            assert!(u.prompt_tokens.is_none() && u.completion_tokens.is_none(), "{u:?}")
+            assert!(
+                u.prompt_tokens.is_none() && u.completion_tokens.is_none(),
+                "{u:?}"
+            )
         }
     }
     if let Some(m) = &u.model {
@@ -301,7 +314,9 @@ fn reference_record(t: &mut Totals, members: &Members) -> bool {
                     .ok()
                     .filter(|m| !m.is_empty() && m.len() <= MAX_MODEL_NAME);
             }
-            "done" => done = Some(serde_json::from_str::<Value>(raw).ok() == Some(Value::Bool(true))),
+            "done" => {
+                done = Some(serde_json::from_str::<Value>(raw).ok() == Some(Value::Bool(true)))
+            }
             "prompt_eval_count" => prompt_eval_count = serde_json::from_str::<u64>(raw).ok(),
             "eval_count" => eval_count = serde_json::from_str::<u64>(raw).ok(),
             "usage" if raw.len() <= 4096 => {
@@ -309,7 +324,12 @@ fn reference_record(t: &mut Totals, members: &Members) -> bool {
                     .ok()
                     .flatten()
                     .filter(|u| u.prompt_tokens.is_some() || u.completion_tokens.is_some())
-                    .map(|u| (u.prompt_tokens.unwrap_or(0), u.completion_tokens.unwrap_or(0)));
+                    .map(|u| {
+                        (
+                            u.prompt_tokens.unwrap_or(0),
+                            u.completion_tokens.unwrap_or(0),
+                        )
+                    });
             }
             "choices" => {
                 choices = match serde_json::from_str::<Value>(raw) {
@@ -406,7 +426,11 @@ fn reference_usage(framing: Framing, text: &str) -> Usage {
         UsageSource::Unknown => (None, None),
     };
     Usage {
-        model: if framing == Framing::Opaque { None } else { t.model },
+        model: if framing == Framing::Opaque {
+            None
+        } else {
+            t.model
+        },
         prompt_tokens,
         completion_tokens,
         source,
@@ -416,7 +440,15 @@ fn reference_usage(framing: Framing, text: &str) -> Usage {
 // ---------------------------------------------------------------------------
 // Generated answers.
 
-const MODELS: &[&str] = &["llama3.2", "qwen2", "llama3.2:latest", "m", "", " ", "\u{e9}"];
+const MODELS: &[&str] = &[
+    "llama3.2",
+    "qwen2",
+    "llama3.2:latest",
+    "m",
+    "",
+    " ",
+    "\u{e9}",
+];
 
 fn model_value(u: &mut Unstructured<'_>) -> Result<Value> {
     Ok(match u.int_in_range(0..=9)? {
@@ -508,7 +540,10 @@ fn record(u: &mut Unstructured<'_>) -> Result<Vec<(String, Value)>> {
     let mut r = match u.int_in_range(0..=7)? {
         // Ollama's content record (generate, or chat).
         0 => {
-            let mut r = vec![m("model", model_value(u)?), m("created_at", json!("2026-11-29T12:00:00Z"))];
+            let mut r = vec![
+                m("model", model_value(u)?),
+                m("created_at", json!("2026-11-29T12:00:00Z")),
+            ];
             if u.arbitrary()? {
                 r.push(m("response", Value::from(arb_string(u)?)));
             } else {
@@ -523,7 +558,10 @@ fn record(u: &mut Unstructured<'_>) -> Result<Vec<(String, Value)>> {
         }
         // Ollama's final record.
         1 => {
-            let mut r = vec![m("model", model_value(u)?), m("created_at", json!("2026-11-29T12:00:01Z"))];
+            let mut r = vec![
+                m("model", model_value(u)?),
+                m("created_at", json!("2026-11-29T12:00:01Z")),
+            ];
             if u.arbitrary()? {
                 r.push(m("response", json!("")));
             } else {
@@ -586,7 +624,10 @@ fn record(u: &mut Unstructured<'_>) -> Result<Vec<(String, Value)>> {
         ],
         6 => vec![
             m("object", json!("list")),
-            m("data", json!([{"object": "embedding", "embedding": [0.5], "index": 0}])),
+            m(
+                "data",
+                json!([{"object": "embedding", "embedding": [0.5], "index": 0}]),
+            ),
             m("model", model_value(u)?),
             m("usage", usage_value(u)?),
         ],
@@ -621,7 +662,9 @@ fn record(u: &mut Unstructured<'_>) -> Result<Vec<(String, Value)>> {
                     1 => k.replace('s', "\u{17f}").replace('k', "\u{212a}"),
                     _ => {
                         let mut c = k.chars();
-                        c.next().map_or_else(String::new, |f| f.to_ascii_uppercase().to_string() + c.as_str())
+                        c.next().map_or_else(String::new, |f| {
+                            f.to_ascii_uppercase().to_string() + c.as_str()
+                        })
                     }
                 };
                 r[at].0 = respelled;
@@ -637,7 +680,8 @@ fn record(u: &mut Unstructured<'_>) -> Result<Vec<(String, Value)>> {
 
 /// Whether a record says `"done": false` at its top level.
 fn not_done(r: &[(String, Value)]) -> bool {
-    r.iter().any(|(k, v)| fold_key(k) == "done" && *v == Value::Bool(false))
+    r.iter()
+        .any(|(k, v)| fold_key(k) == "done" && *v == Value::Bool(false))
 }
 
 /// One rendered record, and whether the reference reads it as the
@@ -670,7 +714,12 @@ fn answer(u: &mut Unstructured<'_>, framing: Framing) -> Result<Answer> {
         if framing == Framing::OllamaStream && not_done(&r) {
             // A content record carries no counts (as Ollama writes them;
             // the meter counts such lines without reading them).
-            r.retain(|(k, _)| !matches!(fold_key(k).as_str(), "prompt_eval_count" | "eval_count" | "usage"));
+            r.retain(|(k, _)| {
+                !matches!(
+                    fold_key(k).as_str(),
+                    "prompt_eval_count" | "eval_count" | "usage"
+                )
+            });
         }
         records.push(render_record(&r, style));
     }
@@ -692,7 +741,10 @@ fn answer(u: &mut Unstructured<'_>, framing: Framing) -> Result<Answer> {
         for (i, (json, usage_only)) in records.into_iter().enumerate() {
             let mut e = String::new();
             let extras = u.arbitrary::<u8>()?;
-            for (bit, line) in [": keep-alive", "event: message", "id: 7", "retry: 3000"].iter().enumerate() {
+            for (bit, line) in [": keep-alive", "event: message", "id: 7", "retry: 3000"]
+                .iter()
+                .enumerate()
+            {
                 if extras & (1 << bit) != 0 {
                     e.push_str(line);
                     e.push_str(eol);
@@ -756,7 +808,9 @@ fn generated(framing: Framing, headers: Headers, cuts: &[u16], rest: &[u8]) {
     let run = run(framing, headers, &pieces(body, cuts), body, false);
     let want = reference_usage(framing, &a.text);
     assert_eq!(run.usage, want, "answer:\n{}", a.text);
-    if framing == Framing::OpenaiSseHidden && a.events.iter().all(|(e, _)| e.len() <= HELD_EVENT_LIMIT) {
+    if framing == Framing::OpenaiSseHidden
+        && a.events.iter().all(|(e, _)| e.len() <= HELD_EVENT_LIMIT)
+    {
         let shown: String = a
             .events
             .iter()
@@ -781,7 +835,10 @@ fn raw(framing: Framing, headers: Headers, cuts: &[u16], body: &[u8], times: usi
     }
     if framing != Framing::OllamaStream && times == 1 && cut.len() > 1 {
         let run_whole = run(framing, headers, &[&all[..]], &all, false);
-        assert_eq!(run_cut.usage, run_whole.usage, "the same usage whatever the pieces");
+        assert_eq!(
+            run_cut.usage, run_whole.usage,
+            "the same usage whatever the pieces"
+        );
     }
 }
 
@@ -798,4 +855,3 @@ fuzz_target!(|data: &[u8]| {
         raw(framing, headers, &h.cuts, h.rest, times);
     }
 });
-
