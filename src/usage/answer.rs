@@ -213,6 +213,32 @@ impl AnswerMeter {
         self.usage_only_seen
     }
 
+    /// A byte of an SSE line's field name (or the line's end, or the
+    /// colon after the name): only `data:` lines are read further.
+    fn field_byte(&mut self, b: u8, eol: bool) {
+        if eol {
+            self.line = Line::Start;
+        } else if b == b':' {
+            let name = self.field.get(..self.field_len).unwrap_or_default();
+            self.line = if self.line == Line::Field && name == b"data" {
+                Line::DataSpace
+            } else {
+                Line::Skip
+            };
+        } else if self.field_len < self.field.len() {
+            if let Some(slot) = self.field.get_mut(self.field_len) {
+                *slot = b;
+            }
+            self.field_len += 1;
+            self.line = Line::Field;
+        } else {
+            self.line = Line::Skip;
+        }
+        if self.line != Line::Field {
+            self.field_len = 0;
+        }
+    }
+
     fn feed_sse(&mut self, piece: &[u8]) {
         let mut i = 0;
         while i < piece.len() {
@@ -220,27 +246,7 @@ impl AnswerMeter {
             let eol = b == b'\n' || b == b'\r';
             match self.line {
                 Line::Start | Line::Field => {
-                    if eol {
-                        self.line = Line::Start;
-                    } else if b == b':' {
-                        let name = self.field.get(..self.field_len).unwrap_or_default();
-                        self.line = if self.line == Line::Field && name == b"data" {
-                            Line::DataSpace
-                        } else {
-                            Line::Skip
-                        };
-                    } else if self.field_len < self.field.len() {
-                        if let Some(slot) = self.field.get_mut(self.field_len) {
-                            *slot = b;
-                        }
-                        self.field_len += 1;
-                        self.line = Line::Field;
-                    } else {
-                        self.line = Line::Skip;
-                    }
-                    if self.line != Line::Field {
-                        self.field_len = 0;
-                    }
+                    self.field_byte(b, eol);
                     i += 1;
                 }
                 Line::DataSpace => {
