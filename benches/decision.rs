@@ -28,7 +28,7 @@ use ai_gateway::config::Config;
 const CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 use ai_gateway::keys::{unix_millis, KeyDigest, KeyStore, ServiceTable};
 use ai_gateway::policy::{Request, Router, Snapshot};
-use ai_gateway::state::{Carried, HealthBook};
+use ai_gateway::state::{Carried, UpstreamBook};
 
 /// Key-set sizes for the key check, and the subset for the whole decision.
 const KEY_SIZES: [usize; 3] = [10, 10_000, 1_000_000];
@@ -210,7 +210,7 @@ fn bench_routes(c: &mut Criterion) {
         let router = Router::build(
             &config.routes,
             &mut ServiceTable::default(),
-            &HealthBook::default(),
+            &UpstreamBook::default(),
         );
         assert_eq!(router.len(), n);
 

@@ -14,7 +14,7 @@ use std::path::Path;
 use ai_gateway::config::Config;
 use ai_gateway::keys::{KeyDenial, KeyDigest, KeyStore, ServiceTable};
 use ai_gateway::policy::{presented_key, Credential, Refusal, Request, Router, Snapshot};
-use ai_gateway::state::{Carried, HealthBook};
+use ai_gateway::state::{Carried, UpstreamBook};
 use http::{HeaderMap, HeaderValue, Method};
 use proptest::prelude::*;
 use proptest::sample::Index;
@@ -264,7 +264,7 @@ fn router(routes: &[(&str, Option<&str>)]) -> Router {
     Router::build(
         &config.routes,
         &mut ServiceTable::default(),
-        &HealthBook::default(),
+        &UpstreamBook::default(),
     )
 }
 

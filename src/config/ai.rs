@@ -9,8 +9,8 @@ use serde::de::{MapAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 use serde_saphyr::Spanned;
 
-use super::address::UpstreamAddr;
 use super::error::LoadError;
+use super::fleet::UpstreamEntry;
 use super::values::ModelPattern;
 use super::yaml::location;
 
@@ -39,12 +39,22 @@ impl ApiKind {
 
 /// Upstreams of one model pattern, each with its position (resolved by
 /// the compile step).
-pub(super) type ModelUpstreams = Vec<(ModelPattern, Vec<Spanned<UpstreamAddr>>)>;
+pub(super) type ModelUpstreams = Vec<(ModelPattern, Vec<Spanned<UpstreamEntry>>)>;
 
 /// `models: {"llama3*": ["127.0.0.1:11434"], ...}` as written, in order;
 /// each pattern once, each with at least one upstream.
 #[derive(Debug, Default)]
 pub(super) struct ModelRoutes(ModelUpstreams);
+
+impl ModelRoutes {
+    /// Whether some upstream has `max_in_flight`.
+    pub(super) fn any_cap(&self) -> bool {
+        self.0
+            .iter()
+            .flat_map(|(_, ups)| ups)
+            .any(|u| u.value.max_in_flight.is_some())
+    }
+}
 
 impl<'de> Deserialize<'de> for ModelRoutes {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -63,7 +73,7 @@ impl<'de> Deserialize<'de> for ModelRoutes {
                             pattern.as_str()
                         )));
                     }
-                    let ups: Vec<Spanned<UpstreamAddr>> = map.next_value()?;
+                    let ups: Vec<Spanned<UpstreamEntry>> = map.next_value()?;
                     if ups.is_empty() {
                         return Err(serde::de::Error::custom(format!(
                             "model pattern {:?} has no upstreams",

@@ -16,10 +16,11 @@ use std::path::Path;
 
 use serde_saphyr::Spanned;
 
-use super::address::{HostPort, UpstreamAddr};
+use super::address::HostPort;
 use super::clients::ClientLimits;
 use super::error::{LoadError, Location};
 use super::file::CheckedConfig;
+use super::fleet::UpstreamEntry;
 use super::gateway::Config;
 use super::listen::{CheckedListener, ListenSpec};
 use super::pem::parse_certificates;
@@ -119,23 +120,28 @@ fn compile_route(path: &Path, r: CheckedRoute) -> Result<RouteSpec, LoadError> {
         LoadError::at(
             path,
             location(u),
-            format!("route {name:?}: upstream {:?}: {why}", u.value.written),
+            format!("route {name:?}: upstream {:?}: {why}", u.value.addr.written),
         )
     })?;
     let mut model_upstreams = Vec::with_capacity(r.models.len());
-    for (pattern, ups) in r.models {
-        let addrs = resolve_upstreams(&ups, |u, why| {
+    let mut seen: Vec<&UpstreamSpec> = Vec::new();
+    same_settings(path, &name, &r.upstreams, &upstreams, &mut seen)?;
+    for (pattern, ups) in &r.models {
+        let addrs = resolve_upstreams(ups, |u, why| {
             LoadError::at(
                 path,
                 location(u),
                 format!(
                     "route {name:?}: models {:?}: upstream {:?}: {why}",
                     pattern.as_str(),
-                    u.value.written
+                    u.value.addr.written
                 ),
             )
         })?;
-        model_upstreams.push((pattern, addrs));
+        model_upstreams.push((pattern.clone(), addrs));
+    }
+    for ((_, ups), (_, specs)) in r.models.iter().zip(&model_upstreams) {
+        same_settings(path, &name, ups, specs, &mut seen)?;
     }
     let upstream_ca = match r.upstream_ca {
         None => None,
@@ -165,20 +171,52 @@ fn compile_route(path: &Path, r: CheckedRoute) -> Result<RouteSpec, LoadError> {
         api: r.api,
         include_usage: r.include_usage,
         model_upstreams,
+        balance: r.fleet.balance,
+        queue: r.fleet.queue,
+        retry: r.fleet.retry,
+        aliases: r.fleet.aliases,
     })
+}
+
+/// An address a route lists more than once (in `upstreams` and under
+/// `models`, or written two ways) must have the same settings each time:
+/// the route keeps one cap and one weight per address.
+fn same_settings<'s>(
+    path: &Path,
+    route: &str,
+    written: &[Spanned<UpstreamEntry>],
+    specs: &'s [UpstreamSpec],
+    seen: &mut Vec<&'s UpstreamSpec>,
+) -> Result<(), LoadError> {
+    for (entry, spec) in written.iter().zip(specs) {
+        if seen.iter().any(|s| s.addr == spec.addr && *s != spec) {
+            return Err(LoadError::at(
+                path,
+                location(entry),
+                format!(
+                    "route {route:?}: upstream {:?} ({}) is listed again with other settings; write the same max_in_flight and weight each time",
+                    entry.value.addr.written, spec.addr
+                ),
+            ));
+        }
+        seen.push(spec);
+    }
+    Ok(())
 }
 
 /// Each upstream resolved; `error` words a failure.
 fn resolve_upstreams(
-    ups: &[Spanned<UpstreamAddr>],
-    error: impl Fn(&Spanned<UpstreamAddr>, String) -> LoadError,
+    ups: &[Spanned<UpstreamEntry>],
+    error: impl Fn(&Spanned<UpstreamEntry>, String) -> LoadError,
 ) -> Result<Vec<UpstreamSpec>, LoadError> {
     ups.iter()
         .map(|u| {
-            resolve(&u.value.addr)
+            resolve(&u.value.addr.addr)
                 .map(|addr| UpstreamSpec {
                     addr,
-                    tls: u.value.tls_name.clone(),
+                    tls: u.value.addr.tls_name.clone(),
+                    max_in_flight: u.value.max_in_flight,
+                    weight: u.value.weight,
                 })
                 .map_err(|why| error(u, why))
         })

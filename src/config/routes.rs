@@ -8,6 +8,7 @@
 use std::collections::HashSet;
 use std::fmt;
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -15,9 +16,12 @@ use http::{HeaderName, Method};
 use serde::{Deserialize, Deserializer};
 use serde_saphyr::Spanned;
 
-use super::address::UpstreamAddr;
 use super::ai::{self, ApiKind, ModelRoutes, ModelUpstreams};
 use super::error::{LoadError, Location};
+use super::fleet::{
+    self, Balance, FileAliases, FileFleet, FileQueue, FileRetry, QueueSpec, RetrySpec,
+    UpstreamEntry,
+};
 use super::limits::{non_empty_allow, Limits};
 use super::values::{ByteSize, IpRange, ModelPattern, Positive, Rate, Timeout, TokenRate};
 use super::yaml::location;
@@ -48,7 +52,15 @@ pub(super) struct FileRoute {
     service: NonEmpty,
     #[serde(default)]
     strip_prefix: Option<Spanned<StripSetting>>,
-    upstreams: Spanned<Vec<Spanned<UpstreamAddr>>>,
+    upstreams: Spanned<Vec<Spanned<UpstreamEntry>>>,
+    #[serde(default)]
+    balance: Option<Balance>,
+    #[serde(default)]
+    queue: Option<Spanned<FileQueue>>,
+    #[serde(default)]
+    retry: Option<Spanned<FileRetry>>,
+    #[serde(default)]
+    aliases: Option<Spanned<FileAliases>>,
     #[serde(default)]
     upstream_ca: Option<Spanned<PathBuf>>,
     #[serde(default)]
@@ -142,12 +154,21 @@ impl From<FileCors> for CorsSpec {
 pub struct UpstreamSpec {
     pub addr: SocketAddr,
     pub tls: Option<String>,
+    /// At most this many requests sent to it at once.
+    pub max_in_flight: Option<NonZeroU32>,
+    /// Its share of the route's requests (1 to [`MAX_WEIGHT`](super::fleet::MAX_WEIGHT)).
+    pub weight: NonZeroU32,
 }
 
 impl UpstreamSpec {
-    /// A plain-HTTP upstream.
+    /// A plain-HTTP upstream without a cap, of weight 1.
     pub fn plain(addr: SocketAddr) -> UpstreamSpec {
-        UpstreamSpec { addr, tls: None }
+        UpstreamSpec {
+            addr,
+            tls: None,
+            max_in_flight: None,
+            weight: NonZeroU32::MIN,
+        }
     }
 }
 
@@ -211,6 +232,12 @@ pub struct RouteSpec {
     /// Upstreams by model, in the order written: the first pattern that
     /// matches the request's model wins; other models go to `upstreams`.
     pub model_upstreams: Vec<(ModelPattern, Vec<UpstreamSpec>)>,
+    pub balance: Balance,
+    pub queue: Option<QueueSpec>,
+    pub retry: RetrySpec,
+    /// Model names clients may ask for, and the model that serves each:
+    /// the request body's `model` is rewritten before it goes upstream.
+    pub aliases: Vec<(String, String)>,
 }
 
 /// One route, checked: everything but its upstreams' addresses and its CA
@@ -222,7 +249,7 @@ pub(super) struct CheckedRoute {
     pub(super) methods: Option<Vec<Method>>,
     pub(super) service: String,
     pub(super) strip_prefix: Option<String>,
-    pub(super) upstreams: Vec<Spanned<UpstreamAddr>>,
+    pub(super) upstreams: Vec<Spanned<UpstreamEntry>>,
     /// The CA file (relative to the config's folder) and where it is written.
     pub(super) upstream_ca: Option<(PathBuf, Location)>,
     pub(super) connect_timeout: Duration,
@@ -236,6 +263,7 @@ pub(super) struct CheckedRoute {
     pub(super) api: Option<ApiKind>,
     pub(super) include_usage: bool,
     pub(super) models: ModelUpstreams,
+    pub(super) fleet: fleet::CheckedFleet,
 }
 
 /// Checks `routes`: at least one, names and path prefixes each used once,
@@ -294,7 +322,7 @@ impl FileRoute {
             .upstreams
             .value
             .iter()
-            .any(|u| u.value.tls_name.is_some());
+            .any(|u| u.value.addr.tls_name.is_some());
         if let (true, Some(h)) = (any_tls, &self.health_check) {
             return Err(route(location(h), "health_check is not available for https:// upstreams (it speaks plain HTTP); leave it out".into()));
         }
@@ -325,6 +353,24 @@ impl FileRoute {
             }
         };
         let allow = non_empty_allow(path, &format!("route {name:?}: allow"), self.allow)?;
+        let any_cap = self
+            .upstreams
+            .value
+            .iter()
+            .any(|u| u.value.max_in_flight.is_some())
+            || self.models.as_ref().is_some_and(|m| m.value.any_cap());
+        let fleet = fleet::check(
+            path,
+            &name,
+            FileFleet {
+                balance: self.balance,
+                queue: self.queue,
+                retry: self.retry,
+                aliases: self.aliases,
+            },
+            any_cap,
+            self.api.is_some(),
+        )?;
         let ai = ai::check(path, &name, self.api, self.include_usage, self.models)?;
         Ok(CheckedRoute {
             path_prefix: prefix,
@@ -355,6 +401,7 @@ impl FileRoute {
             api: ai.api,
             include_usage: ai.include_usage,
             models: ai.models,
+            fleet,
             name,
         })
     }

@@ -62,12 +62,12 @@ pub fn run_checker(shared: SharedLive) {
             };
             for up in route.upstreams() {
                 let now = unix_millis(SystemTime::now());
-                if !up.health.check_due(now, spec.interval) {
+                if !up.state.health.check_due(now, spec.interval) {
                     continue;
                 }
                 let result = probe(up.addr, spec);
                 let ok = matches!(result, Ok(status) if status < 500);
-                match up.health.checked(ok, now) {
+                match up.state.health.checked(ok, now) {
                     Transition::WentDown => {
                         let why = match result {
                             Ok(s) => format!("status {s}"),

@@ -47,6 +47,25 @@ fn reply(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<
 }
 
 impl Admin {
+    /// Each upstream's state, for `/readyz`: in rotation or not (the
+    /// gateway stays ready while some are down: it answers for them), and
+    /// its requests in flight and queued.
+    fn upstream_states(&self) -> Vec<serde_json::Value> {
+        self.live
+            .load()
+            .upstream_loads()
+            .into_iter()
+            .map(|(addr, in_flight, queued, up)| {
+                serde_json::json!({
+                    "address": addr.to_string(),
+                    "state": if up { "up" } else { "down" },
+                    "in_flight": in_flight,
+                    "queued": queued,
+                })
+            })
+            .collect()
+    }
+
     /// Whether every listen address accepts a connection right now.
     async fn listeners_up(&self) -> bool {
         for addr in &self.listen {
@@ -65,11 +84,21 @@ impl ServeHttp for Admin {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let path = session.req_header().uri.path().to_string();
         match path.as_str() {
-            "/metrics" => reply(
-                StatusCode::OK,
-                "text/plain; version=0.0.4; charset=utf-8",
-                self.metrics.render(),
-            ),
+            "/metrics" => {
+                let loads: Vec<_> = self
+                    .live
+                    .load()
+                    .upstream_loads()
+                    .into_iter()
+                    .map(|(addr, in_flight, queued, _)| (addr, in_flight, queued))
+                    .collect();
+                self.metrics.set_upstream_loads(&loads);
+                reply(
+                    StatusCode::OK,
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    self.metrics.render(),
+                )
+            }
             "/healthz" => reply(
                 StatusCode::OK,
                 "application/json",
@@ -85,8 +114,16 @@ impl ServeHttp for Admin {
                         br#"{"status":"not ready","reason":"shared state (redis) unreachable and on_redis_error is deny"}"#.to_vec(),
                     )
                 } else if generation >= 1 && self.listeners_up().await {
-                    let body = format!(r#"{{"status":"ready","generation":{generation}}}"#);
-                    reply(StatusCode::OK, "application/json", body.into_bytes())
+                    let body = serde_json::json!({
+                        "status": "ready",
+                        "generation": generation,
+                        "upstreams": self.upstream_states(),
+                    });
+                    reply(
+                        StatusCode::OK,
+                        "application/json",
+                        body.to_string().into_bytes(),
+                    )
                 } else {
                     reply(
                         StatusCode::SERVICE_UNAVAILABLE,

@@ -49,12 +49,28 @@ pub struct AuditRecord {
     pub bytes_out: u64,
     /// The model the answer (else the request) named, on routes with `api`.
     pub model: Option<String>,
+    /// The alias the client asked for, when `model` is the model serving
+    /// it (only then in the line).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requested_model: Option<String>,
+    /// Tries that failed and were retried elsewhere, in order, before the
+    /// one `upstream` names (only in the line when there were some).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub retried: Vec<FailedTry>,
     /// Tokens of the prompt and of the completion, when known.
     pub prompt_tokens: Option<u64>,
     pub completion_tokens: Option<u64>,
     /// Where the token counts come from: `reported`, `estimated`,
     /// `unknown`; null where the endpoint has no usage.
     pub usage: Option<&'static str>,
+}
+
+/// A try that failed and was retried on another upstream.
+#[derive(Debug, Serialize)]
+pub struct FailedTry {
+    pub upstream: SocketAddr,
+    /// `connect`, or the answer's status.
+    pub failed: String,
 }
 
 /// Where a request came from: the socket's peer, or the client a trusted
@@ -254,6 +270,8 @@ mod tests {
             bytes_in: 10,
             bytes_out: 20,
             model: Some("llama3.2".into()),
+            requested_model: None,
+            retried: Vec::new(),
             prompt_tokens: Some(26),
             completion_tokens: None,
             usage: Some("estimated"),

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 use super::metrics::{Metrics, RouteMetrics, NO_ROUTE};
+use super::upstream_metrics::UpstreamMetrics;
 use crate::policy::Snapshot;
 
 /// The snapshot in service, shared by the proxy, the reloader, the health
@@ -21,6 +22,8 @@ pub struct Live {
     route_metrics: Box<[Arc<RouteMetrics>]>,
     /// For requests that matched no route.
     unrouted_metrics: Arc<RouteMetrics>,
+    /// Per route, per upstream (in the route's order).
+    upstream_metrics: Box<[Box<[Arc<UpstreamMetrics>]>]>,
 }
 
 impl Live {
@@ -46,7 +49,19 @@ impl Live {
                 .flat_map(|r| r.named_models())
                 .chain(snapshot.keys.named_models()),
         );
+        let upstream_metrics = snapshot
+            .router
+            .routes()
+            .iter()
+            .map(|r| {
+                r.upstreams()
+                    .iter()
+                    .map(|u| metrics.upstream(u.addr))
+                    .collect()
+            })
+            .collect();
         Live {
+            upstream_metrics,
             snapshot,
             route_metrics,
             unrouted_metrics: metrics.route(NO_ROUTE),
@@ -59,5 +74,36 @@ impl Live {
         route_index
             .and_then(|i| self.route_metrics.get(i))
             .unwrap_or(&self.unrouted_metrics)
+    }
+
+    /// The handles of upstream `tag` (its index) of route `route_index`.
+    #[inline]
+    pub fn upstream_metrics(&self, route_index: usize, tag: usize) -> Option<&UpstreamMetrics> {
+        self.upstream_metrics
+            .get(route_index)?
+            .get(tag)
+            .map(|m| &**m)
+    }
+
+    /// Every upstream the snapshot names, once each, with its requests in
+    /// flight and queued now.
+    pub fn upstream_loads(&self) -> Vec<(std::net::SocketAddr, u32, u32, bool)> {
+        let now_ms = crate::keys::unix_millis(std::time::SystemTime::now());
+        let mut loads: Vec<(std::net::SocketAddr, u32, u32, bool)> = Vec::new();
+        for up in self
+            .snapshot
+            .router
+            .routes()
+            .iter()
+            .flat_map(|r| r.upstreams())
+        {
+            if loads.iter().all(|(a, ..)| *a != up.addr) {
+                let load = &up.state.load;
+                let is_up = up.state.health.is_up(now_ms);
+                loads.push((up.addr, load.in_flight(), load.queued(), is_up));
+            }
+        }
+        loads.sort_unstable_by_key(|(a, ..)| *a);
+        loads
     }
 }

@@ -17,6 +17,7 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use super::upstream_metrics::{UpstreamFamilies, UpstreamMetrics};
 use crate::config::ModelPattern;
 use crate::policy::Refusal;
 
@@ -160,6 +161,7 @@ pub struct Metrics {
     /// `on_redis_error` mode ("local" counted here, "deny" refused).
     shared_state_fallback: [IntCounter; 2],
     route_cache: std::sync::Mutex<HashMap<String, Arc<RouteMetrics>>>,
+    upstreams: UpstreamFamilies,
 }
 
 /// Token usage on routes with `api`.
@@ -251,6 +253,8 @@ pub struct RouteMetrics {
     pub bytes_in: IntCounter,
     pub bytes_out: IntCounter,
     upstream_errors: [IntCounter; 5],
+    /// Tries sent to another upstream after a failure.
+    pub retries: IntCounter,
 }
 
 impl std::fmt::Debug for RouteMetrics {
@@ -312,7 +316,7 @@ fn label_of<'a>(labels: &'a mut ModelLabels, model: Option<&'a str>) -> &'a str 
 
 /// Registers a metric built from a static definition (which cannot fail
 /// but for a programming error, caught by the unit tests) and returns it.
-fn registered<M>(registry: &Registry, metric: prometheus::Result<M>) -> M
+pub(super) fn registered<M>(registry: &Registry, metric: prometheus::Result<M>) -> M
 where
     M: prometheus::core::Collector + Clone + 'static,
 {
@@ -323,16 +327,31 @@ where
     m
 }
 
-fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+pub(super) fn counter_vec(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> IntCounterVec {
     registered(registry, IntCounterVec::new(Opts::new(name, help), labels))
 }
 
 fn histogram_vec(registry: &Registry, name: &str, help: &str) -> HistogramVec {
+    histogram_vec_by(registry, name, help, "route")
+}
+
+/// A latency histogram family with one label.
+pub(super) fn histogram_vec_by(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    label: &str,
+) -> HistogramVec {
     registered(
         registry,
         HistogramVec::new(
             HistogramOpts::new(name, help).buckets(BUCKETS.to_vec()),
-            &["route"],
+            &[label],
         ),
     )
 }
@@ -468,6 +487,7 @@ impl Metrics {
             tokens: TokenMetrics::new(&r),
             model_labels: RwLock::default(),
             requests,
+            upstreams: UpstreamFamilies::new(&r),
             registry: r,
             route_cache: Default::default(),
         }
@@ -489,9 +509,21 @@ impl Metrics {
             bytes_out: self.bytes_out.with_label_values(&[route]),
             upstream_errors: UpstreamErrorKind::ALL
                 .map(|k| self.upstream_errors.with_label_values(&[route, k.label()])),
+            retries: self.upstreams.retries.with_label_values(&[route]),
         });
         cache.insert(route.to_string(), Arc::clone(&m));
         m
+    }
+
+    /// The handles of the upstream at `addr`, made on first use.
+    pub fn upstream(&self, addr: std::net::SocketAddr) -> Arc<UpstreamMetrics> {
+        self.upstreams.of(addr)
+    }
+
+    /// Sets the in-flight and queued gauges: `(address, in flight,
+    /// queued)` for every upstream named now.
+    pub fn set_upstream_loads(&self, loads: &[(std::net::SocketAddr, u32, u32)]) {
+        self.upstreams.set_loads(loads);
     }
 
     /// Counts a refusal under its label (and a key refusal as a failed key).

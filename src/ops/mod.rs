@@ -16,11 +16,13 @@ mod live;
 pub mod logs;
 mod metrics;
 pub mod request_id;
+mod upstream_metrics;
 
 pub use admin::Admin;
-pub use audit::{AuditLog, AuditRecord, AuditWriter, ClientAddr, QUEUE_LEN};
+pub use audit::{AuditLog, AuditRecord, AuditWriter, ClientAddr, FailedTry, QUEUE_LEN};
 pub use live::{Live, SharedLive};
 pub use metrics::{
     ClientTimeout, Metrics, RouteMetrics, UpstreamErrorKind, MAX_SEEN_MODELS, NO_MODEL, NO_ROUTE,
     OTHER_MODEL,
 };
+pub use upstream_metrics::UpstreamMetrics;

@@ -25,7 +25,7 @@ pub use credentials::{presented_key, Credential};
 pub use path::is_ambiguous_path;
 pub use refusal::{ExtraHeader, Refusal, CHALLENGE};
 pub use request::{Request, Upgrade};
-pub use routes::{Cors, Route, Router, Upstream, DEFAULT_POOL, UPSTREAM_IDLE_TIMEOUT};
+pub use routes::{Cors, Pick, Route, Router, Upstream, DEFAULT_POOL, UPSTREAM_IDLE_TIMEOUT};
 pub use snapshot::{
     admit_locally, judge_models, load_timed, whole_seconds, Admission, Decision, Snapshot,
 };

@@ -78,6 +78,15 @@ pub enum Refusal {
     /// The key's limits are counted in Redis, Redis cannot be reached, and
     /// `on_redis_error: deny` says to refuse rather than count locally.
     SharedStateUnavailable,
+    /// Every upstream the request could go to is at its `max_in_flight`,
+    /// and the route's queue is full, timed out, or absent.
+    UpstreamsBusy {
+        retry_after_s: u32,
+    },
+    /// The model asked for is an alias, and the body is too large (or
+    /// not whole in time) for the gateway to rewrite it: it is never sent
+    /// upstream with the alias.
+    AliasBodyTooLarge,
     Internal,
 }
 
@@ -100,7 +109,7 @@ pub const CHALLENGE: &str = "Bearer realm=\"ai-gateway\"";
 impl Refusal {
     /// Every kind, for metrics that are resolved once at start and for
     /// tests that must cover them all.
-    pub const ALL: [Refusal; 31] = [
+    pub const ALL: [Refusal; 33] = [
         Refusal::BadFraming,
         Refusal::InvalidContentLength,
         Refusal::InvalidTransferEncoding,
@@ -131,6 +140,8 @@ impl Refusal {
         Refusal::UpstreamUnavailable,
         Refusal::UpstreamTimeout,
         Refusal::SharedStateUnavailable,
+        Refusal::UpstreamsBusy { retry_after_s: 1 },
+        Refusal::AliasBodyTooLarge,
         Refusal::Internal,
     ];
 
@@ -164,7 +175,8 @@ impl Refusal {
             Refusal::Internal => 500,
             Refusal::UpstreamUnavailable => 502,
             Refusal::UpstreamTimeout => 504,
-            Refusal::SharedStateUnavailable => 503,
+            Refusal::SharedStateUnavailable | Refusal::UpstreamsBusy { .. } => 503,
+            Refusal::AliasBodyTooLarge => 413,
         }
     }
 
@@ -208,6 +220,10 @@ impl Refusal {
             Refusal::SharedStateUnavailable => {
                 r#"{"error":"limits cannot be checked: shared state unavailable"}"#
             }
+            Refusal::UpstreamsBusy { .. } => r#"{"error":"all upstreams busy"}"#,
+            Refusal::AliasBodyTooLarge => {
+                r#"{"error":"request body too large to rewrite the model alias it names (at most 64 KiB)"}"#
+            }
             Refusal::Internal => r#"{"error":"internal error"}"#,
         }
     }
@@ -245,6 +261,8 @@ impl Refusal {
             Refusal::BodyTooLarge => "body_too_large",
             Refusal::UpstreamUnavailable | Refusal::UpstreamTimeout => "upstream_error",
             Refusal::SharedStateUnavailable => "shared_state_unavailable",
+            Refusal::UpstreamsBusy { .. } => "upstreams_busy",
+            Refusal::AliasBodyTooLarge => "alias_body_too_large",
             Refusal::Internal => "internal_error",
         }
     }
@@ -256,7 +274,8 @@ impl Refusal {
             Refusal::Preflight => Some(ExtraHeader::Preflight),
             Refusal::KeyThrottled { retry_after_s }
             | Refusal::RateLimited { retry_after_s }
-            | Refusal::TokenBudgetExceeded { retry_after_s } => {
+            | Refusal::TokenBudgetExceeded { retry_after_s }
+            | Refusal::UpstreamsBusy { retry_after_s } => {
                 Some(ExtraHeader::RetryAfter(retry_after_s))
             }
             Refusal::SharedStateUnavailable => Some(ExtraHeader::RetryAfter(1)),

@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,11 +17,11 @@ use http::{HeaderValue, Method};
 use pingora::upstreams::peer::HttpPeer;
 
 use crate::config::{
-    ApiKind, CorsSpec, HealthCheckSpec, IpRange, Limits, ModelPattern, RouteSpec, UpstreamCa,
-    UpstreamSpec,
+    ApiKind, Balance, CorsSpec, HealthCheckSpec, IpRange, Limits, ModelPattern, QueueSpec,
+    RetrySpec, RouteSpec, UpstreamCa, UpstreamSpec,
 };
 use crate::keys::{ServiceId, ServiceTable};
-use crate::state::{HealthBook, UpstreamHealth};
+use crate::state::{Lease, Member, UpstreamBook, UpstreamState, WaitQueue};
 
 /// How long an idle upstream connection stays in the pool. Short enough to
 /// stay below the idle timeouts that model servers' HTTP stacks use, so a
@@ -61,13 +62,35 @@ pub struct Route {
     pub api: Option<ApiKind>,
     /// Add `stream_options.include_usage` to streaming OpenAI requests.
     pub include_usage: bool,
+    pub balance: Balance,
+    /// How long a request may wait in a pool's queue (see [`Pool`]).
+    pub queue: Option<QueueSpec>,
+    pub retry: RetrySpec,
+    /// Model names clients may ask for, and the model serving each.
+    pub aliases: Box<[(ModelPattern, String)]>,
 }
 
-/// A group of a route's upstreams, used round-robin.
+/// A group of a route's upstreams (by index into the route's `upstreams`).
 #[derive(Debug)]
 struct Pool {
     members: Box<[usize]>,
+    /// `members`, each `weight` times, spread evenly: the round-robin order.
+    rotation: Box<[usize]>,
     next: AtomicUsize,
+    /// Requests waiting for a member below its cap (with `queue`).
+    queue: Option<Arc<WaitQueue>>,
+}
+
+/// What [`Route::take_upstream`] found.
+#[derive(Debug)]
+pub enum Pick {
+    /// A slot on an upstream.
+    Got(Lease),
+    /// Upstreams in rotation exist, and every one is at its
+    /// `max_in_flight`.
+    Full,
+    /// No upstream to try (all left out by `avoid`).
+    Nothing,
 }
 
 /// The default pool of a route: its `upstreams`.
@@ -110,14 +133,29 @@ impl Cors {
 }
 
 /// One upstream of a route: its peer, built once with the route's
-/// timeouts, and its health (which outlives the snapshot: see `state`).
+/// timeouts, and its health and load (which outlive the snapshot: see
+/// `state`).
 #[derive(Debug)]
 pub struct Upstream {
     pub addr: SocketAddr,
     /// How it was written (`https://name:port` or `host:port`), for logs.
     pub spec: UpstreamSpec,
     pub peer: HttpPeer,
-    pub health: Arc<UpstreamHealth>,
+    pub state: Arc<UpstreamState>,
+}
+
+impl Upstream {
+    /// Whether it is below its `max_in_flight`.
+    #[inline]
+    fn has_room(&self) -> bool {
+        self.spec
+            .max_in_flight
+            .is_none_or(|cap| self.state.load.in_flight() < cap.get())
+    }
+
+    fn cap(&self) -> Option<NonZeroU32> {
+        self.spec.max_in_flight
+    }
 }
 
 /// `POST, GET`: an `Allow` or `Access-Control-Allow-Methods` value. Method
@@ -127,47 +165,120 @@ fn method_list(methods: &[Method]) -> Option<HeaderValue> {
     HeaderValue::from_str(&names.join(", ")).ok()
 }
 
+/// The indexes of `ups` in `upstreams`, adding those not there yet
+/// (each address once per route).
+fn members_of(
+    ups: &[UpstreamSpec],
+    upstreams: &mut Vec<Upstream>,
+    make: &dyn Fn(&UpstreamSpec) -> Upstream,
+) -> Vec<usize> {
+    let mut members: Vec<usize> = Vec::new();
+    for up in ups {
+        let i = match upstreams.iter().position(|u| u.addr == up.addr) {
+            Some(i) => i,
+            None => {
+                upstreams.push(make(up));
+                upstreams.len() - 1
+            }
+        };
+        if !members.contains(&i) {
+            members.push(i);
+        }
+    }
+    members
+}
+
+fn make_upstream(
+    spec: &RouteSpec,
+    up: &UpstreamSpec,
+    ca: Option<&Arc<pingora::protocols::tls::CaType>>,
+    book: &UpstreamBook,
+) -> Upstream {
+    Upstream {
+        addr: up.addr,
+        peer: make_peer(up, ca, spec.connect_timeout, spec.read_timeout),
+        state: book.entry(up.addr),
+        spec: up.clone(),
+    }
+}
+
+impl Pool {
+    fn build(members: Vec<usize>, upstreams: &[Upstream], queue: Option<QueueSpec>) -> Pool {
+        let weights: Vec<u32> = members
+            .iter()
+            .map(|i| upstreams.get(*i).map_or(1, |u| u.spec.weight.get()))
+            .collect();
+        let queue = queue.map(|q| {
+            let waiters = members
+                .iter()
+                .filter_map(|i| {
+                    let up = upstreams.get(*i)?;
+                    Some(Member {
+                        state: Arc::clone(&up.state),
+                        cap: up.cap(),
+                        tag: *i,
+                    })
+                })
+                .collect();
+            WaitQueue::new(q.max, waiters)
+        });
+        Pool {
+            rotation: rotation(&members, &weights),
+            members: members.into_boxed_slice(),
+            next: AtomicUsize::new(0),
+            queue,
+        }
+    }
+}
+
+/// `members`, each as many times as its weight, spread evenly (the smooth
+/// weighted round-robin order: weights 5, 1, 1 give a a b a c a a).
+fn rotation(members: &[usize], weights: &[u32]) -> Box<[usize]> {
+    if weights.iter().all(|w| *w == 1) {
+        return members.into();
+    }
+    let total: i64 = weights.iter().map(|w| i64::from(*w)).sum();
+    let mut current = vec![0i64; members.len()];
+    let mut out = Vec::with_capacity(usize::try_from(total).unwrap_or(0));
+    for _ in 0..total {
+        for (c, w) in current.iter_mut().zip(weights) {
+            *c += i64::from(*w);
+        }
+        let Some((j, _)) = current
+            .iter()
+            .enumerate()
+            .max_by_key(|(j, c)| (**c, std::cmp::Reverse(*j)))
+        else {
+            break;
+        };
+        if let (Some(c), Some(m)) = (current.get_mut(j), members.get(j)) {
+            *c -= total;
+            out.push(*m);
+        }
+    }
+    out.into_boxed_slice()
+}
+
 impl Route {
-    fn build(spec: &RouteSpec, services: &mut ServiceTable, health: &HealthBook) -> Route {
+    fn build(spec: &RouteSpec, services: &mut ServiceTable, book: &UpstreamBook) -> Route {
         let methods: Option<Box<[Method]>> = spec.methods.as_deref().map(Box::from);
         let allow = spec.methods.as_deref().and_then(method_list);
         let ca = spec.upstream_ca.as_ref().and_then(ca_list);
         let mut upstreams: Vec<Upstream> = Vec::new();
-        let mut pool_of = |ups: &mut dyn Iterator<Item = UpstreamSpec>| {
-            let mut members: Vec<usize> = Vec::new();
-            for up in ups {
-                let i = match upstreams.iter().position(|u| u.spec == up) {
-                    Some(i) => i,
-                    None => {
-                        upstreams.push(Upstream {
-                            addr: up.addr,
-                            peer: make_peer(
-                                &up,
-                                ca.as_ref(),
-                                spec.connect_timeout,
-                                spec.read_timeout,
-                            ),
-                            health: health.entry(up.addr),
-                            spec: up,
-                        });
-                        upstreams.len() - 1
-                    }
-                };
-                if !members.contains(&i) {
-                    members.push(i);
-                }
-            }
-            Pool {
-                members: members.into_boxed_slice(),
-                next: AtomicUsize::new(0),
-            }
-        };
-        let mut pools = vec![pool_of(&mut spec.upstreams.iter().cloned())];
+        let mut member_lists = vec![members_of(&spec.upstreams, &mut upstreams, &|up| {
+            make_upstream(spec, up, ca.as_ref(), book)
+        })];
         let mut model_pools = Vec::with_capacity(spec.model_upstreams.len());
         for (pattern, addrs) in &spec.model_upstreams {
-            pools.push(pool_of(&mut addrs.iter().cloned()));
-            model_pools.push((pattern.clone(), pools.len() - 1));
+            member_lists.push(members_of(addrs, &mut upstreams, &|up| {
+                make_upstream(spec, up, ca.as_ref(), book)
+            }));
+            model_pools.push((pattern.clone(), member_lists.len() - 1));
         }
+        let pools = member_lists
+            .into_iter()
+            .map(|members| Pool::build(members, &upstreams, spec.queue))
+            .collect();
         Route {
             name: spec.name.clone(),
             prefix: spec.path_prefix.clone(),
@@ -177,7 +288,7 @@ impl Route {
             service_name: spec.service.clone(),
             strip: spec.strip_prefix.clone(),
             upstreams: upstreams.into_boxed_slice(),
-            pools: pools.into_boxed_slice(),
+            pools,
             model_pools: model_pools.into_boxed_slice(),
             health_check: spec.health_check.clone(),
             websocket: spec.websocket,
@@ -190,6 +301,14 @@ impl Route {
                 .and_then(|c| Cors::build(c, spec.methods.as_deref())),
             api: spec.api,
             include_usage: spec.include_usage,
+            balance: spec.balance,
+            queue: spec.queue,
+            retry: spec.retry.clone(),
+            aliases: spec
+                .aliases
+                .iter()
+                .filter_map(|(a, t)| Some((ModelPattern::parse(a).ok()?, t.clone())))
+                .collect(),
         }
     }
 
@@ -236,37 +355,140 @@ impl Route {
         self.allow.as_ref()
     }
 
-    /// The next upstream of the route's default pool (see
-    /// [`Route::next_upstream_in`]).
-    #[inline]
-    pub fn next_upstream(&self, now_ms: i64, exclude: Option<SocketAddr>) -> Option<&Upstream> {
-        self.next_upstream_in(DEFAULT_POOL, now_ms, exclude)
+    /// Takes a slot on the next upstream of `pool` by the route's
+    /// `balance`: one in rotation, not in `avoid` (upstreams this request
+    /// failed on), below its cap. When no upstream is in rotation, one out
+    /// of it is tried anyway (it may be back); when some are in rotation
+    /// but all are full, the answer is [`Pick::Full`]: the request waits
+    /// or is refused, and does not go to one that is down.
+    pub fn take_upstream(&self, pool: usize, now_ms: i64, avoid: &[SocketAddr]) -> Pick {
+        let Some(pool) = self.pools.get(pool) else {
+            return Pick::Nothing;
+        };
+        for healthy_only in [true, false] {
+            let mut eligible = false;
+            // Another request may take the slot between the look and the
+            // take: look again, a few times.
+            for _ in 0..3 {
+                let (found, any) = match self.balance {
+                    Balance::RoundRobin => self.in_turn(pool, now_ms, avoid, healthy_only),
+                    Balance::LeastBusy => self.least_busy(pool, now_ms, avoid, healthy_only),
+                };
+                eligible |= any;
+                let Some(i) = found else { break };
+                if let Some(up) = self.upstreams.get(i) {
+                    if let Some(lease) = Lease::take(&up.state, up.cap(), i) {
+                        return Pick::Got(lease);
+                    }
+                }
+            }
+            if eligible {
+                return Pick::Full;
+            }
+        }
+        Pick::Nothing
     }
 
-    /// The next upstream of `pool` in round-robin order, skipping those
-    /// out of rotation and `exclude` (the one a retry just failed on). When
-    /// every upstream is out, the round-robin one is tried anyway: it may
-    /// be back.
+    /// Whether `up` may be tried now.
     #[inline]
-    pub fn next_upstream_in(
+    fn eligible(up: &Upstream, now_ms: i64, avoid: &[SocketAddr], healthy_only: bool) -> bool {
+        !avoid.contains(&up.addr) && (!healthy_only || up.state.health.is_up(now_ms))
+    }
+
+    /// The next eligible upstream with room in the pool's weighted
+    /// rotation, and whether any was eligible.
+    fn in_turn(
         &self,
-        pool: usize,
+        pool: &Pool,
         now_ms: i64,
-        exclude: Option<SocketAddr>,
-    ) -> Option<&Upstream> {
-        let pool = self.pools.get(pool)?;
-        let n = pool.members.len();
-        let member = |i: Option<&usize>| i.and_then(|i| self.upstreams.get(*i));
-        if n == 1 {
-            return member(pool.members.first());
+        avoid: &[SocketAddr],
+        healthy_only: bool,
+    ) -> (Option<usize>, bool) {
+        let n = pool.rotation.len();
+        let start = if n > 1 {
+            pool.next.fetch_add(1, Ordering::Relaxed)
+        } else {
+            0
+        };
+        let mut any = false;
+        for k in 0..n {
+            let Some(&i) = pool.rotation.get(start.wrapping_add(k) % n) else {
+                continue;
+            };
+            let Some(up) = self.upstreams.get(i) else {
+                continue;
+            };
+            if Self::eligible(up, now_ms, avoid, healthy_only) {
+                any = true;
+                if up.has_room() {
+                    return (Some(i), true);
+                }
+            }
         }
-        let start = pool.next.fetch_add(1, Ordering::Relaxed);
-        let nth = |k: usize| member(pool.members.get(start.wrapping_add(k) % n.max(1)));
-        (0..n)
-            .filter_map(nth)
-            .find(|u| Some(u.addr) != exclude && u.health.is_up(now_ms))
-            .or_else(|| (0..n).filter_map(nth).find(|u| Some(u.addr) != exclude))
-            .or_else(|| nth(0))
+        (None, any)
+    }
+
+    /// The eligible upstream with room and the fewest requests in flight
+    /// per unit of weight (ties: the first in turn), and whether any was
+    /// eligible.
+    fn least_busy(
+        &self,
+        pool: &Pool,
+        now_ms: i64,
+        avoid: &[SocketAddr],
+        healthy_only: bool,
+    ) -> (Option<usize>, bool) {
+        let n = pool.members.len();
+        let start = if n > 1 {
+            pool.next.fetch_add(1, Ordering::Relaxed)
+        } else {
+            0
+        };
+        let mut any = false;
+        let mut best: Option<(usize, u64, u64)> = None;
+        for k in 0..n {
+            let Some(&i) = pool.members.get(start.wrapping_add(k) % n) else {
+                continue;
+            };
+            let Some(up) = self.upstreams.get(i) else {
+                continue;
+            };
+            if !Self::eligible(up, now_ms, avoid, healthy_only) {
+                continue;
+            }
+            any = true;
+            if !up.has_room() {
+                continue;
+            }
+            let load = u64::from(up.state.load.in_flight());
+            let weight = u64::from(up.spec.weight.get());
+            // load / weight < best_load / best_weight, without division.
+            if best.is_none_or(|(_, bl, bw)| load * bw < bl * weight) {
+                best = Some((i, load, weight));
+            }
+        }
+        (best.map(|(i, _, _)| i), any)
+    }
+
+    /// The queue of `pool`, with how long a request may wait in it.
+    pub fn queue(&self, pool: usize) -> Option<(&Arc<WaitQueue>, std::time::Duration)> {
+        let spec = self.queue?;
+        let queue = self.pools.get(pool)?.queue.as_ref()?;
+        Some((queue, spec.timeout))
+    }
+
+    /// The upstream a lease is for.
+    #[inline]
+    pub fn leased(&self, lease: &Lease) -> Option<&Upstream> {
+        self.upstreams.get(lease.tag)
+    }
+
+    /// The target of an alias the client asked for.
+    pub fn alias_target(&self, model: &str) -> Option<&str> {
+        self.aliases
+            .iter()
+            .find(|(a, _)| a.matches(model))
+            .map(|(_, t)| t.as_str())
     }
 
     /// The upstream with this address.
@@ -377,11 +599,11 @@ pub struct Router {
 
 impl Router {
     /// Compiles `specs`, numbering their services in `services` and taking
-    /// each upstream's health from `health`.
-    pub fn build(specs: &[RouteSpec], services: &mut ServiceTable, health: &HealthBook) -> Router {
+    /// each upstream's health and load from `book`.
+    pub fn build(specs: &[RouteSpec], services: &mut ServiceTable, book: &UpstreamBook) -> Router {
         let routes: Vec<Route> = specs
             .iter()
-            .map(|s| Route::build(s, services, health))
+            .map(|s| Route::build(s, services, book))
             .collect();
         let mut groups: HashMap<usize, PrefixTable> = HashMap::new();
         for (i, r) in routes.iter().enumerate() {
@@ -454,11 +676,27 @@ mod tests {
             api: None,
             include_usage: false,
             model_upstreams: Vec::new(),
+            balance: Balance::RoundRobin,
+            queue: None,
+            retry: RetrySpec::default(),
+            aliases: Vec::new(),
         }
     }
 
     fn router(specs: &[RouteSpec]) -> Router {
-        Router::build(specs, &mut ServiceTable::default(), &HealthBook::default())
+        Router::build(
+            specs,
+            &mut ServiceTable::default(),
+            &UpstreamBook::default(),
+        )
+    }
+
+    /// The address of a slot taken on `pool` (the slot is given back).
+    fn pick(route: &Route, pool: usize, now_ms: i64, avoid: &[SocketAddr]) -> Option<SocketAddr> {
+        match route.take_upstream(pool, now_ms, avoid) {
+            Pick::Got(lease) => route.leased(&lease).map(|u| u.addr),
+            _ => None,
+        }
     }
 
     #[test]
@@ -528,9 +766,9 @@ mod tests {
     fn round_robin_cycles_upstreams() {
         let r = router(&[spec("chat", "/chat/", true)]);
         let route = r.get(0).unwrap();
-        let a = route.next_upstream(0, None).unwrap().addr;
-        let b = route.next_upstream(0, None).unwrap().addr;
-        let c = route.next_upstream(0, None).unwrap().addr;
+        let a = pick(route, DEFAULT_POOL, 0, &[]).unwrap();
+        let b = pick(route, DEFAULT_POOL, 0, &[]).unwrap();
+        let c = pick(route, DEFAULT_POOL, 0, &[]).unwrap();
         assert_ne!(a, b);
         assert_eq!(a, c);
     }
@@ -544,19 +782,22 @@ mod tests {
         route
             .upstream(first)
             .unwrap()
+            .state
             .health
             .connect_failed(0, false);
         for _ in 0..4 {
-            assert_eq!(route.next_upstream(1, None).unwrap().addr, second);
+            assert_eq!(pick(route, DEFAULT_POOL, 1, &[]), Some(second));
         }
-        assert_eq!(route.next_upstream(1, Some(second)).unwrap().addr, first);
+        assert_eq!(pick(route, DEFAULT_POOL, 1, &[second]), Some(first));
+        assert!(pick(route, DEFAULT_POOL, 1, &[first, second]).is_none());
         route
             .upstream(second)
             .unwrap()
+            .state
             .health
             .connect_failed(0, false);
         // Every upstream out: still something to try.
-        assert!(route.next_upstream(1, None).is_some());
+        assert!(pick(route, DEFAULT_POOL, 1, &[]).is_some());
     }
 
     #[test]
@@ -579,7 +820,7 @@ mod tests {
         assert_eq!(route.upstreams().len(), 5, "each address once");
         let pick = |m: Option<&str>| {
             let pool = route.pool_for(m);
-            route.next_upstream_in(pool, 0, None).unwrap().addr
+            pick(route, pool, 0, &[]).unwrap()
         };
         assert_eq!(pick(Some("llama3.2:latest")), addr(11434));
         assert_eq!(pick(Some("LLAMA3.1")), addr(11434));
@@ -599,9 +840,73 @@ mod tests {
     #[test]
     fn peers_carry_the_route_timeouts() {
         let r = router(&[spec("chat", "/chat/", true)]);
-        let p = &r.get(0).unwrap().next_upstream(0, None).unwrap().peer;
+        let p = &r.get(0).unwrap().upstreams()[0].peer;
         assert_eq!(p.options.connection_timeout, Some(Duration::from_secs(1)));
         assert_eq!(p.options.read_timeout, Some(Duration::from_secs(2)));
+    }
+
+    fn capped(port: u16, cap: u32, weight: u32) -> UpstreamSpec {
+        UpstreamSpec {
+            max_in_flight: NonZeroU32::new(cap),
+            weight: NonZeroU32::new(weight).unwrap(),
+            ..UpstreamSpec::plain(SocketAddr::from(([127, 0, 0, 1], port)))
+        }
+    }
+
+    #[test]
+    fn least_busy_takes_the_emptiest_per_weight_and_caps_hold() {
+        let mut s = spec("gpu", "/v1/", false);
+        s.balance = Balance::LeastBusy;
+        s.upstreams = vec![capped(1, 2, 1), capped(2, 0, 3)];
+        let r = router(&[s]);
+        let route = r.get(0).unwrap();
+        let take = || match route.take_upstream(DEFAULT_POOL, 0, &[]) {
+            Pick::Got(l) => l,
+            other => panic!("{other:?}"),
+        };
+        let port = |l: &Lease| route.leased(l).unwrap().addr.port();
+        // Both empty: a tie, broken in turn. Then the weight-3 upstream
+        // takes three for each one of the other.
+        let held: Vec<Lease> = (0..8).map(|_| take()).collect();
+        let on_first = held.iter().filter(|l| port(l) == 1).count();
+        assert_eq!(on_first, 2, "the first is at its cap of 2");
+        assert_eq!(route.upstreams()[1].state.load.in_flight(), 6);
+        drop(held);
+        assert_eq!(route.upstreams()[0].state.load.in_flight(), 0);
+    }
+
+    #[test]
+    fn full_upstreams_are_full_not_nothing() {
+        let mut s = spec("gpu", "/v1/", false);
+        s.upstreams = vec![capped(1, 1, 1), capped(2, 1, 1)];
+        let r = router(&[s]);
+        let route = r.get(0).unwrap();
+        let a = route.take_upstream(DEFAULT_POOL, 0, &[]);
+        let b = route.take_upstream(DEFAULT_POOL, 0, &[]);
+        assert!(matches!((&a, &b), (Pick::Got(_), Pick::Got(_))));
+        assert!(matches!(
+            route.take_upstream(DEFAULT_POOL, 0, &[]),
+            Pick::Full
+        ));
+        drop(a);
+        assert!(matches!(
+            route.take_upstream(DEFAULT_POOL, 0, &[]),
+            Pick::Got(_)
+        ));
+    }
+
+    #[test]
+    fn weights_spread_the_rotation() {
+        assert_eq!(&*rotation(&[0, 1, 2], &[5, 1, 1]), &[0, 0, 1, 0, 2, 0, 0]);
+        assert_eq!(&*rotation(&[4, 9], &[1, 1]), &[4, 9]);
+        let mut s = spec("gpu", "/v1/", false);
+        s.upstreams = vec![capped(1, 0, 3), capped(2, 0, 1)];
+        let r = router(&[s]);
+        let route = r.get(0).unwrap();
+        let firsts = (0..8)
+            .filter(|_| pick(route, DEFAULT_POOL, 0, &[]).map(|a| a.port()) == Some(1))
+            .count();
+        assert_eq!(firsts, 6);
     }
 
     #[test]

@@ -12,6 +12,7 @@ use crate::config::{ApiKind, ModelPattern};
 use crate::keys::KeyId;
 use crate::ops::{ClientAddr, Live};
 use crate::policy::{Admission, Refusal, Route, DEFAULT_POOL};
+use crate::state::Lease;
 use crate::usage::{AnswerMeter, Endpoint, ModelListFilter, RequestInspector, SseHider};
 
 /// Per-request state. The snapshot is taken when the context is made (the
@@ -29,11 +30,12 @@ pub struct RequestCtx {
     /// Whose key admitted the request; `None` until the key phase passed.
     pub caller: Option<Caller>,
     pub outcome: Outcome,
+    /// The upstream of the current (last) try.
     pub upstream: Option<SocketAddr>,
     pub upstream_status: Option<u16>,
     pub ttfb: Option<Duration>,
-    /// Connect attempts retried on another upstream (at most one).
-    pub connect_retries: u8,
+    /// The slot held on the upstream, and the tries that failed.
+    pub tries: Tries,
     /// The client's address (the peer, or from a trusted proxy's
     /// `X-Forwarded-For`), as the allowlist, the throttle and the audit
     /// line see it.
@@ -52,6 +54,35 @@ pub struct RequestCtx {
     /// with `api`); `None` elsewhere, so plain routes carry nothing more.
     pub ai: Option<Box<AiRequest>>,
     _in_flight: InFlight,
+}
+
+/// The upstreams a request goes to: the slot it holds, the one taken for
+/// a retry, and the tries that failed.
+#[derive(Debug, Default)]
+pub struct Tries {
+    /// The slot on the upstream of the current try, held to the request's
+    /// end (see `fleet`).
+    pub lease: Option<Lease>,
+    /// The slot taken for the next try, when a failure is retried.
+    pub next: Option<Lease>,
+    /// Failed tries, in order: the upstream and how it failed. Empty (no
+    /// allocation) unless a try failed.
+    pub failed: Vec<(SocketAddr, TryFailure)>,
+    /// The current try's answer status is retried: decided (with the
+    /// request body checked to be replayable) before Pingora's default
+    /// policy, which would refuse a POST, is asked.
+    pub status_retry: bool,
+    /// The current try's failure is in the upstream's metrics already
+    /// (a failed connect), so `logging` does not count it again.
+    pub counted: bool,
+}
+
+/// How a try failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TryFailure {
+    Connect,
+    /// The upstream answered this status, one the route retries.
+    Status(u16),
 }
 
 /// The key that admitted a request: its id (for logs and counters) and
@@ -78,8 +109,11 @@ pub struct AiRequest {
     pub endpoint: Endpoint,
     /// The models the key may use, when it may not use them all.
     pub allowed: Option<Arc<[ModelPattern]>>,
-    /// The first model the request names (body, or `/models/{id}` path).
+    /// The first model the request names (body, or `/models/{id}` path);
+    /// for an alias, its target (the model that serves it).
     pub model: Option<String>,
+    /// The alias the client asked for, when it asked for one.
+    pub requested_model: Option<String>,
     /// The group of the route's upstreams that serves the model.
     pub pool: usize,
     /// How the body bytes read before choosing the upstream reach it.
@@ -120,6 +154,7 @@ impl AiRequest {
             endpoint,
             allowed,
             model: None,
+            requested_model: None,
             pool: DEFAULT_POOL,
             replay: Replay::Nothing,
             rewritten: None,
@@ -176,7 +211,7 @@ impl RequestCtx {
             upstream: None,
             upstream_status: None,
             ttfb: None,
-            connect_retries: 0,
+            tries: Tries::default(),
             client: None,
             cors_origin: None,
             body: BodyBudget::default(),

@@ -15,7 +15,8 @@ use pingora::ErrorSource;
 
 use super::ai;
 use super::client_stream;
-use super::context::{Caller, Outcome, RequestCtx};
+use super::context::{Caller, Outcome, Replay, RequestCtx, TryFailure};
+use super::fleet;
 use super::framing::check_head;
 use super::headers::{rewrite_for_upstream, Identity};
 use super::listener::{is_tls, FrontDoor, Listeners};
@@ -24,8 +25,10 @@ use super::reply::{add_cors, refusal_for, send_refusal, upstream_error_kind};
 use crate::cluster::Cluster;
 use crate::config::any_contains;
 use crate::keys::unix_millis;
-use crate::ops::{request_id, AuditLog, AuditRecord, ClientTimeout, Metrics, SharedLive, NO_ROUTE};
-use crate::policy::{admit_locally, Admission, Refusal, Request, DEFAULT_POOL};
+use crate::ops::{
+    request_id, AuditLog, AuditRecord, ClientTimeout, FailedTry, Metrics, SharedLive, NO_ROUTE,
+};
+use crate::policy::{admit_locally, Admission, Refusal, Request, Route, Upstream, DEFAULT_POOL};
 use crate::state::{Carried, Transition};
 use crate::usage::AnswerMeter;
 
@@ -144,11 +147,17 @@ impl Gateway {
             ai::check_path_model(ai)?;
         }
         ctx.admission = self.take_limits(limited, now.mono_ms).await?;
+        if !route.retry.on_status.is_empty() {
+            // Before any body is read: a retried answer replays it.
+            session.as_downstream_mut().enable_retry_buffering();
+        }
         if let Some(ai) = ctx.ai.as_deref_mut() {
             if ai::wants_body(ai, route) && !session.is_body_empty() {
                 ai::read_body_start(session, ai, route).await??;
             }
         }
+        let pool = ctx.ai.as_ref().map_or(DEFAULT_POOL, |ai| ai.pool);
+        ctx.tries.lease = Some(fleet::choose(session, route, pool, now.unix_ms).await?);
         Ok(())
     }
 
@@ -163,6 +172,116 @@ impl Gateway {
             }
             (Limited::Shared(_, limits, counter), None) => admit_locally(limits, &counter, now_ms),
         }
+    }
+}
+
+impl Gateway {
+    /// Records the current try's failure and takes a slot for the next
+    /// try, if the route retries it and an upstream can take it now
+    /// (see `fleet::next_try`). True when the request is tried again.
+    fn retry(&self, ctx: &mut RequestCtx, failure: TryFailure, now_ms: i64) -> bool {
+        let (Some(index), Some(addr)) = (ctx.route_index, ctx.upstream) else {
+            return false;
+        };
+        let Some(route) = ctx.live.snapshot.router.get(index) else {
+            return false;
+        };
+        let retried = match failure {
+            TryFailure::Connect => route.retry.on_connect,
+            TryFailure::Status(s) => route.retry.on(s),
+        };
+        let tag = ctx.tries.lease.as_ref().map(|l| l.tag);
+        let m = tag.and_then(|t| ctx.live.upstream_metrics(index, t));
+        if failure == TryFailure::Connect {
+            // Counted whether or not it is retried; an answer only if it
+            // is (otherwise it goes to the client: answered).
+            ctx.tries.counted = true;
+            if let Some(m) = m {
+                m.failed.inc();
+            }
+        }
+        if !retried {
+            return false;
+        }
+        let pool = ctx.ai.as_ref().map_or(DEFAULT_POOL, |ai| ai.pool);
+        ctx.tries.failed.push((addr, failure));
+        let Some(next) = fleet::next_try(route, pool, &ctx.tries, now_ms) else {
+            ctx.tries.failed.pop();
+            return false;
+        };
+        ctx.tries.next = Some(next);
+        if let Some(m) = m {
+            if failure != TryFailure::Connect {
+                m.failed.inc();
+            }
+            m.retried.inc();
+        }
+        ctx.live.metrics_for(Some(index)).retries.inc();
+        true
+    }
+
+    /// Whether an answer with `status` goes to another upstream instead of
+    /// the client: the route retries the status, nothing of the answer
+    /// was sent, the request body can be replayed (still whole in
+    /// Pingora's retry buffer), and an upstream can take it now.
+    fn retries_answer(&self, session: &mut Session, ctx: &mut RequestCtx, status: u16) -> bool {
+        let replayable = !session.as_downstream().retry_buffer_truncated()
+            && ctx
+                .ai
+                .as_ref()
+                .is_none_or(|ai| !matches!(ai.replay, Replay::Prefix(_)));
+        let retried = ctx.route().is_some_and(|r| r.retry.on(status))
+            && session.response_written().is_none()
+            && replayable
+            && self.retry(
+                ctx,
+                TryFailure::Status(status),
+                unix_millis(SystemTime::now()),
+            );
+        ctx.tries.status_retry = retried;
+        retried
+    }
+}
+
+/// The last try in its upstream's metrics: answered (with the time to
+/// its head), or failed, unless `fail_to_connect` counted it already.
+fn count_last_try(ctx: &RequestCtx, e: Option<&Error>) {
+    let (Some(index), Some(lease), Some(_)) =
+        (ctx.route_index, ctx.tries.lease.as_ref(), ctx.upstream)
+    else {
+        return;
+    };
+    let Some(m) = ctx.live.upstream_metrics(index, lease.tag) else {
+        return;
+    };
+    if ctx.upstream_status.is_some() {
+        m.answered.inc();
+        if let Some(t) = ctx.ttfb {
+            m.latency.observe(t.as_secs_f64());
+        }
+    } else if e.is_some_and(|e| e.esource() == &ErrorSource::Upstream) && !ctx.tries.counted {
+        m.failed.inc();
+    }
+}
+
+/// A failed connect takes the upstream out of rotation, with a log line
+/// when it went down (and each time for TLS: a setup mistake).
+fn note_connect_failure(route: &Route, up: &Upstream, e: &Error, now_ms: i64) {
+    let checked = route.health_check().is_some();
+    let went_down = up.state.health.connect_failed(now_ms, checked) == Transition::WentDown;
+    if is_tls_error(e) {
+        log::warn!(
+            "upstream {} of route {:?}: TLS handshake failed: {e}",
+            up.spec,
+            route.name
+        );
+    } else if went_down {
+        log::warn!(
+            "upstream {} of route {:?} failed to connect ({:?}): out of rotation",
+            up.spec,
+            route.name,
+            e.etype()
+        );
     }
 }
 
@@ -275,19 +394,27 @@ impl ProxyHttp for Gateway {
         Ok(())
     }
 
+    /// The upstream of the slot the request holds: the one the upstream
+    /// phase took, or the one taken for a retry. A retry Pingora decides
+    /// itself (a reused connection that closed) goes to the same upstream.
     async fn upstream_peer(
         &self,
         _session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
+        if let Some(next) = ctx.tries.next.take() {
+            // The failed try's slot is given back here.
+            ctx.tries.lease = Some(next);
+        }
+        ctx.tries.counted = false;
+        ctx.upstream_status = None;
         let route = ctx.route().ok_or_else(|| internal("no route"))?;
-        // On a retry, `ctx.upstream` is the upstream that just failed.
-        let exclude = ctx.upstream.filter(|_| ctx.connect_retries > 0);
-        let now_ms = unix_millis(SystemTime::now());
-        let pool = ctx.ai.as_ref().map_or(DEFAULT_POOL, |ai| ai.pool);
-        let upstream = route
-            .next_upstream_in(pool, now_ms, exclude)
-            .ok_or_else(|| internal("route without upstreams"))?;
+        let upstream = ctx
+            .tries
+            .lease
+            .as_ref()
+            .and_then(|l| route.leased(l))
+            .ok_or_else(|| internal("no upstream slot"))?;
         let peer = Box::new(upstream.peer.clone());
         ctx.upstream = Some(upstream.addr);
         if let Some(ai) = ctx.ai.as_mut() {
@@ -296,9 +423,9 @@ impl ProxyHttp for Gateway {
         Ok(peer)
     }
 
-    /// A failed connect takes the upstream out of rotation, and the request
-    /// is tried once more on another upstream (nothing was sent yet, so
-    /// this is safe for every method).
+    /// A failed connect takes the upstream out of rotation; the request
+    /// goes to another upstream when the route retries connects (the
+    /// default: once), nothing having been sent yet.
     fn fail_to_connect(
         &self,
         _session: &mut Session,
@@ -309,32 +436,39 @@ impl ProxyHttp for Gateway {
         let Some(route) = ctx.route() else {
             return e;
         };
+        let now_ms = unix_millis(SystemTime::now());
         if let Some(up) = ctx.upstream.and_then(|a| route.upstream(a)) {
-            let now_ms = unix_millis(SystemTime::now());
-            let checked = route.health_check().is_some();
-            let went_down = up.health.connect_failed(now_ms, checked) == Transition::WentDown;
-            if is_tls_error(&e) {
-                // A certificate the gateway cannot verify is a setup
-                // mistake worth a line each time it is met.
-                log::warn!(
-                    "upstream {} of route {:?}: TLS handshake failed: {e}",
-                    up.spec,
-                    route.name
-                );
-            } else if went_down {
-                log::warn!(
-                    "upstream {} of route {:?} failed to connect ({:?}): out of rotation",
-                    up.spec,
-                    route.name,
-                    e.etype()
-                );
-            }
+            note_connect_failure(route, up, &e, now_ms);
         }
-        let pool = ctx.ai.as_ref().map_or(DEFAULT_POOL, |ai| ai.pool);
-        let retry = ctx.connect_retries == 0 && route.pool_len(pool) > 1;
-        if retry {
-            ctx.connect_retries += 1;
+        let next = self.retry(ctx, TryFailure::Connect, now_ms);
+        if next {
             e.set_retry(true);
+        }
+        e
+    }
+
+    /// Pingora's default policy after a connection is made (retry only
+    /// idempotent requests whose body is still in the retry buffer, and
+    /// only errors on reused connections), except for an answer status
+    /// the route retries: that was decided in `upstream_response_filter`,
+    /// body checked, for any method.
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut RequestCtx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        if std::mem::take(&mut ctx.tries.status_retry) {
+            return e;
+        }
+        let idempotent = session.req_header().method.is_idempotent();
+        if !idempotent || session.as_downstream().retry_buffer_truncated() {
+            e.set_retry(false);
+        } else {
+            e.retry.decide_reuse(client_reused);
         }
         e
     }
@@ -353,7 +487,7 @@ impl ProxyHttp for Gateway {
             return Ok(());
         };
         if let Some(up) = ctx.upstream.and_then(|a| route.upstream(a)) {
-            if up.health.connected() == Transition::CameUp {
+            if up.state.health.connected() == Transition::CameUp {
                 log::info!(
                     "upstream {} of route {:?} answers again: back in rotation",
                     up.addr,
@@ -405,7 +539,16 @@ impl ProxyHttp for Gateway {
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        ctx.upstream_status = Some(upstream_response.status.as_u16());
+        let status = upstream_response.status.as_u16();
+        ctx.upstream_status = Some(status);
+        if self.retries_answer(session, ctx, status) {
+            let mut e = Error::explain(
+                ErrorType::HTTPStatus(status),
+                "the upstream's answer is retried on another upstream",
+            );
+            e.set_retry(true);
+            return Err(e);
+        }
         if upstream_response.status == http::StatusCode::SWITCHING_PROTOCOLS
             && !session.is_upgrade_req()
         {
@@ -525,6 +668,7 @@ impl ProxyHttp for Gateway {
         if let Some(e) = e.filter(|e| e.esource() == &ErrorSource::Upstream) {
             m.upstream_error(upstream_error_kind(e));
         }
+        count_last_try(ctx, e);
         if let Outcome::Refused(r) = ctx.outcome {
             self.metrics.refused(r);
         }
@@ -592,6 +736,19 @@ impl ProxyHttp for Gateway {
             bytes_in,
             bytes_out,
             model,
+            requested_model: ai.and_then(|ai| ai.requested_model.clone()),
+            retried: ctx
+                .tries
+                .failed
+                .iter()
+                .map(|(upstream, failure)| FailedTry {
+                    upstream: *upstream,
+                    failed: match failure {
+                        TryFailure::Connect => "connect".to_string(),
+                        TryFailure::Status(s) => s.to_string(),
+                    },
+                })
+                .collect(),
             prompt_tokens: usage.as_ref().and_then(|u| u.prompt_tokens),
             completion_tokens: usage.as_ref().and_then(|u| u.completion_tokens),
             usage: usage.as_ref().map(|u| u.source.label()),

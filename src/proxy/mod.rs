@@ -47,6 +47,7 @@ mod client_stream;
 mod clock;
 mod connection;
 mod context;
+mod fleet;
 mod framing;
 mod gateway;
 mod headers;

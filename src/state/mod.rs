@@ -8,7 +8,7 @@
 //! a reload, entries for things the new snapshot still names carry over
 //! and the rest are dropped.
 //!
-//! Owns: upstream health ([`HealthBook`]), per-key rate, concurrency and
+//! Owns: upstream health and load ([`UpstreamBook`]), per-key rate, concurrency and
 //! token counters ([`KeyCounters`]), and failed key checks per client address
 //! ([`FailedKeys`], a table of fixed size).
 //!
@@ -18,17 +18,21 @@
 mod failed_keys;
 mod key_counters;
 mod upstream_health;
+mod upstream_load;
+mod upstreams;
 
 pub use failed_keys::{AddrTag, FailedKeys, KNOWN_FOR_S};
 pub use key_counters::{InFlightGuard, KeyCounter, KeyCounters, SharedShare, TokenMeter};
-pub use upstream_health::{HealthBook, Transition, UpstreamHealth, PASSIVE_COOLDOWN};
+pub use upstream_health::{Transition, UpstreamHealth, PASSIVE_COOLDOWN};
+pub use upstream_load::{Entered, Lease, Member, UpstreamLoad, WaitQueue, Waiting};
+pub use upstreams::{UpstreamBook, UpstreamState};
 
 /// Everything that outlives a snapshot, shared by the proxy, the reloader
 /// and the health checker.
 #[derive(Debug, Default)]
 pub struct Carried {
-    /// Upstream health by address.
-    pub upstreams: HealthBook,
+    /// Upstream health and load by address.
+    pub upstreams: UpstreamBook,
     /// Rate and concurrency counters by key id.
     pub keys: KeyCounters,
     /// Failed key checks by client address.

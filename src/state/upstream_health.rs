@@ -6,16 +6,14 @@
 //! the daemon's checker sends `GET <path>` to each upstream every
 //! `interval`; any HTTP answer below 500 counts as up.
 //!
-//! Health is kept per upstream address in a [`HealthBook`], outside the
-//! snapshot: a reload (a key added by `keygen`, a route edited) keeps what is
-//! known about every upstream the new configuration still names, and drops
-//! the rest. Routes that name the same address share its health: it is the
-//! same server.
+//! Health is kept per upstream address in the
+//! [`UpstreamBook`](super::UpstreamBook), outside the snapshot: a reload
+//! (a key added by `keygen`, a route edited) keeps what is known about
+//! every upstream the new configuration still names, and drops the rest.
+//! Routes that name the same address share its health: it is the same
+//! server.
 
-use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 /// How long a passively failed upstream stays out of rotation when its
@@ -101,42 +99,6 @@ impl UpstreamHealth {
     }
 }
 
-/// The health of every upstream the running configuration names, by
-/// address. Only snapshot builds and reloads take its lock; requests hold
-/// the `Arc`s their snapshot's routes were built with.
-#[derive(Debug, Default)]
-pub struct HealthBook {
-    entries: Mutex<HashMap<SocketAddr, Arc<UpstreamHealth>>>,
-}
-
-impl HealthBook {
-    /// The health of `addr`: the one already known, or a new one (in
-    /// rotation).
-    pub fn entry(&self, addr: SocketAddr) -> Arc<UpstreamHealth> {
-        let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
-        Arc::clone(entries.entry(addr).or_default())
-    }
-
-    /// Forgets every upstream not in `named` (the addresses of the snapshot
-    /// now in service).
-    pub fn retain(&self, named: &[SocketAddr]) {
-        let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
-        entries.retain(|addr, _| named.contains(addr));
-    }
-
-    /// How many upstreams are tracked.
-    pub fn len(&self) -> usize {
-        self.entries
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -163,26 +125,6 @@ mod tests {
         assert_eq!(h.checked(true, 6000), Transition::CameUp);
         assert!(h.is_up(6000));
         assert_eq!(h.checked(false, 7000), Transition::WentDown);
-    }
-
-    #[test]
-    fn the_book_keeps_known_upstreams_and_drops_the_rest() {
-        let book = HealthBook::default();
-        let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
-        let b: SocketAddr = "127.0.0.1:2".parse().unwrap();
-        book.entry(a).connect_failed(1000, false);
-        book.entry(b);
-        assert!(
-            !book.entry(a).is_up(1001),
-            "the same health is handed out again"
-        );
-        book.retain(&[a]);
-        assert_eq!(book.len(), 1);
-        assert!(!book.entry(a).is_up(1001));
-        assert!(
-            book.entry(b).is_up(1001),
-            "a dropped upstream starts afresh"
-        );
     }
 
     #[test]
