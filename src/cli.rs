@@ -54,7 +54,7 @@ pub struct UsageArgs {
     /// date (2026-11-01) or an RFC 3339 time.
     #[arg(long, value_name = "WHEN")]
     pub since: Option<String>,
-    /// What to total by: user, key, model, route or day.
+    /// What to total by: user, key, model, requested_model (the alias asked for, else the model), route or day.
     #[arg(long, value_name = "GROUP", default_value = "user")]
     pub by: String,
     /// Print JSON instead of a table.

@@ -195,9 +195,19 @@ impl RetrySpec {
     }
 }
 
+/// A model name clients may ask for, and the model that serves it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelAlias {
+    /// As clients name it (exact; compared as model names are: case and
+    /// `:latest` aside).
+    pub name: ModelPattern,
+    /// As the upstream knows it: what the request body's `model` becomes.
+    pub target: ModelPattern,
+}
+
 /// `aliases: {"gpt-4o": "llama3.2"}` as written, in order.
 #[derive(Debug, Default)]
-pub(super) struct FileAliases(Vec<(String, String)>);
+pub(super) struct FileAliases(Vec<ModelAlias>);
 
 impl<'de> Deserialize<'de> for FileAliases {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -208,10 +218,10 @@ impl<'de> Deserialize<'de> for FileAliases {
                 f.write_str(r#"a map of model names to the models that serve them, such as {"gpt-4o": "llama3.2"}"#)
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<FileAliases, A::Error> {
-                let mut out: Vec<(String, String)> = Vec::new();
+                let mut out: Vec<ModelAlias> = Vec::new();
                 while let Some((alias, target)) = map.next_entry::<String, String>()? {
-                    check_alias(&out, &alias, &target).map_err(serde::de::Error::custom)?;
-                    out.push((alias, target));
+                    let checked = check_alias(&out, &alias, &target);
+                    out.push(checked.map_err(serde::de::Error::custom)?);
                 }
                 Ok(FileAliases(out))
             }
@@ -222,29 +232,32 @@ impl<'de> Deserialize<'de> for FileAliases {
 
 /// An alias and its target: exact model names, the alias new, not a
 /// target itself (aliases are not chained).
-fn check_alias(seen: &[(String, String)], alias: &str, target: &str) -> Result<(), String> {
-    for name in [alias, target] {
-        if name.trim().is_empty() || name.len() > MAX_MODEL_NAME || name.contains('*') {
-            return Err(format!(
-                "alias {alias:?} -> {target:?}: model names are exact, not empty, without `*`, at most {MAX_MODEL_NAME} bytes"
-            ));
-        }
-    }
-    let folded = ModelPattern::folded(alias);
-    if seen.iter().any(|(a, _)| ModelPattern::folded(a) == folded) {
+fn check_alias(seen: &[ModelAlias], alias: &str, target: &str) -> Result<ModelAlias, String> {
+    let exact = |name: &str| {
+        ModelPattern::parse(name)
+            .ok()
+            .filter(ModelPattern::is_exact)
+            .ok_or_else(|| {
+                format!("alias {alias:?} -> {target:?}: model names are exact (no `*`), not empty, without spaces, at most {MAX_MODEL_NAME} bytes")
+            })
+    };
+    let (name, target_pattern) = (exact(alias)?, exact(target)?);
+    if seen.iter().any(|a| a.name.matches(alias)) {
         return Err(format!("alias {alias:?} is listed twice"));
     }
-    if folded == ModelPattern::folded(target)
-        || seen.iter().any(|(a, t)| {
-            ModelPattern::folded(t) == folded
-                || ModelPattern::folded(a) == ModelPattern::folded(target)
-        })
-    {
+    let chained = name.matches(target)
+        || seen
+            .iter()
+            .any(|a| a.target.matches(alias) || a.name.matches(target));
+    if chained {
         return Err(format!(
             "alias {alias:?} -> {target:?}: an alias's target cannot be an alias (aliases are not chained)"
         ));
     }
-    Ok(())
+    Ok(ModelAlias {
+        name,
+        target: target_pattern,
+    })
 }
 
 /// A route's fleet settings, checked.
@@ -253,7 +266,7 @@ pub(super) struct CheckedFleet {
     pub(super) balance: Balance,
     pub(super) queue: Option<QueueSpec>,
     pub(super) retry: RetrySpec,
-    pub(super) aliases: Vec<(String, String)>,
+    pub(super) aliases: Vec<ModelAlias>,
 }
 
 /// The fleet settings of a route, as written.
@@ -335,8 +348,7 @@ mod tests {
 
     #[test]
     fn aliases_are_exact_unique_and_not_chained() {
-        assert!(check_alias(&[], "gpt-4o", "llama3.2").is_ok());
-        let seen = vec![("gpt-4o".to_string(), "llama3.2".to_string())];
+        let seen = vec![check_alias(&[], "gpt-4o", "llama3.2").unwrap()];
         assert!(check_alias(&seen, "GPT-4O", "qwen")
             .unwrap_err()
             .contains("twice"));

@@ -54,7 +54,7 @@ pub use clients::{
 pub use compile::open_file_limit;
 pub use error::{LoadError, Location};
 pub use file::{CheckedConfig, FileConfig};
-pub use fleet::{Balance, QueueSpec, RetrySpec, MAX_ATTEMPTS, MAX_QUEUE, MAX_WEIGHT};
+pub use fleet::{Balance, ModelAlias, QueueSpec, RetrySpec, MAX_ATTEMPTS, MAX_QUEUE, MAX_WEIGHT};
 pub use gateway::Config;
 pub use limits::{Limits, ThrottleSpec};
 pub use listen::{https_port, AcmeSpec, ListenKind, ListenSpec, TlsSource};

@@ -19,7 +19,7 @@ use serde_saphyr::Spanned;
 use super::ai::{self, ApiKind, ModelRoutes, ModelUpstreams};
 use super::error::{LoadError, Location};
 use super::fleet::{
-    self, Balance, FileAliases, FileFleet, FileQueue, FileRetry, QueueSpec, RetrySpec,
+    self, Balance, FileAliases, FileFleet, FileQueue, FileRetry, ModelAlias, QueueSpec, RetrySpec,
     UpstreamEntry,
 };
 use super::limits::{non_empty_allow, Limits};
@@ -237,7 +237,7 @@ pub struct RouteSpec {
     pub retry: RetrySpec,
     /// Model names clients may ask for, and the model that serves each:
     /// the request body's `model` is rewritten before it goes upstream.
-    pub aliases: Vec<(String, String)>,
+    pub aliases: Vec<ModelAlias>,
 }
 
 /// One route, checked: everything but its upstreams' addresses and its CA

@@ -13,19 +13,14 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
+use super::registry::{counter, counter_vec, gauge, histogram_vec, registered};
 use super::upstream_metrics::{UpstreamFamilies, UpstreamMetrics};
 use crate::config::ModelPattern;
 use crate::policy::Refusal;
-
-/// Latency buckets in seconds: from a cached answer to a long generation.
-const BUCKETS: &[f64] = &[
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-    60.0, 120.0, 300.0,
-];
 
 /// Status codes that get a pre-resolved counter per route.
 const COMMON_STATUSES: [u16; 14] = [
@@ -314,60 +309,32 @@ fn label_of<'a>(labels: &'a mut ModelLabels, model: Option<&'a str>) -> &'a str 
     OTHER_MODEL
 }
 
-/// Registers a metric built from a static definition (which cannot fail
-/// but for a programming error, caught by the unit tests) and returns it.
-pub(super) fn registered<M>(registry: &Registry, metric: prometheus::Result<M>) -> M
-where
-    M: prometheus::core::Collector + Clone + 'static,
-{
-    let m = metric.expect("static metric definition");
-    registry
-        .register(Box::new(m.clone()))
-        .expect("metric registered once");
-    m
-}
-
-pub(super) fn counter_vec(
-    registry: &Registry,
-    name: &str,
-    help: &str,
-    labels: &[&str],
-) -> IntCounterVec {
-    registered(registry, IntCounterVec::new(Opts::new(name, help), labels))
-}
-
-fn histogram_vec(registry: &Registry, name: &str, help: &str) -> HistogramVec {
-    histogram_vec_by(registry, name, help, "route")
-}
-
-/// A latency histogram family with one label.
-pub(super) fn histogram_vec_by(
-    registry: &Registry,
-    name: &str,
-    help: &str,
-    label: &str,
-) -> HistogramVec {
-    registered(
-        registry,
-        HistogramVec::new(
-            HistogramOpts::new(name, help).buckets(BUCKETS.to_vec()),
-            &[label],
-        ),
-    )
-}
-
-fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
-    registered(registry, IntGauge::new(name, help))
-}
-
-fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
-    registered(registry, IntCounter::new(name, help))
-}
-
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
     }
+}
+
+/// Every refusal by kind, and key refusals again as auth failures.
+type RefusalCounters = ([IntCounter; REFUSALS], [Option<IntCounter>; REFUSALS]);
+
+fn refusal_counters(r: &Registry) -> RefusalCounters {
+    let auth = counter_vec(
+        r,
+        "agw_auth_failures_total",
+        "Requests refused for their key, by reason.",
+        &["reason"],
+    );
+    let refused = counter_vec(
+        r,
+        "agw_refused_total",
+        "Requests the gateway answered itself, by reason.",
+        &["reason"],
+    );
+    (
+        Refusal::ALL.map(|k| refused.with_label_values(&[k.label()])),
+        Refusal::ALL.map(|k| k.key_denial().map(|_| auth.with_label_values(&[k.label()]))),
+    )
 }
 
 impl Metrics {
@@ -379,18 +346,7 @@ impl Metrics {
             "Requests by route and status.",
             &["route", "status"],
         );
-        let auth = counter_vec(
-            &r,
-            "agw_auth_failures_total",
-            "Requests refused for their key, by reason.",
-            &["reason"],
-        );
-        let refused = counter_vec(
-            &r,
-            "agw_refused_total",
-            "Requests the gateway answered itself, by reason.",
-            &["reason"],
-        );
+        let (refused, auth_failures) = refusal_counters(&r);
         let reloads = counter_vec(&r, "agw_reloads_total", "Reloads by result.", &["result"]);
         let client_timeouts = counter_vec(
             &r,
@@ -447,9 +403,8 @@ impl Metrics {
                 "Failures talking to upstreams, by route and kind.",
                 &["route", "kind"],
             ),
-            refused: Refusal::ALL.map(|k| refused.with_label_values(&[k.label()])),
-            auth_failures: Refusal::ALL
-                .map(|k| k.key_denial().map(|_| auth.with_label_values(&[k.label()]))),
+            refused,
+            auth_failures,
             in_flight: gauge(&r, "agw_requests_in_flight", "Requests being served now."),
             tls: TlsMetrics::new(&r),
             reload_ok: reloads.with_label_values(&["ok"]),

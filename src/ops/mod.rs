@@ -15,6 +15,7 @@ mod audit;
 mod live;
 pub mod logs;
 mod metrics;
+mod registry;
 pub mod request_id;
 mod upstream_metrics;
 

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use prometheus::{Histogram, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry};
 
-use super::metrics::{counter_vec, histogram_vec_by, registered};
+use super::registry::{counter_vec, histogram_vec_by, registered};
 
 /// One upstream's pre-resolved handles.
 pub struct UpstreamMetrics {

@@ -17,8 +17,8 @@ use http::{HeaderValue, Method};
 use pingora::upstreams::peer::HttpPeer;
 
 use crate::config::{
-    ApiKind, Balance, CorsSpec, HealthCheckSpec, IpRange, Limits, ModelPattern, QueueSpec,
-    RetrySpec, RouteSpec, UpstreamCa, UpstreamSpec,
+    ApiKind, Balance, CorsSpec, HealthCheckSpec, IpRange, Limits, ModelAlias, ModelPattern,
+    QueueSpec, RetrySpec, RouteSpec, UpstreamCa, UpstreamSpec,
 };
 use crate::keys::{ServiceId, ServiceTable};
 use crate::state::{Lease, Member, UpstreamBook, UpstreamState, WaitQueue};
@@ -66,8 +66,9 @@ pub struct Route {
     /// How long a request may wait in a pool's queue (see [`Pool`]).
     pub queue: Option<QueueSpec>,
     pub retry: RetrySpec,
-    /// Model names clients may ask for, and the model serving each.
-    pub aliases: Box<[(ModelPattern, String)]>,
+    /// Model names clients may ask for, and the model serving each
+    /// (shared with the model lists that show them).
+    pub aliases: Arc<[ModelAlias]>,
 }
 
 /// A group of a route's upstreams (by index into the route's `upstreams`).
@@ -304,11 +305,7 @@ impl Route {
             balance: spec.balance,
             queue: spec.queue,
             retry: spec.retry.clone(),
-            aliases: spec
-                .aliases
-                .iter()
-                .filter_map(|(a, t)| Some((ModelPattern::parse(a).ok()?, t.clone())))
-                .collect(),
+            aliases: spec.aliases.iter().cloned().collect(),
         }
     }
 
@@ -483,12 +480,9 @@ impl Route {
         self.upstreams.get(lease.tag)
     }
 
-    /// The target of an alias the client asked for.
-    pub fn alias_target(&self, model: &str) -> Option<&str> {
-        self.aliases
-            .iter()
-            .find(|(a, _)| a.matches(model))
-            .map(|(_, t)| t.as_str())
+    /// The alias `model` is, if it is one.
+    pub fn alias(&self, model: &str) -> Option<&ModelAlias> {
+        self.aliases.iter().find(|a| a.name.matches(model))
     }
 
     /// The upstream with this address.

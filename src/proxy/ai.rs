@@ -38,11 +38,11 @@ use pingora::prelude::*;
 use pingora::proxy::Session;
 
 use super::context::{AiRequest, Replay};
-use crate::config::{any_model_matches, ModelPattern};
+use crate::config::{any_model_matches, ModelAlias, ModelPattern};
 use crate::policy::{judge_models, Refusal, Route};
 use crate::usage::{
-    model_in_path, AnswerMeter, Endpoint, ModelListFilter, NamedModel, RequestInspector, SseHider,
-    INSPECT_LIMIT,
+    model_in_path, AnswerMeter, Edit, Endpoint, ModelListFilter, NamedModel, RequestInspector,
+    SseHider, INSPECT_LIMIT,
 };
 
 /// Starts the handling of a request on a route with `api`; `None` on
@@ -56,6 +56,9 @@ pub fn start(
     let upstream_path = route.upstream_path(path);
     let endpoint = Endpoint::of(api, upstream_path);
     let mut ai = Box::new(AiRequest::new(api, endpoint, allowed.cloned()));
+    if endpoint.lists_models() && !route.aliases.is_empty() {
+        ai.aliases = Some(Arc::clone(&route.aliases));
+    }
     if endpoint == Endpoint::OpenaiModel {
         ai.model = model_in_path(upstream_path).map(str::to_owned);
     }
@@ -79,6 +82,7 @@ pub fn check_path_model(ai: &AiRequest) -> Result<(), Refusal> {
 pub fn wants_body(ai: &AiRequest, route: &Route) -> bool {
     ai.allowed.is_some()
         || route.routes_by_model()
+        || !route.aliases.is_empty()
         || (route.include_usage && ai.endpoint == Endpoint::OpenaiCompletions)
 }
 
@@ -127,8 +131,11 @@ pub async fn read_body_start(
         };
         inspector.feed(&piece);
         held.extend_from_slice(&piece);
-        let have_model = !inspector.models.is_empty();
-        if !inspector.single_object() || (have_model && !rewrite) {
+        let first = inspector.models.first();
+        let have_model = first.is_some();
+        // An alias is rewritten: that needs the whole body.
+        let alias = matches!(first, Some(NamedModel::Name(n)) if route.alias(n).is_some());
+        if !inspector.single_object() || (have_model && !rewrite && !alias) {
             break;
         }
     }
@@ -155,9 +162,14 @@ pub async fn read_body_start(
         NamedModel::Name(n) => Some(n.clone()),
         NamedModel::Unreadable => None,
     });
-    ai.pool = route.pool_for(first.as_deref());
+    let alias = first.as_deref().and_then(|m| route.alias(m));
+    let served = alias.map_or(first.as_deref(), |a| Some(a.target.as_str()));
+    ai.pool = route.pool_for(served);
     if ai.model.is_none() {
-        ai.model = first;
+        ai.model = served.map(str::to_owned);
+    }
+    if alias.is_some() {
+        ai.requested_model = first.clone();
     }
     if let Some(allowed) = &ai.allowed {
         let verdict = judge_models(
@@ -174,12 +186,9 @@ pub async fn read_body_start(
             return Ok(Err(Refusal::ModelUnreadable));
         }
     }
-    if rewrite && done && !truncated {
-        if let Some(edit) = inspector.include_usage_edit() {
-            if let Some(body) = edit.apply(&held) {
-                ai.rewritten = Some(Bytes::from(body));
-            }
-        }
+    let whole = done && !truncated;
+    if let Err(r) = rewrite_body(ai, &inspector, &held, alias, rewrite && whole, whole) {
+        return Ok(Err(r));
     }
     if ai.allowed.is_some() && !done {
         // The rest is checked as it streams upstream.
@@ -198,6 +207,41 @@ pub async fn read_body_start(
         ai.pool
     );
     Ok(Ok(()))
+}
+
+/// Makes the body the upstream gets, when it changes: an alias's target
+/// as the model (a body that cannot be rewritten whole is refused, never
+/// sent with the alias), `stream_options.include_usage` added when
+/// `ask_usage`. `whole`: `held` is the complete body.
+fn rewrite_body(
+    ai: &mut AiRequest,
+    inspector: &RequestInspector,
+    held: &[u8],
+    alias: Option<&ModelAlias>,
+    ask_usage: bool,
+    whole: bool,
+) -> Result<(), Refusal> {
+    let mut edits = Vec::new();
+    if let Some(alias) = alias {
+        match inspector.alias_edits(alias).filter(|_| whole) {
+            Some(e) => edits.extend(e),
+            None => return Err(Refusal::AliasBodyTooLarge),
+        }
+    }
+    if ask_usage {
+        if let Some(edit) = inspector.include_usage_edit() {
+            edits.push(edit);
+            ai.asked_usage = true;
+        }
+    }
+    if !edits.is_empty() {
+        match Edit::apply_all(&mut edits, held) {
+            Some(body) => ai.rewritten = Some(Bytes::from(body)),
+            None if alias.is_some() => return Err(Refusal::AliasBodyTooLarge),
+            None => {}
+        }
+    }
+    Ok(())
 }
 
 /// The request body on its way upstream: the bytes read before come
@@ -305,15 +349,20 @@ pub fn answer_head(
     });
     let mut body_changes = false;
     if ai.endpoint.lists_models() && resp.status == http::StatusCode::OK {
-        if let Some(allowed) = &ai.allowed {
-            let json = header(CONTENT_TYPE).is_none_or(|c| {
-                let c = c.to_ascii_lowercase();
-                c.starts_with(b"application/json") || c.windows(5).any(|w| w == b"+json")
-            });
+        let json = header(CONTENT_TYPE).is_none_or(|c| {
+            let c = c.to_ascii_lowercase();
+            c.starts_with(b"application/json") || c.windows(5).any(|w| w == b"+json")
+        });
+        let readable = identity && json;
+        // A key that may use every model gets an unreadable list as it
+        // came; one limited to some never sees it.
+        let aliases = ai.aliases.clone().filter(|_| readable);
+        if ai.allowed.is_some() || aliases.is_some() {
             ai.list_filter = Some(ModelListFilter::new(
                 ai.endpoint,
-                Arc::clone(allowed),
-                identity && json,
+                ai.allowed.clone(),
+                aliases.unwrap_or_else(|| Arc::new([])),
+                readable,
             ));
             resp.remove_header(&CONTENT_ENCODING);
             resp.insert_header(CONTENT_TYPE, "application/json")?;
@@ -322,7 +371,7 @@ pub fn answer_head(
     } else if ai.endpoint.metered() {
         let meter = AnswerMeter::new(header(CONTENT_TYPE), encoding);
         // The gateway asked for the usage-only event: hide it.
-        if ai.rewritten.is_some() && meter.is_sse() {
+        if ai.asked_usage && meter.is_sse() {
             ai.hider = Some(SseHider::default());
             body_changes = true;
         }

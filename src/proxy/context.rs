@@ -8,7 +8,7 @@ use bytes::Bytes;
 use http::HeaderValue;
 use prometheus::IntGauge;
 
-use crate::config::{ApiKind, ModelPattern};
+use crate::config::{ApiKind, ModelAlias, ModelPattern};
 use crate::keys::KeyId;
 use crate::ops::{ClientAddr, Live};
 use crate::policy::{Admission, Refusal, Route, DEFAULT_POOL};
@@ -118,10 +118,12 @@ pub struct AiRequest {
     pub pool: usize,
     /// How the body bytes read before choosing the upstream reach it.
     pub replay: Replay,
-    /// The body the upstream gets instead of the one read (with
-    /// `stream_options.include_usage` added, so the usage-only SSE event
-    /// of the answer is hidden from the client).
+    /// The body the upstream gets instead of the one read: an alias's
+    /// target as the model, `stream_options.include_usage` added.
     pub rewritten: Option<Bytes>,
+    /// The gateway added `stream_options.include_usage` (so the
+    /// usage-only event is hidden from the client).
+    pub asked_usage: bool,
     /// The gateway answered `Expect: 100-continue` itself.
     pub continued: bool,
     /// The next call of the request body filter is the first of an
@@ -133,6 +135,8 @@ pub struct AiRequest {
     pub meter: Option<AnswerMeter>,
     pub hider: Option<SseHider>,
     pub list_filter: Option<ModelListFilter>,
+    /// The route's aliases, on requests for model lists (which show them).
+    pub aliases: Option<Arc<[ModelAlias]>>,
 }
 
 /// How the part of a body read before the upstream was chosen gets there.
@@ -158,12 +162,14 @@ impl AiRequest {
             pool: DEFAULT_POOL,
             replay: Replay::Nothing,
             rewritten: None,
+            asked_usage: false,
             continued: false,
             fresh_attempt: false,
             inspector: None,
             meter: None,
             hider: None,
             list_filter: None,
+            aliases: None,
         }
     }
 }

@@ -18,14 +18,14 @@
 mod failed_keys;
 mod key_counters;
 mod upstream_health;
-mod upstream_load;
 mod upstreams;
 
 pub use failed_keys::{AddrTag, FailedKeys, KNOWN_FOR_S};
 pub use key_counters::{InFlightGuard, KeyCounter, KeyCounters, SharedShare, TokenMeter};
 pub use upstream_health::{Transition, UpstreamHealth, PASSIVE_COOLDOWN};
-pub use upstream_load::{Entered, Lease, Member, UpstreamLoad, WaitQueue, Waiting};
-pub use upstreams::{UpstreamBook, UpstreamState};
+pub use upstreams::{
+    Entered, Lease, Member, UpstreamBook, UpstreamLoad, UpstreamState, WaitQueue, Waiting,
+};
 
 /// Everything that outlives a snapshot, shared by the proxy, the reloader
 /// and the health checker.

@@ -20,6 +20,9 @@ pub enum GroupBy {
     User,
     Key,
     Model,
+    /// The model clients asked for: the alias where they named one,
+    /// else the model.
+    RequestedModel,
     Route,
     Day,
 }
@@ -30,9 +33,14 @@ impl GroupBy {
             "user" => GroupBy::User,
             "key" => GroupBy::Key,
             "model" => GroupBy::Model,
+            "requested_model" => GroupBy::RequestedModel,
             "route" => GroupBy::Route,
             "day" => GroupBy::Day,
-            _ => return Err(format!("--by {s:?}: use user, key, model, route or day")),
+            _ => {
+                return Err(format!(
+                    "--by {s:?}: use user, key, model, requested_model, route or day"
+                ))
+            }
         })
     }
 
@@ -41,6 +49,7 @@ impl GroupBy {
             GroupBy::User => "user",
             GroupBy::Key => "key",
             GroupBy::Model => "model",
+            GroupBy::RequestedModel => "requested_model",
             GroupBy::Route => "route",
             GroupBy::Day => "day",
         }
@@ -64,6 +73,8 @@ struct Line {
     status: u16,
     #[serde(default)]
     model: Option<String>,
+    #[serde(default)]
+    requested_model: Option<String>,
     #[serde(default)]
     prompt_tokens: Option<u64>,
     #[serde(default)]
@@ -227,6 +238,7 @@ pub fn build(files: &[PathBuf], by: GroupBy, since: Option<SystemTime>) -> std::
                 GroupBy::User => line.user.clone(),
                 GroupBy::Key => line.key_id.clone(),
                 GroupBy::Model => line.model.clone(),
+                GroupBy::RequestedModel => line.requested_model.clone().or(line.model.clone()),
                 GroupBy::Route => line.route.clone(),
                 GroupBy::Day => line.ts.get(..10).map(str::to_owned),
             }

@@ -2,7 +2,7 @@
 //! stream, and the edit that asks an OpenAI-compatible server for usage.
 
 use super::scan::{Event, Scanner};
-use crate::config::{ApiKind, MAX_MODEL_NAME};
+use crate::config::{ApiKind, ModelAlias, MAX_MODEL_NAME};
 
 /// The most request body the gateway holds back to read the model before
 /// choosing an upstream: the size of Pingora's retry buffer, which is what
@@ -21,6 +21,10 @@ const MODEL: usize = 0;
 const NAME: usize = 1;
 const STREAM: usize = 2;
 const STREAM_OPTIONS: usize = 3;
+
+/// The most model members of one body an alias is rewritten in; a body
+/// with more is not rewritten (and so not sent).
+const MAX_MODEL_MEMBERS: usize = 8;
 
 /// A model a request names.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,6 +46,10 @@ pub struct RequestInspector {
     pub models: Vec<NamedModel>,
     /// How many there have been, cleared or not.
     named: usize,
+    /// Where each of the first object's model members is (offset and
+    /// length of the raw value), for rewriting an alias; at most
+    /// [`MAX_MODEL_MEMBERS`].
+    model_members: Vec<(u64, usize, NamedModel)>,
     /// Top-level values begun.
     values: u32,
     /// Where the first object's `{` is.
@@ -60,6 +68,7 @@ impl RequestInspector {
             read_name: api == ApiKind::Ollama,
             models: Vec::new(),
             named: 0,
+            model_members: Vec::new(),
             values: 0,
             object_at: None,
             complete: false,
@@ -75,6 +84,7 @@ impl RequestInspector {
             read_name,
             models,
             named,
+            model_members,
             values,
             object_at,
             complete,
@@ -99,13 +109,13 @@ impl RequestInspector {
                     return;
                 }
                 match key {
-                    MODEL => {
+                    MODEL | NAME if key == MODEL || *read_name => {
                         *named += 1;
-                        models.push(model_value(raw, truncated));
-                    }
-                    NAME if *read_name => {
-                        *named += 1;
-                        models.push(model_value(raw, truncated));
+                        let model = model_value(raw, truncated);
+                        if model_members.len() < MAX_MODEL_MEMBERS {
+                            model_members.push((at, raw.len(), model.clone()));
+                        }
+                        models.push(model);
                     }
                     STREAM => *stream = Some(raw == b"true"),
                     STREAM_OPTIONS => *stream_options = Some((at, raw.to_vec(), truncated)),
@@ -175,6 +185,30 @@ impl RequestInspector {
     }
 }
 
+impl RequestInspector {
+    /// The edits that make every model member naming `alias` name its
+    /// target instead, for a complete body; `None` when the body is not
+    /// one complete object, or has too many model members to be sure all
+    /// are seen.
+    pub fn alias_edits(&self, alias: &ModelAlias) -> Option<Vec<Edit>> {
+        if !self.complete() || self.named > MAX_MODEL_MEMBERS {
+            return None;
+        }
+        let target = serde_json::to_vec(alias.target.as_str()).ok()?;
+        self.model_members
+            .iter()
+            .filter(|(_, _, m)| matches!(m, NamedModel::Name(n) if alias.name.matches(n)))
+            .map(|(at, len, _)| {
+                Some(Edit {
+                    at: usize::try_from(*at).ok()?,
+                    remove: *len,
+                    insert: target.clone(),
+                })
+            })
+            .collect()
+    }
+}
+
 fn model_value(raw: &[u8], truncated: bool) -> NamedModel {
     if truncated {
         return NamedModel::Unreadable;
@@ -202,6 +236,24 @@ impl Edit {
         out.extend_from_slice(head);
         out.extend_from_slice(&self.insert);
         out.extend_from_slice(tail);
+        Some(out)
+    }
+
+    /// `body` with every edit made (they do not overlap: each is a
+    /// different member's value, or the insertion at the object's start);
+    /// `None` if one does not fit.
+    pub fn apply_all(edits: &mut [Edit], body: &[u8]) -> Option<Vec<u8>> {
+        // From the end, so the offsets of those still to make hold.
+        edits.sort_unstable_by_key(|e| std::cmp::Reverse(e.at));
+        let mut out = body.to_vec();
+        let mut limit = usize::MAX;
+        for e in edits.iter() {
+            if e.at.checked_add(e.remove)? > limit {
+                return None;
+            }
+            out = e.apply(&out)?;
+            limit = e.at;
+        }
         Some(out)
     }
 }
