@@ -160,6 +160,8 @@ pub struct Metrics {
     /// Requests decided without Redis while it was unreachable, by
     /// `on_redis_error` mode ("local" counted here, "deny" refused).
     shared_state_fallback: [IntCounter; 2],
+    /// End users and budget alerts.
+    pub alerts: AlertMetrics,
     route_cache: std::sync::Mutex<HashMap<String, Arc<RouteMetrics>>>,
     upstreams: UpstreamFamilies,
 }
@@ -192,6 +194,42 @@ impl TokenMetrics {
                 "Answers that carry usage, by route and where their counts come from (reported, estimated, unknown).",
                 &["route", "source"],
             ),
+        }
+    }
+}
+
+/// End users forgotten to make room, and budget alerts: posted, failed
+/// attempts, and given up (queue full, or every attempt failed).
+pub struct AlertMetrics {
+    pub end_users_evicted: IntCounter,
+    pub sent: IntCounter,
+    pub failed_attempts: IntCounter,
+    pub dropped_queue_full: IntCounter,
+    pub dropped_failed: IntCounter,
+}
+
+impl AlertMetrics {
+    fn new(r: &Registry) -> AlertMetrics {
+        let dropped = counter_vec(
+            r,
+            "agw_alerts_dropped_total",
+            "Budget alerts never delivered, by reason (queue_full, failed: every attempt failed).",
+            &["reason"],
+        );
+        AlertMetrics {
+            end_users_evicted: counter(
+                r,
+                "agw_end_users_evicted_total",
+                "End users forgotten (the one idle longest) to make room in a key's table of end users.",
+            ),
+            sent: counter(r, "agw_alerts_sent_total", "Budget alerts posted to their webhook."),
+            failed_attempts: counter(
+                r,
+                "agw_alert_failures_total",
+                "Attempts to post a budget alert that failed (refused, timed out, or not answered 2xx).",
+            ),
+            dropped_queue_full: dropped.with_label_values(&["queue_full"]),
+            dropped_failed: dropped.with_label_values(&["failed"]),
         }
     }
 }
@@ -419,6 +457,7 @@ impl Metrics {
                 fallback.with_label_values(&["local"]),
                 fallback.with_label_values(&["deny"]),
             ],
+            alerts: AlertMetrics::new(&r),
             duration: histogram_vec(
                 &r,
                 "agw_request_duration_seconds",
@@ -650,6 +689,13 @@ impl Metrics {
     }
 
     /// A request decided without Redis: counted locally, or refused.
+    /// Counts alerts that found the queue full.
+    pub fn alerts_dropped(&self, n: u64) {
+        if n > 0 {
+            self.alerts.dropped_queue_full.inc_by(n);
+        }
+    }
+
     pub fn shared_state_fallback(&self, denied: bool) {
         self.shared_state_fallback[usize::from(denied)].inc();
     }

@@ -48,6 +48,7 @@ mod clock;
 mod connection;
 mod context;
 mod fleet;
+mod end_users;
 mod framing;
 mod gateway;
 mod headers;
