@@ -365,7 +365,9 @@ fn bench_end_users(c: &mut Criterion) {
         b.iter(|| black_box(key.take(rate, black_box(1_000))))
     });
     let table = EndUserTable::default();
-    let names: Vec<String> = (0..MAX_END_USERS).map(|i| format!("0b5c7a1e-user-{i:05}")).collect();
+    let names: Vec<String> = (0..MAX_END_USERS)
+        .map(|i| format!("0b5c7a1e-user-{i:05}"))
+        .collect();
     for n in &names {
         table.find(n, 1);
     }

@@ -350,12 +350,15 @@ fn keygen(a: &KeygenArgs) -> Result<(), KeyToolError> {
         max_concurrent: a.max_concurrent,
         token_limit: a.token_limit.as_deref(),
         models: &a.models,
-        end_users: a.end_user_header.as_deref().map(|header| keys::NewEndUsers {
-            header,
-            rate_limit: a.end_user_rate_limit.as_deref(),
-            max_concurrent: a.end_user_max_concurrent,
-            token_limit: a.end_user_token_limit.as_deref(),
-        }),
+        end_users: a
+            .end_user_header
+            .as_deref()
+            .map(|header| keys::NewEndUsers {
+                header,
+                rate_limit: a.end_user_rate_limit.as_deref(),
+                max_concurrent: a.end_user_max_concurrent,
+                token_limit: a.end_user_token_limit.as_deref(),
+            }),
     };
     let (key, digest) = keys::keygen(&path, &req, SystemTime::now())?;
     println!("{key}");

@@ -1,8 +1,8 @@
 //! End users behind one key (`end_user_header`, `end_user_limits`) and
 //! budget alerts (`alerts`): against the real binary, the mock model
-//! server of `tests/common/ai_upstream.rs` (each Ollama chat: 11 prompt
-//! + 4 completion = 15 tokens), webhook receivers written here, and a real
-//! `redis-server` for the shared part.
+//! server of `tests/common/ai_upstream.rs` (each Ollama chat is 11 prompt
+//! and 4 completion tokens, 15 in all), webhook receivers written here,
+//! and a real `redis-server` for the shared part.
 
 // `pub` so rustc does not report harness items this crate leaves unused.
 pub mod common;
@@ -39,10 +39,9 @@ fn key_id(key: &str) -> String {
 
 fn keys() -> KeyFile {
     KeyFile::of([
-        Key::new(TEAM, "webui").service("ai").end_users(
-            HDR,
-            Limits::new().rate_limit("3/min").token_limit("30/min"),
-        ),
+        Key::new(TEAM, "webui")
+            .service("ai")
+            .end_users(HDR, Limits::new().rate_limit("3/min").token_limit("30/min")),
         Key::new(TEAM2, "webui2")
             .service("ai")
             .end_users(HDR, Limits::new().rate_limit("3/min").max_concurrent(1)),
@@ -71,14 +70,26 @@ fn end_users_are_held_to_their_own_limits_within_their_key() {
 
     // Tokens: alice's second chat takes her to 30; the third is refused,
     // bob keeps working.
-    ok(&chat(gw, "/ollama/api/chat", TEAM, "a-1", Some("alice")), "a-1");
-    ok(&chat(gw, "/ollama/api/chat", TEAM, "a-2", Some("alice")), "a-2");
+    ok(
+        &chat(gw, "/ollama/api/chat", TEAM, "a-1", Some("alice")),
+        "a-1",
+    );
+    ok(
+        &chat(gw, "/ollama/api/chat", TEAM, "a-2", Some("alice")),
+        "a-2",
+    );
     assert_eq!(audit_of(gw, "a-2")["end_user"], "alice");
     let r = chat(gw, "/ollama/api/chat", TEAM, "a-3", Some("alice"));
-    assert_eq!((r.status, error_of(&r).as_str()), (429, "token budget exceeded"));
+    assert_eq!(
+        (r.status, error_of(&r).as_str()),
+        (429, "token budget exceeded")
+    );
     assert!(r.header("retry-after").is_some());
     assert_eq!(audit_of(gw, "a-3")["decision"], "token_budget_exceeded");
-    ok(&chat(gw, "/ollama/api/chat", TEAM, "b-1", Some("bob")), "bob");
+    ok(
+        &chat(gw, "/ollama/api/chat", TEAM, "b-1", Some("bob")),
+        "bob",
+    );
     let last = ollama.requests().pop().expect("bob's request");
     assert_eq!(
         last.head.header(&HDR.to_ascii_lowercase()),
@@ -90,17 +101,34 @@ fn end_users_are_held_to_their_own_limits_within_their_key() {
     // his second request waits for nothing and is refused, erin's passes.
     let held = std::thread::scope(|s| {
         let first = s.spawn(|| chat(gw, "/slow/api/chat", TEAM2, "d-1", Some("dave")));
-        poll(WAIT, "dave's slow request upstream", || (slow.heads() == 1).then_some(()));
+        poll(WAIT, "dave's slow request upstream", || {
+            (slow.heads() == 1).then_some(())
+        });
         let r = chat(gw, "/ollama/api/chat", TEAM2, "d-2", Some("dave"));
-        assert_eq!((r.status, error_of(&r).as_str()), (429, "too many concurrent requests"));
-        ok(&chat(gw, "/ollama/api/chat", TEAM2, "e-1", Some("erin")), "erin beside dave");
+        assert_eq!(
+            (r.status, error_of(&r).as_str()),
+            (429, "too many concurrent requests")
+        );
+        ok(
+            &chat(gw, "/ollama/api/chat", TEAM2, "e-1", Some("erin")),
+            "erin beside dave",
+        );
         first.join().expect("dave's first request")
     });
     ok(&held, "d-1");
-    ok(&chat(gw, "/ollama/api/chat", TEAM2, "d-3", Some("dave")), "d-3, dave's third of 3/min");
+    ok(
+        &chat(gw, "/ollama/api/chat", TEAM2, "d-3", Some("dave")),
+        "d-3, dave's third of 3/min",
+    );
     let r = chat(gw, "/ollama/api/chat", TEAM2, "d-4", Some("dave"));
-    assert_eq!((r.status, error_of(&r).as_str()), (429, "rate limit exceeded"));
-    ok(&chat(gw, "/ollama/api/chat", TEAM2, "e-2", Some("erin")), "erin");
+    assert_eq!(
+        (r.status, error_of(&r).as_str()),
+        (429, "rate limit exceeded")
+    );
+    ok(
+        &chat(gw, "/ollama/api/chat", TEAM2, "e-2", Some("erin")),
+        "erin",
+    );
 
     // Values that are no end user's name: 400, said why.
     for (rid, value) in [("x-1", "has space".to_string()), ("x-2", "u".repeat(129))] {
@@ -111,10 +139,16 @@ fn end_users_are_held_to_their_own_limits_within_their_key() {
     }
     // A key that names no end users ignores the header.
     let odd = format!("has space {}", "u".repeat(200));
-    ok(&chat(gw, "/ollama/api/chat", PLAIN, "p-1", Some(&odd)), "plain key");
+    ok(
+        &chat(gw, "/ollama/api/chat", PLAIN, "p-1", Some(&odd)),
+        "plain key",
+    );
     assert!(audit_of(gw, "p-1").get("end_user").is_none());
     let last = ollama.requests().pop().expect("the plain key's request");
-    assert_eq!(last.head.header(&HDR.to_ascii_lowercase()), Some(odd.as_str()));
+    assert_eq!(
+        last.head.header(&HDR.to_ascii_lowercase()),
+        Some(odd.as_str())
+    );
 
     // A reload (a key added) keeps every end user's counters.
     let mut more = keys();
@@ -125,7 +159,10 @@ fn end_users_are_held_to_their_own_limits_within_their_key() {
     assert_eq!(r.status, 429, "alice's budget outlived the reload");
     let r = chat(gw, "/ollama/api/chat", TEAM2, "d-5", Some("dave"));
     assert_eq!(r.status, 429, "dave's rate outlived the reload");
-    ok(&chat(gw, "/ollama/api/chat", TEAM, "b-2", Some("bob")), "bob after the reload");
+    ok(
+        &chat(gw, "/ollama/api/chat", TEAM, "b-2", Some("bob")),
+        "bob after the reload",
+    );
     audit_of(gw, "b-2");
 
     // `usage --by end_user --key`: the totals the upstream reported, per
@@ -136,12 +173,22 @@ fn end_users_are_held_to_their_own_limits_within_their_key() {
             continue;
         };
         if req.head.header("x-gateway-user") == Some("webui") {
-            *reported.entry(who.to_string()).or_default() += sent.prompt_tokens + sent.completion_tokens;
+            *reported.entry(who.to_string()).or_default() +=
+                sent.prompt_tokens + sent.completion_tokens;
         }
     }
     assert_eq!(reported.get("alice"), Some(&30), "{reported:?}");
     let out = run_cli(
-        &["usage", "--by", "end_user", "--key", &key_id(TEAM), "--json", "--audit-log", "audit.log"],
+        &[
+            "usage",
+            "--by",
+            "end_user",
+            "--key",
+            &key_id(TEAM),
+            "--json",
+            "--audit-log",
+            "audit.log",
+        ],
         gw.dir.path(),
     );
     assert!(out.status.success(), "{}", out.stderr);
@@ -151,9 +198,15 @@ fn end_users_are_held_to_their_own_limits_within_their_key() {
         assert_eq!(groups[who]["total_tokens"], *tokens, "{who}: {report:#}");
     }
     assert_eq!(groups["alice"]["requests"], 4, "{report:#}");
-    assert!(!groups.contains_key("dave"), "another key's end user: {report:#}");
+    assert!(
+        !groups.contains_key("dave"),
+        "another key's end user: {report:#}"
+    );
     let m = metrics_text(gw.admin());
-    assert!(!m.contains("alice") && !m.contains("bob"), "no end user in metrics");
+    assert!(
+        !m.contains("alice") && !m.contains("bob"),
+        "no end user in metrics"
+    );
 }
 
 /// One alert as expected: (end user, threshold, used, limit).
@@ -164,10 +217,19 @@ fn assert_alert(got: &Value, key: &str, user: &str, want: Expected) {
     let summary = format!("{got}");
     assert_eq!(got["key_id"], key_id(key), "{summary}");
     assert_eq!(got["user"], user, "{summary}");
-    assert_eq!(got["end_user"], end_user.map_or(Value::Null, Value::from), "{summary}");
+    assert_eq!(
+        got["end_user"],
+        end_user.map_or(Value::Null, Value::from),
+        "{summary}"
+    );
     assert_eq!(got["threshold"], threshold, "{summary}");
-    assert_eq!((got["used"].as_u64(), got["limit"].as_u64()), (Some(used), Some(limit)), "{summary}");
-    let end = humantime::parse_rfc3339(got["window_end"].as_str().expect("window_end")).expect("RFC 3339");
+    assert_eq!(
+        (got["used"].as_u64(), got["limit"].as_u64()),
+        (Some(used), Some(limit)),
+        "{summary}"
+    );
+    let end = humantime::parse_rfc3339(got["window_end"].as_str().expect("window_end"))
+        .expect("RFC 3339");
     let now = SystemTime::now();
     assert!(
         end > now - Duration::from_secs(1) && end <= now + Duration::from_secs(62),
@@ -187,7 +249,9 @@ fn one_alert_per_threshold_crossed_also_after_crossing_and_across_a_reload() {
                 .service("ai")
                 .token_limit("100/min")
                 .end_users(HDR, Limits::new().token_limit("60/min")),
-            Key::new(SENTINEL, "sentinel").service("ai").token_limit("15/min"),
+            Key::new(SENTINEL, "sentinel")
+                .service("ai")
+                .token_limit("15/min"),
         ])
     };
     let gw = Gateway::start(
@@ -266,10 +330,16 @@ fn a_webhook_that_is_down_or_hangs_delays_no_request_and_its_failures_are_counte
     let r = chat(&gw, "/ollama/api/chat", HUNG, "h-1", None);
     assert_eq!(r.status, 200);
     // The closed port's three attempts end first (1 s and 2 s apart).
-    poll(WAIT, "the hanging webhook holding the alert", || (hang.holding() == 1).then_some(()));
+    poll(WAIT, "the hanging webhook holding the alert", || {
+        (hang.holding() == 1).then_some(())
+    });
     let r = chat(&gw, "/ollama/api/chat", HUNG, "h-2", None);
     assert_eq!(r.status, 200, "answered while the webhook hangs");
-    assert_eq!(hang.holding(), 1, "the webhook still held the alert's connection");
+    assert_eq!(
+        hang.holding(),
+        1,
+        "the webhook still held the alert's connection"
+    );
     assert_eq!(hang.alerts().len(), 1);
     poll(WAIT, "the closed port's alert given up", || {
         (metric_at(admin, r#"agw_alerts_dropped_total{reason="failed"}"#) >= 1.0).then_some(())
@@ -299,24 +369,43 @@ fn with_shared_state_two_instances_share_an_end_users_limits_and_alert_once() {
                 HDR,
                 Limits::new().rate_limit("3/min").token_limit("100/min"),
             ),
-            Key::new("shared-sentinel-a", "sa").service("ai").token_limit("15/min"),
-            Key::new("shared-sentinel-b", "sb").service("ai").token_limit("15/min"),
+            Key::new("shared-sentinel-a", "sa")
+                .service("ai")
+                .token_limit("15/min"),
+            Key::new("shared-sentinel-b", "sb")
+                .service("ai")
+                .token_limit("15/min"),
         ]),
     );
     let (a, b) = (&cluster.node(0).gw, &cluster.node(1).gw);
     for (i, gw) in [a, b, a].into_iter().enumerate() {
-        let r = chat(gw, "/ollama/api/chat", TEAM, &format!("sh-{i}"), Some("alice"));
+        let r = chat(
+            gw,
+            "/ollama/api/chat",
+            TEAM,
+            &format!("sh-{i}"),
+            Some("alice"),
+        );
         assert_eq!(r.status, 200, "alice's request {i}: {}", r.text());
     }
     let r = chat(b, "/ollama/api/chat", TEAM, "sh-3", Some("alice"));
-    assert_eq!((r.status, error_of(&r).as_str()), (429, "rate limit exceeded"), "the 4th across both");
+    assert_eq!(
+        (r.status, error_of(&r).as_str()),
+        (429, "rate limit exceeded"),
+        "the 4th across both"
+    );
     let r = chat(b, "/ollama/api/chat", TEAM, "sh-4", Some("bob"));
     assert_eq!(r.status, 200, "bob keeps working");
 
     // Redis names the end user by a tag of its name, never the name.
     let names = redis.keys();
     let id = key_id(TEAM);
-    assert!(names.iter().any(|k| k.starts_with(&format!("agw:rate:{id}."))), "{names:?}");
+    assert!(
+        names
+            .iter()
+            .any(|k| k.starts_with(&format!("agw:rate:{id}."))),
+        "{names:?}"
+    );
     assert!(names.iter().all(|k| !k.contains("alice")), "{names:?}");
     // Every token sent: alice's 45 of 100 crossed 0.2 once, on one
     // instance; then each sentinel's alert comes after it.
@@ -327,13 +416,24 @@ fn with_shared_state_two_instances_share_an_end_users_limits_and_alert_once() {
             .find(|k| k.starts_with(&format!("agw:tokens:{id}.")))?;
         redis.command(&["GET", &key]).contains("45").then_some(())
     });
-    assert_eq!(chat(a, "/ollama/api/chat", "shared-sentinel-a", "s-a", None).status, 200);
-    assert_eq!(chat(b, "/ollama/api/chat", "shared-sentinel-b", "s-b", None).status, 200);
+    assert_eq!(
+        chat(a, "/ollama/api/chat", "shared-sentinel-a", "s-a", None).status,
+        200
+    );
+    assert_eq!(
+        chat(b, "/ollama/api/chat", "shared-sentinel-b", "s-b", None).status,
+        200
+    );
     let alerts = hook.wait_alerts(3, WAIT);
     let alice: Vec<&Value> = alerts.iter().filter(|v| v["end_user"] == "alice").collect();
     assert_eq!(alice.len(), 1, "{alerts:#?}");
     assert_eq!(alice[0]["threshold"], 0.2);
     assert_eq!(alice[0]["limit"], 100);
-    assert!(alice[0]["used"].as_u64().is_some_and(|u| (20..=45).contains(&u)), "{alerts:#?}");
+    assert!(
+        alice[0]["used"]
+            .as_u64()
+            .is_some_and(|u| (20..=45).contains(&u)),
+        "{alerts:#?}"
+    );
     assert_eq!(alerts.len(), 3, "{alerts:#?}");
 }

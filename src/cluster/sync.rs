@@ -14,8 +14,8 @@ use log::{debug, info};
 use super::link::{Link, Unavailable};
 use super::scripts::{self, EVENTS, REVOKED};
 use super::{lock, Cluster};
-use crate::keys::{unix_millis, KeyId};
 use crate::config::TokenRate;
+use crate::keys::{unix_millis, KeyId};
 use crate::state::{CounterId, Crossing, KeyCounter};
 
 /// How often unused slots go back and counted tokens go out.
@@ -186,7 +186,10 @@ fn alert_crossings(
         after: used,
         window_end_unix_ms: now.saturating_add(i64::try_from(ttl_ms).unwrap_or(i64::MAX)),
     };
-    let dropped = cluster.carried.alerts.crossed(&target.alerting(), &crossing);
+    let dropped = cluster
+        .carried
+        .alerts
+        .crossed(&target.alerting(), &crossing);
     cluster.metrics.alerts_dropped(dropped);
 }
 

@@ -139,7 +139,9 @@ impl std::fmt::Debug for Webhook {
 
 impl Webhook {
     pub fn parse(s: &str) -> Result<Webhook, String> {
-        let bad = |why: &str| format!("alerts.webhook: {why}; write it like https://alerts.example.com/hook");
+        let bad = |why: &str| {
+            format!("alerts.webhook: {why}; write it like https://alerts.example.com/hook")
+        };
         let uri: http::Uri = s.trim().parse().map_err(|_| bad("not a URL"))?;
         let tls = match uri.scheme_str() {
             Some("http") => false,
@@ -150,20 +152,24 @@ impl Webhook {
         if authority.as_str().contains('@') {
             return Err(bad("a user name or password in the URL is not supported"));
         }
-        let host = authority.host().trim_start_matches('[').trim_end_matches(']');
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']');
         if host.is_empty() {
             return Err(bad("no host"));
         }
         let port = authority.port_u16().unwrap_or(if tls { 443 } else { 80 });
-        let target = uri
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .to_string();
+        let target = uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
         Ok(Webhook {
             tls,
             host: host.to_string(),
             port,
-            target: if target.is_empty() { "/".into() } else { target },
+            target: if target.is_empty() {
+                "/".into()
+            } else {
+                target
+            },
             authority: authority.as_str().to_string(),
         })
     }
@@ -196,7 +202,12 @@ mod tests {
         assert_eq!((w.port, w.target.as_str(), w.tls), (9000, "/", false));
         let w = Webhook::parse("http://[::1]:81/a").unwrap();
         assert_eq!(w.host, "::1");
-        for bad in ["ftp://x/", "hooks.example.com/a", "http://u:p@x/", "http://"] {
+        for bad in [
+            "ftp://x/",
+            "hooks.example.com/a",
+            "http://u:p@x/",
+            "http://",
+        ] {
             let e = Webhook::parse(bad).unwrap_err();
             assert!(e.starts_with("alerts.webhook: "), "{bad}: {e}");
             assert!(!e.contains("u:p"), "{e}");
@@ -228,7 +239,10 @@ mod tests {
             timeout: None,
         };
         let e = AlertSettings::effective(None, Some(&global)).unwrap();
-        assert_eq!((e.webhook.host.as_str(), e.at), ("a", &DEFAULT_ALERT_AT[..]));
+        assert_eq!(
+            (e.webhook.host.as_str(), e.at),
+            ("a", &DEFAULT_ALERT_AT[..])
+        );
         let key = AlertSettings {
             webhook: None,
             at: Some(Thresholds::check(vec![0.5]).unwrap()),
@@ -241,6 +255,9 @@ mod tests {
             ..AlertSettings::default()
         };
         assert!(AlertSettings::effective(Some(&off), Some(&global)).is_none());
-        assert!(AlertSettings::effective(Some(&key), None).is_none(), "no webhook");
+        assert!(
+            AlertSettings::effective(Some(&key), None).is_none(),
+            "no webhook"
+        );
     }
 }

@@ -36,15 +36,16 @@ pub fn start(carried: &Carried, metrics: Arc<Metrics>) {
     let Some(queue) = carried.alerts.take_receiver() else {
         return;
     };
-    super::spawn_thread("alert-sender", move || {
-        match tokio::runtime::Builder::new_current_thread()
+    super::spawn_thread(
+        "alert-sender",
+        move || match tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
         {
             Ok(rt) => rt.block_on(run(queue, metrics)),
             Err(e) => warn!("budget alerts cannot be sent: no runtime: {e}"),
-        }
-    });
+        },
+    );
 }
 
 /// What was last said about failures.
@@ -86,7 +87,9 @@ async fn run(mut queue: Receiver<Alert>, metrics: Arc<Metrics>) {
                 tokio::time::sleep(backoff).await;
                 backoff *= 2;
             }
-            let outcome = tokio::time::timeout(alert.timeout, post(&alert.webhook, &request, tls.as_ref())).await;
+            let outcome =
+                tokio::time::timeout(alert.timeout, post(&alert.webhook, &request, tls.as_ref()))
+                    .await;
             let why = match outcome {
                 Ok(Ok(status)) if (200..300).contains(&status) => {
                     delivered = true;
@@ -96,13 +99,13 @@ async fn run(mut queue: Receiver<Alert>, metrics: Arc<Metrics>) {
                 Ok(Err(e)) => e.to_string(),
                 Err(_) => format!("no answer within {:?}", alert.timeout),
             };
-            metrics.alerts.failed_attempts.inc();
+            metrics.alerts().failed_attempts.inc();
             log.failed(&alert.webhook, &why);
         }
         if delivered {
-            metrics.alerts.sent.inc();
+            metrics.alerts().sent.inc();
         } else {
-            metrics.alerts.dropped_failed.inc();
+            metrics.alerts().dropped_failed.inc();
         }
     }
 }
@@ -121,7 +124,11 @@ fn request(webhook: &Webhook, body: &[u8]) -> Vec<u8> {
 }
 
 /// One attempt: connects, sends, and reads the answer's status.
-async fn post(webhook: &Webhook, request: &[u8], tls: Option<&TlsConnector>) -> std::io::Result<u16> {
+async fn post(
+    webhook: &Webhook,
+    request: &[u8],
+    tls: Option<&TlsConnector>,
+) -> std::io::Result<u16> {
     let tcp = TcpStream::connect((webhook.host.as_str(), webhook.port)).await?;
     if !webhook.tls {
         return exchange(tcp, request).await;
@@ -132,11 +139,16 @@ async fn post(webhook: &Webhook, request: &[u8], tls: Option<&TlsConnector>) -> 
     exchange(tls.connect(name, tcp).await?, request).await
 }
 
-async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, request: &[u8]) -> std::io::Result<u16> {
+async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
+    mut s: S,
+    request: &[u8],
+) -> std::io::Result<u16> {
     s.write_all(request).await?;
     s.flush().await?;
     let mut line = String::new();
-    BufReader::new(s.take(MOST_STATUS_LINE)).read_line(&mut line).await?;
+    BufReader::new(s.take(MOST_STATUS_LINE))
+        .read_line(&mut line)
+        .await?;
     status_of(&line).ok_or_else(|| std::io::Error::other("not an HTTP answer"))
 }
 
@@ -172,8 +184,14 @@ mod tests {
     fn the_request_and_the_status_line() {
         let w = Webhook::parse("http://127.0.0.1:9000/hook?t=1").unwrap();
         let r = String::from_utf8(request(&w, b"{}")).unwrap();
-        assert!(r.starts_with("POST /hook?t=1 HTTP/1.1\r\nHost: 127.0.0.1:9000\r\n"), "{r}");
-        assert!(r.ends_with("Content-Length: 2\r\nConnection: close\r\n\r\n{}"), "{r}");
+        assert!(
+            r.starts_with("POST /hook?t=1 HTTP/1.1\r\nHost: 127.0.0.1:9000\r\n"),
+            "{r}"
+        );
+        assert!(
+            r.ends_with("Content-Length: 2\r\nConnection: close\r\n\r\n{}"),
+            "{r}"
+        );
         assert_eq!(status_of("HTTP/1.1 204 No Content\r\n"), Some(204));
         assert_eq!(status_of("HTTP/1.0 500\r\n"), Some(500));
         assert_eq!(status_of("SSH-2.0\r\n"), None);

@@ -86,8 +86,12 @@ impl NewEndUsers<'_> {
     /// The entry's settings, checked as the key file's reader checks them.
     fn entry(&self) -> Result<(String, serde_json::Map<String, serde_json::Value>), KeyToolError> {
         let usage = |flag: &str, e: String| KeyToolError::Usage(format!("{flag}: {e}"));
-        let header = http::HeaderName::from_bytes(self.header.trim().as_bytes())
-            .map_err(|_| usage("--end-user-header", format!("{:?} is not a header name", self.header)))?;
+        let header = http::HeaderName::from_bytes(self.header.trim().as_bytes()).map_err(|_| {
+            usage(
+                "--end-user-header",
+                format!("{:?} is not a header name", self.header),
+            )
+        })?;
         let mut limits = serde_json::Map::new();
         if let Some(r) = self.rate_limit {
             let r = Rate::parse(r).map_err(|e| usage("--end-user-rate-limit", e))?;

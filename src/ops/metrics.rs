@@ -160,17 +160,17 @@ pub struct Metrics {
     /// Requests decided without Redis while it was unreachable, by
     /// `on_redis_error` mode ("local" counted here, "deny" refused).
     shared_state_fallback: [IntCounter; 2],
-    /// End users and budget alerts.
-    pub alerts: AlertMetrics,
     route_cache: std::sync::Mutex<HashMap<String, Arc<RouteMetrics>>>,
     upstreams: UpstreamFamilies,
 }
 
-/// Token usage on routes with `api`.
+/// Token usage on routes with `api`, and what budgets per end user and
+/// budget alerts count.
 struct TokenMetrics {
     by_model: IntCounterVec,
     by_user: IntCounterVec,
     sources: IntCounterVec,
+    alerts: AlertMetrics,
 }
 
 impl TokenMetrics {
@@ -194,6 +194,7 @@ impl TokenMetrics {
                 "Answers that carry usage, by route and where their counts come from (reported, estimated, unknown).",
                 &["route", "source"],
             ),
+            alerts: AlertMetrics::new(r),
         }
     }
 }
@@ -457,7 +458,6 @@ impl Metrics {
                 fallback.with_label_values(&["local"]),
                 fallback.with_label_values(&["deny"]),
             ],
-            alerts: AlertMetrics::new(&r),
             duration: histogram_vec(
                 &r,
                 "agw_request_duration_seconds",
@@ -689,10 +689,15 @@ impl Metrics {
     }
 
     /// A request decided without Redis: counted locally, or refused.
+    /// End users evicted, and budget alerts.
+    pub fn alerts(&self) -> &AlertMetrics {
+        &self.tokens.alerts
+    }
+
     /// Counts alerts that found the queue full.
     pub fn alerts_dropped(&self, n: u64) {
         if n > 0 {
-            self.alerts.dropped_queue_full.inc_by(n);
+            self.tokens.alerts.dropped_queue_full.inc_by(n);
         }
     }
 

@@ -63,9 +63,7 @@ pub fn find(
         let table = snapshot.end_user_table(extras).ok_or(Refusal::Internal)?;
         let name = value.to_str().map_err(|_| Refusal::BadEndUser)?;
         // Full of end users that all have a request in flight.
-        let handle = table
-            .find(name, now_ms)
-            .ok_or(Refusal::TooManyConcurrent)?;
+        let handle = table.find(name, now_ms).ok_or(Refusal::TooManyConcurrent)?;
         let id = CounterId {
             key: principal.id,
             end_user: Some(handle.tag),
@@ -103,7 +101,13 @@ fn alerting<'s>(snapshot: &'s Snapshot, caller: &Caller) -> Option<Alerting<'s>>
 /// With shared state, the sync task sees the crossings (in Redis's
 /// totals): each budget's counter is told where its alerts go.
 pub fn note_shared_alerts(admission: &Admission, snapshot: &Snapshot, caller: Option<&Caller>) {
-    let (Some(caller), Some(_)) = (caller, admission.tokens.as_ref().or(admission.end_user_tokens.as_ref())) else {
+    let (Some(caller), Some(_)) = (
+        caller,
+        admission
+            .tokens
+            .as_ref()
+            .or(admission.end_user_tokens.as_ref()),
+    ) else {
         return;
     };
     let Some(alerting) = alerting(snapshot, caller) else {
@@ -144,7 +148,10 @@ pub fn count_tokens(
     ];
     let mut dropped = 0;
     for (step, limit, end_user) in steps.into_iter().flatten() {
-        if crossed(alerting.at, limit, step.before, step.after).next().is_none() {
+        if crossed(alerting.at, limit, step.before, step.after)
+            .next()
+            .is_none()
+        {
             continue;
         }
         let crossing = Crossing {
@@ -186,9 +193,22 @@ mod tests {
         let ok = read(&headers(&[b"0b5c-user@example.com"]), &name).unwrap();
         assert_eq!(ok.unwrap(), "0b5c-user@example.com");
         assert!(read(&headers(&[&[b'a'; 128]]), &name).unwrap().is_some());
-        for bad in [&b""[..], &[b'a'; 129], b"has space", b"caf\xc3\xa9", b"tab\there"] {
-            assert_eq!(read(&headers(&[bad]), &name), Err(Refusal::BadEndUser), "{bad:?}");
+        for bad in [
+            &b""[..],
+            &[b'a'; 129],
+            b"has space",
+            b"caf\xc3\xa9",
+            b"tab\there",
+        ] {
+            assert_eq!(
+                read(&headers(&[bad]), &name),
+                Err(Refusal::BadEndUser),
+                "{bad:?}"
+            );
         }
-        assert_eq!(read(&headers(&[b"a", b"b"]), &name), Err(Refusal::BadEndUser));
+        assert_eq!(
+            read(&headers(&[b"a", b"b"]), &name),
+            Err(Refusal::BadEndUser)
+        );
     }
 }

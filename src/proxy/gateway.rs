@@ -135,7 +135,14 @@ impl Gateway {
         let principal = phases::key(decision.verdict, &check)?;
         let route = route.ok_or(Refusal::Internal)?;
         let shared = self.cluster.is_some();
-        let end_user = end_users::find(snapshot, &principal, route, &req.headers, now.mono_ms, shared);
+        let end_user = end_users::find(
+            snapshot,
+            &principal,
+            route,
+            &req.headers,
+            now.mono_ms,
+            shared,
+        );
         ctx.caller = Some(Caller {
             id: principal.id,
             user: principal.user.header.clone(),
@@ -144,7 +151,7 @@ impl Gateway {
         });
         let end_user = end_user?;
         if end_user.evicted {
-            self.metrics.alerts.end_users_evicted.inc();
+            self.metrics.alerts().end_users_evicted.inc();
         }
         ctx.body.max = snapshot.limits_for(&principal, route).max_body;
         let counted = snapshot.counted(&principal, route);

@@ -117,7 +117,10 @@ impl AlertQueue {
     /// The receiving end, for the one task that posts (`None` after the
     /// first call).
     pub fn take_receiver(&self) -> Option<mpsc::Receiver<Alert>> {
-        self.rx.lock().unwrap_or_else(PoisonError::into_inner).take()
+        self.rx
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
     }
 }
 
@@ -125,7 +128,10 @@ impl AlertQueue {
 fn rfc3339(unix_ms: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp(unix_ms.div_euclid(1000))
         .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
         .unwrap_or_default()
 }
 
@@ -213,7 +219,10 @@ mod tests {
         for _ in 0..ALERT_QUEUE {
             dropped += q.crossed(&alerting, &c);
         }
-        assert_eq!(dropped, ALERT_QUEUE as u64, "half of the 2 x {ALERT_QUEUE} fit");
+        assert_eq!(
+            dropped, ALERT_QUEUE as u64,
+            "half of the 2 x {ALERT_QUEUE} fit"
+        );
         let mut rx = q.take_receiver().unwrap();
         let first = rx.try_recv().unwrap();
         assert_eq!(first.body.window_end, "2027-01-15T08:00:00Z");

@@ -206,7 +206,10 @@ mod tests {
         let t = EndUserTable::default();
         let a = t.find("alice", 1).unwrap();
         assert!(!a.evicted);
-        assert!(Arc::ptr_eq(&a.counter, &t.find("alice", 2).unwrap().counter));
+        assert!(Arc::ptr_eq(
+            &a.counter,
+            &t.find("alice", 2).unwrap().counter
+        ));
         assert_eq!(a.tag, end_user_tag("alice"));
         let busy = a.counter.enter(1).unwrap();
         let mut evictions = 0;

@@ -156,7 +156,11 @@ impl KeyCounter {
     /// Whether no request holds a slot of this counter (here or of the
     /// cluster's): it may be forgotten without losing a count in use.
     pub fn is_idle(&self) -> bool {
-        self.in_flight() == 0 && self.shared.get().is_none_or(|s| s.slots.load(Ordering::Relaxed) & LOW32 == 0)
+        self.in_flight() == 0
+            && self
+                .shared
+                .get()
+                .is_none_or(|s| s.slots.load(Ordering::Relaxed) & LOW32 == 0)
     }
 
     /// Tokens counted in the window that is current at `now_ms`.
@@ -244,9 +248,17 @@ impl TokenMeter {
 
     /// For a shared budget: where the alerts of its crossings go (see
     /// [`SharedShare::note_alerts`]); nothing for a local one.
-    pub fn note_alerts(&self, key_id: KeyId, alerting: &Alerting<'_>, user: &str, end_user: Option<&str>) {
+    pub fn note_alerts(
+        &self,
+        key_id: KeyId,
+        alerting: &Alerting<'_>,
+        user: &str,
+        end_user: Option<&str>,
+    ) {
         if self.shared {
-            self.counter.shared().note_alerts(key_id, alerting, user, end_user);
+            self.counter
+                .shared()
+                .note_alerts(key_id, alerting, user, end_user);
         }
     }
 
@@ -456,7 +468,13 @@ impl SharedShare {
     /// Keeps the alert settings of the counter's budget, as a request
     /// found them: a load and a compare, a new target only when they
     /// changed (a reload).
-    pub fn note_alerts(&self, key_id: KeyId, alerting: &Alerting<'_>, user: &str, end_user: Option<&str>) {
+    pub fn note_alerts(
+        &self,
+        key_id: KeyId,
+        alerting: &Alerting<'_>,
+        user: &str,
+        end_user: Option<&str>,
+    ) {
         let same = self
             .alert
             .load()

@@ -30,7 +30,9 @@ pub use end_users::{
     end_user_tag, CounterId, EndUserBook, EndUserHandle, EndUserTable, MAX_END_USERS,
 };
 pub use failed_keys::{AddrTag, FailedKeys, KNOWN_FOR_S};
-pub use key_counters::{InFlightGuard, KeyCounter, KeyCounters, SharedShare, TokenMeter, TokenStep};
+pub use key_counters::{
+    InFlightGuard, KeyCounter, KeyCounters, SharedShare, TokenMeter, TokenStep,
+};
 pub use upstream_health::{Transition, UpstreamHealth, PASSIVE_COOLDOWN};
 pub use upstream_load::{Entered, Lease, Member, UpstreamLoad, WaitQueue, Waiting};
 pub use upstreams::{UpstreamBook, UpstreamState};

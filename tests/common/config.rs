@@ -943,7 +943,8 @@ impl Alerts {
     }
 
     pub fn at(mut self, thresholds: &[f64]) -> Alerts {
-        self.0.insert("at".into(), thresholds.iter().copied().collect());
+        self.0
+            .insert("at".into(), thresholds.iter().copied().collect());
         self
     }
 
