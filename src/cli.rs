@@ -40,7 +40,7 @@ pub enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
-    /// Requests, tokens and errors per user, key, model, route or day,
+    /// Requests, tokens and errors per user, key, model, route, day or end user,
     /// from the audit log and its rotated files (PATH.1, PATH.2.gz, ...).
     Usage(UsageArgs),
 }

@@ -231,6 +231,34 @@ mod tests {
     }
 
     #[test]
+    fn errors_name_the_file_line_and_reason() {
+        let config = |alerts: &str| {
+            format!(
+                "listen: \"127.0.0.1:1\"\nkeys_file: k.json\nalerts:\n{alerts}\nroutes:\n  - {{name: a, path_prefix: /a/, service: a, upstreams: [\"127.0.0.1:2\"]}}\n"
+            )
+        };
+        let path = std::path::Path::new("/t/g.yaml");
+        for (alerts, line, why) in [
+            ("  webhook: ftp://x/", 4, "http:// or https://"),
+            (
+                "  webhook: http://x/\n  at: [1.0, 0.8]",
+                5,
+                "increasing order",
+            ),
+            ("  webhook: http://x/\n  at: [0.5, 2]", 5, "(0, 1]"),
+            ("  webhook: http://x/\n  every: 1s", 5, "unknown field"),
+        ] {
+            let e = super::super::Config::check(path, &config(alerts))
+                .expect_err(alerts)
+                .to_string();
+            assert!(e.starts_with(&format!("/t/g.yaml:{line}:")), "{e}");
+            assert!(e.contains(why), "{e}");
+        }
+        let ok = super::super::Config::parse(path, &config("  webhook: http://x/")).unwrap();
+        assert!(ok.alerts.is_some_and(|a| a.webhook.is_some()));
+    }
+
+    #[test]
     fn a_key_overrides_the_config_setting_by_setting() {
         let hook = |u: &str| Some(Arc::new(Webhook::parse(u).unwrap()));
         let global = AlertSettings {

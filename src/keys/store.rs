@@ -919,6 +919,61 @@ mod tests {
     }
 
     #[test]
+    fn end_users_and_alerts_of_a_key() {
+        let s = parse(
+            "k.json",
+            r#"{"a": {"user": "u", "service": "chat", "end_user_header": "X-OpenWebUI-User-Id",
+                      "end_user_limits": {"rate_limit": "5/min", "token_limit": "10k/day"},
+                      "alerts": {"at": [0.5]}},
+                "b": {"user": "v", "service": "chat"},
+                "c": {"user": "w", "service": "chat", "alerts": {"at": []}}}"#,
+        )
+        .unwrap();
+        let a = s.check(Some(b"a"), 0, NOW).unwrap();
+        let extras = a.extras.unwrap();
+        let spec = extras.end_users.as_ref().unwrap();
+        assert_eq!(spec.header.as_str(), "x-openwebui-user-id");
+        assert_eq!(spec.limits.rate.unwrap().count.get(), 5);
+        assert!(spec.limits.max_concurrent.is_none());
+        assert!(extras.alerts.as_ref().unwrap().webhook.is_none());
+        assert!(s.check(Some(b"b"), 0, NOW).unwrap().extras.is_none());
+        let c = s.check(Some(b"c"), 0, NOW).unwrap().extras.unwrap();
+        assert!(c.end_users.is_none());
+        let ids = s.end_user_keys();
+        assert_eq!(ids.len(), 2);
+        assert_eq!(ids[extras.slot as usize], Some(KeyDigest::of(b"a").id()));
+        assert_eq!(ids[c.slot as usize], None);
+
+        for (entry, why) in [
+            (
+                r#""end_user_limits": {"rate_limit": "5/min"}"#,
+                "needs `end_user_header`",
+            ),
+            (
+                r#""end_user_header": "X-API-Key""#,
+                "the gateway reads or sets itself",
+            ),
+            (r#""end_user_header": "bad header""#, "is not a header name"),
+            (
+                r#""end_user_header": "X-U", "end_user_limits": {"rate": "5/min"}"#,
+                "unknown field",
+            ),
+            (r#""alerts": {"at": [0.9, 0.8]}"#, "increasing order"),
+            (
+                r#""alerts": {"webhook": "mailto:x@y"}"#,
+                "http:// or https://",
+            ),
+        ] {
+            let text = format!(
+                "{{\n\"secret-k\": {{\"user\": \"u\", \"service\": \"chat\", {entry}}}\n}}"
+            );
+            let e = err("k.json", &text);
+            assert!(e.starts_with("k.json:2:") && e.contains(why), "{e}");
+            assert!(!e.contains("secret-k"), "{e}");
+        }
+    }
+
+    #[test]
     fn wildcard_allows_every_service() {
         let s = parse("k.json", r#"{"k": {"user": "u", "service": "*"}}"#).unwrap();
         assert!(s.check(Some(b"k"), 0, NOW).is_ok());
