@@ -688,7 +688,6 @@ impl Metrics {
         }
     }
 
-    /// A request decided without Redis: counted locally, or refused.
     /// End users evicted, and budget alerts.
     pub fn alerts(&self) -> &AlertMetrics {
         &self.tokens.alerts
@@ -701,6 +700,7 @@ impl Metrics {
         }
     }
 
+    /// A request decided without Redis: counted locally, or refused.
     pub fn shared_state_fallback(&self, denied: bool) {
         self.shared_state_fallback[usize::from(denied)].inc();
     }
