@@ -66,6 +66,9 @@ pub enum Refusal {
     /// be read: a body that is not one JSON object, a `model` that is not
     /// a model name, or none at all.
     ModelUnreadable,
+    /// The key names its end users by a header, and the request's value
+    /// is not one: repeated, empty, over 128 bytes or not visible ASCII.
+    BadEndUser,
     /// A request Pingora could not read (a malformed body, say).
     BadRequest,
     /// The request body stalled longer than `client_body_timeout`.
@@ -109,7 +112,7 @@ pub const CHALLENGE: &str = "Bearer realm=\"ai-gateway\"";
 impl Refusal {
     /// Every kind, for metrics that are resolved once at start and for
     /// tests that must cover them all.
-    pub const ALL: [Refusal; 33] = [
+    pub const ALL: [Refusal; 34] = [
         Refusal::BadFraming,
         Refusal::InvalidContentLength,
         Refusal::InvalidTransferEncoding,
@@ -134,6 +137,7 @@ impl Refusal {
         Refusal::Key(KeyDenial::Expired),
         Refusal::Key(KeyDenial::Disabled),
         Refusal::Key(KeyDenial::WrongService),
+        Refusal::BadEndUser,
         Refusal::BadRequest,
         Refusal::BodyTimeout,
         Refusal::BodyTooLarge,
@@ -164,6 +168,7 @@ impl Refusal {
             | Refusal::UpgradeNotAllowed
             | Refusal::ConflictingKeys
             | Refusal::ModelUnreadable
+            | Refusal::BadEndUser
             | Refusal::BadRequest => 400,
             Refusal::Key(KeyDenial::WrongService) => 403,
             Refusal::Key(_) => 401,
@@ -212,6 +217,9 @@ impl Refusal {
             Refusal::Key(KeyDenial::WrongService) => {
                 r#"{"error":"api key not allowed for this service"}"#
             }
+            Refusal::BadEndUser => {
+                r#"{"error":"the end user header must be one value of 1 to 128 visible ASCII characters"}"#
+            }
             Refusal::BadRequest => r#"{"error":"bad request"}"#,
             Refusal::BodyTimeout => r#"{"error":"request body timed out"}"#,
             Refusal::BodyTooLarge => r#"{"error":"request body too large"}"#,
@@ -256,6 +264,7 @@ impl Refusal {
             Refusal::Key(KeyDenial::Expired) => "expired_key",
             Refusal::Key(KeyDenial::Disabled) => "disabled_key",
             Refusal::Key(KeyDenial::WrongService) => "wrong_service",
+            Refusal::BadEndUser => "bad_end_user",
             Refusal::BadRequest => "bad_request",
             Refusal::BodyTimeout => "client_timeout",
             Refusal::BodyTooLarge => "body_too_large",
