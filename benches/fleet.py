@@ -2,9 +2,12 @@
 """least_busy against round_robin on a two-speed pair of model servers.
 
 Two paced upstreams stream Ollama-shaped NDJSON: a fast one (a line every
-FAST_MS) and one five times slower, LINES lines each. The gateway (release
-build) has one route over both, `max_in_flight` CAP each and a queue; CLIENTS
-closed-loop clients stream through it for SECONDS per round. Rounds alternate
+FAST_MS) and one five times slower, LINES lines each. Like a GPU, each runs
+PARALLEL streams at full speed and slows down past that (a line every
+delay x in_flight / PARALLEL), so piling streams on the slow one costs. The
+gateway (release build) has one route over both (with CAP > 0, also
+`max_in_flight: CAP` each and a queue); CLIENTS closed-loop clients stream
+through it for SECONDS per round. Rounds alternate
 `round_robin` and `least_busy`, ROUNDS of each, same run. Reported per round:
 streams completed per minute, time to the first line p50/p99 (which includes
 any wait in the queue), and each upstream's share.
@@ -12,7 +15,8 @@ any wait in the queue), and each upstream's share.
     python3 benches/fleet.py [path/to/ai-gateway]    # default target/release
 
 Settings by environment: CLIENTS=40 SECONDS=20 ROUNDS=2 LINES=20 FAST_MS=10
-CAP=10. Needs only python3; everything binds loopback.
+PARALLEL=4 CAP=0. (With caps every upstream saturated, both policies fill
+every slot and serve the same: the choice matters below saturation.) Needs only python3; everything binds loopback.
 """
 import asyncio
 import json
@@ -29,7 +33,8 @@ SECONDS = float(os.environ.get("SECONDS", 20))
 ROUNDS = int(os.environ.get("ROUNDS", 2))
 LINES = int(os.environ.get("LINES", 20))
 FAST_MS = float(os.environ.get("FAST_MS", 10))
-CAP = int(os.environ.get("CAP", 10))
+CAP = int(os.environ.get("CAP", 0))
+PARALLEL = int(os.environ.get("PARALLEL", 4))
 KEY = "bench-fleet-key-1"
 
 
@@ -47,6 +52,7 @@ class Upstream:
     def __init__(self, delay_s):
         self.delay = delay_s
         self.served = 0
+        self.in_flight = 0
         self.port = free_port()
 
     async def handle(self, reader, writer):
@@ -63,16 +69,18 @@ class Upstream:
                     b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n"
                     b"Transfer-Encoding: chunked\r\n\r\n"
                 )
+                self.in_flight += 1
                 for i in range(LINES):
-                    await asyncio.sleep(self.delay)
+                    await asyncio.sleep(self.delay * max(1.0, self.in_flight / PARALLEL))
                     done = "true" if i == LINES - 1 else "false"
                     line = ('{"model":"m","response":"tok","done":%s}\n' % done).encode()
                     writer.write(b"%x\r\n%s\r\n" % (len(line), line))
                     await writer.drain()
+                self.in_flight -= 1
                 writer.write(b"0\r\n\r\n")
                 await writer.drain()
                 self.served += 1
-        except (asyncio.IncompleteReadError, ConnectionError):
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
             pass
         finally:
             writer.close()
@@ -112,6 +120,8 @@ def config(dirname, port, fast, slow, balance):
         json.dump({KEY: {"user": "bench", "service": "chat"}}, f)
     os.chmod(os.path.join(dirname, "keys.json"), 0o600)
     path = os.path.join(dirname, "g.yaml")
+    cap = f", max_in_flight: {CAP}" if CAP else ""
+    queue = "    queue: {max: 1000, timeout: 60s}\n" if CAP else ""
     with open(path, "w") as f:
         f.write(
             f"""listen: "127.0.0.1:{port}"
@@ -125,10 +135,9 @@ routes:
     service: chat
     api: ollama
     balance: {balance}
-    queue: {{max: 1000, timeout: 60s}}
-    upstreams:
-      - {{address: "127.0.0.1:{fast.port}", max_in_flight: {CAP}}}
-      - {{address: "127.0.0.1:{slow.port}", max_in_flight: {CAP}}}
+{queue}    upstreams:
+      - {{address: "127.0.0.1:{fast.port}"{cap}}}
+      - {{address: "127.0.0.1:{slow.port}"{cap}}}
 """
         )
     return path
@@ -180,7 +189,8 @@ async def main():
     await slow.start()
     print(
         f"`python3 benches/fleet.py` CLIENTS={CLIENTS} SECONDS={SECONDS:g} ROUNDS={ROUNDS} "
-        f"LINES={LINES} FAST_MS={FAST_MS:g} (slow: {FAST_MS * 5:g} ms) CAP={CAP}\n"
+        f"LINES={LINES} FAST_MS={FAST_MS:g} (slow: {FAST_MS * 5:g} ms) PARALLEL={PARALLEL} "
+        f"CAP={CAP}\n"
     )
     print("| round | balance | streams/min | first line p50 | p99 | fast / slow served |")
     print("|---|---|---:|---:|---:|---:|")

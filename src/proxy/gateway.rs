@@ -246,19 +246,19 @@ impl Gateway {
     /// was sent, the request body can be replayed (still whole in
     /// Pingora's retry buffer), and an upstream can take it now.
     fn retries_answer(&self, session: &mut Session, ctx: &mut RequestCtx, status: u16) -> bool {
+        if !ctx.route().is_some_and(|r| r.retry.on(status)) {
+            ctx.tries.status_retry = false;
+            return false;
+        }
         let replayable = !session.as_downstream().retry_buffer_truncated()
             && ctx
                 .ai
                 .as_ref()
                 .is_none_or(|ai| !matches!(ai.replay, Replay::Prefix(_)));
-        let retried = ctx.route().is_some_and(|r| r.retry.on(status))
-            && session.response_written().is_none()
+        let now_ms = unix_millis(SystemTime::now());
+        let retried = session.response_written().is_none()
             && replayable
-            && self.retry(
-                ctx,
-                TryFailure::Status(status),
-                unix_millis(SystemTime::now()),
-            );
+            && self.retry(ctx, TryFailure::Status(status), now_ms);
         ctx.tries.status_retry = retried;
         retried
     }
