@@ -466,6 +466,62 @@ impl Route {
         self
     }
 
+    /// Adds an upstream in the object form, `{address, max_in_flight}`.
+    pub fn upstream_capped(mut self, upstream: impl fmt::Display, max_in_flight: u32) -> Route {
+        let mut entry = Map::new();
+        entry.insert("address".into(), Value::String(upstream.to_string()));
+        entry.insert("max_in_flight".into(), max_in_flight.into());
+        self.0
+            .entry("upstreams")
+            .or_insert_with(|| Value::Array(Vec::new()))
+            .as_array_mut()
+            .expect("upstreams is a list")
+            .push(Value::Object(entry));
+        self
+    }
+
+    /// `round_robin` or `least_busy`.
+    pub fn balance(mut self, how: &str) -> Route {
+        self.0.insert("balance".into(), Value::String(how.into()));
+        self
+    }
+
+    /// `queue: {max, timeout}`.
+    pub fn queue(mut self, max: u32, timeout: &str) -> Route {
+        let mut q = Map::new();
+        q.insert("max".into(), max.into());
+        q.insert("timeout".into(), Value::String(timeout.into()));
+        self.0.insert("queue".into(), Value::Object(q));
+        self
+    }
+
+    /// `retry: {attempts, on}`; `on` as written: `"connect"` or a status
+    /// (`"503"`, rendered as a number).
+    pub fn retry(mut self, attempts: u32, on: &[&str]) -> Route {
+        let on: Vec<Value> = on
+            .iter()
+            .map(|o| {
+                o.parse::<u16>()
+                    .map_or_else(|_| Value::from(*o), Value::from)
+            })
+            .collect();
+        let mut r = Map::new();
+        r.insert("attempts".into(), attempts.into());
+        r.insert("on".into(), Value::Array(on));
+        self.0.insert("retry".into(), Value::Object(r));
+        self
+    }
+
+    /// `aliases: {alias: target, ...}`, in order.
+    pub fn aliases(mut self, pairs: &[(&str, &str)]) -> Route {
+        let map = pairs
+            .iter()
+            .map(|(a, t)| ((*a).to_string(), Value::String((*t).into())))
+            .collect();
+        self.0.insert("aliases".into(), Value::Object(map));
+        self
+    }
+
     /// Any field, as is: for tests of config errors (a misspelt field, a
     /// value of the wrong type).
     pub fn field(mut self, name: &str, value: impl Into<Value>) -> Route {

@@ -18,6 +18,10 @@
 //!   until it answers HTTP, and [`run_cli`] for one-shot commands;
 //! * [`cluster`]: three gateway instances sharing one Redis (not glob
 //!   re-exported: `use common::cluster::*` where needed);
+//! * [`fleet`]: upstreams of the fleet tests that record their own
+//!   concurrency and the order requests arrived in, streaming, holding
+//!   their answer until released, answering 503 or breaking off (not
+//!   glob re-exported: `use common::fleet::*` where needed);
 //! * [`hostile`]: exact bytes on a raw connection and checks that the
 //!   upstream received nothing, for the hardening tests (not glob
 //!   re-exported: `use common::hostile::*` where needed);
@@ -47,6 +51,7 @@ pub mod audit;
 pub mod check;
 pub mod cluster;
 pub mod config;
+pub mod fleet;
 pub mod gateway;
 pub mod hostile;
 pub mod key_files;
