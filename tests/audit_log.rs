@@ -46,7 +46,7 @@ fn config(upstream: SocketAddr) -> GatewayConfig {
 // Audit log helpers
 // ---------------------------------------------------------------------------
 
-const AUDIT_FIELDS: [&str; 22] = [
+const AUDIT_FIELDS: [&str; 20] = [
     "ts",
     "request_id",
     "client",
@@ -66,8 +66,6 @@ const AUDIT_FIELDS: [&str; 22] = [
     "model",
     "prompt_tokens",
     "completion_tokens",
-    "cache_creation_tokens",
-    "cache_read_tokens",
     "usage",
 ];
 

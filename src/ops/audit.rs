@@ -61,8 +61,11 @@ pub struct AuditRecord {
     pub prompt_tokens: Option<u64>,
     pub completion_tokens: Option<u64>,
     /// Of the prompt tokens, those written to and read from the prompt
-    /// cache, when the answer said (Anthropic's Messages API).
+    /// cache, when the answer said (Anthropic's Messages API; only then in
+    /// the line).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub cache_creation_tokens: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub cache_read_tokens: Option<u64>,
     /// Where the token counts come from: `reported`, `estimated`,
     /// `unknown`; null where the endpoint has no usage.
