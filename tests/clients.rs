@@ -308,8 +308,7 @@ fn the_official_anthropic_library_streams_counts_and_is_refused() {
         prompt_tokens: 5,
         cache_creation_tokens: 100,
         cache_read_tokens: 20,
-        delay: Duration::from_millis(150),
-        ..AiOptions::default()
+        ..slow()
     });
     let gw = Gateway::start(
         &GatewayConfig::new()
