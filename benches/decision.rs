@@ -350,9 +350,57 @@ fn bench_usage(c: &mut Criterion) {
     });
 }
 
+/// What end users add to a request's limits: `limits/key_rate` is the
+/// key's own rate check (one compare-and-swap), the reference;
+/// `limits/end_user_find_then_rate` finds an end user already known among
+/// 4,096 in the key's table (a shard's read lock) and takes from their
+/// rate; `limits/end_user_find_4_threads` is the same from four threads
+/// at once on one table (per call), for the lock's contention.
+fn bench_end_users(c: &mut Criterion) {
+    use ai_gateway::config::Rate;
+    use ai_gateway::state::{EndUserTable, KeyCounter, MAX_END_USERS};
+    let rate = Rate::parse("1000000000/day").expect("rate");
+    let key = KeyCounter::default();
+    c.bench_function("limits/key_rate", |b| {
+        b.iter(|| black_box(key.take(rate, black_box(1_000))))
+    });
+    let table = EndUserTable::default();
+    let names: Vec<String> = (0..MAX_END_USERS)
+        .map(|i| format!("0b5c7a1e-user-{i:05}"))
+        .collect();
+    for n in &names {
+        table.find(n, 1);
+    }
+    let mut i = 0;
+    c.bench_function("limits/end_user_find_then_rate", |b| {
+        b.iter(|| {
+            i = (i + 1) % names.len();
+            let h = table.find(black_box(&names[i]), 1_000).expect("known");
+            black_box(h.counter.take(rate, 1_000))
+        })
+    });
+    c.bench_function("limits/end_user_find_4_threads", |b| {
+        b.iter_custom(|iters| {
+            let start = std::time::Instant::now();
+            std::thread::scope(|s| {
+                for t in 0..4 {
+                    let (table, names) = (&table, &names);
+                    s.spawn(move || {
+                        for j in 0..iters as usize {
+                            let n = &names[(j * 7 + t * 1_024) % names.len()];
+                            black_box(table.find(n, 1_000));
+                        }
+                    });
+                }
+            });
+            start.elapsed() / 4
+        })
+    });
+}
+
 criterion_group! {
     name = benches;
     config = configure();
-    targets = bench_keys, bench_routes, bench_decide, bench_usage
+    targets = bench_keys, bench_routes, bench_decide, bench_usage, bench_end_users
 }
 criterion_main!(benches);

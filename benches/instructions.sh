@@ -3,9 +3,13 @@
 # busy machine, unlike req/s): a gateway binary, one proxy thread, in front
 # of nginx `return 200`; N1 then N2 keep-alive GETs with a valid key from
 # one client; the difference of the two totals over N2 - N1 is the cost of
-# one request (start-up and shutdown cancel out).
+# one request (start-up and shutdown cancel out). The route has two
+# upstreams (nginx on two ports), so balancing does its work.
 #
 #   benches/instructions.sh BIN [BIN2 ...]      # N1=100 N2=1100
+#
+# ROUTE_EXTRA adds settings to the route, to price one setting with the
+# same binary: ROUTE_EXTRA=', balance: least_busy' benches/instructions.sh BIN
 #
 # Needs valgrind, nginx, python3. Compare two builds by naming both.
 set -euo pipefail
@@ -20,16 +24,16 @@ port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); 
 
 # total BIN N: callgrind's instruction total for a run with N requests.
 total() {
-  local bin=$1 n=$2 w up g np gp
+  local bin=$1 n=$2 w up up2 g np gp
   w=$(mktemp -d /tmp/agw-instr.XXXXXX)
-  up=$(port); g=$(port)
+  up=$(port); up2=$(port); g=$(port)
   mkdir -p "$w/nginx"
   cat >"$w/nginx.conf" <<NG
 daemon off; master_process off; worker_processes 1; pid $w/nginx/pid; error_log $w/nginx/err warn;
 events { worker_connections 1024; }
 http { access_log off; client_body_temp_path $w/nginx/b; proxy_temp_path $w/nginx/p;
   fastcgi_temp_path $w/nginx/f; uwsgi_temp_path $w/nginx/u; scgi_temp_path $w/nginx/s;
-  server { listen 127.0.0.1:$up; location / { default_type application/json; return 200 '{"ok":true}\n'; } } }
+  server { listen 127.0.0.1:$up; listen 127.0.0.1:$up2; location / { default_type application/json; return 200 '{"ok":true}\n'; } } }
 NG
   nginx -p "$w/nginx" -c "$w/nginx.conf" -e "$w/nginx/err" &
   np=$!
@@ -43,7 +47,7 @@ shutdown_grace: 1s
 watch: false
 upgrade_sock: $w/g.sock
 routes:
-  - {name: chat, path_prefix: /chat/, service: chat, strip_prefix: true, upstreams: ["127.0.0.1:$up"]}
+  - {name: chat, path_prefix: /chat/, service: chat, strip_prefix: true, upstreams: ["127.0.0.1:$up", "127.0.0.1:$up2"]${ROUTE_EXTRA:-}}
 Y
   valgrind --tool=callgrind --callgrind-out-file="$w/cg.out" "$bin" run --config "$w/g.yaml" 2>"$w/g.log" &
   gp=$!

@@ -40,7 +40,7 @@ pub enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
-    /// Requests, tokens and errors per user, key, model, route or day,
+    /// Requests, tokens and errors per user, key, model, route, day or end user,
     /// from the audit log and its rotated files (PATH.1, PATH.2.gz, ...).
     Usage(UsageArgs),
 }
@@ -54,9 +54,15 @@ pub struct UsageArgs {
     /// date (2026-11-01) or an RFC 3339 time.
     #[arg(long, value_name = "WHEN")]
     pub since: Option<String>,
-    /// What to total by: user, key, model, requested_model (the alias asked for, else the model), route or day.
+    /// What to total by: user, key, model, requested_model (the alias
+    /// asked for, else the model), route, day or end_user (the end users
+    /// behind keys with end_user_header).
     #[arg(long, value_name = "GROUP", default_value = "user")]
     pub by: String,
+    /// Only the requests of this key (its id as `keys list` shows it, or
+    /// the start of it).
+    #[arg(long, value_name = "ID")]
+    pub key: Option<String>,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -127,6 +133,20 @@ pub struct KeygenArgs {
     /// several; without it, every model).
     #[arg(long = "model", value_name = "MODEL")]
     pub models: Vec<String>,
+    /// The header that names the end users behind the key, such as
+    /// X-OpenWebUI-User-Id: usage is then reported per end user, and the
+    /// --end-user-* limits apply to each.
+    #[arg(long, value_name = "HEADER")]
+    pub end_user_header: Option<String>,
+    /// Each end user's request rate, such as 10/min.
+    #[arg(long, value_name = "N/UNIT", requires = "end_user_header")]
+    pub end_user_rate_limit: Option<String>,
+    /// How many requests each end user may have in flight at once.
+    #[arg(long, value_name = "N", requires = "end_user_header")]
+    pub end_user_max_concurrent: Option<std::num::NonZeroU32>,
+    /// Each end user's token budget, such as 50k/day.
+    #[arg(long, value_name = "N/UNIT", requires = "end_user_header")]
+    pub end_user_token_limit: Option<String>,
     #[command(flatten)]
     pub target: KeysTarget,
 }
@@ -220,7 +240,8 @@ fn usage(a: &UsageArgs) -> Result<(), String> {
             path.display()
         ));
     }
-    let r = report::build(&files, by, since).map_err(|e| e.to_string())?;
+    let key = a.key.as_deref().map(str::to_ascii_lowercase);
+    let r = report::build_for_key(&files, by, since, key.as_deref()).map_err(|e| e.to_string())?;
     if a.json {
         let text = serde_json::to_string_pretty(&r).map_err(|e| e.to_string())?;
         println!("{text}");
@@ -330,6 +351,15 @@ fn keygen(a: &KeygenArgs) -> Result<(), KeyToolError> {
         max_concurrent: a.max_concurrent,
         token_limit: a.token_limit.as_deref(),
         models: &a.models,
+        end_users: a
+            .end_user_header
+            .as_deref()
+            .map(|header| keys::NewEndUsers {
+                header,
+                rate_limit: a.end_user_rate_limit.as_deref(),
+                max_concurrent: a.end_user_max_concurrent,
+                token_limit: a.end_user_token_limit.as_deref(),
+            }),
     };
     let (key, digest) = keys::keygen(&path, &req, SystemTime::now())?;
     println!("{key}");

@@ -42,7 +42,7 @@ use crate::config::{Limits, OnRedisError, SharedStateSpec, ThrottleSpec, TokenRa
 use crate::keys::KeyId;
 use crate::ops::Metrics;
 use crate::policy::{admit_locally, whole_seconds, Admission, Refusal};
-use crate::state::{Carried, KeyCounter, SharedShare, TokenMeter};
+use crate::state::{Carried, CounterId, KeyCounter, SharedShare, TokenMeter};
 
 use link::{Link, Unavailable};
 pub use scripts::{EVENTS, REVOKED};
@@ -64,10 +64,10 @@ pub struct Cluster {
     epoch: Instant,
     /// Keys holding concurrency slots, for the sync task to return the
     /// unused ones.
-    holding: Mutex<HashMap<KeyId, Arc<KeyCounter>>>,
+    holding: Mutex<HashMap<CounterId, Arc<KeyCounter>>>,
     /// Keys with a token budget this instance has heard about, with the
     /// budget: the sync task sends their tokens, pub/sub updates them.
-    metered: Mutex<HashMap<KeyId, (Arc<KeyCounter>, TokenRate)>>,
+    metered: Mutex<HashMap<CounterId, (Arc<KeyCounter>, TokenRate)>>,
     /// Key ids revoked through Redis.
     revoked: ArcSwap<HashSet<KeyId>>,
     any_revoked: AtomicBool,
@@ -171,7 +171,7 @@ impl Cluster {
     /// reached, counts locally or refuses, as `on_redis_error` says.
     pub async fn admit(
         &self,
-        id: KeyId,
+        id: CounterId,
         limits: Limits,
         counter: &Arc<KeyCounter>,
         now_ms: u64,
@@ -194,7 +194,7 @@ impl Cluster {
 
     async fn admit_shared(
         &self,
-        id: KeyId,
+        id: CounterId,
         limits: Limits,
         counter: &Arc<KeyCounter>,
         now_ms: u64,
@@ -231,6 +231,7 @@ impl Cluster {
             tokens: limits
                 .tokens
                 .map(|budget| TokenMeter::shared(Arc::clone(counter), budget)),
+            ..Admission::default()
         })
     }
 
@@ -238,7 +239,7 @@ impl Cluster {
     /// and one request of it.
     async fn lease_requests(
         &self,
-        id: KeyId,
+        id: CounterId,
         share: &SharedShare,
         rate: crate::config::Rate,
         now_ms: u64,
@@ -277,7 +278,7 @@ impl Cluster {
     /// Takes concurrency slots from the cluster and uses one.
     async fn take_slot(
         &self,
-        id: KeyId,
+        id: CounterId,
         counter: &Arc<KeyCounter>,
         max: u32,
     ) -> Result<crate::state::InFlightGuard, Shortfall> {
@@ -313,7 +314,7 @@ impl Cluster {
     /// key for the sync task.
     async fn hear_tokens(
         &self,
-        id: KeyId,
+        id: CounterId,
         counter: &Arc<KeyCounter>,
         budget: TokenRate,
         now_ms: u64,

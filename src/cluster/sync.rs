@@ -14,7 +14,9 @@ use log::{debug, info};
 use super::link::{Link, Unavailable};
 use super::scripts::{self, EVENTS, REVOKED};
 use super::{lock, Cluster};
+use crate::config::TokenRate;
 use crate::keys::{unix_millis, KeyId};
+use crate::state::{CounterId, Crossing, KeyCounter};
 
 /// How often unused slots go back and counted tokens go out.
 pub const SYNC_EVERY: Duration = Duration::from_millis(100);
@@ -149,12 +151,46 @@ async fn send_tokens(cluster: &Cluster) {
             })
             .await;
         match total {
-            Ok((used, ttl_ms)) => counter
-                .shared()
-                .hear_tokens(used, sent.saturating_add(ttl_ms)),
+            Ok((used, ttl_ms)) => {
+                counter
+                    .shared()
+                    .hear_tokens(used, sent.saturating_add(ttl_ms));
+                alert_crossings(cluster, &counter, budget, n, used, ttl_ms);
+            }
             Err(_) => counter.shared().keep_unsent(n),
         }
     }
+}
+
+/// Queues the alerts for the thresholds that adding `n` tokens crossed
+/// in Redis (now `used`): one `INCRBY` per send, so exactly one instance
+/// sees each crossing of a window.
+fn alert_crossings(
+    cluster: &Cluster,
+    counter: &KeyCounter,
+    budget: TokenRate,
+    n: u64,
+    used: u64,
+    ttl_ms: u64,
+) {
+    let Some(target) = counter.shared().alert_target() else {
+        return;
+    };
+    let now = unix_millis(std::time::SystemTime::now());
+    let crossing = Crossing {
+        key_id: target.key_id,
+        user: &target.user,
+        end_user: target.end_user.as_deref(),
+        limit: budget.count.get(),
+        before: used.saturating_sub(n),
+        after: used,
+        window_end_unix_ms: now.saturating_add(i64::try_from(ttl_ms).unwrap_or(i64::MAX)),
+    };
+    let dropped = cluster
+        .carried
+        .alerts
+        .crossed(&target.alerting(), &crossing);
+    cluster.metrics.alerts_dropped(dropped);
 }
 
 /// Listens on the events channel, connecting again whenever the
@@ -212,7 +248,7 @@ fn hear(cluster: &Cluster, event: &str) {
         }
         (Some("t"), Some(id), Some(used), Some(ttl_ms)) => {
             let (Some(id), Ok(used), Ok(ttl_ms)) = (
-                KeyId::parse_hex(id),
+                CounterId::parse(id),
                 used.parse::<u64>(),
                 ttl_ms.parse::<u64>(),
             ) else {

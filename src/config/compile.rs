@@ -83,6 +83,7 @@ impl CheckedConfig {
             trusted_proxies: self.trusted_proxies,
             failed_key_throttle: self.failed_key_throttle,
             shared_state,
+            alerts: self.alerts,
             routes,
             path,
         })

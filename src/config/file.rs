@@ -21,6 +21,7 @@ use serde::Deserialize;
 use serde_saphyr::Spanned;
 
 use super::admin::{AdminAddr, FileOperations, Operations};
+use super::alerts::AlertSettings;
 use super::clients::ClientSettings;
 use super::error::LoadError;
 use super::key_file::KeysFile;
@@ -67,6 +68,9 @@ pub struct FileConfig {
     // shared.rs
     #[serde(default)]
     shared_state: Option<FileSharedState>,
+    // alerts.rs
+    #[serde(default)]
+    alerts: Option<AlertSettings>,
     // admin.rs
     #[serde(default)]
     audit_log: Option<PathBuf>,
@@ -107,6 +111,7 @@ pub struct CheckedConfig {
     pub(super) trusted_proxies: Vec<IpRange>,
     pub(super) failed_key_throttle: ThrottleSpec,
     pub(super) shared_state: Option<CheckedSharedState>,
+    pub(super) alerts: Option<AlertSettings>,
     pub(super) operations: Operations,
     pub(super) routes: Vec<CheckedRoute>,
 }
@@ -150,6 +155,7 @@ impl FileConfig {
             trusted_proxies: self.trusted_proxies,
             failed_key_throttle: FileThrottle::spec(self.failed_key_throttle),
             shared_state: self.shared_state.map(|s| s.check(path, base)).transpose()?,
+            alerts: self.alerts,
             operations,
             routes,
         })

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::admin::AuditDest;
+use super::alerts::AlertSettings;
 use super::clients::ClientLimits;
 use super::error::LoadError;
 use super::file::{CheckedConfig, FileConfig};
@@ -56,6 +57,9 @@ pub struct Config {
     /// The Redis that instances share per-key limits through; `None`
     /// counts on this machine alone.
     pub shared_state: Option<SharedStateSpec>,
+    /// Budget alerts for every key with a token budget (a key file entry
+    /// may override them); `None` for none.
+    pub alerts: Option<AlertSettings>,
     pub routes: Vec<RouteSpec>,
 }
 

@@ -8,7 +8,7 @@
 //! per section of the file: `listen.rs` (listen, TLS), `key_file.rs`,
 //! `clients.rs`, `limits.rs` (limits, allow lists, trusted proxies, the
 //! failed-key throttle), `routes.rs`, `ai.rs` (api, include_usage,
-//! models), `shared.rs` (shared_state), `admin.rs` (audit_log,
+//! models), `shared.rs` (shared_state), `alerts.rs` (alerts), `admin.rs` (audit_log,
 //! admin_listen, metrics_per_user, upgrade_sock, threads, watch,
 //! shutdown_grace); compiling ([`CheckedConfig::compile`]) gives the
 //! runtime form. Also [`LoadError`], the error of every file the gateway
@@ -30,6 +30,7 @@
 mod address;
 mod admin;
 mod ai;
+mod alerts;
 mod clients;
 mod compile;
 mod error;
@@ -47,6 +48,7 @@ pub(crate) mod yaml;
 
 pub use admin::{AuditDest, DEFAULT_SHUTDOWN_GRACE, DEFAULT_UPGRADE_SOCK};
 pub use ai::ApiKind;
+pub use alerts::{AlertSettings, Alerting, Thresholds, Webhook, DEFAULT_ALERT_AT};
 pub use clients::{
     cap_for_open_files, CapSource, ClientLimits, ClientSettings, DEFAULT_CLIENT_BODY_TIMEOUT,
     DEFAULT_CLIENT_HEADER_TIMEOUT, DEFAULT_CLIENT_IDLE_TIMEOUT,

@@ -3,12 +3,14 @@
 //!
 //! Owns: start-up, the proxy services and their listeners (one service per
 //! core: [`services`]), reloads (SIGHUP and file changes), the active
-//! health checker, the audit log's writer, and shutdown. The only layer
+//! health checker, the audit log's writer, the budget alerts' sender,
+//! and shutdown. The only layer
 //! that spawns threads, binds sockets or builds the Pingora `Server`
 //! (`cluster` and `proxy::connection` spawn tasks on runtimes it made).
 //!
 //! May import: every other layer.
 
+mod alerts;
 mod handshake;
 mod health_check;
 mod memory;
@@ -113,6 +115,7 @@ pub fn run(config_path: &Path, upgrade: bool, signals: Signals) -> Result<(), St
         None => None,
         Some(spec) => Some(start_cluster(spec, &metrics, &carried, epoch)?),
     };
+    alerts::start(&carried, Arc::clone(&metrics));
     start_reloader(
         Reloader::new(
             config_path,

@@ -69,6 +69,43 @@ pub struct NewKey<'a> {
     pub token_limit: Option<&'a str>,
     /// Models the key may use (`llama3.2`, `qwen*`); empty for all.
     pub models: &'a [String],
+    /// The header naming the key's end users, and their limits.
+    pub end_users: Option<NewEndUsers<'a>>,
+}
+
+/// `end_user_header` and `end_user_limits` of a new key.
+#[derive(Clone, Copy)]
+pub struct NewEndUsers<'a> {
+    pub header: &'a str,
+    pub rate_limit: Option<&'a str>,
+    pub max_concurrent: Option<std::num::NonZeroU32>,
+    pub token_limit: Option<&'a str>,
+}
+
+impl NewEndUsers<'_> {
+    /// The entry's settings, checked as the key file's reader checks them.
+    fn entry(&self) -> Result<(String, serde_json::Map<String, serde_json::Value>), KeyToolError> {
+        let usage = |flag: &str, e: String| KeyToolError::Usage(format!("{flag}: {e}"));
+        let header = http::HeaderName::from_bytes(self.header.trim().as_bytes()).map_err(|_| {
+            usage(
+                "--end-user-header",
+                format!("{:?} is not a header name", self.header),
+            )
+        })?;
+        let mut limits = serde_json::Map::new();
+        if let Some(r) = self.rate_limit {
+            let r = Rate::parse(r).map_err(|e| usage("--end-user-rate-limit", e))?;
+            limits.insert("rate_limit".into(), json!(r.to_string()));
+        }
+        if let Some(m) = self.max_concurrent {
+            limits.insert("max_concurrent".into(), json!(m.get()));
+        }
+        if let Some(t) = self.token_limit {
+            let t = TokenRate::parse(t).map_err(|e| usage("--end-user-token-limit", e))?;
+            limits.insert("token_limit".into(), json!(t.to_string()));
+        }
+        Ok((header.as_str().to_string(), limits))
+    }
 }
 
 /// Adds a new key to the file and returns `(key, id)`. Only the key's
@@ -103,6 +140,8 @@ pub fn keygen(
         .map(|m| ModelPattern::parse(m).map_err(|e| KeyToolError::Usage(format!("--model: {e}"))))
         .collect::<Result<Vec<_>, _>>()?;
 
+    let end_users = req.end_users.as_ref().map(NewEndUsers::entry).transpose()?;
+
     let key = generate_key()?;
     let digest = KeyDigest::of(key.as_bytes());
     let mut entry = serde_json::Map::new();
@@ -133,6 +172,12 @@ pub fn keygen(
     if !models.is_empty() {
         let names: Vec<&str> = models.iter().map(ModelPattern::as_str).collect();
         entry.insert("models".into(), json!(names));
+    }
+    if let Some((header, limits)) = end_users {
+        entry.insert("end_user_header".into(), json!(header));
+        if !limits.is_empty() {
+            entry.insert("end_user_limits".into(), limits.into());
+        }
     }
 
     let _lock = Lock::acquire(keys_path)?;
@@ -436,6 +481,7 @@ mod tests {
                 rate_limit: None,
                 max_concurrent: None,
                 token_limit: None,
+                end_users: None,
                 models: &[],
             },
             now,
@@ -470,6 +516,7 @@ mod tests {
             rate_limit: None,
             max_concurrent: None,
             token_limit: Some("1.5M/day"),
+            end_users: None,
             models: &models,
         };
         let (key, _) = keygen(&p, &req, SystemTime::now()).unwrap();
@@ -483,6 +530,7 @@ mod tests {
         assert_eq!(k.models.unwrap().len(), 2);
         let bad = NewKey {
             token_limit: Some("lots/day"),
+            end_users: None,
             ..req
         };
         let e = keygen(&p, &bad, SystemTime::now()).unwrap_err().to_string();
@@ -512,6 +560,7 @@ mod tests {
                     rate_limit: None,
                     max_concurrent: None,
                     token_limit: None,
+                    end_users: None,
                     models: &[],
                 },
                 SystemTime::now(),

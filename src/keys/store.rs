@@ -21,13 +21,13 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use http::HeaderValue;
+use http::{HeaderName, HeaderValue};
 use serde::de::value::MapAccessDeserializer;
 use serde::de::{DeserializeSeed, Error as _, MapAccess, Visitor};
 use serde::Deserialize;
 
 use super::digest::{DigestHasher, KeyDigest, KeyId, DIGEST_PREFIX};
-use crate::config::{yaml, Limits, LoadError, ModelPattern, Rate, TokenRate};
+use crate::config::{yaml, AlertSettings, Limits, LoadError, ModelPattern, Rate, TokenRate};
 
 /// An index into the route table's list of services.
 pub type ServiceId = u16;
@@ -103,7 +103,30 @@ struct KeyRecord {
     models: u32,
     /// The key's position in the file, which numbers its per-key state.
     ordinal: u32,
+    /// Index into the store's [`KeyExtras`] plus one; 0 is "none".
+    extras: u32,
     disabled: bool,
+}
+
+/// What few keys set, kept apart so the others pay one number for it:
+/// end users behind the key, and alerts of the key's own.
+#[derive(Debug)]
+pub struct KeyExtras {
+    /// The header naming the key's end users, with their limits.
+    pub end_users: Option<EndUserSpec>,
+    /// The key's own alert settings (over the config's).
+    pub alerts: Option<AlertSettings>,
+    /// The key's place among the keys with extras: the index of its
+    /// per-end-user state in a snapshot.
+    pub slot: u32,
+}
+
+/// `end_user_header` and `end_user_limits` of a key.
+#[derive(Debug)]
+pub struct EndUserSpec {
+    pub header: HeaderName,
+    /// Applied to each end user, within the key's own limits.
+    pub limits: Limits,
 }
 
 /// Why a request's key was refused. The first four are 401s, the last 403.
@@ -130,6 +153,8 @@ pub struct Principal<'a> {
     pub ordinal: u32,
     /// The models the key may use (`models` in its entry); `None` for all.
     pub models: Option<&'a Arc<[ModelPattern]>>,
+    /// End users and alerts of its own, for the few keys that set them.
+    pub extras: Option<&'a KeyExtras>,
 }
 
 /// The compiled, immutable key set.
@@ -142,6 +167,8 @@ pub struct KeyStore {
     limits: Vec<Limits>,
     /// Distinct model lists of keys; the first (empty) is "every model".
     model_lists: Vec<Arc<[ModelPattern]>>,
+    /// One per key that sets end users or alerts, in file order.
+    extras: Vec<KeyExtras>,
     /// How many entries were stored in plaintext in the file.
     pub plaintext_entries: usize,
     /// Services named by keys that no route serves (likely typos), with how
@@ -192,6 +219,25 @@ impl KeyStore {
             .iter()
             .filter(|(_, r)| r.disabled)
             .map(|(d, _)| d.id())
+    }
+
+    /// The ids of the keys with end users (by their [`KeyExtras::slot`]
+    /// order), or `None` for a key with extras but no end users.
+    pub fn end_user_keys(&self) -> Vec<Option<KeyId>> {
+        let mut ids = vec![None; self.extras.len()];
+        for (d, r) in &self.by_digest {
+            let i = (r.extras as usize).wrapping_sub(1);
+            let has = self.extras.get(i).is_some_and(|e| e.end_users.is_some());
+            if let (true, Some(slot)) = (has, ids.get_mut(i)) {
+                *slot = Some(d.id());
+            }
+        }
+        ids
+    }
+
+    /// The extras at `slot` (a [`KeyExtras::slot`]).
+    pub fn extras(&self, slot: u32) -> Option<&KeyExtras> {
+        self.extras.get(slot as usize)
     }
 
     /// Whether some key sets a limit of its own.
@@ -249,6 +295,10 @@ impl KeyStore {
                 0 => None,
                 i => Some(self.model_lists.get(i as usize).ok_or(KeyDenial::Unknown)?),
             },
+            extras: match rec.extras {
+                0 => None,
+                i => Some(self.extras.get(i as usize - 1).ok_or(KeyDenial::Unknown)?),
+            },
         })
     }
 
@@ -293,6 +343,68 @@ struct RawEntry<'a> {
     token_limit: Option<TokenRate>,
     #[serde(default)]
     models: Option<Vec<ModelPattern>>,
+    #[serde(default, borrow)]
+    end_user_header: Option<Text<'a>>,
+    #[serde(default)]
+    end_user_limits: Option<RawEndUserLimits>,
+    #[serde(default)]
+    alerts: Option<AlertSettings>,
+}
+
+/// `end_user_limits: {rate_limit, max_concurrent, token_limit}` as
+/// written: the key's own limit settings, for each end user.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEndUserLimits {
+    #[serde(default)]
+    rate_limit: Option<Rate>,
+    #[serde(default)]
+    max_concurrent: Option<NonZeroU32>,
+    #[serde(default)]
+    token_limit: Option<TokenRate>,
+}
+
+/// Headers that are the gateway's own or the request's framing: an end
+/// user named by one of them would be the key, or a lie.
+const RESERVED_HEADERS: [&str; 7] = [
+    "authorization",
+    "x-api-key",
+    "x-gateway-user",
+    "x-request-id",
+    "host",
+    "content-length",
+    "transfer-encoding",
+];
+
+/// The end user settings of one entry, checked: a header name that is
+/// not the gateway's own, limits only with a header.
+fn end_user_spec(
+    header: Option<&str>,
+    limits: Option<RawEndUserLimits>,
+) -> Result<Option<EndUserSpec>, String> {
+    let Some(header) = header else {
+        return match limits {
+            Some(_) => Err("`end_user_limits` needs `end_user_header`".into()),
+            None => Ok(None),
+        };
+    };
+    let name = HeaderName::from_bytes(header.trim().as_bytes())
+        .map_err(|_| format!("end_user_header {header:?} is not a header name"))?;
+    if RESERVED_HEADERS.contains(&name.as_str()) {
+        return Err(format!(
+            "end_user_header {header:?} is a header the gateway reads or sets itself; use one such as X-OpenWebUI-User-Id"
+        ));
+    }
+    let limits = limits.map_or_else(Limits::default, |l| Limits {
+        rate: l.rate_limit,
+        max_concurrent: l.max_concurrent,
+        max_body: None,
+        tokens: l.token_limit,
+    });
+    Ok(Some(EndUserSpec {
+        header: name,
+        limits,
+    }))
 }
 
 /// A string borrowed from the input when it has no escapes, owned otherwise.
@@ -455,6 +567,9 @@ impl<'s> KeyStoreBuilder<'s> {
         };
         let ordinal =
             u32::try_from(self.store.by_digest.len()).map_err(|_| "too many keys".to_string())?;
+        let end_users = end_user_spec(raw.end_user_header.as_deref(), raw.end_user_limits)
+            .map_err(|e| format!("key {id} (user {:?}): {e}", raw.user))?;
+        let extras = self.extras_for(end_users, raw.alerts);
         let record = KeyRecord {
             expires_at_ms,
             user,
@@ -462,6 +577,7 @@ impl<'s> KeyStoreBuilder<'s> {
             limits,
             models,
             ordinal,
+            extras,
             disabled: raw.disabled.unwrap_or(false),
         };
         if let Some(prev) = self.store.by_digest.insert(digest, record) {
@@ -495,6 +611,20 @@ impl<'s> KeyStoreBuilder<'s> {
                 u32::try_from(sets.len() - 1).unwrap_or(0)
             }
         }
+    }
+
+    /// The extras index of an entry (0 when it sets none).
+    fn extras_for(&mut self, end_users: Option<EndUserSpec>, alerts: Option<AlertSettings>) -> u32 {
+        if end_users.is_none() && alerts.is_none() {
+            return 0;
+        }
+        let slot = u32::try_from(self.store.extras.len()).unwrap_or(u32::MAX);
+        self.store.extras.push(KeyExtras {
+            end_users,
+            alerts,
+            slot,
+        });
+        slot.saturating_add(1)
     }
 
     /// The index of `list` among the store's model lists (shared by every
@@ -786,6 +916,61 @@ mod tests {
             r#"{"k": {"user": "u", "service": "chat", "models": ["a b"]}}"#,
         );
         assert!(e.contains("must not contain spaces"), "{e}");
+    }
+
+    #[test]
+    fn end_users_and_alerts_of_a_key() {
+        let s = parse(
+            "k.json",
+            r#"{"a": {"user": "u", "service": "chat", "end_user_header": "X-OpenWebUI-User-Id",
+                      "end_user_limits": {"rate_limit": "5/min", "token_limit": "10k/day"},
+                      "alerts": {"at": [0.5]}},
+                "b": {"user": "v", "service": "chat"},
+                "c": {"user": "w", "service": "chat", "alerts": {"at": []}}}"#,
+        )
+        .unwrap();
+        let a = s.check(Some(b"a"), 0, NOW).unwrap();
+        let extras = a.extras.unwrap();
+        let spec = extras.end_users.as_ref().unwrap();
+        assert_eq!(spec.header.as_str(), "x-openwebui-user-id");
+        assert_eq!(spec.limits.rate.unwrap().count.get(), 5);
+        assert!(spec.limits.max_concurrent.is_none());
+        assert!(extras.alerts.as_ref().unwrap().webhook.is_none());
+        assert!(s.check(Some(b"b"), 0, NOW).unwrap().extras.is_none());
+        let c = s.check(Some(b"c"), 0, NOW).unwrap().extras.unwrap();
+        assert!(c.end_users.is_none());
+        let ids = s.end_user_keys();
+        assert_eq!(ids.len(), 2);
+        assert_eq!(ids[extras.slot as usize], Some(KeyDigest::of(b"a").id()));
+        assert_eq!(ids[c.slot as usize], None);
+
+        for (entry, why) in [
+            (
+                r#""end_user_limits": {"rate_limit": "5/min"}"#,
+                "needs `end_user_header`",
+            ),
+            (
+                r#""end_user_header": "X-API-Key""#,
+                "the gateway reads or sets itself",
+            ),
+            (r#""end_user_header": "bad header""#, "is not a header name"),
+            (
+                r#""end_user_header": "X-U", "end_user_limits": {"rate": "5/min"}"#,
+                "unknown field",
+            ),
+            (r#""alerts": {"at": [0.9, 0.8]}"#, "increasing order"),
+            (
+                r#""alerts": {"webhook": "mailto:x@y"}"#,
+                "http:// or https://",
+            ),
+        ] {
+            let text = format!(
+                "{{\n\"secret-k\": {{\"user\": \"u\", \"service\": \"chat\", {entry}}}\n}}"
+            );
+            let e = err("k.json", &text);
+            assert!(e.starts_with("k.json:2:") && e.contains(why), "{e}");
+            assert!(!e.contains("secret-k"), "{e}");
+        }
     }
 
     #[test]

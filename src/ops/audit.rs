@@ -36,6 +36,10 @@ pub struct AuditRecord {
     pub route: Option<String>,
     pub key_id: Option<String>,
     pub user: Option<String>,
+    /// The end user behind the key (its `end_user_header`); left out for
+    /// keys that name none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub end_user: Option<String>,
     /// `accepted`, or why the request was denied.
     pub decision: &'static str,
     pub status: u16,
@@ -268,6 +272,7 @@ mod tests {
             route: Some("chat".into()),
             key_id: Some("0123456789ab".into()),
             user: Some("ann".into()),
+            end_user: None,
             decision: "accepted",
             status: 200,
             upstream: Some("127.0.0.1:11434".parse().unwrap()),

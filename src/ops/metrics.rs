@@ -159,13 +159,15 @@ pub struct Metrics {
     upstreams: UpstreamFamilies,
 }
 
-/// Token usage on routes with `api`.
+/// Token usage on routes with `api`, and what budgets per end user and
+/// budget alerts count.
 struct TokenMetrics {
     by_model: IntCounterVec,
     /// Prompt tokens written to and read from the prompt cache.
     cache: IntCounterVec,
     by_user: IntCounterVec,
     sources: IntCounterVec,
+    alerts: AlertMetrics,
 }
 
 impl TokenMetrics {
@@ -195,6 +197,43 @@ impl TokenMetrics {
                 "Answers that carry usage, by route and where their counts come from (reported, estimated, unknown).",
                 &["route", "source"],
             ),
+            alerts: AlertMetrics::new(r),
+        }
+    }
+}
+
+/// End users forgotten to make room, and budget alerts: posted, failed
+/// attempts, and given up (queue full, or every attempt failed).
+pub struct AlertMetrics {
+    pub end_users_evicted: IntCounter,
+    pub sent: IntCounter,
+    pub failed_attempts: IntCounter,
+    pub dropped_queue_full: IntCounter,
+    pub dropped_failed: IntCounter,
+}
+
+impl AlertMetrics {
+    fn new(r: &Registry) -> AlertMetrics {
+        let dropped = counter_vec(
+            r,
+            "agw_alerts_dropped_total",
+            "Budget alerts never delivered, by reason (queue_full, failed: every attempt failed).",
+            &["reason"],
+        );
+        AlertMetrics {
+            end_users_evicted: counter(
+                r,
+                "agw_end_users_evicted_total",
+                "End users forgotten (the one idle longest) to make room in a key's table of end users.",
+            ),
+            sent: counter(r, "agw_alerts_sent_total", "Budget alerts posted to their webhook."),
+            failed_attempts: counter(
+                r,
+                "agw_alert_failures_total",
+                "Attempts to post a budget alert that failed (refused, timed out, or not answered 2xx).",
+            ),
+            dropped_queue_full: dropped.with_label_values(&["queue_full"]),
+            dropped_failed: dropped.with_label_values(&["failed"]),
         }
     }
 }
@@ -632,6 +671,18 @@ impl Metrics {
             self.tls.reload_ok.inc();
         } else {
             self.tls.reload_failed.inc();
+        }
+    }
+
+    /// End users evicted, and budget alerts.
+    pub fn alerts(&self) -> &AlertMetrics {
+        &self.tokens.alerts
+    }
+
+    /// Counts alerts that found the queue full.
+    pub fn alerts_dropped(&self, n: u64) {
+        if n > 0 {
+            self.tokens.alerts.dropped_queue_full.inc_by(n);
         }
     }
 

@@ -67,6 +67,9 @@ pub enum Refusal {
     /// be read: a body that is not one JSON object, a `model` that is not
     /// a model name, or none at all.
     ModelUnreadable,
+    /// The key names its end users by a header, and the request's value
+    /// is not one: repeated, empty, over 128 bytes or not visible ASCII.
+    BadEndUser,
     /// A request Pingora could not read (a malformed body, say).
     BadRequest,
     /// The request body stalled longer than `client_body_timeout`.
@@ -110,7 +113,7 @@ pub const CHALLENGE: &str = "Bearer realm=\"ai-gateway\"";
 impl Refusal {
     /// Every kind, for metrics that are resolved once at start and for
     /// tests that must cover them all.
-    pub const ALL: [Refusal; 33] = [
+    pub const ALL: [Refusal; 34] = [
         Refusal::BadFraming,
         Refusal::InvalidContentLength,
         Refusal::InvalidTransferEncoding,
@@ -135,6 +138,7 @@ impl Refusal {
         Refusal::Key(KeyDenial::Expired),
         Refusal::Key(KeyDenial::Disabled),
         Refusal::Key(KeyDenial::WrongService),
+        Refusal::BadEndUser,
         Refusal::BadRequest,
         Refusal::BodyTimeout,
         Refusal::BodyTooLarge,
@@ -165,6 +169,7 @@ impl Refusal {
             | Refusal::UpgradeNotAllowed
             | Refusal::ConflictingKeys
             | Refusal::ModelUnreadable
+            | Refusal::BadEndUser
             | Refusal::BadRequest => 400,
             Refusal::Key(KeyDenial::WrongService) => 403,
             Refusal::Key(_) => 401,
@@ -215,6 +220,7 @@ impl Refusal {
             Refusal::Key(KeyDenial::Expired) => "expired_key",
             Refusal::Key(KeyDenial::Disabled) => "disabled_key",
             Refusal::Key(KeyDenial::WrongService) => "wrong_service",
+            Refusal::BadEndUser => "bad_end_user",
             Refusal::BadRequest => "bad_request",
             Refusal::BodyTimeout => "client_timeout",
             Refusal::BodyTooLarge => "body_too_large",
@@ -379,6 +385,9 @@ refusal_bodies! {
         "authentication_error", "invalid_request_error", "invalid_api_key";
     Refusal::Key(KeyDenial::WrongService) => "api key not allowed for this service",
         "permission_error", "invalid_request_error", "wrong_service";
+    Refusal::BadEndUser =>
+        "the end user header must be one value of 1 to 128 visible ASCII characters",
+        "invalid_request_error", "invalid_request_error", "bad_end_user";
     Refusal::BadRequest => "bad request",
         "invalid_request_error", "invalid_request_error", "bad_request";
     Refusal::BodyTimeout => "request body timed out",

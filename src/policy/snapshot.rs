@@ -15,8 +15,8 @@ use super::refusal::Refusal;
 use super::request::{Request, Upgrade};
 use super::routes::{Route, Router};
 use crate::config::{any_contains, any_model_matches, Config, Limits, LoadError, ModelPattern};
-use crate::keys::{KeyStore, Principal, ServiceTable};
-use crate::state::{Carried, InFlightGuard, KeyCounter, TokenMeter};
+use crate::keys::{KeyExtras, KeyStore, Principal, ServiceTable};
+use crate::state::{Carried, EndUserTable, InFlightGuard, KeyCounter, TokenMeter};
 use crate::usage::NamedModel;
 
 /// Everything a request decision needs, built once per load.
@@ -34,6 +34,8 @@ pub struct Snapshot {
     /// [`Carried`] so they outlive the snapshot; empty when no limit is set
     /// anywhere.
     key_counters: Box<[Arc<KeyCounter>]>,
+    /// End user tables by [`KeyExtras::slot`], taken from [`Carried`] too.
+    end_user_tables: Box<[Option<Arc<EndUserTable>>]>,
 }
 
 impl Snapshot {
@@ -81,6 +83,7 @@ impl Snapshot {
             carried.keys.handles(std::iter::empty());
             Box::default()
         };
+        let end_user_tables = carried.end_users.handles(&keys.end_user_keys());
         Ok(Snapshot {
             config,
             router,
@@ -89,6 +92,7 @@ impl Snapshot {
             generation,
             warnings,
             key_counters,
+            end_user_tables,
         })
     }
 
@@ -208,6 +212,12 @@ impl Snapshot {
         Some((limits, counter))
     }
 
+    /// The end user table of a key with end users.
+    #[inline]
+    pub fn end_user_table(&self, extras: &KeyExtras) -> Option<&Arc<EndUserTable>> {
+        self.end_user_tables.get(extras.slot as usize)?.as_ref()
+    }
+
     /// Takes what an admitted request uses of its key's limits at `now_ms`
     /// (a monotonic clock), counted on this instance alone: one request of
     /// the rate, and a slot among the concurrent ones, held by the guard
@@ -265,6 +275,7 @@ pub fn admit_locally(
         tokens: limits
             .tokens
             .map(|budget| TokenMeter::new(Arc::clone(counter), budget)),
+        ..Admission::default()
     })
 }
 
@@ -275,13 +286,29 @@ pub fn whole_seconds(wait: std::time::Duration) -> u32 {
         .max(1)
 }
 
-/// What an admitted request holds of its key's limits until it ends.
+/// What an admitted request holds of its key's limits (and its end
+/// user's) until it ends.
 #[derive(Debug, Default)]
 pub struct Admission {
     /// Its place among the key's concurrent requests.
     pub slot: Option<InFlightGuard>,
     /// Where its tokens are counted, when a budget applies.
     pub tokens: Option<TokenMeter>,
+    /// Its place among its end user's concurrent requests.
+    pub end_user_slot: Option<InFlightGuard>,
+    /// Where its tokens are counted for its end user.
+    pub end_user_tokens: Option<TokenMeter>,
+}
+
+impl Admission {
+    /// The key's admission with what the end user's holds.
+    pub fn with_end_user(mut self, end_user: Option<Admission>) -> Admission {
+        if let Some(e) = end_user {
+            self.end_user_slot = e.slot;
+            self.end_user_tokens = e.tokens;
+        }
+        self
+    }
 }
 
 /// Judges the models a request names (`model`, and Ollama's `name`) for a

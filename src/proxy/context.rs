@@ -86,11 +86,16 @@ pub enum TryFailure {
 }
 
 /// The key that admitted a request: its id (for logs and counters) and
-/// the `X-Gateway-User` value its user goes upstream as, built at load.
+/// the `X-Gateway-User` value its user goes upstream as, built at load;
+/// for a key that names its end users, the request's end user.
 #[derive(Debug, Clone)]
 pub struct Caller {
     pub id: KeyId,
     pub user: HeaderValue,
+    /// The value of the key's `end_user_header` (checked), if sent.
+    pub end_user: Option<HeaderValue>,
+    /// The key's [`crate::keys::KeyExtras::slot`], when it has extras.
+    pub extras: Option<u32>,
 }
 
 /// A request body against `max_body_size`.

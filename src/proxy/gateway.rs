@@ -16,6 +16,7 @@ use pingora::ErrorSource;
 use super::ai;
 use super::client_stream;
 use super::context::{Caller, Outcome, Replay, RequestCtx, TryFailure};
+use super::end_users;
 use super::fleet;
 use super::framing::check_head;
 use super::headers::{rewrite_for_upstream, Identity};
@@ -29,7 +30,7 @@ use crate::ops::{
     request_id, AuditLog, AuditRecord, ClientTimeout, FailedTry, Metrics, SharedLive, NO_ROUTE,
 };
 use crate::policy::{admit_locally, Admission, Refusal, Request, Route, Upstream, DEFAULT_POOL};
-use crate::state::{Carried, Transition};
+use crate::state::{Carried, CounterId, Transition};
 use crate::usage::AnswerMeter;
 
 /// The gateway's proxy logic: the snapshot handle, the state that outlives
@@ -133,20 +134,40 @@ impl Gateway {
         };
         let principal = phases::key(decision.verdict, &check)?;
         let route = route.ok_or(Refusal::Internal)?;
+        let shared = self.cluster.is_some();
+        let end_user = end_users::find(
+            snapshot,
+            &principal,
+            route,
+            &req.headers,
+            now.mono_ms,
+            shared,
+        );
         ctx.caller = Some(Caller {
             id: principal.id,
             user: principal.user.header.clone(),
+            end_user: end_user.as_ref().ok().and_then(|e| e.value.clone()),
+            extras: principal.extras.map(|e| e.slot),
         });
+        let end_user = end_user?;
+        if end_user.evicted {
+            self.metrics.alerts().end_users_evicted.inc();
+        }
         ctx.body.max = snapshot.limits_for(&principal, route).max_body;
         let counted = snapshot.counted(&principal, route);
-        let limited = phases::limits(counted, principal.id, self.cluster.is_some());
+        let limited = phases::limits(counted, CounterId::key(principal.id), shared);
         ctx.ai = ai::start(route, req.uri.path(), principal.models);
         // The pure check first: a refused model costs no limit (nor a
         // call to Redis).
         if let Some(ai) = ctx.ai.as_deref() {
             ai::check_path_model(ai)?;
         }
-        ctx.admission = self.take_limits(limited, now.mono_ms).await?;
+        ctx.admission = self.take_limits(end_user.limited, now.mono_ms).await?;
+        let key_admission = self.take_limits(limited, now.mono_ms).await?;
+        ctx.admission = key_admission.with_end_user(Some(std::mem::take(&mut ctx.admission)));
+        if shared {
+            end_users::note_shared_alerts(&ctx.admission, snapshot, ctx.caller.as_ref());
+        }
         if !route.retry.on_status.is_empty() {
             // Before any body is read: a retried answer replays it.
             session.as_downstream_mut().enable_retry_buffering();
@@ -225,19 +246,19 @@ impl Gateway {
     /// was sent, the request body can be replayed (still whole in
     /// Pingora's retry buffer), and an upstream can take it now.
     fn retries_answer(&self, session: &mut Session, ctx: &mut RequestCtx, status: u16) -> bool {
+        if !ctx.route().is_some_and(|r| r.retry.on(status)) {
+            ctx.tries.status_retry = false;
+            return false;
+        }
         let replayable = !session.as_downstream().retry_buffer_truncated()
             && ctx
                 .ai
                 .as_ref()
                 .is_none_or(|ai| !matches!(ai.replay, Replay::Prefix(_)));
-        let retried = ctx.route().is_some_and(|r| r.retry.on(status))
-            && session.response_written().is_none()
+        let now_ms = unix_millis(SystemTime::now());
+        let retried = session.response_written().is_none()
             && replayable
-            && self.retry(
-                ctx,
-                TryFailure::Status(status),
-                unix_millis(SystemTime::now()),
-            );
+            && self.retry(ctx, TryFailure::Status(status), now_ms);
         ctx.tries.status_retry = retried;
         retried
     }
@@ -693,9 +714,12 @@ impl ProxyHttp for Gateway {
             .and_then(|u| u.model.take())
             .or_else(|| ai.and_then(|ai| ai.model.clone()));
         if let Some(u) = &usage {
-            if let Some(meter) = &ctx.admission.tokens {
-                meter.add(u.total(), self.now_ms());
-            }
+            let (snapshot, caller) = (&ctx.live.snapshot, ctx.caller.as_ref());
+            let queue = &self.carried.alerts;
+            let now_ms = self.now_ms();
+            let dropped =
+                end_users::count_tokens(&ctx.admission, u.total(), now_ms, caller, snapshot, queue);
+            self.metrics.alerts_dropped(dropped);
             let route = ctx.route().map_or(NO_ROUTE, |r| r.name.as_str());
             self.metrics.tokens(
                 route,
@@ -730,6 +754,11 @@ impl ProxyHttp for Gateway {
                 .caller
                 .as_ref()
                 .map(|c| String::from_utf8_lossy(c.user.as_bytes()).into_owned()),
+            end_user: ctx
+                .caller
+                .as_ref()
+                .and_then(|c| c.end_user.as_ref())
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()),
             decision: ctx.outcome.label(),
             status,
             upstream: ctx.upstream,

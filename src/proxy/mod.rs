@@ -47,6 +47,7 @@ mod client_stream;
 mod clock;
 mod connection;
 mod context;
+mod end_users;
 mod fleet;
 mod framing;
 mod gateway;

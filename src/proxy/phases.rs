@@ -10,7 +10,10 @@
 //!                                                         (`Snapshot::decide`)
 //!  key         the throttle's verdict on the key, failures counted,
 //!              revocations from other instances            [`key`]
-//!  limits      rate, concurrency, tokens: here or in Redis [`limits`]
+//!  end user    the end user behind the key, for keys that name
+//!              them, and their counter              (`end_users::find`)
+//!  limits      rate, concurrency, tokens (the end user's, then the
+//!              key's): here or in Redis                    [`limits`]
 //!  AI body     the model read from the body, on routes with `api`
 //!                                                         (`ai`)
 //!  upstream    the pool's next healthy upstream            (`upstream_peer`)
@@ -29,10 +32,10 @@ use pingora::prelude::*;
 
 use crate::cluster::Cluster;
 use crate::config::{Limits, ThrottleSpec};
-use crate::keys::{KeyDenial, KeyId, Principal};
+use crate::keys::{KeyDenial, Principal};
 use crate::ops::ClientAddr;
 use crate::policy::{client_ip, Refusal};
-use crate::state::{AddrTag, FailedKeys, KeyCounter};
+use crate::state::{AddrTag, CounterId, FailedKeys, KeyCounter};
 
 /// The address taken for a client whose socket has none (a Unix socket).
 pub const UNKNOWN_CLIENT: IpAddr = IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED);
@@ -197,13 +200,14 @@ pub enum Limited {
     Free,
     /// Counted on this instance alone.
     Here(Limits, Arc<KeyCounter>),
-    /// Counted across instances, in Redis.
-    Shared(KeyId, Limits, Arc<KeyCounter>),
+    /// Counted across instances, in Redis (under the key's id, or its
+    /// end user's).
+    Shared(CounterId, Limits, Arc<KeyCounter>),
 }
 
 /// Limits: which counters the request is held to (the taking itself is
 /// `policy::admit_locally` or `Cluster::admit`).
-pub fn limits(counted: Option<(Limits, &Arc<KeyCounter>)>, id: KeyId, shared: bool) -> Limited {
+pub fn limits(counted: Option<(Limits, &Arc<KeyCounter>)>, id: CounterId, shared: bool) -> Limited {
     match counted {
         None => Limited::Free,
         Some((l, c)) if shared => Limited::Shared(id, l, Arc::clone(c)),

@@ -10,7 +10,8 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
-use crate::config::{Rate, TokenRate};
+use super::alerts::AlertTarget;
+use crate::config::{Alerting, Rate, TokenRate};
 use crate::keys::KeyId;
 
 /// One key's counters. Lock-free: a request makes one compare-and-swap on
@@ -120,30 +121,46 @@ impl KeyCounter {
     }
 
     /// Counts `n` tokens at `now_ms`: into the current window, or into a
-    /// new one that starts now when there is none or it has ended.
-    pub fn add_tokens(&self, budget: TokenRate, n: u64, now_ms: u64) {
+    /// new one that starts now when there is none or it has ended. The
+    /// step says what the window held before and after, in one atomic
+    /// change, so each threshold is crossed by exactly one call.
+    pub fn add_tokens(&self, budget: TokenRate, n: u64, now_ms: u64) -> TokenStep {
         let now = secs(now_ms);
         let n = u32::try_from(n).unwrap_or(u32::MAX);
         let mut current = self.tokens.load(Ordering::Relaxed);
         loop {
             let (start, used) = unpack_tokens(current);
-            let next = match start {
-                Some(start) if !expired(start, now, budget) => pack_tokens(
-                    start,
-                    u32::try_from(used).unwrap_or(u32::MAX).saturating_add(n),
-                ),
-                _ => pack_tokens(now, n),
+            let (start, before) = match start {
+                Some(start) if !expired(start, now, budget) => (start, used),
+                _ => (now, 0),
             };
+            let after = u32::try_from(before).unwrap_or(u32::MAX).saturating_add(n);
             match self.tokens.compare_exchange_weak(
                 current,
-                next,
+                pack_tokens(start, after),
                 Ordering::Relaxed,
                 Ordering::Relaxed,
             ) {
-                Ok(_) => return,
+                Ok(_) => {
+                    return TokenStep {
+                        before,
+                        after: u64::from(after),
+                        window_end_ms: (u64::from(start) + budget.period.as_secs()) * 1000,
+                    }
+                }
                 Err(seen) => current = seen,
             }
         }
+    }
+
+    /// Whether no request holds a slot of this counter (here or of the
+    /// cluster's): it may be forgotten without losing a count in use.
+    pub fn is_idle(&self) -> bool {
+        self.in_flight() == 0
+            && self
+                .shared
+                .get()
+                .is_none_or(|s| s.slots.load(Ordering::Relaxed) & LOW32 == 0)
     }
 
     /// Tokens counted in the window that is current at `now_ms`.
@@ -172,6 +189,15 @@ fn pack_tokens(start: u32, used: u32) -> u64 {
 fn unpack_tokens(v: u64) -> (Option<u32>, u64) {
     let start = (v >> 32) as u32;
     (start.checked_sub(1), v & u64::from(u32::MAX))
+}
+
+/// What one count of tokens did to a window: the tokens it held before
+/// and after, and when it ends (the caller's monotonic milliseconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenStep {
+    pub before: u64,
+    pub after: u64,
+    pub window_end_ms: u64,
 }
 
 /// What a request adds to its key's token budget when it ends.
@@ -203,11 +229,36 @@ impl TokenMeter {
 
     /// Counts `n` tokens at `now_ms` (the monotonic clock of admission):
     /// into the local window (what a fallback to local counting uses),
-    /// and, when shared, into what is still to be sent to Redis.
-    pub fn add(&self, n: u64, now_ms: u64) {
-        self.counter.add_tokens(self.budget, n, now_ms);
+    /// and, when shared, into what is still to be sent to Redis. The step
+    /// is the local window's, for a meter that is not shared (a shared
+    /// budget's steps are Redis's, seen by the sync task).
+    pub fn add(&self, n: u64, now_ms: u64) -> Option<TokenStep> {
+        let step = self.counter.add_tokens(self.budget, n, now_ms);
         if self.shared {
             self.counter.shared().add_unsent(n);
+            return None;
+        }
+        Some(step)
+    }
+
+    /// The budget counted into.
+    pub fn budget(&self) -> TokenRate {
+        self.budget
+    }
+
+    /// For a shared budget: where the alerts of its crossings go (see
+    /// [`SharedShare::note_alerts`]); nothing for a local one.
+    pub fn note_alerts(
+        &self,
+        key_id: KeyId,
+        alerting: &Alerting<'_>,
+        user: &str,
+        end_user: Option<&str>,
+    ) {
+        if self.shared {
+            self.counter
+                .shared()
+                .note_alerts(key_id, alerting, user, end_user);
         }
     }
 
@@ -260,6 +311,9 @@ pub struct SharedShare {
     /// lease is asked for once however many requests find it spent, and
     /// the sync task never writes a slot count an acquisition is changing.
     pub calls: tokio::sync::Mutex<()>,
+    /// Who the budget's alerts are about, for the sync task (set by the
+    /// requests, made anew only when the settings change).
+    alert: arc_swap::ArcSwapOption<AlertTarget>,
 }
 
 const LOW32: u64 = u32::MAX as u64;
@@ -409,6 +463,32 @@ impl SharedShare {
     /// Whether tokens wait to be sent.
     pub fn has_unsent(&self) -> bool {
         self.tokens_unsent.load(Ordering::Relaxed) > 0
+    }
+
+    /// Keeps the alert settings of the counter's budget, as a request
+    /// found them: a load and a compare, a new target only when they
+    /// changed (a reload).
+    pub fn note_alerts(
+        &self,
+        key_id: KeyId,
+        alerting: &Alerting<'_>,
+        user: &str,
+        end_user: Option<&str>,
+    ) {
+        let same = self
+            .alert
+            .load()
+            .as_ref()
+            .is_some_and(|t| t.is(alerting, user, end_user));
+        if !same {
+            let target = AlertTarget::new(key_id, alerting, user, end_user);
+            self.alert.store(Some(Arc::new(target)));
+        }
+    }
+
+    /// The alert settings last noted, if any.
+    pub fn alert_target(&self) -> Option<Arc<AlertTarget>> {
+        self.alert.load_full()
     }
 
     /// Puts back tokens a failed send could not deliver.

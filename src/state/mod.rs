@@ -9,19 +9,29 @@
 //! and the rest are dropped.
 //!
 //! Owns: upstream health and load ([`UpstreamBook`]), per-key rate, concurrency and
-//! token counters ([`KeyCounters`]), and failed key checks per client address
+//! token counters ([`KeyCounters`]), the same per end user of the keys
+//! that name them ([`EndUserBook`]), budget alerts on their way to the
+//! webhook ([`AlertQueue`]), and failed key checks per client address
 //! ([`FailedKeys`], a table of fixed size).
 //!
 //! May import: `config`, `keys`. No threads, sockets or clocks of its own:
 //! callers pass the time in.
 
+mod alerts;
+mod end_users;
 mod failed_keys;
 mod key_counters;
 mod upstream_health;
 mod upstreams;
 
+pub use alerts::{crossed, Alert, AlertBody, AlertQueue, AlertTarget, Crossing, ALERT_QUEUE};
+pub use end_users::{
+    end_user_tag, CounterId, EndUserBook, EndUserHandle, EndUserTable, MAX_END_USERS,
+};
 pub use failed_keys::{AddrTag, FailedKeys, KNOWN_FOR_S};
-pub use key_counters::{InFlightGuard, KeyCounter, KeyCounters, SharedShare, TokenMeter};
+pub use key_counters::{
+    InFlightGuard, KeyCounter, KeyCounters, SharedShare, TokenMeter, TokenStep,
+};
 pub use upstream_health::{Transition, UpstreamHealth, PASSIVE_COOLDOWN};
 pub use upstreams::{
     Entered, Lease, Member, UpstreamBook, UpstreamLoad, UpstreamState, WaitQueue, Waiting,
@@ -35,6 +45,10 @@ pub struct Carried {
     pub upstreams: UpstreamBook,
     /// Rate and concurrency counters by key id.
     pub keys: KeyCounters,
+    /// End users' counters by key id.
+    pub end_users: EndUserBook,
+    /// Budget alerts waiting for the daemon's task to post them.
+    pub alerts: AlertQueue,
     /// Failed key checks by client address.
     pub failed_keys: FailedKeys,
 }

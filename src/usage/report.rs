@@ -25,6 +25,8 @@ pub enum GroupBy {
     RequestedModel,
     Route,
     Day,
+    /// The end user behind a key (keys with `end_user_header`).
+    EndUser,
 }
 
 impl GroupBy {
@@ -36,9 +38,10 @@ impl GroupBy {
             "requested_model" => GroupBy::RequestedModel,
             "route" => GroupBy::Route,
             "day" => GroupBy::Day,
+            "end_user" => GroupBy::EndUser,
             _ => {
                 return Err(format!(
-                    "--by {s:?}: use user, key, model, requested_model, route or day"
+                    "--by {s:?}: use user, key, model, requested_model, route, day or end_user"
                 ))
             }
         })
@@ -52,6 +55,7 @@ impl GroupBy {
             GroupBy::RequestedModel => "requested_model",
             GroupBy::Route => "route",
             GroupBy::Day => "day",
+            GroupBy::EndUser => "end_user",
         }
     }
 }
@@ -69,6 +73,8 @@ struct Line {
     key_id: Option<String>,
     #[serde(default)]
     user: Option<String>,
+    #[serde(default)]
+    end_user: Option<String>,
     #[serde(default)]
     status: u16,
     #[serde(default)]
@@ -136,6 +142,9 @@ pub struct Report {
     pub by: &'static str,
     /// Only requests at or after this time (RFC 3339), if given.
     pub since: Option<String>,
+    /// Only requests of keys whose id starts with this, if given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
     pub files: Vec<PathBuf>,
     pub groups: BTreeMap<String, Totals>,
     pub total: Totals,
@@ -205,9 +214,21 @@ pub fn parse_since(s: &str, now: SystemTime) -> Result<SystemTime, String> {
 /// Reads `files` and totals their requests by `by`, keeping those at or
 /// after `since`.
 pub fn build(files: &[PathBuf], by: GroupBy, since: Option<SystemTime>) -> std::io::Result<Report> {
+    build_for_key(files, by, since, None)
+}
+
+/// [`build`], keeping only the requests of the key whose id starts with
+/// `key` (`--key`, as `keys list` shows ids), when given.
+pub fn build_for_key(
+    files: &[PathBuf],
+    by: GroupBy,
+    since: Option<SystemTime>,
+    key: Option<&str>,
+) -> std::io::Result<Report> {
     let mut report = Report {
         by: by.name(),
         since: since.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
+        key: key.map(str::to_owned),
         files: files.to_vec(),
         groups: BTreeMap::new(),
         total: Totals::default(),
@@ -245,6 +266,9 @@ pub fn build(files: &[PathBuf], by: GroupBy, since: Option<SystemTime>) -> std::
             if since.is_some_and(|s| ts < s) {
                 continue;
             }
+            if key.is_some_and(|k| !line.key_id.as_deref().is_some_and(|id| id.starts_with(k))) {
+                continue;
+            }
             let group = match by {
                 GroupBy::User => line.user.clone(),
                 GroupBy::Key => line.key_id.clone(),
@@ -252,6 +276,7 @@ pub fn build(files: &[PathBuf], by: GroupBy, since: Option<SystemTime>) -> std::
                 GroupBy::RequestedModel => line.requested_model.clone().or(line.model.clone()),
                 GroupBy::Route => line.route.clone(),
                 GroupBy::Day => line.ts.get(..10).map(str::to_owned),
+                GroupBy::EndUser => line.end_user.clone(),
             }
             .unwrap_or_else(|| NO_GROUP.to_string());
             report.groups.entry(group).or_default().add(&line);

@@ -704,6 +704,10 @@ impl GatewayConfig {
         self.set("shared_state", Value::Object(shared.0))
     }
 
+    pub fn alerts(self, alerts: Alerts) -> GatewayConfig {
+        self.set("alerts", Value::Object(alerts.0))
+    }
+
     /// Any top-level setting, as is: for tests of config errors.
     pub fn setting(self, name: &str, value: impl Into<Value>) -> GatewayConfig {
         self.set(name, value)
@@ -879,9 +883,74 @@ impl Key {
         self.set("disabled", disabled)
     }
 
+    /// `end_user_header` and, when not empty, `end_user_limits`.
+    pub fn end_users(self, header: &str, limits: Limits) -> Key {
+        let k = self.set("end_user_header", header);
+        if limits.0.is_empty() {
+            return k;
+        }
+        k.set("end_user_limits", Value::Object(limits.0))
+    }
+
+    /// The key's own `alerts` (over the config's).
+    pub fn alerts(self, alerts: Alerts) -> Key {
+        self.set("alerts", Value::Object(alerts.0))
+    }
+
     /// Any field, as is: for tests of key-file errors.
     pub fn field(self, name: &str, value: impl Into<Value>) -> Key {
         self.set(name, value)
+    }
+}
+
+/// `end_user_limits: {rate_limit, max_concurrent, token_limit}`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Limits(Map<String, Value>);
+
+impl Limits {
+    pub fn new() -> Limits {
+        Limits::default()
+    }
+
+    pub fn rate_limit(mut self, rate: &str) -> Limits {
+        self.0.insert("rate_limit".into(), rate.into());
+        self
+    }
+
+    pub fn max_concurrent(mut self, n: u32) -> Limits {
+        self.0.insert("max_concurrent".into(), n.into());
+        self
+    }
+
+    pub fn token_limit(mut self, rate: &str) -> Limits {
+        self.0.insert("token_limit".into(), rate.into());
+        self
+    }
+}
+
+/// `alerts: {webhook, at, timeout}`, at the top of the config or in a key.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Alerts(Map<String, Value>);
+
+impl Alerts {
+    pub fn new() -> Alerts {
+        Alerts::default()
+    }
+
+    pub fn webhook(mut self, url: &str) -> Alerts {
+        self.0.insert("webhook".into(), url.into());
+        self
+    }
+
+    pub fn at(mut self, thresholds: &[f64]) -> Alerts {
+        self.0
+            .insert("at".into(), thresholds.iter().copied().collect());
+        self
+    }
+
+    pub fn timeout(mut self, d: &str) -> Alerts {
+        self.0.insert("timeout".into(), d.into());
+        self
     }
 }
 

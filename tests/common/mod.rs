@@ -29,6 +29,8 @@
 //!   tests (not glob re-exported);
 //! * [`raw_http`]: raw HTTP/1.x request and response reading, for upstreams
 //!   and for tests that talk to the gateway over a bare `TcpStream`;
+//! * [`webhook`]: a budget-alert webhook receiver that records what it
+//!   is posted, or holds the connection without answering;
 //! * [`util`]: client helpers ([`agent`], [`wait_until`], [`sha256_hex`],
 //!   [`PatternReader`], ...).
 //!
@@ -58,6 +60,7 @@ pub mod reliability;
 pub mod tls;
 pub mod upstreams;
 pub mod util;
+pub mod webhook;
 
 pub use ai_upstream::*;
 pub use audit::*;
