@@ -1,8 +1,9 @@
 //! What routes with `api` allow: token budgets (the crossing request
 //! finishes, then refusals until the window ends; a route's default),
 //! model-scoped keys (refused other models wherever the body names them,
-//! model lists filtered), routing by model, and `Expect: 100-continue`
-//! when the gateway reads the body first.
+//! model lists filtered), routing by model, `Expect: 100-continue`
+//! when the gateway reads the body first, and refusals in the error shape
+//! of each route's API.
 //!
 //! Against the real binary and the mock model servers of
 //! `tests/common/ai_upstream.rs`, with clients that send what the official
@@ -503,4 +504,90 @@ fn expect_continue_is_answered_when_the_gateway_reads_the_body_first() {
         "the upstream is not asked to continue again"
     );
     assert_eq!(got.body_sha256, sha256_hex(&body));
+}
+
+#[test]
+fn refusals_speak_the_api_of_their_route() {
+    let ollama = AiServer::start(AiOptions::default());
+    let openai = AiServer::start(AiOptions::default());
+    let ai = start_ai(&ollama, &openai, None);
+    let gw = &ai.gw;
+    let body = json!({"model": "qwen2", "max_tokens": 8, "messages": []}).to_string();
+    let no_key = |path: &str| {
+        let mut r = agent()
+            .post(&gw.url(path))
+            .header("Content-Type", "application/json")
+            .send(body.as_bytes())
+            .expect("an answer");
+        (
+            r.status().as_u16(),
+            r.body_mut().read_to_string().expect("a body"),
+        )
+    };
+    let missing = [
+        (
+            "/anthropic/v1/messages",
+            r#"{"type":"error","error":{"type":"authentication_error","message":"missing api key"}}"#,
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"error":{"message":"missing api key","type":"invalid_request_error","param":null,"code":"missing_key"}}"#,
+        ),
+        ("/ollama/api/chat", r#"{"error":"missing api key"}"#),
+        ("/plain/api/chat", r#"{"error":"missing api key"}"#),
+        // No route, no API: the gateway's own shape.
+        (
+            "/nowhere/v1/messages",
+            r#"{"error":"no route for this path"}"#,
+        ),
+    ];
+    for (path, want) in missing {
+        let (status, text) = no_key(path);
+        assert_eq!(text, want, "{path}");
+        assert_eq!(
+            status,
+            if path.starts_with("/nowhere") {
+                404
+            } else {
+                401
+            }
+        );
+    }
+    // Refused after the upstream was chosen (the model after 70 KiB of
+    // messages, read as the body streams on): still the route's shape.
+    let late = chat_body(false, "mistral", 70_000);
+    let r = ai_request(
+        gw,
+        "POST",
+        "/anthropic/v1/messages",
+        BOB,
+        "s-late",
+        &late,
+        "",
+    );
+    assert_eq!(r.status, 403);
+    assert_eq!(
+        serde_json::from_slice::<Value>(&r.body).unwrap_or_default(),
+        json!({"type": "error", "error": {"type": "permission_error", "message": "model not allowed for this key"}})
+    );
+    assert_eq!(audit_of(gw, "s-late")["decision"], "model_not_allowed");
+    let r = ai_request(
+        gw,
+        "POST",
+        "/v1/chat/completions",
+        BOB,
+        "s-late-o",
+        &late,
+        "",
+    );
+    let v = serde_json::from_slice::<Value>(&r.body).unwrap_or_default();
+    assert_eq!(
+        (r.status, &v["error"]["code"], &v["error"]["message"]),
+        (
+            403,
+            &json!("model_not_found"),
+            &json!("model not allowed for this key")
+        ),
+        "{v}"
+    );
 }

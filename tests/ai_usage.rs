@@ -1,8 +1,8 @@
 //! Token usage on routes with `api`, read off answers as they stream (audit
 //! line, metrics): Ollama streams and single answers, OpenAI JSON and SSE
-//! with `include_usage` added and its usage-only event hidden, a stream cut
-//! short, compressed and non-JSON answers, and the usage report across
-//! rotated audit logs.
+//! with `include_usage` added and its usage-only event hidden, streams cut
+//! short (Anthropic's too), compressed and non-JSON answers, and the usage
+//! report across rotated audit logs.
 //!
 //! Against the real binary and the mock model servers of
 //! `tests/common/ai_upstream.rs`, with clients that send what the official
@@ -275,6 +275,23 @@ fn a_stream_cut_short_counts_what_it_can_and_logs_nothing_about_usage() {
         assert_eq!(a["completion_tokens"], n, "{a}");
         assert_eq!(a["prompt_tokens"], Value::Null, "{a}");
     }
+    // Anthropic's stream, cut after message_start and one delta: the input
+    // it was told, one token per delta.
+    let (status, text) = ai_post_raw(
+        gw,
+        "/anthropic/v1/messages",
+        ANN,
+        "cut-a",
+        &json!({"model": "qwen2", "max_tokens": 8, "messages": [], "stream": true}),
+    );
+    assert_eq!(status, 200);
+    assert_eq!(text.matches("event: ").count(), 3, "{text}");
+    let a = audit_of(gw, "cut-a");
+    assert_eq!(
+        (&a["usage"], &a["prompt_tokens"], &a["completion_tokens"]),
+        (&json!("estimated"), &json!(11), &json!(1)),
+        "{a}"
+    );
     let log = gw.log();
     let alarming: Vec<&str> = log
         .lines()

@@ -1,8 +1,9 @@
-//! The gateway as the official client libraries see it: `ollama` and
-//! `openai` for Python (`tests/clients/drive.py`), against the mock model
-//! servers, through routes with `api`: streams arrive part by part, usage
-//! is counted, the usage-only event is hidden unless asked for, model
-//! lists are filtered, and refusals surface as the libraries' own errors.
+//! The gateway as the official client libraries see it: `ollama`, `openai`
+//! and `anthropic` for Python (`tests/clients/drive.py`), against the mock
+//! model servers, through routes with `api`: streams arrive part by part,
+//! usage is counted, the usage-only event is hidden unless asked for, model
+//! lists are filtered, and refusals surface as the libraries' own errors
+//! with the gateway's message.
 //!
 //! Needs the libraries: `python3 -m venv .venv && .venv/bin/pip install -r
 //! tests/clients/requirements.txt` (what `.ci/run` does), or a python that
@@ -13,32 +14,38 @@ pub mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 
-use common::ai_gateway::{ai_keys, ollama_route, openai_route};
+use common::ai_gateway::{ai_keys, anthropic_route, metric_u64, ollama_route, openai_route};
 use common::*;
 
 const ANN: &str = "client-test-key-ann";
 const BOB: &str = "client-test-key-bob";
 const CAROL: &str = "client-test-key-carol";
 
-/// The python that has both libraries, or a failure that says how to get
-/// one.
+/// The python that has the three libraries, or a failure that says how to
+/// get one. Checked once: importing them takes seconds.
 fn python() -> PathBuf {
+    static CHECKED: OnceLock<PathBuf> = OnceLock::new();
+    CHECKED.get_or_init(check_python).clone()
+}
+
+fn check_python() -> PathBuf {
     let p = std::env::var_os("AGW_TEST_PYTHON")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"));
     let ok = Command::new(&p)
-        .args(["-c", "import ollama, openai"])
+        .args(["-c", "import ollama, openai, anthropic"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
     assert!(
         ok,
-        "these tests drive the gateway with the official ollama and openai Python libraries, \
+        "these tests drive the gateway with the official ollama, openai and anthropic Python libraries, \
          and {} cannot import them. Install them with\n\
          \x20   python3 -m venv .venv && .venv/bin/pip install -r tests/clients/requirements.txt\n\
          from the repository root, or set AGW_TEST_PYTHON to a python that has them.",
@@ -49,20 +56,30 @@ fn python() -> PathBuf {
 
 /// Runs one scenario of `drive.py` and returns what the client saw.
 fn drive(gw: &Gateway, scenario: &str, key: &str, model: &str) -> Value {
+    drive_all(gw, &[(scenario, key, model)]).swap_remove(0)
+}
+
+/// Runs scenarios of `drive.py` one after the other in one python process
+/// (a library is imported once) and returns what the client saw in each.
+fn drive_all(gw: &Gateway, steps: &[(&str, &str, &str)]) -> Vec<Value> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/drive.py");
-    let mut child = Command::new(python())
-        .arg(&script)
-        .args([scenario, &gw.url(""), key, model])
+    let mut cmd = Command::new(python());
+    cmd.arg(&script).arg(gw.url(""));
+    for (scenario, key, model) in steps {
+        cmd.args([scenario, key, model]);
+    }
+    let mut child = cmd
         .env("NO_PROXY", "*")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("run python");
+    let what = format!("{steps:?}");
     let deadline = Instant::now() + Duration::from_secs(60);
     while child.try_wait().expect("wait for python").is_none() {
         if Instant::now() > deadline {
             let _ = child.kill();
-            panic!("{scenario} did not finish in 60 s");
+            panic!("{what} did not finish in 60 s");
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -70,10 +87,13 @@ fn drive(gw: &Gateway, scenario: &str, key: &str, model: &str) -> Value {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
-        "{scenario}: {}\n{stdout}",
+        "{what}: {}\n{stdout}",
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{scenario}: {e}: {stdout}"))
+    let seen: Vec<Value> =
+        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{what}: {e}: {stdout}"));
+    assert_eq!(seen.len(), steps.len(), "{what}: {stdout}");
+    seen
 }
 
 fn start(ollama: &AiServer, openai: &AiServer) -> Gateway {
@@ -184,6 +204,12 @@ fn the_official_ollama_library_streams_counts_lists_and_is_refused() {
     );
     let r = drive(&gw, "ollama-chat", BOB, "qwen2.5");
     assert_eq!(r["eval_count"], 4, "{r}");
+    let r = drive(&gw, "ollama-chat", "not-a-key", "qwen2.5");
+    assert_eq!(
+        (&r["status"], &r["error"]),
+        (&json!(401), &json!("invalid api key")),
+        "{r}"
+    );
 }
 
 #[test]
@@ -250,9 +276,196 @@ fn the_official_openai_library_streams_counts_lists_and_is_refused() {
         "{r}"
     );
     assert_eq!(r["error"], "token budget exceeded", "{r}");
+    assert_eq!(
+        (&r["type"], &r["code"]),
+        (&json!("tokens"), &json!("rate_limit_exceeded")),
+        "{r}"
+    );
     let wait: u64 = r["retry_after"]
         .as_str()
         .and_then(|s| s.parse().ok())
         .expect("Retry-After");
     assert!((1..=60).contains(&wait), "{r}");
+
+    let r = drive(&gw, "openai-chat", "not-a-key", "qwen2");
+    assert_eq!(
+        (&r["kind"], &r["status"], &r["error"], &r["code"]),
+        (
+            &json!("AuthenticationError"),
+            &json!(401),
+            &json!("invalid api key"),
+            &json!("invalid_api_key")
+        ),
+        "{r}"
+    );
+}
+
+#[test]
+fn the_official_anthropic_library_streams_counts_and_is_refused() {
+    // 5 uncached input tokens, 100 written to the cache, 20 read from it:
+    // 125 input tokens an answer, and 4 output.
+    let upstream = AiServer::start(AiOptions {
+        prompt_tokens: 5,
+        cache_creation_tokens: 100,
+        cache_read_tokens: 20,
+        ..slow()
+    });
+    let gw = Gateway::start(
+        &GatewayConfig::new()
+            .with_admin()
+            .audit_log("audit.log")
+            .route(anthropic_route(upstream.addr)),
+        ai_keys(ANN, BOB, CAROL),
+    );
+
+    // One python process for all (importing the library takes seconds).
+    let seen = drive_all(
+        &gw,
+        &[
+            ("anthropic-stream", ANN, "qwen3-coder"),
+            ("anthropic-message", ANN, "qwen3-coder"),
+            ("anthropic-count", BOB, "qwen3-coder"),
+            ("anthropic-message", BOB, "claude-x"),
+            ("anthropic-no-key", "", "qwen3-coder"),
+            ("anthropic-message", CAROL, "qwen3-coder"),
+            ("anthropic-stream", CAROL, "qwen3-coder"),
+        ],
+    );
+    let [stream, message, count, scoped, no_key, carol, carol_again] = &seen[..] else {
+        panic!("seven answers: {seen:?}");
+    };
+
+    let mut want = vec!["message_start", "content_block_start"];
+    want.extend(["content_block_delta"; 4]);
+    want.extend(["content_block_stop", "message_delta", "message_stop"]);
+    assert_eq!(stream["types"], json!(want), "{stream}");
+    let parts = stream["parts"].as_array().expect("parts");
+    let texts: Vec<&str> = parts.iter().filter_map(|p| p["text"].as_str()).collect();
+    assert_eq!(texts, ["tok0 ", "tok1 ", "tok2 ", "tok3 "], "{stream}");
+    let written = &upstream.sent()[0].written_wall;
+    let (first, last) = (parts[0]["at"].as_f64(), written.last().map(|t| secs(*t)));
+    assert!(
+        first.zip(last).is_some_and(|(f, l)| f < l),
+        "the first event arrived before the upstream wrote the last: {stream}"
+    );
+    assert_parts_streamed(parts, written);
+    let a = nth_audit(&gw, 1);
+    assert_eq!(
+        (&a["model"], &a["prompt_tokens"], &a["completion_tokens"]),
+        (&json!("qwen3-coder"), &json!(125), &json!(4)),
+        "{a}"
+    );
+    assert_eq!(
+        (
+            &a["cache_creation_tokens"],
+            &a["cache_read_tokens"],
+            &a["usage"]
+        ),
+        (&json!(100), &json!(20), &json!("reported")),
+        "{a}"
+    );
+
+    assert_eq!(message["text"], "tok0 tok1 tok2 tok3 ", "{message}");
+    assert_eq!(message["usage"]["cache_read_input_tokens"], 20, "{message}");
+    let a = nth_audit(&gw, 2);
+    assert_eq!(
+        (&a["prompt_tokens"], &a["completion_tokens"], &a["usage"]),
+        (&json!(125), &json!(4), &json!("reported")),
+        "{a}"
+    );
+    // Passed through, model checked, no usage: it counts a prompt.
+    assert_eq!(count["input_tokens"], 5, "{count}");
+    let a = nth_audit(&gw, 3);
+    assert_eq!(
+        (&a["model"], &a["usage"]),
+        (&json!("qwen3-coder"), &Value::Null),
+        "{a}"
+    );
+
+    assert_eq!(
+        (&scoped["kind"], &scoped["status"], &scoped["type"]),
+        (
+            &json!("PermissionDeniedError"),
+            &json!(403),
+            &json!("permission_error")
+        ),
+        "{scoped}"
+    );
+    assert_eq!(
+        scoped["error"], "model not allowed for this key",
+        "{scoped}"
+    );
+    assert_eq!(
+        (&no_key["kind"], &no_key["status"], &no_key["type"]),
+        (
+            &json!("AuthenticationError"),
+            &json!(401),
+            &json!("authentication_error")
+        ),
+        "{no_key}"
+    );
+    assert_eq!(no_key["error"], "missing api key", "{no_key}");
+    // Carol may use 20 tokens a minute: her first answer crosses it (the
+    // cache counts as input), the next is refused.
+    assert_eq!(carol["usage"]["output_tokens"], 4, "{carol}");
+    let r = carol_again;
+    assert_eq!(
+        (&r["kind"], &r["status"], &r["type"]),
+        (
+            &json!("RateLimitError"),
+            &json!(429),
+            &json!("rate_limit_error")
+        ),
+        "{r}"
+    );
+    assert_eq!(r["error"], "token budget exceeded", "{r}");
+    let wait: u64 = r["retry_after"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .expect("Retry-After");
+    assert!((1..=60).contains(&wait), "{r}");
+
+    // Three answers of 125 + 4 tokens, as the upstream reported them.
+    let (prompt, completion) = upstream.reported_tokens();
+    assert_eq!((prompt, completion), (375, 12));
+    let m = metrics_text(gw.admin());
+    for (series, want) in [
+        (
+            r#"agw_tokens_total{kind="prompt",model="qwen3-coder",route="anthropic"}"#,
+            prompt,
+        ),
+        (
+            r#"agw_tokens_total{kind="completion",model="qwen3-coder",route="anthropic"}"#,
+            completion,
+        ),
+        (
+            r#"agw_cache_tokens_total{kind="creation",model="qwen3-coder",route="anthropic"}"#,
+            300,
+        ),
+        (
+            r#"agw_cache_tokens_total{kind="read",model="qwen3-coder",route="anthropic"}"#,
+            60,
+        ),
+    ] {
+        assert_eq!(metric_u64(&m, series), want, "{series}\n{m}");
+    }
+    let config = gw.config_path.to_str().expect("utf-8");
+    let out = run_cli(
+        &["usage", "--json", "--config", config, "--by", "user"],
+        gw.dir.path(),
+    );
+    assert!(out.status.success(), "{}", out.stderr);
+    let report: Value = serde_json::from_str(&out.stdout).expect("a JSON report");
+    let total = &report["total"];
+    assert_eq!(
+        (&total["prompt_tokens"], &total["completion_tokens"]),
+        (&json!(prompt), &json!(completion)),
+        "{report}"
+    );
+    assert_eq!(
+        (&total["cache_creation_tokens"], &total["cache_read_tokens"]),
+        (&json!(300), &json!(60)),
+        "{report}"
+    );
+    assert_eq!(report["groups"]["carol"]["total_tokens"], 129, "{report}");
 }

@@ -90,7 +90,7 @@ fi
 
 # The Python clients, pinned, in the project's own virtualenv (the tests
 # find it at .venv; AGW_TEST_PYTHON overrides).
-if ! .venv/bin/python -c 'import ollama, openai' >/dev/null 2>&1; then
+if ! .venv/bin/python -c 'import ollama, openai, anthropic' >/dev/null 2>&1; then
   say "installing the Python clients into .venv (tests/clients/requirements.txt)"
   { python3 -m venv .venv && .venv/bin/pip install -q -r tests/clients/requirements.txt; } ||
     failed "the Python clients"

@@ -433,6 +433,8 @@ fn reference_usage(framing: Framing, text: &str) -> Usage {
         },
         prompt_tokens,
         completion_tokens,
+        cache_creation_tokens: None,
+        cache_read_tokens: None,
         source,
     }
 }

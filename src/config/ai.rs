@@ -26,6 +26,11 @@ pub enum ApiKind {
     /// An OpenAI-compatible server (`/v1/chat/completions`,
     /// `/v1/completions`, `/v1/embeddings`, `/v1/models`).
     Openai,
+    /// Anthropic's Messages API (`/v1/messages`, and
+    /// `/v1/messages/count_tokens` passed through), as Ollama and vLLM
+    /// also serve it. Refusals on such routes take Anthropic's error
+    /// shape, so its SDKs raise their own exceptions.
+    Anthropic,
 }
 
 impl ApiKind {
@@ -33,6 +38,7 @@ impl ApiKind {
         match self {
             ApiKind::Ollama => "ollama",
             ApiKind::Openai => "openai",
+            ApiKind::Anthropic => "anthropic",
         }
     }
 }
@@ -117,7 +123,7 @@ pub(super) fn check(
             return Err(LoadError::at(
                 path,
                 at,
-                format!("route {route:?}: {what} needs `api: ollama` or `api: openai` (the gateway reads models and usage only from APIs it knows)"),
+                format!("route {route:?}: {what} needs `api: ollama`, `api: openai` or `api: anthropic` (the gateway reads models and usage only from APIs it knows)"),
             ));
         }
     }

@@ -532,10 +532,13 @@ routes:
         assert!(c.routes[1].model_upstreams.is_empty());
         let ollama = parse(&GOOD.replace("    connect_timeout: 2s", "    api: ollama")).unwrap();
         assert_eq!(ollama.routes[0].api, Some(ApiKind::Ollama));
+        let anthropic =
+            parse(&GOOD.replace("    connect_timeout: 2s", "    api: anthropic")).unwrap();
+        assert_eq!(anthropic.routes[0].api, Some(ApiKind::Anthropic));
 
         let e = err(&GOOD.replace("    connect_timeout: 2s", "    include_usage: true"));
         assert!(
-            e.contains("include_usage needs `api: ollama` or `api: openai`"),
+            e.contains("include_usage needs `api: ollama`, `api: openai` or `api: anthropic`"),
             "{e}"
         );
         let e = err(&GOOD.replace(

@@ -64,6 +64,13 @@ pub struct AuditRecord {
     /// Tokens of the prompt and of the completion, when known.
     pub prompt_tokens: Option<u64>,
     pub completion_tokens: Option<u64>,
+    /// Of the prompt tokens, those written to and read from the prompt
+    /// cache, when the answer said (Anthropic's Messages API; only then in
+    /// the line).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache_creation_tokens: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache_read_tokens: Option<u64>,
     /// Where the token counts come from: `reported`, `estimated`,
     /// `unknown`; null where the endpoint has no usage.
     pub usage: Option<&'static str>,
@@ -279,6 +286,8 @@ mod tests {
             retried: Vec::new(),
             prompt_tokens: Some(26),
             completion_tokens: None,
+            cache_creation_tokens: None,
+            cache_read_tokens: None,
             usage: Some("estimated"),
         }
     }

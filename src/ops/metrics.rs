@@ -163,6 +163,8 @@ pub struct Metrics {
 /// budget alerts count.
 struct TokenMetrics {
     by_model: IntCounterVec,
+    /// Prompt tokens written to and read from the prompt cache.
+    cache: IntCounterVec,
     by_user: IntCounterVec,
     sources: IntCounterVec,
     alerts: AlertMetrics,
@@ -175,6 +177,12 @@ impl TokenMetrics {
                 r,
                 "agw_tokens_total",
                 "Tokens by route, model and kind (prompt, completion), on routes with api.",
+                &["route", "model", "kind"],
+            ),
+            cache: counter_vec(
+                r,
+                "agw_cache_tokens_total",
+                "Prompt tokens written to (creation) and read from (read) the prompt cache, by route and model, as Anthropic answers report them; already counted in agw_tokens_total's prompt.",
                 &["route", "model", "kind"],
             ),
             by_user: counter_vec(
@@ -623,6 +631,29 @@ impl Metrics {
         }
     }
 
+    /// Counts the prompt-cache tokens of one answer of `model` (part of
+    /// its prompt tokens, which [`Metrics::tokens`] counted).
+    pub fn cache_tokens(
+        &self,
+        route: &str,
+        model: Option<&str>,
+        creation: Option<u64>,
+        read: Option<u64>,
+    ) {
+        if creation.is_none() && read.is_none() {
+            return;
+        }
+        let label = self.model_label(model);
+        for (kind, n) in [("creation", creation), ("read", read)] {
+            if let Some(n) = n {
+                self.tokens
+                    .cache
+                    .with_label_values(&[route, &label, kind])
+                    .inc_by(n);
+            }
+        }
+    }
+
     pub fn user_request(&self, user: &str) {
         self.per_user.with_label_values(&[user]).inc();
     }
@@ -803,6 +834,8 @@ mod tests {
         );
         m.tokens("chat", Some("llama3.2"), "estimated", None, Some(4), None);
         m.tokens("chat", Some("m0"), "unknown", None, None, None);
+        m.cache_tokens("chat", Some("llama3.2"), Some(100), Some(20));
+        m.cache_tokens("chat", Some("llama3.2"), None, Some(5));
         let text = String::from_utf8(m.render()).unwrap();
         for want in [
             r#"agw_tokens_total{kind="prompt",model="llama3.2",route="chat"} 26"#,
@@ -810,6 +843,8 @@ mod tests {
             r#"agw_user_tokens_total{kind="completion",user="ann"} 290"#,
             r#"agw_usage_total{route="chat",source="estimated"} 1"#,
             r#"agw_usage_total{route="chat",source="unknown"} 1"#,
+            r#"agw_cache_tokens_total{kind="creation",model="llama3.2",route="chat"} 100"#,
+            r#"agw_cache_tokens_total{kind="read",model="llama3.2",route="chat"} 25"#,
         ] {
             assert!(text.contains(want), "{want} in {text}");
         }

@@ -23,7 +23,7 @@ mod snapshot;
 pub use client::client_ip;
 pub use credentials::{presented_key, Credential};
 pub use path::is_ambiguous_path;
-pub use refusal::{ExtraHeader, Refusal, CHALLENGE};
+pub use refusal::{ErrorShape, ExtraHeader, Refusal, CHALLENGE};
 pub use request::{Request, Upgrade};
 pub use routes::{Cors, Pick, Route, Router, Upstream, DEFAULT_POOL, UPSTREAM_IDLE_TIMEOUT};
 pub use snapshot::{

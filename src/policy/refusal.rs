@@ -6,6 +6,7 @@
 //! metrics and the audit log read them from here, so adding a kind means
 //! adding a variant and the code that decides it, nothing else.
 
+use crate::config::ApiKind;
 use crate::keys::KeyDenial;
 
 /// Why a request was answered by the gateway itself.
@@ -185,55 +186,10 @@ impl Refusal {
         }
     }
 
-    /// The JSON body of the reply. The messages are part of the interface:
-    /// clients may match on them, so they do not change.
+    /// The JSON body of the reply in the gateway's own shape,
+    /// `{"error": "message"}`.
     pub const fn body(self) -> &'static str {
-        match self {
-            Refusal::Preflight => "",
-            Refusal::IpNotAllowed => r#"{"error":"address not allowed"}"#,
-            Refusal::KeyThrottled { .. } => r#"{"error":"too many failed key attempts"}"#,
-            Refusal::RateLimited { .. } => r#"{"error":"rate limit exceeded"}"#,
-            Refusal::TooManyConcurrent => r#"{"error":"too many concurrent requests"}"#,
-            Refusal::TokenBudgetExceeded { .. } => r#"{"error":"token budget exceeded"}"#,
-            Refusal::ModelNotAllowed => r#"{"error":"model not allowed for this key"}"#,
-            Refusal::ModelUnreadable => {
-                r#"{"error":"the request body must be a JSON object that names the model"}"#
-            }
-            Refusal::BadFraming => r#"{"error":"both content-length and transfer-encoding"}"#,
-            Refusal::InvalidContentLength => r#"{"error":"invalid content-length"}"#,
-            Refusal::InvalidTransferEncoding => r#"{"error":"invalid transfer-encoding"}"#,
-            Refusal::MalformedHead => r#"{"error":"malformed request head"}"#,
-            Refusal::BadHost => r#"{"error":"missing or repeated host header"}"#,
-            Refusal::HeaderTooLarge => r#"{"error":"request header fields too large"}"#,
-            Refusal::BadPath => r#"{"error":"invalid path"}"#,
-            Refusal::NoRoute => r#"{"error":"no route for this path"}"#,
-            Refusal::MethodNotAllowed => r#"{"error":"method not allowed"}"#,
-            Refusal::UpgradeNotAllowed => r#"{"error":"upgrade not allowed on this route"}"#,
-            Refusal::ConflictingKeys => r#"{"error":"conflicting api keys"}"#,
-            Refusal::Key(KeyDenial::Missing) => r#"{"error":"missing api key"}"#,
-            Refusal::Key(KeyDenial::Unknown) => r#"{"error":"invalid api key"}"#,
-            Refusal::Key(KeyDenial::Expired) => r#"{"error":"api key expired"}"#,
-            Refusal::Key(KeyDenial::Disabled) => r#"{"error":"api key revoked"}"#,
-            Refusal::Key(KeyDenial::WrongService) => {
-                r#"{"error":"api key not allowed for this service"}"#
-            }
-            Refusal::BadEndUser => {
-                r#"{"error":"the end user header must be one value of 1 to 128 visible ASCII characters"}"#
-            }
-            Refusal::BadRequest => r#"{"error":"bad request"}"#,
-            Refusal::BodyTimeout => r#"{"error":"request body timed out"}"#,
-            Refusal::BodyTooLarge => r#"{"error":"request body too large"}"#,
-            Refusal::UpstreamUnavailable => r#"{"error":"upstream unavailable"}"#,
-            Refusal::UpstreamTimeout => r#"{"error":"upstream timed out"}"#,
-            Refusal::SharedStateUnavailable => {
-                r#"{"error":"limits cannot be checked: shared state unavailable"}"#
-            }
-            Refusal::UpstreamsBusy { .. } => r#"{"error":"all upstreams busy"}"#,
-            Refusal::AliasBodyTooLarge => {
-                r#"{"error":"request body too large to rewrite the model alias it names (at most 64 KiB)"}"#
-            }
-            Refusal::Internal => r#"{"error":"internal error"}"#,
-        }
+        self.body_in(ErrorShape::Plain)
     }
 
     /// The metric label and audit `decision`: fixed words, never anything a
@@ -316,6 +272,143 @@ impl Refusal {
     }
 }
 
+/// The shape of a refusal's JSON body. Each API's client libraries read
+/// their own: on a route with `api`, the refusal speaks it, so the
+/// libraries raise their own exceptions with the gateway's message.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ErrorShape {
+    /// `{"error": "message"}`: the gateway's own, and Ollama's.
+    #[default]
+    Plain,
+    /// OpenAI's `{"error": {"message", "type", "param", "code"}}`.
+    Openai,
+    /// Anthropic's `{"type": "error", "error": {"type", "message"}}`.
+    Anthropic,
+}
+
+impl ErrorShape {
+    /// The shape of refusals on a route whose upstream speaks `api`.
+    pub const fn of(api: Option<ApiKind>) -> ErrorShape {
+        match api {
+            Some(ApiKind::Openai) => ErrorShape::Openai,
+            Some(ApiKind::Anthropic) => ErrorShape::Anthropic,
+            Some(ApiKind::Ollama) | None => ErrorShape::Plain,
+        }
+    }
+}
+
+/// Writes [`Refusal::message`] and [`Refusal::body_in`] from one table:
+/// per kind, the message, Anthropic's error type, and OpenAI's type and
+/// code. Every body is a `&'static str` put together at compile time.
+macro_rules! refusal_bodies {
+    ($($kind:pat => $message:literal, $anthropic:literal, $openai:literal, $code:literal;)*) => {
+        impl Refusal {
+            /// What the refusal says. The messages are part of the
+            /// interface: clients may match on them, so they do not
+            /// change.
+            pub const fn message(self) -> &'static str {
+                match self {
+                    Refusal::Preflight => "",
+                    $($kind => $message,)*
+                }
+            }
+
+            /// The JSON body of the reply, in `shape` (empty for a
+            /// preflight's 204).
+            pub const fn body_in(self, shape: ErrorShape) -> &'static str {
+                match (shape, self) {
+                    (_, Refusal::Preflight) => "",
+                    $((ErrorShape::Plain, $kind) => {
+                        concat!(r#"{"error":""#, $message, r#""}"#)
+                    })*
+                    $((ErrorShape::Openai, $kind) => concat!(
+                        r#"{"error":{"message":""#, $message, r#"","type":""#, $openai,
+                        r#"","param":null,"code":""#, $code, r#""}}"#
+                    ),)*
+                    $((ErrorShape::Anthropic, $kind) => concat!(
+                        r#"{"type":"error","error":{"type":""#, $anthropic,
+                        r#"","message":""#, $message, r#""}}"#
+                    ),)*
+                }
+            }
+        }
+    };
+}
+
+// OpenAI's codes where it has one for the case (`invalid_api_key`,
+// `rate_limit_exceeded`, `model_not_found`, which it also sends with a 403
+// for a model a project may not use), else the refusal's label.
+refusal_bodies! {
+    Refusal::IpNotAllowed => "address not allowed",
+        "permission_error", "invalid_request_error", "ip_not_allowed";
+    Refusal::KeyThrottled { .. } => "too many failed key attempts",
+        "rate_limit_error", "requests", "rate_limit_exceeded";
+    Refusal::RateLimited { .. } => "rate limit exceeded",
+        "rate_limit_error", "requests", "rate_limit_exceeded";
+    Refusal::TooManyConcurrent => "too many concurrent requests",
+        "rate_limit_error", "requests", "rate_limit_exceeded";
+    Refusal::TokenBudgetExceeded { .. } => "token budget exceeded",
+        "rate_limit_error", "tokens", "rate_limit_exceeded";
+    Refusal::ModelNotAllowed => "model not allowed for this key",
+        "permission_error", "invalid_request_error", "model_not_found";
+    Refusal::ModelUnreadable => "the request body must be a JSON object that names the model",
+        "invalid_request_error", "invalid_request_error", "model_unreadable";
+    Refusal::BadFraming => "both content-length and transfer-encoding",
+        "invalid_request_error", "invalid_request_error", "bad_framing";
+    Refusal::InvalidContentLength => "invalid content-length",
+        "invalid_request_error", "invalid_request_error", "invalid_content_length";
+    Refusal::InvalidTransferEncoding => "invalid transfer-encoding",
+        "invalid_request_error", "invalid_request_error", "invalid_transfer_encoding";
+    Refusal::MalformedHead => "malformed request head",
+        "invalid_request_error", "invalid_request_error", "malformed_head";
+    Refusal::BadHost => "missing or repeated host header",
+        "invalid_request_error", "invalid_request_error", "bad_host";
+    Refusal::HeaderTooLarge => "request header fields too large",
+        "invalid_request_error", "invalid_request_error", "header_too_large";
+    Refusal::BadPath => "invalid path",
+        "invalid_request_error", "invalid_request_error", "bad_path";
+    Refusal::NoRoute => "no route for this path",
+        "not_found_error", "invalid_request_error", "no_route";
+    Refusal::MethodNotAllowed => "method not allowed",
+        "invalid_request_error", "invalid_request_error", "method_not_allowed";
+    Refusal::UpgradeNotAllowed => "upgrade not allowed on this route",
+        "invalid_request_error", "invalid_request_error", "upgrade_not_allowed";
+    Refusal::ConflictingKeys => "conflicting api keys",
+        "invalid_request_error", "invalid_request_error", "conflicting_keys";
+    Refusal::Key(KeyDenial::Missing) => "missing api key",
+        "authentication_error", "invalid_request_error", "missing_key";
+    Refusal::Key(KeyDenial::Unknown) => "invalid api key",
+        "authentication_error", "invalid_request_error", "invalid_api_key";
+    Refusal::Key(KeyDenial::Expired) => "api key expired",
+        "authentication_error", "invalid_request_error", "invalid_api_key";
+    Refusal::Key(KeyDenial::Disabled) => "api key revoked",
+        "authentication_error", "invalid_request_error", "invalid_api_key";
+    Refusal::Key(KeyDenial::WrongService) => "api key not allowed for this service",
+        "permission_error", "invalid_request_error", "wrong_service";
+    Refusal::BadEndUser =>
+        "the end user header must be one value of 1 to 128 visible ASCII characters",
+        "invalid_request_error", "invalid_request_error", "bad_end_user";
+    Refusal::BadRequest => "bad request",
+        "invalid_request_error", "invalid_request_error", "bad_request";
+    Refusal::BodyTimeout => "request body timed out",
+        "invalid_request_error", "invalid_request_error", "client_timeout";
+    Refusal::BodyTooLarge => "request body too large",
+        "request_too_large", "invalid_request_error", "body_too_large";
+    Refusal::UpstreamUnavailable => "upstream unavailable",
+        "api_error", "server_error", "upstream_error";
+    Refusal::UpstreamTimeout => "upstream timed out",
+        "timeout_error", "server_error", "upstream_error";
+    Refusal::SharedStateUnavailable => "limits cannot be checked: shared state unavailable",
+        "overloaded_error", "server_error", "shared_state_unavailable";
+    Refusal::UpstreamsBusy { .. } => "all upstreams busy",
+        "overloaded_error", "server_error", "upstreams_busy";
+    Refusal::AliasBodyTooLarge =>
+        "request body too large to rewrite the model alias it names (at most 64 KiB)",
+        "request_too_large", "invalid_request_error", "alias_body_too_large";
+    Refusal::Internal => "internal error",
+        "api_error", "server_error", "internal_error";
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -324,7 +417,85 @@ mod tests {
     fn every_body_is_json_with_an_error_field() {
         for r in Refusal::ALL.into_iter().filter(|r| r.status() != 204) {
             let v: serde_json::Value = serde_json::from_str(r.body()).unwrap();
-            assert!(v.get("error").and_then(|e| e.as_str()).is_some(), "{r:?}");
+            assert_eq!(v["error"].as_str(), Some(r.message()), "{r:?}");
+            assert_eq!(v.as_object().map(|o| o.len()), Some(1), "{r:?}");
+        }
+        assert_eq!(
+            Refusal::TokenBudgetExceeded { retry_after_s: 9 }.body(),
+            r#"{"error":"token budget exceeded"}"#,
+            "the default shape is unchanged"
+        );
+    }
+
+    /// What OpenAI's and Anthropic's client libraries read of a body.
+    fn parsed(r: Refusal, shape: ErrorShape) -> serde_json::Value {
+        serde_json::from_str(r.body_in(shape)).unwrap_or_else(|e| panic!("{r:?} {shape:?}: {e}"))
+    }
+
+    #[test]
+    fn openai_bodies() {
+        for r in Refusal::ALL.into_iter().filter(|r| r.status() != 204) {
+            let v = parsed(r, ErrorShape::Openai);
+            let e = &v["error"];
+            assert_eq!(e["message"].as_str(), Some(r.message()), "{v}");
+            assert_eq!(e["param"], serde_json::Value::Null, "{v}");
+            let want = match r.status() {
+                429 => ["requests", "tokens"].as_slice(),
+                500.. => &["server_error"],
+                _ => &["invalid_request_error"],
+            };
+            let kind = e["type"].as_str().unwrap_or_default();
+            assert!(want.contains(&kind), "{r:?}: {v}");
+            let code = e["code"].as_str().unwrap_or_default();
+            assert!(
+                !code.is_empty() && code.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'),
+                "{v}"
+            );
+        }
+        let v = parsed(Refusal::Key(KeyDenial::Unknown), ErrorShape::Openai);
+        assert_eq!(v["error"]["code"], "invalid_api_key");
+        let v = parsed(
+            Refusal::TokenBudgetExceeded { retry_after_s: 1 },
+            ErrorShape::Openai,
+        );
+        assert_eq!(
+            (v["error"]["type"].as_str(), v["error"]["code"].as_str()),
+            (Some("tokens"), Some("rate_limit_exceeded"))
+        );
+    }
+
+    #[test]
+    fn anthropic_bodies_name_the_type_of_their_status() {
+        for r in Refusal::ALL.into_iter().filter(|r| r.status() != 204) {
+            let v = parsed(r, ErrorShape::Anthropic);
+            assert_eq!(v["type"], "error", "{v}");
+            assert_eq!(v["error"]["message"].as_str(), Some(r.message()), "{v}");
+            let want = match r.status() {
+                401 => "authentication_error",
+                403 => "permission_error",
+                404 => "not_found_error",
+                413 => "request_too_large",
+                429 => "rate_limit_error",
+                503 => "overloaded_error",
+                504 => "timeout_error",
+                500.. => "api_error",
+                _ => "invalid_request_error",
+            };
+            assert_eq!(v["error"]["type"].as_str(), Some(want), "{r:?}");
+        }
+    }
+
+    #[test]
+    fn shapes_by_api() {
+        assert_eq!(ErrorShape::of(None), ErrorShape::Plain);
+        assert_eq!(ErrorShape::of(Some(ApiKind::Ollama)), ErrorShape::Plain);
+        assert_eq!(ErrorShape::of(Some(ApiKind::Openai)), ErrorShape::Openai);
+        assert_eq!(
+            ErrorShape::of(Some(ApiKind::Anthropic)),
+            ErrorShape::Anthropic
+        );
+        for shape in [ErrorShape::Plain, ErrorShape::Openai, ErrorShape::Anthropic] {
+            assert_eq!(Refusal::Preflight.body_in(shape), "");
         }
     }
 

@@ -369,7 +369,11 @@ pub fn answer_head(
             body_changes = true;
         }
     } else if ai.endpoint.metered() {
-        let meter = AnswerMeter::new(header(CONTENT_TYPE), encoding);
+        let meter = if ai.endpoint == Endpoint::AnthropicMessages {
+            AnswerMeter::anthropic(header(CONTENT_TYPE), encoding)
+        } else {
+            AnswerMeter::new(header(CONTENT_TYPE), encoding)
+        };
         // The gateway asked for the usage-only event: hide it.
         if ai.asked_usage && meter.is_sse() {
             ai.hider = Some(SseHider::default());

@@ -637,7 +637,7 @@ impl ProxyHttp for Gateway {
             let sent = send_refusal(
                 session,
                 r,
-                None,
+                ctx.route(),
                 ctx.cors_origin.as_ref(),
                 ctx.request_id.as_ref(),
             )
@@ -729,6 +729,9 @@ impl ProxyHttp for Gateway {
                 u.completion_tokens,
                 user.filter(|_| per_user),
             );
+            let (creation, read) = (u.cache_creation_tokens, u.cache_read_tokens);
+            self.metrics
+                .cache_tokens(route, model.as_deref(), creation, read);
         }
         let Some(audit) = &self.audit else {
             return;
@@ -780,6 +783,8 @@ impl ProxyHttp for Gateway {
                 .collect(),
             prompt_tokens: usage.as_ref().and_then(|u| u.prompt_tokens),
             completion_tokens: usage.as_ref().and_then(|u| u.completion_tokens),
+            cache_creation_tokens: usage.as_ref().and_then(|u| u.cache_creation_tokens),
+            cache_read_tokens: usage.as_ref().and_then(|u| u.cache_read_tokens),
             usage: usage.as_ref().map(|u| u.source.label()),
         });
     }

@@ -10,12 +10,13 @@ use pingora::proxy::Session;
 use pingora::{ErrorSource, ErrorType};
 
 use crate::ops::UpstreamErrorKind;
-use crate::policy::{ExtraHeader, Refusal, Route};
+use crate::policy::{ErrorShape, ExtraHeader, Refusal, Route};
 
 /// Writes the refusal as a complete response (JSON, but for a preflight's
 /// empty 204) and closes the connection afterwards (an unread request body
-/// is never drained into the void). `route` supplies the `Allow` header of
-/// a 405 and the CORS headers of a preflight; `cors_origin` is the page
+/// is never drained into the void). `route` supplies the body's shape (its
+/// `api`'s; the gateway's own before a route is known), the `Allow` header
+/// of a 405 and the CORS headers of a preflight; `cors_origin` is the page
 /// origin the route allows, if any, so a browser can read the refusal.
 pub async fn send_refusal(
     session: &mut Session,
@@ -24,7 +25,7 @@ pub async fn send_refusal(
     cors_origin: Option<&HeaderValue>,
     request_id: Option<&HeaderValue>,
 ) -> Result<()> {
-    let body = refusal.body();
+    let body = refusal.body_in(ErrorShape::of(route.and_then(|r| r.api)));
     let mut resp = ResponseHeader::build(refusal.status(), Some(10))?;
     if !body.is_empty() {
         resp.insert_header("content-type", "application/json")?;

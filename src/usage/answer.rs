@@ -9,17 +9,22 @@
 //!   (`"done": true`), or in the one object of an answer that does not
 //!   stream;
 //! - OpenAI-compatible servers: `usage` in the JSON answer, or in the last
-//!   SSE event of a stream (with `stream_options.include_usage`).
+//!   SSE event of a stream (with `stream_options.include_usage`);
+//! - Anthropic's Messages API: `usage` in the JSON answer, or the counts of
+//!   a stream's `message_start` and last `message_delta` events (see
+//!   [`super::anthropic`]).
 //!
 //! A stream that ends without usage (cut by the upstream, or an OpenAI
 //! stream without `include_usage`) is *estimated*: one completion token
-//! per content record, the way both servers stream; prompt tokens unknown.
+//! per content record, the way these servers stream; prompt tokens unknown
+//! (but for an Anthropic stream, whose `message_start` gave them).
 //! An answer that is compressed, not JSON, or has no usage is *unknown*.
 
 use bytes::{Bytes, BytesMut};
 use memchr::memmem;
 use std::sync::LazyLock;
 
+use super::anthropic;
 use super::scan::{Event, Scanner};
 use crate::config::MAX_MODEL_NAME;
 
@@ -75,8 +80,14 @@ impl UsageSource {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Usage {
     pub model: Option<String>,
+    /// Every input token, cache reads and writes included.
     pub prompt_tokens: Option<u64>,
     pub completion_tokens: Option<u64>,
+    /// Of the prompt tokens, those written to and read from the prompt
+    /// cache (Anthropic's `cache_creation_input_tokens` and
+    /// `cache_read_input_tokens`), when the answer said.
+    pub cache_creation_tokens: Option<u64>,
+    pub cache_read_tokens: Option<u64>,
     pub source: UsageSource,
 }
 
@@ -138,6 +149,9 @@ pub struct AnswerMeter {
     /// Set when a record that ended during the last feed had usage and no
     /// choices: an OpenAI usage-only chunk.
     usage_only_seen: bool,
+    /// An answer of Anthropic's Messages API: its records are read by
+    /// this (with the scanner's wanted members its own) instead.
+    anthropic: Option<anthropic::Reader>,
     /// Content lines counted without being scanned (what the tests check).
     #[cfg(test)]
     skipped_lines: u64,
@@ -146,6 +160,20 @@ pub struct AnswerMeter {
 impl AnswerMeter {
     /// A meter for an answer with these headers (raw values).
     pub fn new(content_type: Option<&[u8]>, content_encoding: Option<&[u8]>) -> AnswerMeter {
+        AnswerMeter::build(content_type, content_encoding, false)
+    }
+
+    /// A meter for an answer of Anthropic's Messages API with these
+    /// headers (raw values).
+    pub fn anthropic(content_type: Option<&[u8]>, content_encoding: Option<&[u8]>) -> AnswerMeter {
+        AnswerMeter::build(content_type, content_encoding, true)
+    }
+
+    fn build(
+        content_type: Option<&[u8]>,
+        content_encoding: Option<&[u8]>,
+        anthropic: bool,
+    ) -> AnswerMeter {
         let encoded = content_encoding.is_some_and(|e| {
             let e = e.trim_ascii();
             !e.is_empty() && !e.eq_ignore_ascii_case(b"identity")
@@ -175,7 +203,7 @@ impl AnswerMeter {
         AnswerMeter {
             framing,
             streamed,
-            scanner: Scanner::new(WANTED),
+            scanner: Scanner::new(if anthropic { anthropic::WANTED } else { WANTED }),
             line: Line::Start,
             field: [0; 8],
             field_len: 0,
@@ -187,6 +215,7 @@ impl AnswerMeter {
             completion: None,
             reported: false,
             usage_only_seen: false,
+            anthropic: anthropic.then(anthropic::Reader::default),
             #[cfg(test)]
             skipped_lines: 0,
         }
@@ -318,6 +347,33 @@ impl AnswerMeter {
     }
 
     fn scan_all(&mut self, bytes: &[u8]) {
+        if let AnswerMeter {
+            scanner,
+            records,
+            model,
+            anthropic: Some(reader),
+            ..
+        } = self
+        {
+            scanner.feed(bytes, &mut |e| match e {
+                Event::ObjectStart { .. } => reader.start(),
+                Event::Member {
+                    key,
+                    raw,
+                    truncated,
+                    ..
+                } => reader.member(key, raw, truncated),
+                Event::ObjectEnd { .. } => {
+                    *records += 1;
+                    let named = reader.end();
+                    if model.is_none() {
+                        *model = named;
+                    }
+                }
+                Event::NotObjects => {}
+            });
+            return;
+        }
         let AnswerMeter {
             scanner,
             record,
@@ -370,6 +426,9 @@ impl AnswerMeter {
     /// The usage read so far: call when the answer has ended (or broke off).
     pub fn usage(&self) -> Usage {
         let failed = self.framing == Framing::Opaque || self.scanner.failed();
+        if let Some(reader) = &self.anthropic {
+            return self.anthropic_usage(reader, failed);
+        }
         let source = if self.reported && !failed {
             UsageSource::Reported
         } else if !failed && (self.streamed || self.records > 1) && self.content_records > 0 {
@@ -386,6 +445,40 @@ impl AnswerMeter {
             model: if failed { None } else { self.model.clone() },
             prompt_tokens,
             completion_tokens,
+            cache_creation_tokens: None,
+            cache_read_tokens: None,
+            source,
+        }
+    }
+
+    /// [`AnswerMeter::usage`] of an Anthropic answer: reported when a
+    /// `usage` was read; a stream without one (cut before its
+    /// `message_delta`) estimated from its `content_block_delta` events,
+    /// with the input counts of its `message_start` if it had one.
+    fn anthropic_usage(&self, reader: &anthropic::Reader, failed: bool) -> Usage {
+        let c = &reader.counts;
+        let started = c.prompt().is_some();
+        let source = if failed {
+            UsageSource::Unknown
+        } else if reader.reported {
+            UsageSource::Reported
+        } else if self.streamed && (reader.deltas > 0 || started) {
+            UsageSource::Estimated
+        } else {
+            UsageSource::Unknown
+        };
+        let completion = match source {
+            UsageSource::Reported => c.output(),
+            UsageSource::Estimated => Some(reader.deltas),
+            UsageSource::Unknown => None,
+        };
+        let known = source != UsageSource::Unknown;
+        Usage {
+            model: if failed { None } else { self.model.clone() },
+            prompt_tokens: c.prompt().filter(|_| known),
+            completion_tokens: completion,
+            cache_creation_tokens: c.cache_creation().filter(|_| known),
+            cache_read_tokens: c.cache_read().filter(|_| known),
             source,
         }
     }
@@ -829,5 +922,195 @@ mod tests {
         let out = h.filter(b"\"]}\n\n", false, &mut m);
         assert_eq!(out, &b"\"]}\n\n"[..]);
         assert_eq!(m.usage().completion_tokens, Some(3));
+    }
+
+    /// An Anthropic answer fed in pieces of 1, 2, 5, 13 and whole: the
+    /// same usage each time.
+    fn anthropic_each_step(ct: &str, body: &str) -> Usage {
+        let run = |step: usize| {
+            let mut m = AnswerMeter::anthropic(Some(ct.as_bytes()), None);
+            for piece in body.as_bytes().chunks(step.max(1)) {
+                m.feed(piece);
+            }
+            m.usage()
+        };
+        let whole = run(body.len());
+        for step in [1, 2, 5, 13] {
+            assert_eq!(run(step), whole, "pieces of {step}");
+        }
+        whole
+    }
+
+    /// Anthropic's SSE: each event named, then its data.
+    fn events(events: &[(&str, &str)]) -> String {
+        events
+            .iter()
+            .map(|(name, data)| format!("event: {name}\ndata: {data}\n\n"))
+            .collect()
+    }
+
+    const A_START: &str = r#"{"type":"message_start","message":{"id":"msg_1","type":"message","role":"assistant","content":[],"model":"claude-x","stop_reason":null,"usage":{"input_tokens":25,"cache_creation_input_tokens":100,"cache_read_input_tokens":20,"output_tokens":1}}}"#;
+    const A_BLOCK: &str =
+        r#"{"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}"#;
+    const A_DELTA: &str = r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hi \"usage\":{\"output_tokens\":999}"}}"#;
+    const A_TOOL_DELTA: &str = r#"{"type":"content_block_delta","index":1,"delta":{"type":"input_json_delta","partial_json":"{\"usage\": {\"output_tokens\": 999}, \"model\": \"x\"}"}}"#;
+
+    fn anthropic_stream(deltas: usize, tail: &[(&str, &str)]) -> String {
+        let mut all = vec![
+            ("message_start", A_START),
+            ("content_block_start", A_BLOCK),
+            ("ping", r#"{"type": "ping"}"#),
+        ];
+        all.extend(std::iter::repeat_n(
+            ("content_block_delta", A_DELTA),
+            deltas,
+        ));
+        all.push(("content_block_delta", A_TOOL_DELTA));
+        all.extend_from_slice(tail);
+        events(&all)
+    }
+
+    #[test]
+    fn anthropic_streams_take_the_last_message_delta_and_count_the_cache_as_input() {
+        let body = anthropic_stream(
+            3,
+            &[
+                (
+                    "content_block_stop",
+                    r#"{"type":"content_block_stop","index":0}"#,
+                ),
+                (
+                    "message_delta",
+                    r#"{"type":"message_delta","delta":{"stop_reason":null},"usage":{"output_tokens":2}}"#,
+                ),
+                (
+                    "message_delta",
+                    r#"{"type":"message_delta","delta":{"stop_reason":"end_turn","stop_sequence":null},"usage":{"output_tokens":15}}"#,
+                ),
+                ("message_stop", r#"{"type":"message_stop"}"#),
+            ],
+        );
+        let u = anthropic_each_step("text/event-stream; charset=utf-8", &body);
+        assert_eq!(u.model.as_deref(), Some("claude-x"));
+        assert_eq!(u.source, UsageSource::Reported);
+        assert_eq!(
+            (u.prompt_tokens, u.completion_tokens),
+            (Some(145), Some(15)),
+            "input 25 + cache 100 + 20; output cumulative, never summed"
+        );
+        assert_eq!(
+            (u.cache_creation_tokens, u.cache_read_tokens),
+            (Some(100), Some(20))
+        );
+        assert_eq!(
+            anthropic_each_step("text/event-stream", &body.replace('\n', "\r\n")),
+            u
+        );
+        // A newer server repeats the input counts in message_delta: they
+        // replace message_start's.
+        let body = anthropic_stream(
+            1,
+            &[(
+                "message_delta",
+                r#"{"type":"message_delta","delta":{},"usage":{"input_tokens":30,"cache_creation_input_tokens":0,"cache_read_input_tokens":120,"output_tokens":4}}"#,
+            )],
+        );
+        let u = anthropic_each_step("text/event-stream", &body);
+        assert_eq!((u.prompt_tokens, u.completion_tokens), (Some(150), Some(4)));
+        assert_eq!(
+            (u.cache_creation_tokens, u.cache_read_tokens),
+            (Some(0), Some(120))
+        );
+    }
+
+    #[test]
+    fn anthropic_json_answers() {
+        let json = r#"{"id":"msg_1","type":"message","role":"assistant","model":"claude-x","content":[{"type":"text","text":"Hi"}],"stop_reason":"end_turn","usage":{"input_tokens":7,"output_tokens":9}}"#;
+        let u = anthropic_each_step("application/json", json);
+        assert_eq!(
+            (
+                u.model.as_deref(),
+                u.prompt_tokens,
+                u.completion_tokens,
+                u.source
+            ),
+            (Some("claude-x"), Some(7), Some(9), UsageSource::Reported)
+        );
+        assert_eq!((u.cache_creation_tokens, u.cache_read_tokens), (None, None));
+        let u = anthropic_each_step("application/json", r#"{"type":"message","content":[]}"#);
+        assert_eq!((u.source, u.prompt_tokens), (UsageSource::Unknown, None));
+        let u = anthropic_each_step("application/json", "<html>oops</html>");
+        assert_eq!((u.source, u.model), (UsageSource::Unknown, None));
+        // The OpenAI reader does not take Anthropic's names, and the other
+        // way round.
+        assert_eq!(
+            each_step("application/json", json).source,
+            UsageSource::Unknown
+        );
+        let openai =
+            r#"{"model":"m","choices":[],"usage":{"prompt_tokens":7,"completion_tokens":9}}"#;
+        assert_eq!(
+            anthropic_each_step("application/json", openai).source,
+            UsageSource::Unknown
+        );
+    }
+
+    #[test]
+    fn a_cut_anthropic_stream_is_estimated_with_the_input_it_was_told() {
+        let u = anthropic_each_step("text/event-stream", &anthropic_stream(2, &[]));
+        assert_eq!(u.source, UsageSource::Estimated);
+        assert_eq!(
+            (u.prompt_tokens, u.completion_tokens),
+            (Some(145), Some(3)),
+            "message_start's input; one token per content_block_delta"
+        );
+        // Cut inside an event: the part read counts for nothing.
+        let mut cut = anthropic_stream(2, &[]);
+        cut.push_str("event: content_block_delta\ndata: {\"type\":\"content_blo");
+        assert_eq!(anthropic_each_step("text/event-stream", &cut), u);
+        // Cut before anything but message_start.
+        let only_start = events(&[("message_start", A_START)]);
+        let u = anthropic_each_step("text/event-stream", &only_start);
+        assert_eq!(
+            (u.source, u.prompt_tokens, u.completion_tokens),
+            (UsageSource::Estimated, Some(145), Some(0))
+        );
+        // No message_start at all: the input is unknown.
+        let deltas = events(&[
+            ("content_block_delta", A_DELTA),
+            ("content_block_delta", A_DELTA),
+        ]);
+        let u = anthropic_each_step("text/event-stream", &deltas);
+        assert_eq!(
+            (u.source, u.prompt_tokens, u.completion_tokens),
+            (UsageSource::Estimated, None, Some(2))
+        );
+        assert_eq!(
+            u.model, None,
+            "a model named inside a delta is not the answer's"
+        );
+        // Nothing: unknown.
+        let u = anthropic_each_step("text/event-stream", ": keep-alive\n\n");
+        assert_eq!(u.source, UsageSource::Unknown);
+    }
+
+    #[test]
+    fn anthropic_records_keep_little_whatever_their_size() {
+        let text = "x".repeat(300_000);
+        let big = format!(
+            r#"{{"type":"content_block_delta","index":0,"delta":{{"type":"text_delta","text":"{text}"}}}}"#
+        );
+        let body = events(&[("message_start", A_START), ("content_block_delta", &big)]);
+        let mut m = AnswerMeter::anthropic(Some(b"text/event-stream"), None);
+        for piece in body.as_bytes().chunks(4096) {
+            m.feed(piece);
+        }
+        assert_eq!(m.usage().completion_tokens, Some(1));
+        let most = anthropic::WANTED.iter().map(|(_, n)| *n).max().unwrap_or(0);
+        assert!(
+            m.scanner.kept_bytes() <= 2 * (most + 128),
+            "{} bytes kept",
+            m.scanner.kept_bytes()
+        );
     }
 }

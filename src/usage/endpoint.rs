@@ -21,6 +21,9 @@ pub enum Endpoint {
     OpenaiModels,
     /// OpenAI `/v1/models/{id}`: one model, named in the path.
     OpenaiModel,
+    /// Anthropic `/v1/messages`: JSON with `usage`, or SSE with the input
+    /// count in `message_start` and the output count in `message_delta`.
+    AnthropicMessages,
     /// Anything else on the route: proxied; a model in a JSON body is
     /// still checked.
     Other,
@@ -29,9 +32,15 @@ pub enum Endpoint {
 impl Endpoint {
     /// The endpoint of `path` (the path sent upstream, without the query)
     /// on a route whose upstream speaks `api`. An Ollama route also knows
-    /// the OpenAI-compatible endpoints Ollama serves under `/v1/`.
+    /// the OpenAI-compatible and Anthropic endpoints Ollama serves under
+    /// `/v1/`; an Anthropic route also knows the OpenAI-compatible ones
+    /// (Ollama and vLLM serve both). `/v1/messages/count_tokens` is
+    /// `Other`: its answer counts a prompt, it uses no tokens.
     pub fn of(api: ApiKind, path: &str) -> Endpoint {
         let path = path.strip_suffix('/').unwrap_or(path);
+        if matches!(api, ApiKind::Anthropic | ApiKind::Ollama) && path.ends_with("/v1/messages") {
+            return Endpoint::AnthropicMessages;
+        }
         if api == ApiKind::Ollama {
             if path.ends_with("/api/generate") || path.ends_with("/api/chat") {
                 return Endpoint::OllamaGenerate;
@@ -64,6 +73,7 @@ impl Endpoint {
                 | Endpoint::OllamaEmbed
                 | Endpoint::OpenaiCompletions
                 | Endpoint::OpenaiEmbeddings
+                | Endpoint::AnthropicMessages
         )
     }
 
@@ -107,6 +117,15 @@ mod tests {
             (Openai, "/api/generate", Other),
             (Openai, "/api/tags", Other),
             (Openai, "/health", Other),
+            (Openai, "/v1/messages", Other),
+            (Openai, "/v1/threads/t1/messages", Other),
+            (Anthropic, "/v1/messages", AnthropicMessages),
+            (Anthropic, "/v1/messages/", AnthropicMessages),
+            (Anthropic, "/v1/messages/count_tokens", Other),
+            (Anthropic, "/v1/models", OpenaiModels),
+            (Anthropic, "/v1/models/claude-x", OpenaiModel),
+            (Anthropic, "/v1/chat/completions", OpenaiCompletions),
+            (Ollama, "/v1/messages", AnthropicMessages),
         ] {
             assert_eq!(Endpoint::of(api, path), want, "{api:?} {path}");
         }

@@ -5,9 +5,9 @@
 //! Owns: [`Scanner`] (an incremental reader of top-level JSON members:
 //! bounded memory, any split), [`RequestInspector`] (models, `stream`, the
 //! `include_usage` edit), [`AnswerMeter`] and [`SseHider`] (usage read off
-//! NDJSON, JSON and SSE answers as they stream; the usage-only event hidden
-//! from clients that did not ask for it), [`ModelListFilter`], [`Endpoint`],
-//! and the [`report`].
+//! NDJSON, JSON and SSE answers as they stream, Anthropic's Messages API
+//! included; the usage-only event hidden from clients that did not ask for
+//! it), [`ModelListFilter`], [`Endpoint`], and the [`report`].
 //!
 //! No sockets, threads or clocks: the readers are pure functions of the
 //! bytes fed to them. The [`report`] is the exception in I/O: it reads the
@@ -16,6 +16,7 @@
 //! May import: `config`, `keys`, `state`.
 
 mod answer;
+mod anthropic;
 mod endpoint;
 mod model_list;
 pub mod report;

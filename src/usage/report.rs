@@ -86,6 +86,10 @@ struct Line {
     #[serde(default)]
     completion_tokens: Option<u64>,
     #[serde(default)]
+    cache_creation_tokens: Option<u64>,
+    #[serde(default)]
+    cache_read_tokens: Option<u64>,
+    #[serde(default)]
     usage: Option<String>,
 }
 
@@ -99,6 +103,10 @@ pub struct Totals {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     pub total_tokens: u64,
+    /// Of the prompt tokens, those written to and read from the prompt
+    /// cache (answers of Anthropic's Messages API that report them).
+    pub cache_creation_tokens: u64,
+    pub cache_read_tokens: u64,
     /// Requests whose completion tokens were estimated (a stream without
     /// usage, or cut short).
     pub estimated: u64,
@@ -117,6 +125,9 @@ impl Totals {
         self.prompt_tokens = self.prompt_tokens.saturating_add(p);
         self.completion_tokens = self.completion_tokens.saturating_add(c);
         self.total_tokens = self.total_tokens.saturating_add(p.saturating_add(c));
+        let (cw, cr) = (l.cache_creation_tokens, l.cache_read_tokens);
+        self.cache_creation_tokens = self.cache_creation_tokens.saturating_add(cw.unwrap_or(0));
+        self.cache_read_tokens = self.cache_read_tokens.saturating_add(cr.unwrap_or(0));
         match l.usage.as_deref() {
             Some("estimated") => self.estimated += 1,
             Some("unknown") => self.unknown += 1,
@@ -322,6 +333,13 @@ pub fn render_table(r: &Report) -> String {
         out.push('\n');
     }
     let mut notes = Vec::new();
+    let t = &r.total;
+    if t.cache_creation_tokens > 0 || t.cache_read_tokens > 0 {
+        notes.push(format!(
+            "of the prompt tokens, {} written to and {} read from the prompt cache",
+            t.cache_creation_tokens, t.cache_read_tokens
+        ));
+    }
     if r.total.estimated > 0 {
         notes.push(format!(
             "{} request(s) with estimated completion tokens (streams without usage)",
@@ -481,6 +499,44 @@ mod tests {
             "{table}"
         );
         assert!(table.contains("1 request(s) with estimated"), "{table}");
+    }
+
+    #[test]
+    fn cache_tokens_are_totalled_apart_and_noted() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("audit.log");
+        let cached = serde_json::json!({
+            "ts": "2026-11-25T10:00:00.000Z", "user": "ann", "route": "anthropic",
+            "model": "claude-x", "status": 200, "prompt_tokens": 145, "completion_tokens": 15,
+            "cache_creation_tokens": 100, "cache_read_tokens": 20, "usage": "reported"
+        });
+        let plain = line(
+            "2026-11-25T10:01:00.000Z",
+            "ann",
+            "m",
+            200,
+            Some(5),
+            Some(1),
+            "reported",
+        );
+        std::fs::write(&log, format!("{cached}\n{plain}")).unwrap();
+        let r = build(&[log], GroupBy::User, None).unwrap();
+        let ann = &r.groups["ann"];
+        assert_eq!(
+            (ann.prompt_tokens, ann.total_tokens),
+            (150, 166),
+            "the cache counts are in the prompt already"
+        );
+        assert_eq!(
+            (ann.cache_creation_tokens, ann.cache_read_tokens),
+            (100, 20)
+        );
+        let table = render_table(&r);
+        assert!(
+            table
+                .contains("of the prompt tokens, 100 written to and 20 read from the prompt cache"),
+            "{table}"
+        );
     }
 
     #[test]

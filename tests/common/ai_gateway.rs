@@ -42,6 +42,13 @@ pub fn ollama_route(upstream: SocketAddr) -> Route {
     Route::stripped("ollama", "/ollama/", "ai", upstream).api("ollama")
 }
 
+/// `/anthropic/` (prefix stripped, service `ai`, `api: anthropic`) to
+/// `upstream`: what Anthropic's SDK, given the base URL
+/// `http://gateway/anthropic`, sends to `/anthropic/v1/messages`.
+pub fn anthropic_route(upstream: SocketAddr) -> Route {
+    Route::stripped("anthropic", "/anthropic/", "ai", upstream).api("anthropic")
+}
+
 /// `/v1/` (prefix kept, service `ai`, `api: openai`, `include_usage`) to
 /// `upstream`.
 pub fn openai_route(upstream: SocketAddr) -> Route {
@@ -52,9 +59,11 @@ pub fn openai_route(upstream: SocketAddr) -> Route {
 }
 
 /// A gateway with an Ollama route (`/ollama/`), an OpenAI route with
-/// `include_usage` (`/v1/`), one without (`/v1b/`), and a plain route
-/// (`/plain/`) to the Ollama mock, an admin listener, the audit log and
-/// per-user metrics; `token_limit` is set on each AI route.
+/// `include_usage` (`/v1/`), one without (`/v1b/`), an Anthropic route
+/// (`/anthropic/`, to the Ollama mock, which speaks the Messages API as
+/// Ollama does) and a plain route (`/plain/`) to the Ollama mock, an admin
+/// listener, the audit log and per-user metrics; `token_limit` is set on
+/// each AI route.
 pub struct Ai {
     pub gw: Gateway,
     pub admin: SocketAddr,
@@ -87,6 +96,7 @@ pub fn start_ai_logged(
                     .api("openai")
                     .upstream(openai.addr),
             ))
+            .route(limited(anthropic_route(ollama.addr)))
             .route(Route::stripped("plain", "/plain/", "ai", ollama.addr)),
         ai_keys(ANN, BOB, CAROL),
         log_level,
@@ -187,10 +197,19 @@ pub fn metric_u64(text: &str, series: &str) -> u64 {
     sample(text, series).map_or(0, |v| v as u64)
 }
 
+/// The message of a refusal, in any of its shapes: the gateway's own and
+/// Ollama's `{"error": "..."}`, OpenAI's and Anthropic's
+/// `{..."error": {"message": "..."}}`.
 pub fn error_of(r: &RawResponse) -> String {
     serde_json::from_slice::<Value>(&r.body).map_or_else(
         |_| format!("not JSON: {}", r.text()),
-        |v| v["error"].as_str().unwrap_or_default().to_string(),
+        |v| {
+            let e = &v["error"];
+            e.as_str()
+                .or(e["message"].as_str())
+                .unwrap_or_default()
+                .to_string()
+        },
     )
 }
 

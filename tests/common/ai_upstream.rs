@@ -13,6 +13,11 @@
 //! - `POST /v1/embeddings`: JSON with `usage`.
 //! - `GET /api/tags`, `/api/ps`, `/v1/models`, `/v1/models/{id}`: the
 //!   server's models.
+//! - `POST /v1/messages` (Anthropic's Messages API): SSE events
+//!   (`message_start` with the input counts, cache ones included, one
+//!   `content_block_delta` per token, `message_delta` with the output
+//!   count, `message_stop`), or one JSON message with `usage`;
+//!   `/v1/messages/count_tokens`: `{"input_tokens": ...}`.
 //!
 //! Every answer is for the model the request names. The prompt counts
 //! [`AiServer::prompt_tokens`] tokens, the completion one per chunk.
@@ -50,8 +55,12 @@ pub struct AiOptions {
     pub chunks: usize,
     /// Pause between streamed chunks.
     pub delay: Duration,
-    /// Prompt tokens every answer reports.
+    /// Prompt tokens every answer reports (Anthropic's: uncached input).
     pub prompt_tokens: u64,
+    /// Input tokens Anthropic answers report written to and read from the
+    /// prompt cache (besides `prompt_tokens`).
+    pub cache_creation_tokens: u64,
+    pub cache_read_tokens: u64,
     /// Models listed by `/api/tags` and `/v1/models`.
     pub models: Vec<String>,
     pub fault: Fault,
@@ -63,6 +72,8 @@ impl Default for AiOptions {
             chunks: 4,
             delay: Duration::from_millis(20),
             prompt_tokens: 11,
+            cache_creation_tokens: 0,
+            cache_read_tokens: 0,
             models: vec![
                 "llama3.2:latest".into(),
                 "qwen2.5:7b".into(),
@@ -96,6 +107,7 @@ pub struct Sent {
     pub written: Vec<Instant>,
     /// The same, on the wall clock (for clients in other processes).
     pub written_wall: Vec<SystemTime>,
+    /// Every input token reported (Anthropic's cache ones included).
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     /// Whether the answer carried its usage (final record, usage chunk or
@@ -376,6 +388,11 @@ fn answer(w: &mut TcpStream, req: &AiRequest, state: &State, opts: &AiOptions) -
                 include_usage,
             )
         }
+        "/v1/messages" => anthropic_messages(w, &model, stream == Some(true), state, opts),
+        "/v1/messages/count_tokens" => {
+            let body = serde_json::json!({"input_tokens": p}).to_string();
+            write_json(w, "200 OK", body.as_bytes(), "")
+        }
         "/v1/embeddings" => reply_single(
             w,
             serde_json::json!({
@@ -411,6 +428,82 @@ fn answer(w: &mut TcpStream, req: &AiRequest, state: &State, opts: &AiOptions) -
         }
         _ => write_json(w, "404 Not Found", br#"{"error":"not found"}"#, ""),
     }
+}
+
+/// Answers Anthropic's `POST /v1/messages` for `model`: SSE events, one
+/// HTTP chunk each, or one JSON message.
+fn anthropic_messages(
+    w: &mut TcpStream,
+    model: &str,
+    stream: bool,
+    state: &State,
+    opts: &AiOptions,
+) -> bool {
+    let n = opts.chunks;
+    let (cw, cr) = (opts.cache_creation_tokens, opts.cache_read_tokens);
+    let usage = |output: usize| {
+        serde_json::json!({
+            "input_tokens": opts.prompt_tokens, "cache_creation_input_tokens": cw,
+            "cache_read_input_tokens": cr, "output_tokens": output,
+        })
+    };
+    let input = opts.prompt_tokens + cw + cr;
+    if !stream {
+        let all: String = (0..n).map(|i| format!("tok{i} ")).collect();
+        let body = serde_json::json!({
+            "id": "msg_1", "type": "message", "role": "assistant", "model": model,
+            "content": [{"type": "text", "text": all}],
+            "stop_reason": "end_turn", "stop_sequence": null, "usage": usage(n),
+        });
+        lock(&state.sent).push(Sent {
+            written: vec![Instant::now()],
+            written_wall: vec![SystemTime::now()],
+            prompt_tokens: input,
+            completion_tokens: n as u64,
+            reported: true,
+        });
+        return write_json(w, "200 OK", body.to_string().as_bytes(), "");
+    }
+    let event = |name: &str, data: serde_json::Value| format!("event: {name}\ndata: {data}\n\n");
+    let start = serde_json::json!({"type": "message_start", "message": {
+        "id": "msg_1", "type": "message", "role": "assistant", "content": [], "model": model,
+        "stop_reason": null, "stop_sequence": null, "usage": usage(1),
+    }});
+    let mut events = vec![
+        event("message_start", start),
+        event(
+            "content_block_start",
+            serde_json::json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+        ),
+    ];
+    events.extend((0..n).map(|i| {
+        event(
+            "content_block_delta",
+            serde_json::json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": format!("tok{i} ")}}),
+        )
+    }));
+    events.push(event(
+        "content_block_stop",
+        serde_json::json!({"type": "content_block_stop", "index": 0}),
+    ));
+    events.push(event(
+        "message_delta",
+        serde_json::json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null}, "usage": {"output_tokens": n}}),
+    ));
+    events.push(event(
+        "message_stop",
+        serde_json::json!({"type": "message_stop"}),
+    ));
+    stream_chunked(
+        w,
+        "text/event-stream; charset=utf-8",
+        &events,
+        state,
+        opts,
+        input,
+        n as u64,
+        true,
+    )
 }
 
 /// Streams `records` chunked, one HTTP chunk each, `opts.delay` apart;
