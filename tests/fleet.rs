@@ -329,12 +329,25 @@ fn the_queue_serves_in_order_bounds_waits_and_forgets_clients_that_leave() {
     assert_busy(&gw, &e, "q-e");
     assert!(waited >= Duration::from_millis(1900), "e waited {waited:?}");
 
-    // f leaves while queued (its body in).
-    let f = send(&gw, "POST", "/q/f", "q-f", &[b'f'; 100]);
-    queued(1.0);
-    f.shutdown(Shutdown::Both).expect("close f");
-    drop(f);
-    queued(0.0);
+    // f (its body in) and then g (no body) leave while queued: each is
+    // gone from the queue at once, recorded as a client that left.
+    for (method, path, rid, body) in [
+        ("POST", "/q/f", "q-f", &[b'f'; 100][..]),
+        ("GET", "/q/g", "q-g", &[][..]),
+    ] {
+        let s = send(&gw, method, path, rid, body);
+        queued(1.0);
+        let left = Instant::now();
+        s.shutdown(Shutdown::Both).expect("close");
+        drop(s);
+        queued(0.0);
+        let line = audit_of(&gw, rid);
+        assert!(
+            left.elapsed() < Duration::from_secs(2),
+            "{rid} left the queue only after its timeout: {line}"
+        );
+        assert_eq!(line["decision"], "client_closed", "{rid}: {line}");
+    }
 
     up.release(1);
     let c = answer(c);
@@ -343,11 +356,11 @@ fn the_queue_serves_in_order_bounds_waits_and_forgets_clients_that_leave() {
     wait_gauge(&gw, "in_flight", up.addr, 0.0);
     // The slot is free again, for a request sent after.
     up.release(1);
-    assert_eq!(request(&gw, "GET", "/q/g", "q-g", b"").status, 200);
+    assert_eq!(request(&gw, "GET", "/q/h", "q-h", b"").status, 200);
     assert_eq!(
         up.paths(),
-        ["/a", "/b", "/c", "/g"],
-        "d, e and f never reached the upstream"
+        ["/a", "/b", "/c", "/h"],
+        "d, e, f and g never reached the upstream"
     );
     wait_gauge(&gw, "in_flight", up.addr, 0.0);
 }
@@ -719,6 +732,8 @@ fn in_flight_counts_survive_a_reload_and_return_to_zero() {
     one.shutdown(Shutdown::Both).expect("close");
     drop(one);
     wait_gauge(&gw, "in_flight", up.addr, 1.0);
+    let line = audit_of(&gw, "h-1");
+    assert_eq!(line["decision"], "client_closed", "{line}");
     poll(SOON, "the upstream's first stream ended", || {
         (up.current() == 1).then_some(())
     });
