@@ -56,10 +56,15 @@ pub async fn choose(
             // Timed out (or the queue went with its snapshot).
             Ok(None) | Err(_) => Err(busy.into()),
         },
-        () = wait_for_client_to_leave(session) => Err(Stop::Fail(Error::explain(
-            ErrorType::ConnectionClosed,
-            "the client left while its request was queued",
-        ))),
+        // The client's doing (a downstream error): nothing is answered,
+        // the audit line says `client_closed`.
+        () = wait_for_client_to_leave(session) => Err(Stop::Fail(
+            Error::explain(
+                ErrorType::ConnectionClosed,
+                "the client left while its request was queued",
+            )
+            .into_down(),
+        )),
     }
 }
 
