@@ -127,7 +127,7 @@ impl Admin {
     ) -> Response<Vec<u8>> {
         let caller = match self.authenticate(session, false) {
             Ok(c) => c,
-            Err(r) => return r,
+            Err(r) => return *r,
         };
         let keys_path = self.live.load().snapshot.config.keys_file.clone();
         let id = match id.map(KeyId::parse_hex) {
@@ -151,7 +151,7 @@ impl Admin {
             ("POST", None) => {
                 let body = match read_json::<Create>(session).await {
                     Ok(b) => b,
-                    Err(r) => return r,
+                    Err(r) => return *r,
                 };
                 self.change(session, caller, move |control| {
                     create(control, &keys_path, body)
@@ -161,7 +161,7 @@ impl Admin {
             ("PATCH", Some(id)) => {
                 let body = match read_json::<Patch>(session).await {
                     Ok(b) => b,
-                    Err(r) => return r,
+                    Err(r) => return *r,
                 };
                 self.change(session, caller, move |control| {
                     patch(control, &keys_path, id, body)
@@ -243,7 +243,7 @@ impl Admin {
 /// `application/json` (what a form on another site cannot send).
 async fn read_json<T: for<'de> Deserialize<'de>>(
     session: &mut ServerSession,
-) -> Result<T, Response<Vec<u8>>> {
+) -> Result<T, Box<Response<Vec<u8>>>> {
     let json_type = session
         .req_header()
         .headers
@@ -252,29 +252,38 @@ async fn read_json<T: for<'de> Deserialize<'de>>(
         .and_then(|v| v.split(';').next())
         .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"));
     if !json_type {
-        return Err(error(
+        return Err(Box::new(error(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "send the body as Content-Type: application/json",
-        ));
+        )));
     }
     let mut body = Vec::new();
     loop {
         match session.read_request_body().await {
             Ok(Some(chunk)) => {
                 if body.len() + chunk.len() > MAX_BODY {
-                    return Err(error(
+                    return Err(Box::new(error(
                         StatusCode::PAYLOAD_TOO_LARGE,
                         "the body is too large",
-                    ));
+                    )));
                 }
                 body.extend_from_slice(&chunk);
             }
             Ok(None) => break,
-            Err(_) => return Err(error(StatusCode::BAD_REQUEST, "the body could not be read")),
+            Err(_) => {
+                return Err(Box::new(error(
+                    StatusCode::BAD_REQUEST,
+                    "the body could not be read",
+                )))
+            }
         }
     }
-    serde_json::from_slice(&body)
-        .map_err(|e| error(StatusCode::BAD_REQUEST, &format!("invalid body: {e}")))
+    serde_json::from_slice(&body).map_err(|e| {
+        Box::new(error(
+            StatusCode::BAD_REQUEST,
+            &format!("invalid body: {e}"),
+        ))
+    })
 }
 
 fn create(
@@ -360,10 +369,9 @@ fn revoke(
 ) -> Result<Done, (StatusCode, String)> {
     let id_text = id.to_string();
     keys::revoke(keys_path, &id_text, false, SystemTime::now()).map_err(|e| tool_error(&e))?;
-    let published = match &shared {
-        None => None,
-        Some(spec) => Some(crate::cluster::publish_revocations(spec, &[id])),
-    };
+    let published = shared
+        .as_ref()
+        .map(|spec| crate::cluster::publish_revocations(spec, &[id]));
     let mut done = Done {
         status: StatusCode::OK,
         body: json!({ "id": id_text, "state": "disabled", "shared": published.as_ref().map(Result::is_ok) }),

@@ -73,7 +73,7 @@ impl Admin {
         &self,
         session: &ServerSession,
         basic: bool,
-    ) -> Result<AdminCaller, Response<Vec<u8>>> {
+    ) -> Result<AdminCaller, Box<Response<Vec<u8>>>> {
         let peer = session.client_addr().and_then(|a| a.as_inet()).copied();
         let ip = peer.map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |p| p.ip());
         let now = SystemTime::now();
@@ -112,7 +112,7 @@ impl Admin {
                 );
                 r.headers_mut()
                     .insert(http::header::RETRY_AFTER, retry_after.into());
-                return Err(r);
+                return Err(Box::new(r));
             }
         }
         match verdict {
@@ -126,10 +126,13 @@ impl Admin {
                     client: peer.map(ClientAddr::Peer),
                 })
             }
-            Err(KeyDenial::Missing) => Err(unauthorized(basic, "an admin key is required")),
-            Err(KeyDenial::WrongService) => {
-                Err(error(StatusCode::FORBIDDEN, "this key is not an admin key"))
+            Err(KeyDenial::Missing) => {
+                Err(Box::new(unauthorized(basic, "an admin key is required")))
             }
+            Err(KeyDenial::WrongService) => Err(Box::new(error(
+                StatusCode::FORBIDDEN,
+                "this key is not an admin key",
+            ))),
             Err(_) => {
                 if spec.enabled {
                     if let Some(c) = &self.cluster {
@@ -143,7 +146,7 @@ impl Admin {
                         );
                     }
                 }
-                Err(unauthorized(basic, "invalid admin key"))
+                Err(Box::new(unauthorized(basic, "invalid admin key")))
             }
         }
     }

@@ -196,7 +196,7 @@ impl ServeHttp for Admin {
                 }
                 match self.authenticate(session, true) {
                     Ok(_) => self.page(session.req_header().uri.query()),
-                    Err(r) => r,
+                    Err(r) => *r,
                 }
             }
             "/api/keys" => self.keys_api(session, &method, None).await,

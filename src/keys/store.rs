@@ -580,41 +580,7 @@ impl<'s> KeyStoreBuilder<'s> {
         let id = digest.id();
 
         let admin = raw.admin.unwrap_or(false);
-        let grant = match (raw.service, raw.services) {
-            // An admin key is for the admin listener alone: a key that
-            // leaks from a script on the proxy side cannot edit keys, and
-            // one an admin types into a browser is no proxy key.
-            (Some(_), _) | (_, Some(_)) if admin => {
-                return Err(format!(
-                    "key {id} (user {:?}): an admin key is granted no service; remove `service`/`services` or `admin`",
-                    raw.user
-                ))
-            }
-            (None, None) if admin => self.grant_for(&[]),
-            (Some(_), Some(_)) => {
-                return Err(format!(
-                    "key {id} (user {:?}): give `service` or `services`, not both",
-                    raw.user
-                ))
-            }
-            (None, None) => {
-                return Err(format!(
-                    "key {id} (user {:?}): `service` or `services` is required",
-                    raw.user
-                ))
-            }
-            (Some(one), None) => self.grant_for_one(&one),
-            (None, Some(list)) => {
-                if list.is_empty() {
-                    return Err(format!(
-                        "key {id} (user {:?}): `services` is empty",
-                        raw.user
-                    ));
-                }
-                let names: Vec<&str> = list.iter().map(|t| &**t).collect();
-                self.grant_for(&names)
-            }
-        };
+        let grant = self.grant_of(id, &raw.user, raw.service, raw.services, admin)?;
         let expires_at_ms = match raw.expires_at.as_deref() {
             None => i64::MAX,
             Some(s) => parse_timestamp(s)
@@ -675,6 +641,54 @@ impl<'s> KeyStoreBuilder<'s> {
             self.store.plaintext_entries += 1;
         }
         Ok(())
+    }
+
+    /// The grant of an entry: its `service` or `services`, or none for an
+    /// admin key (which must name neither).
+    fn grant_of(
+        &mut self,
+        id: KeyId,
+        user: &str,
+        service: Option<Text<'_>>,
+        services: Option<Vec<Text<'_>>>,
+        admin: bool,
+    ) -> Result<u32, String> {
+        let grant = match (service, services) {
+            // An admin key is for the admin listener alone: a key that
+            // leaks from a script on the proxy side cannot edit keys, and
+            // one an admin types into a browser is no proxy key.
+            (Some(_), _) | (_, Some(_)) if admin => {
+                return Err(format!(
+                    "key {id} (user {:?}): an admin key is granted no service; remove `service`/`services` or `admin`",
+                    user
+                ))
+            }
+            (None, None) if admin => self.grant_for(&[]),
+            (Some(_), Some(_)) => {
+                return Err(format!(
+                    "key {id} (user {:?}): give `service` or `services`, not both",
+                    user
+                ))
+            }
+            (None, None) => {
+                return Err(format!(
+                    "key {id} (user {:?}): `service` or `services` is required",
+                    user
+                ))
+            }
+            (Some(one), None) => self.grant_for_one(&one),
+            (None, Some(list)) => {
+                if list.is_empty() {
+                    return Err(format!(
+                        "key {id} (user {:?}): `services` is empty",
+                        user
+                    ));
+                }
+                let names: Vec<&str> = list.iter().map(|t| &**t).collect();
+                self.grant_for(&names)
+            }
+        };
+        Ok(grant)
     }
 
     /// The index of `own` among the store's limit sets (few distinct ones:
