@@ -2,11 +2,12 @@
 """Writes an audit log of a given size for measuring the status page's
 history rebuild at start (docs/status-page.md).
 
-    benches/gen_audit_log.py OUT SIZE_MB [DAYS]
+    benches/gen_audit_log.py OUT SIZE_MB [DAYS [UPSTREAMS]]
 
 Lines look like the gateway's own (same fields, same order), spread
 evenly over the last DAYS days (default 30), oldest first, for 200 keys
-of 20 users, two routes and three upstreams, with refusals and tokens.
+of 20 users, two routes and three upstreams (UPSTREAMS: three addresses,
+comma-separated; default 10.1.0.1-3:11434), with refusals and tokens.
 """
 import json
 import random
@@ -18,6 +19,9 @@ from datetime import datetime, timezone
 def main():
     out, size_mb = sys.argv[1], int(sys.argv[2])
     days = float(sys.argv[3]) if len(sys.argv) > 3 else 30.0
+    global UPSTREAMS
+    if len(sys.argv) > 4:
+        UPSTREAMS = sys.argv[4].split(",")
     target = size_mb * 1024 * 1024
     rnd = random.Random(24)
     keys = [("%012x" % rnd.getrandbits(48), "user%d" % (i % 20)) for i in range(200)]
@@ -40,6 +44,9 @@ def main():
     print("%s: %d lines, %d bytes, %.0f days" % (out, i, written, days), file=sys.stderr)
 
 
+UPSTREAMS = ["10.1.0.%d:11434" % n for n in (1, 2, 3)]
+
+
 def line(rnd, keys, reasons, ts, i):
     key_id, user = keys[i % len(keys)]
     refused = rnd.random() < 0.05
@@ -56,7 +63,7 @@ def line(rnd, keys, reasons, ts, i):
         "user": user,
         "decision": "accepted" if accepted else reasons[i % len(reasons)],
         "status": 200 if accepted else 429,
-        "upstream": "10.1.0.%d:11434" % (1 + i % 3) if accepted else None,
+        "upstream": (UPSTREAMS[i % 2] if route == "ollama" else UPSTREAMS[2]) if accepted else None,
         "upstream_status": 200 if accepted else None,
         "latency_ms": round(rnd.uniform(50, 4000), 3),
         "ttfb_ms": round(rnd.uniform(10, 300), 3) if accepted else None,

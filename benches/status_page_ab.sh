@@ -9,7 +9,9 @@
 #   GATEWAY_BIN=target/release/ai-gateway benches/status_page_ab.sh
 #
 # Settings (environment): ROUNDS=6 DURATION=10s CONNS=64 THREADS=2
-# PAGE_EVERY=5 (seconds between page fetches). Needs nginx, wrk, curl,
+# PAGE_EVERY=5 (seconds between page fetches), AUDIT_SEED (an audit log
+# to start from, such as one benches/gen_audit_log.py wrote, so the page
+# draws a month of many keys rather than the run's one key). Needs nginx, wrk, curl,
 # python3. Prints every round (req/s, p99, the gateway's CPU per request)
 # and the median of the paired ratios (with / without); every process
 # started here is stopped on exit.
@@ -23,6 +25,7 @@ DURATION=${DURATION:-10s}
 CONNS=${CONNS:-64}
 THREADS=${THREADS:-2}
 PAGE_EVERY=${PAGE_EVERY:-5}
+AUDIT_SEED=${AUDIT_SEED:-}
 NGINX=${NGINX:-$(command -v nginx || echo /usr/sbin/nginx)}
 
 say() { printf '[status-ab %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
@@ -112,13 +115,14 @@ failed_key_throttle: {enabled: false}
 routes:
   - {name: ollama, path_prefix: /ollama/, service: ollama, strip_prefix: true, api: ollama, upstreams: ["127.0.0.1:$P_UP"]}
 EOF
+[ -z "$AUDIT_SEED" ] || cp "$AUDIT_SEED" "$TMP/audit.log"
 start_bg "$TMP/gateway.log" env RUST_LOG=info "$GATEWAY_BIN" run --config "$TMP/gateway.yaml"
 GW_PID=$STARTED_PID
 
 ready() { # $1 = url
     local i
     for i in $(seq 1 100); do
-        [ "$(curl -s -o /dev/null -w '%{http_code}' -X POST -H "X-API-Key: $KEY" --data "$REQ" "$1" || true)" = 200 ] && return 0
+        [ "$(curl --noproxy '*' -s -o /dev/null -w '%{http_code}' -X POST -H "X-API-Key: $KEY" --data "$REQ" "$1" || true)" = 200 ] && return 0
         sleep 0.1
     done
     echo "$1 never answered 200" >&2
@@ -127,11 +131,12 @@ ready() { # $1 = url
 ready "http://127.0.0.1:$P_UP/api/generate"
 ready "http://127.0.0.1:$P_GW/ollama/api/generate"
 page() {
-    curl -s -o "$TMP/page.html" -w '%{http_code} %{size_download} %{time_total}' -u "root:$ADMIN" "http://127.0.0.1:$P_ADM/"
+    curl --noproxy '*' -s -o "$TMP/page.html" -w '%{http_code} %{size_download} %{time_total}\n' -u "root:$ADMIN" "http://127.0.0.1:$P_ADM/"
 }
-read -r code size _ < <(page)
+for _ in $(seq 1 600); do grep -q "history: rebuilt" "$TMP/gateway.log" && break; sleep 0.1; done
+read -r code size secs < <(page)
 [ "$code" = 200 ] || { echo "the page answered $code" >&2; exit 1; }
-say "page: $size bytes"
+say "page: $size bytes in $secs s; $(grep -o 'history: rebuilt.*' "$TMP/gateway.log")"
 
 cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
 
@@ -139,7 +144,7 @@ cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
 run() {
     local mode=$1 fetcher="" t0 t1 out=$TMP/wrk-$1.txt pages=0
     if [ "$mode" = with ]; then
-        (while :; do page >>"$TMP/pages.txt"; echo >>"$TMP/pages.txt"; sleep "$PAGE_EVERY"; done) &
+        (while :; do page >>"$TMP/pages.txt"; sleep "$PAGE_EVERY"; done) &
         fetcher=$!
     fi
     : >"$TMP/pages.txt"
@@ -170,15 +175,16 @@ for round in $(seq 1 "$ROUNDS"); do
         printf '%s\t%s\n' "$round" "$line" | tee -a "$TMP/results.tsv"
     done
 done
-awk -F'\t' '
-    $2 == "without" { off[$1] = $3; offc[$1] = $5 } $2 == "with" { on[$1] = $3; onc[$1] = $5 }
-    END {
-        for (r in on) { n++; ratio[n] = on[r] / off[r]; cpu[n] = onc[r] / offc[r] }
-        asort(ratio); asort(cpu)
-        printf "req/s ratios (with/without), sorted:"
-        for (i = 1; i <= n; i++) printf " %.3f", ratio[i]
-        printf "\nmedian req/s ratio: %.3f\n", (n % 2 ? ratio[(n + 1) / 2] : (ratio[n / 2] + ratio[n / 2 + 1]) / 2)
-        printf "CPU per request ratios (with/without), sorted:"
-        for (i = 1; i <= n; i++) printf " %.3f", cpu[i]
-        printf "\nmedian CPU ratio: %.3f\n", (n % 2 ? cpu[(n + 1) / 2] : (cpu[n / 2] + cpu[n / 2 + 1]) / 2)
-    }' "$TMP/results.tsv"
+# Paired ratios (with / without), per round: the load of a shared machine,
+# which moves between rounds, cancels out.
+ratios() { # $1 = column (3 req/s, 5 CPU per request)
+    awk -F'\t' -v c="$1" '$2 == "without" { off[$1] = $c } $2 == "with" { on[$1] = $c }
+        END { for (r in on) if (off[r] > 0) printf "%.3f\n", on[r] / off[r] }' "$TMP/results.tsv" | sort -g
+}
+median() {
+    awk '{ a[NR] = $1 } END { if (NR % 2) print a[(NR + 1) / 2]; else printf "%.3f\n", (a[NR / 2] + a[NR / 2 + 1]) / 2 }'
+}
+echo "req/s ratios (with/without), sorted: $(ratios 3 | tr '\n' ' ')"
+echo "median req/s ratio: $(ratios 3 | median)"
+echo "CPU per request ratios (with/without), sorted: $(ratios 5 | tr '\n' ' ')"
+echo "median CPU ratio: $(ratios 5 | median)"
