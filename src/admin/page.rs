@@ -359,16 +359,18 @@ impl Admin {
             "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>ai-gateway status</title><style>{CSS}</style></head><body><header><h1>ai-gateway status</h1><p>{} · every time is UTC · <a href=\"?sort={sort}\">refresh</a></p></header><main>",
             esc(&when(unix_s(now)))
         );
+        // The short sections that call for action first, then the
+        // traffic and its long tables.
         body.push_str(&self.overview(now));
+        body.push_str(&self.routes(now, &view));
+        body.push_str(&self.tls_section(now));
+        body.push_str(&self.near_limits(now));
         if self.history.is_some() {
-            body.push_str(&usage_sections(&view, sort));
             body.push_str(&still_tried(&view));
+            body.push_str(&usage_sections(&view, sort));
         } else {
             body.push_str("<section><h2>Traffic</h2><p>History needs <code>audit_log</code> set to a file: the page's counts come from the audit log.</p></section>");
         }
-        body.push_str(&self.near_limits(now));
-        body.push_str(&self.routes(now, &view));
-        body.push_str(&self.tls_section(now));
         body.push_str("</main></body></html>");
         reply(
             StatusCode::OK,
