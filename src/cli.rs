@@ -111,8 +111,16 @@ pub struct KeygenArgs {
     #[arg(long)]
     pub user: String,
     /// A service the key may use (repeat for several; "*" for all).
-    #[arg(long = "service", value_name = "SVC", required = true)]
+    #[arg(
+        long = "service",
+        value_name = "SVC",
+        required_unless_present = "admin"
+    )]
     pub services: Vec<String>,
+    /// An admin key: opens the status page and the key API on
+    /// `admin_listen`, and no route (so it takes no --service).
+    #[arg(long, conflicts_with = "services")]
+    pub admin: bool,
     /// When the key stops working: an RFC 3339 time or a duration such as 30d.
     #[arg(long, value_name = "WHEN")]
     pub expires: Option<String>,
@@ -360,6 +368,7 @@ fn keygen(a: &KeygenArgs) -> Result<(), KeyToolError> {
                 max_concurrent: a.end_user_max_concurrent,
                 token_limit: a.end_user_token_limit.as_deref(),
             }),
+        admin: a.admin,
     };
     let (key, digest) = keys::keygen(&path, &req, SystemTime::now())?;
     println!("{key}");

@@ -10,8 +10,9 @@
 //! | [`tls`]    | certificates: PEM pairs, the swappable slot, ACME orders and challenges |
 //! | [`usage`]  | what AI APIs say: models in requests, token usage in answers (pure readers), the usage report over the audit log |
 //! | [`policy`] | the snapshot, routes, path rules, refusals, the decision (pure) |
-//! | [`ops`]    | metrics, audit log, request ids, admin endpoints |
+//! | [`ops`]    | metrics, audit log, request ids, the status page's history |
 //! | [`cluster`] | limits shared with other instances through Redis: leases, revocations, sync |
+//! | [`admin`]  | the admin listener: metrics and health, admin keys, the key API, the status page |
 //! | [`proxy`]  | Pingora's `ProxyHttp` hooks: the only place that names a `Session` |
 //! | [`daemon`] | start-up, listeners, reloads, threads: the only place that starts threads or binds |
 //!
@@ -21,6 +22,7 @@
 //! import each other in a circle, and that only the layers whose doc says
 //! so spawn threads or tasks.
 
+pub mod admin;
 pub mod cli;
 pub mod cluster;
 pub mod config;

@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 
 /// The layers, lowest first. A layer may import itself and those before it.
 const LAYERS: &[&str] = &[
-    "config", "keys", "state", "tls", "usage", "policy", "ops", "cluster", "proxy", "daemon",
+    "config", "keys", "state", "tls", "usage", "policy", "ops", "cluster", "admin", "proxy",
+    "daemon",
 ];
 
 /// Modules at the top of `src/` that stand above every layer.

@@ -6,7 +6,8 @@
 # 1. installs what the tests run and is missing (only then; with sudo when
 #    not root): cmake, make and a C compiler (Pingora's build), pebble (ACME
 #    tests), redis-server (cluster tests), curl (HTTP/2 client), nginx and
-#    wrk (the soak's upstream and load), python3 with venv. Their system
+#    wrk (the soak's upstream and load), chromium (the status page test),
+#    python3 with venv. Their system
 #    services are not started (the tests start their own on free ports);
 # 2. makes the project's virtualenv `.venv` with the official Python
 #    clients the tests drive the gateway with (tests/clients/
@@ -61,6 +62,8 @@ have redis-server || need+=(redis-server)
 have curl || need+=(curl)
 have nginx || need+=(nginx)
 have wrk || need+=(wrk)
+# tests/status_page.rs renders the status page in headless Chromium.
+have chromium || need+=(chromium)
 have python3 || need+=(python3)
 python3 -c 'import ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 

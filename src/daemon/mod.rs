@@ -26,7 +26,7 @@ pub use watch::DEBOUNCE;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -40,9 +40,10 @@ use signal_hook::iterator::Signals;
 
 use self::tls::TlsListeners;
 use self::watch::{next_trigger, FileWatcher, Trigger};
+use crate::admin::{rebuild, Admin, Control, RebuildState};
 use crate::cluster::Cluster;
 use crate::config::{AuditDest, LoadError, OnRedisError};
-use crate::ops::{Admin, AuditLog, Live, Metrics, SharedLive};
+use crate::ops::{AuditLog, History, Live, Metrics, ReloadLog, SharedLive};
 use crate::policy::{load_timed, Snapshot};
 use crate::proxy::{Gateway, GatewayParts, Listeners};
 use crate::state::Carried;
@@ -103,10 +104,8 @@ pub fn run(config_path: &Path, upgrade: bool, signals: Signals) -> Result<(), St
     let metrics = Arc::new(Metrics::new());
     let tls = Arc::new(TlsListeners::load(&config, Arc::clone(&metrics))?);
     let challenges = Arc::new(Challenges::default());
-    let audit = match &config.audit_log {
-        None => None,
-        Some(dest) => Some(start_audit(dest, &metrics)?),
-    };
+    let (audit, history) = open_audit(&config, &metrics)?;
+    let reloads = Arc::new(ReloadLog::default());
     let shared: SharedLive = Arc::new(ArcSwap::from_pointee(Live::new(snapshot, &metrics)));
     // The zero of the monotonic clock per-key windows are kept in, for the
     // proxy and the cluster alike.
@@ -116,14 +115,18 @@ pub fn run(config_path: &Path, upgrade: bool, signals: Signals) -> Result<(), St
         Some(spec) => Some(start_cluster(spec, &metrics, &carried, epoch)?),
     };
     alerts::start(&carried, Arc::clone(&metrics));
-    start_reloader(
+    let reloader = Arc::new(Mutex::new(
         Reloader::new(
             config_path,
             Arc::clone(&shared),
             Arc::clone(&metrics),
             Arc::clone(&carried),
             cluster.clone(),
-        ),
+        )
+        .recording(Arc::clone(&reloads)),
+    ));
+    start_reloader(
+        Arc::clone(&reloader),
         Arc::clone(&tls),
         audit.clone(),
         signals,
@@ -153,7 +156,7 @@ pub fn run(config_path: &Path, upgrade: bool, signals: Signals) -> Result<(), St
     } else {
         services::layout(config.threads, &config.listen, config.admin_listen)
     };
-    let gateway = Gateway::from(GatewayParts {
+    let parts = GatewayParts {
         live: Arc::clone(&shared),
         carried: Arc::clone(&carried),
         metrics: Arc::clone(&metrics),
@@ -161,7 +164,12 @@ pub fn run(config_path: &Path, upgrade: bool, signals: Signals) -> Result<(), St
         listeners: Listeners::new(&config.listeners, Arc::clone(&challenges)),
         cluster,
         started: epoch,
+    };
+    let admin = config.admin_listen.map(|addr| {
+        let control = Arc::new(DaemonControl { reloader });
+        (addr, admin_of(&config, &parts, history, control, reloads))
     });
+    let gateway = Gateway::from(parts);
     services::add_proxy_services(
         &mut server,
         &config,
@@ -178,8 +186,8 @@ pub fn run(config_path: &Path, upgrade: bool, signals: Signals) -> Result<(), St
         .map(|l| l.addr);
     tls.start_acme(Arc::clone(&challenges), plain);
 
-    if let Some(addr) = config.admin_listen {
-        add_admin(&mut server, addr, &config, &metrics, &shared);
+    if let Some((addr, admin)) = admin {
+        add_admin(&mut server, addr, admin);
     }
 
     let checked = Arc::clone(&shared);
@@ -207,8 +215,72 @@ fn check_binds(config: &crate::config::Config) -> Result<(), StartError> {
     Ok(())
 }
 
-/// Opens the audit log and starts its writer thread.
-fn start_audit(dest: &AuditDest, metrics: &Metrics) -> Result<AuditLog, StartError> {
+/// The status page's history, fed by the audit writer, and the state of
+/// its rebuild from the audit log at start.
+type Histories = (Option<Arc<History>>, Arc<RebuildState>);
+
+/// Opens the audit log (when the config has one) and, with a file, the
+/// history the status page charts: rebuilt from the file on a thread of
+/// its own (the gateway serves meanwhile) up to what the file held before
+/// this process wrote to it; the writer counts what comes after.
+fn open_audit(
+    config: &crate::config::Config,
+    metrics: &Metrics,
+) -> Result<(Option<AuditLog>, Histories), StartError> {
+    let rebuild = Arc::new(RebuildState::default());
+    let Some(dest) = &config.audit_log else {
+        return Ok((None, (None, rebuild)));
+    };
+    let (AuditDest::File(path), Some(_)) = (dest, config.admin_listen) else {
+        // Nothing would read a history (no admin listener), or nothing
+        // could rebuild it (stderr).
+        return Ok((Some(start_audit(dest, metrics, None)?), (None, rebuild)));
+    };
+    let history = Arc::new(History::default());
+    let len = std::fs::metadata(path).map_or(0, |m| m.len());
+    let audit = start_audit(dest, metrics, Some(&history))?;
+    let (h, path, state) = (Arc::clone(&history), path.clone(), Arc::clone(&rebuild));
+    spawn_thread("history-rebuild", move || {
+        rebuild::rebuild_into(&h, &path, len, &state);
+    });
+    Ok((Some(audit), (Some(history), rebuild)))
+}
+
+/// The admin listener's endpoints, over what the proxy serves from.
+fn admin_of(
+    config: &crate::config::Config,
+    parts: &GatewayParts,
+    (history, rebuild): Histories,
+    control: Arc<dyn Control>,
+    reloads: Arc<ReloadLog>,
+) -> Admin {
+    Admin {
+        metrics: Arc::clone(&parts.metrics),
+        live: Arc::clone(&parts.live),
+        listen: config.listen.clone(),
+        needs_shared_state: config
+            .shared_state
+            .as_ref()
+            .is_some_and(|s| s.on_error == OnRedisError::Deny),
+        carried: Arc::clone(&parts.carried),
+        cluster: parts.cluster.clone(),
+        audit: parts.audit.clone(),
+        history,
+        rebuild,
+        control,
+        reloads,
+        started: std::time::SystemTime::now(),
+        epoch: parts.started,
+    }
+}
+
+/// Opens the audit log and starts its writer thread, which feeds
+/// `history` when there is one.
+fn start_audit(
+    dest: &AuditDest,
+    metrics: &Metrics,
+    history: Option<&Arc<History>>,
+) -> Result<AuditLog, StartError> {
     let failed = |source| StartError::Audit {
         path: match dest {
             AuditDest::Stderr => "-".into(),
@@ -218,6 +290,10 @@ fn start_audit(dest: &AuditDest, metrics: &Metrics) -> Result<AuditLog, StartErr
     };
     let (log, writer) =
         AuditLog::open(dest.clone(), metrics.audit_dropped.clone()).map_err(failed)?;
+    let writer = match history {
+        Some(h) => writer.feeding(Arc::clone(h)),
+        None => writer,
+    };
     std::thread::Builder::new()
         .name("audit-writer".into())
         .spawn(move || writer.run())
@@ -225,28 +301,35 @@ fn start_audit(dest: &AuditDest, metrics: &Metrics) -> Result<AuditLog, StartErr
     Ok(log)
 }
 
-/// The admin listener's service: `/metrics`, `/healthz`, `/readyz`.
-fn add_admin(
-    server: &mut Server,
-    addr: std::net::SocketAddr,
-    config: &crate::config::Config,
-    metrics: &Arc<Metrics>,
-    shared: &SharedLive,
-) {
-    let admin = Admin {
-        metrics: Arc::clone(metrics),
-        live: Arc::clone(shared),
-        listen: config.listen.clone(),
-        needs_shared_state: config
-            .shared_state
-            .as_ref()
-            .is_some_and(|s| s.on_error == OnRedisError::Deny),
-    };
+/// The admin listener's service: `/metrics`, `/healthz`, `/readyz`, the
+/// status page and the key API.
+fn add_admin(server: &mut Server, addr: std::net::SocketAddr, admin: Admin) {
     let mut svc = ListeningService::new("admin".to_string(), admin);
     svc.threads = Some(1);
     svc.add_tcp(&addr.to_string());
-    info!("admin (/metrics, /healthz, /readyz) on http://{addr}");
+    info!("admin (/metrics, /healthz, /readyz; status page and /api/keys with an admin key) on http://{addr}");
     server.add_service(svc);
+}
+
+/// What the admin listener asks of the daemon: reloads (under the same
+/// lock as the reloader thread's, so they never overlap) and threads for
+/// key file edits.
+struct DaemonControl {
+    reloader: Arc<Mutex<Reloader>>,
+}
+
+impl Control for DaemonControl {
+    fn reload(&self, why: &str) -> Result<u64, String> {
+        self.reloader
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .reload(why)
+            .map_err(|e| e.to_string())
+    }
+
+    fn off_thread(&self, job: Box<dyn FnOnce() + Send>) {
+        spawn_thread("admin-change", job);
+    }
 }
 
 /// Connects to the shared-state Redis (probing it once, so the first
@@ -286,7 +369,7 @@ fn start_cluster(
 /// audit log reopens. Reload triggers arrive on one channel, so reloads
 /// never run concurrently.
 fn start_reloader(
-    reloader: Reloader,
+    reloader: Arc<Mutex<Reloader>>,
     tls: Arc<TlsListeners>,
     audit: Option<AuditLog>,
     signals: Signals,
@@ -325,7 +408,11 @@ fn start_reloader(
             }
         }
     };
-    watch_files(&mut watcher, &reloader.current().snapshot);
+    let locked = |r: &Arc<Mutex<Reloader>>| {
+        let guard = r.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        guard.current()
+    };
+    watch_files(&mut watcher, &locked(&reloader).snapshot);
     spawn_thread("reloader", move || {
         while let Some(trigger) = next_trigger(&rx) {
             let why = match trigger {
@@ -333,13 +420,19 @@ fn start_reloader(
                 Trigger::FileChanged => "file change",
             };
             // Errors are logged by reload(); the old snapshot stays.
-            if reloader.reload(why).is_ok() {
-                watch_files(&mut watcher, &reloader.current().snapshot);
+            let reloaded = reloader
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .reload(why)
+                .is_ok();
+            let current = locked(&reloader);
+            if reloaded {
+                watch_files(&mut watcher, &current.snapshot);
             }
             // Certificates are re-read whatever became of the config (a
             // renewed certificate is served even while the config has a
             // mistake), from the paths of the snapshot in service.
-            tls.reload(&reloader.current().snapshot.config);
+            tls.reload(&current.snapshot.config);
             memory::release_free_memory();
         }
     });

@@ -15,7 +15,7 @@ use log::{error, info, warn};
 use crate::cluster::Cluster;
 use crate::config::LoadError;
 use crate::keys::KeyId;
-use crate::ops::{Live, Metrics, SharedLive};
+use crate::ops::{Live, Metrics, ReloadLog, ReloadSeen, SharedLive};
 use crate::policy::load_timed;
 use crate::state::Carried;
 
@@ -28,6 +28,8 @@ pub struct Reloader {
     /// Where keys newly disabled in the key file are published, so that
     /// instances whose copy of the file is older refuse them too.
     cluster: Option<Arc<Cluster>>,
+    /// Each reload's time and result, for the status page.
+    log: Arc<ReloadLog>,
 }
 
 impl Reloader {
@@ -44,7 +46,14 @@ impl Reloader {
             metrics,
             carried,
             cluster,
+            log: Arc::default(),
         }
+    }
+
+    /// Records every reload in `log` from now on.
+    pub fn recording(mut self, log: Arc<ReloadLog>) -> Reloader {
+        self.log = log;
+        self
     }
 
     /// The snapshot in service now.
@@ -55,6 +64,16 @@ impl Reloader {
     /// Loads a new snapshot and swaps it in; on failure keeps the current one.
     /// `why` names the trigger in the log line (`SIGHUP`, a file change).
     pub fn reload(&self, why: &str) -> Result<u64, LoadError> {
+        let result = self.load_and_swap(why);
+        self.log.record(ReloadSeen {
+            at: std::time::SystemTime::now(),
+            why: why.to_string(),
+            result: result.as_ref().map(|g| *g).map_err(ToString::to_string),
+        });
+        result
+    }
+
+    fn load_and_swap(&self, why: &str) -> Result<u64, LoadError> {
         let current = self.shared.load_full();
         let generation = current.snapshot.generation + 1;
         match load_timed(&self.config_path, generation, &self.carried) {

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 use base64::Engine as _;
 use serde_json::{json, Value};
 
-use super::digest::{KeyDigest, DIGEST_PREFIX};
+use super::digest::{KeyDigest, KeyId, DIGEST_PREFIX};
 use super::file::{entry_digest, is_plaintext, write_atomically, KeyFile, Lock};
 use super::store::{parse_timestamp, unix_millis};
 use crate::config::LoadError;
@@ -69,6 +69,9 @@ pub struct NewKey<'a> {
     pub token_limit: Option<&'a str>,
     /// Models the key may use (`llama3.2`, `qwen*`); empty for all.
     pub models: &'a [String],
+    /// An admin key (the admin listener's page and key API), granted no
+    /// service: `services` must then be empty.
+    pub admin: bool,
     /// The header naming the key's end users, and their limits.
     pub end_users: Option<NewEndUsers<'a>>,
 }
@@ -118,27 +121,23 @@ pub fn keygen(
     if req.user.trim().is_empty() {
         return Err(KeyToolError::Usage("--user must not be empty".into()));
     }
-    if req.services.is_empty() {
-        return Err(KeyToolError::Usage(
-            "at least one --service is needed".into(),
-        ));
+    match (req.admin, req.services.is_empty()) {
+        (false, true) => {
+            return Err(KeyToolError::Usage(
+                "at least one --service is needed".into(),
+            ))
+        }
+        (true, false) => {
+            return Err(KeyToolError::Usage(
+                "an admin key is granted no service: leave out --service".into(),
+            ))
+        }
+        _ => {}
     }
     let expires_at = req.expires.map(|e| expiry(e, now)).transpose()?;
-    let rate = req
-        .rate_limit
-        .map(|r| Rate::parse(r).map_err(|e| KeyToolError::Usage(format!("--rate-limit: {e}"))))
-        .transpose()?;
-    let tokens = req
-        .token_limit
-        .map(|t| {
-            TokenRate::parse(t).map_err(|e| KeyToolError::Usage(format!("--token-limit: {e}")))
-        })
-        .transpose()?;
-    let models = req
-        .models
-        .iter()
-        .map(|m| ModelPattern::parse(m).map_err(|e| KeyToolError::Usage(format!("--model: {e}"))))
-        .collect::<Result<Vec<_>, _>>()?;
+    let rate = req.rate_limit.map(parse_rate).transpose()?;
+    let tokens = req.token_limit.map(parse_token_limit).transpose()?;
+    let models = parse_models(req.models)?;
 
     let end_users = req.end_users.as_ref().map(NewEndUsers::entry).transpose()?;
 
@@ -147,9 +146,13 @@ pub fn keygen(
     let mut entry = serde_json::Map::new();
     entry.insert("user".into(), json!(req.user));
     match req.services {
+        [] => None,
         [one] => entry.insert("service".into(), json!(one)),
         many => entry.insert("services".into(), json!(many)),
     };
+    if req.admin {
+        entry.insert("admin".into(), Value::Bool(true));
+    }
     entry.insert(
         "created_at".into(),
         json!(humantime::format_rfc3339_millis(now).to_string()),
@@ -170,8 +173,7 @@ pub fn keygen(
         entry.insert("token_limit".into(), json!(t.to_string()));
     }
     if !models.is_empty() {
-        let names: Vec<&str> = models.iter().map(ModelPattern::as_str).collect();
-        entry.insert("models".into(), json!(names));
+        entry.insert("models".into(), json!(models));
     }
     if let Some((header, limits)) = end_users {
         entry.insert("end_user_header".into(), json!(header));
@@ -188,6 +190,26 @@ pub fn keygen(
     );
     file.save()?;
     Ok((key, digest))
+}
+
+fn parse_rate(r: &str) -> Result<Rate, KeyToolError> {
+    Rate::parse(r).map_err(|e| KeyToolError::Usage(format!("--rate-limit: {e}")))
+}
+
+fn parse_token_limit(t: &str) -> Result<TokenRate, KeyToolError> {
+    TokenRate::parse(t).map_err(|e| KeyToolError::Usage(format!("--token-limit: {e}")))
+}
+
+/// The model patterns as the file stores them, each checked.
+fn parse_models(models: &[String]) -> Result<Vec<String>, KeyToolError> {
+    models
+        .iter()
+        .map(|m| {
+            ModelPattern::parse(m)
+                .map(|p| p.as_str().to_string())
+                .map_err(|e| KeyToolError::Usage(format!("--model: {e}")))
+        })
+        .collect()
 }
 
 /// `expires`: an RFC 3339 time, or a duration from `now` (`30d`, `12h`).
@@ -237,6 +259,14 @@ pub struct KeyRow {
     pub state: &'static str,
     /// Whether the file holds this key in plaintext.
     pub plaintext: bool,
+    /// Models the key may use; empty for every model.
+    pub models: Vec<String>,
+    pub rate_limit: Option<String>,
+    pub max_concurrent: Option<u64>,
+    pub token_limit: Option<String>,
+    pub note: Option<String>,
+    /// An admin key (admin listener only).
+    pub admin: bool,
 }
 
 /// The rows of `keys list`, in file order. Never includes a key.
@@ -248,13 +278,16 @@ pub fn list(keys_path: &Path, now: SystemTime) -> Result<Vec<KeyRow>, KeyToolErr
         .iter()
         .map(|(name, v)| {
             let s = |field: &str| v.get(field).and_then(Value::as_str).map(str::to_string);
-            let services = match (v.get("service"), v.get("services")) {
-                (Some(Value::String(one)), _) => vec![one.clone()],
-                (_, Some(Value::Array(many))) => many
+            let strings = |v: Option<&Value>| match v {
+                Some(Value::Array(many)) => many
                     .iter()
                     .filter_map(|x| x.as_str().map(str::to_string))
                     .collect(),
                 _ => Vec::new(),
+            };
+            let services = match v.get("service") {
+                Some(Value::String(one)) => vec![one.clone()],
+                _ => strings(v.get("services")),
             };
             let expires_at = s("expires_at");
             let disabled = v.get("disabled").and_then(Value::as_bool).unwrap_or(false);
@@ -276,6 +309,12 @@ pub fn list(keys_path: &Path, now: SystemTime) -> Result<Vec<KeyRow>, KeyToolErr
                     "active"
                 },
                 plaintext: is_plaintext(name),
+                models: strings(v.get("models")),
+                rate_limit: s("rate_limit"),
+                max_concurrent: v.get("max_concurrent").and_then(Value::as_u64),
+                token_limit: s("token_limit"),
+                note: s("note"),
+                admin: v.get("admin").and_then(Value::as_bool).unwrap_or(false),
             }
         })
         .collect())
@@ -349,23 +388,7 @@ pub fn revoke(
     }
     let _lock = Lock::acquire(keys_path)?;
     let mut file = KeyFile::open(keys_path)?;
-    let hits = file.find_by_id(id);
-    let (name, key_id) = match hits.as_slice() {
-        [one] => one.clone(),
-        [] => {
-            return Err(KeyToolError::Usage(format!(
-                "no key with id {id} in {}",
-                keys_path.display()
-            )))
-        }
-        many => {
-            let ids: Vec<String> = many.iter().map(|(_, k)| k.to_string()).collect();
-            return Err(KeyToolError::Usage(format!(
-                "id {id} is ambiguous, it matches {}; give more digits",
-                ids.join(", ")
-            )));
-        }
-    };
+    let (name, key_id) = find_one(&file, id)?;
     if delete {
         file.entries.shift_remove(&name);
         file.save()?;
@@ -380,6 +403,117 @@ pub fn revoke(
     }
     file.save()?;
     Ok(Revoked::Disabled(key_id.to_string()))
+}
+
+/// The one entry whose id starts with `id`.
+fn find_one(file: &KeyFile, id: &str) -> Result<(String, KeyId), KeyToolError> {
+    let hits = file.find_by_id(id);
+    match hits.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => Err(KeyToolError::Usage(format!(
+            "no key with id {id} in {}",
+            file.path.display()
+        ))),
+        many => {
+            let ids: Vec<String> = many.iter().map(|(_, k)| k.to_string()).collect();
+            Err(KeyToolError::Usage(format!(
+                "id {id} is ambiguous, it matches {}; give more digits",
+                ids.join(", ")
+            )))
+        }
+    }
+}
+
+/// What [`update`] changes in an entry: `None` leaves a field as it is,
+/// `Some(None)` removes it (`services` cannot be removed: a key needs one).
+#[derive(Debug, Default)]
+pub struct KeyPatch {
+    pub services: Option<Vec<String>>,
+    pub models: Option<Option<Vec<String>>>,
+    /// RFC 3339, or a duration from now such as `30d`.
+    pub expires: Option<Option<String>>,
+    pub note: Option<Option<String>>,
+    pub rate_limit: Option<Option<String>>,
+    pub max_concurrent: Option<Option<std::num::NonZeroU32>>,
+    pub token_limit: Option<Option<String>>,
+}
+
+/// Changes the fields `patch` names in the entry of key `id` (a locked
+/// read-modify-write, as `keygen` and `keys revoke` do): each value is
+/// checked as `keygen` checks it, and the file is written only if the
+/// daemon would accept it. Returns the key's id and the fields as now
+/// written (`null` for one removed).
+pub fn update(
+    keys_path: &Path,
+    id: &str,
+    patch: &KeyPatch,
+    now: SystemTime,
+) -> Result<(KeyId, serde_json::Map<String, Value>), KeyToolError> {
+    let mut set = serde_json::Map::new();
+    let mut put = |field: &str, v: Option<Value>| {
+        set.insert(field.to_string(), v.unwrap_or(Value::Null));
+    };
+    if let Some(services) = &patch.services {
+        if services.is_empty() {
+            return Err(KeyToolError::Usage("services must not be empty".into()));
+        }
+        put("services", Some(json!(services)));
+    }
+    if let Some(m) = &patch.models {
+        let models = m.as_deref().map(parse_models).transpose()?;
+        put("models", models.filter(|m| !m.is_empty()).map(|m| json!(m)));
+    }
+    if let Some(e) = &patch.expires {
+        put(
+            "expires_at",
+            e.as_deref()
+                .map(|e| expiry(e, now))
+                .transpose()?
+                .map(Value::from),
+        );
+    }
+    if let Some(n) = &patch.note {
+        put("note", n.clone().map(Value::from));
+    }
+    if let Some(r) = &patch.rate_limit {
+        let r = r.as_deref().map(parse_rate).transpose()?;
+        put("rate_limit", r.map(|r| json!(r.to_string())));
+    }
+    if let Some(m) = patch.max_concurrent {
+        put("max_concurrent", m.map(|m| json!(m.get())));
+    }
+    if let Some(t) = &patch.token_limit {
+        let t = t.as_deref().map(parse_token_limit).transpose()?;
+        put("token_limit", t.map(|t| json!(t.to_string())));
+    }
+    let _lock = Lock::acquire(keys_path)?;
+    let mut file = KeyFile::open(keys_path)?;
+    let (name, key_id) = find_one(&file, id)?;
+    let Some(Value::Object(entry)) = file.entries.get_mut(&name) else {
+        return Err(KeyToolError::Usage(format!(
+            "key {key_id}: its entry is not an object"
+        )));
+    };
+    for (field, v) in &set {
+        match (field.as_str(), v) {
+            ("services", Value::Array(list)) => {
+                entry.remove("service");
+                entry.remove("services");
+                match list.as_slice() {
+                    [one] => entry.insert("service".into(), one.clone()),
+                    _ => entry.insert("services".into(), v.clone()),
+                };
+            }
+            (_, Value::Null) => {
+                entry.remove(field);
+            }
+            _ => {
+                entry.insert(field.clone(), v.clone());
+            }
+        }
+    }
+    file.save()?;
+    Ok((key_id, set))
 }
 
 /// What `keys hash` did.
@@ -483,6 +617,7 @@ mod tests {
                 token_limit: None,
                 end_users: None,
                 models: &[],
+                admin: false,
             },
             now,
         )
@@ -518,6 +653,7 @@ mod tests {
             token_limit: Some("1.5M/day"),
             end_users: None,
             models: &models,
+            admin: false,
         };
         let (key, _) = keygen(&p, &req, SystemTime::now()).unwrap();
         let text = std::fs::read_to_string(&p).unwrap();
@@ -562,6 +698,7 @@ mod tests {
                     token_limit: None,
                     end_users: None,
                     models: &[],
+                    admin: false,
                 },
                 SystemTime::now(),
             )
@@ -621,6 +758,78 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("not a key id"));
+    }
+
+    #[test]
+    fn admin_keys_take_no_service_and_open_only_the_admin_check() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("keys.json");
+        let req = NewKey {
+            user: "root",
+            services: &[],
+            expires: None,
+            note: None,
+            rate_limit: None,
+            max_concurrent: None,
+            token_limit: None,
+            models: &[],
+            admin: true,
+            end_users: None,
+        };
+        let (key, digest) = keygen(&p, &req, SystemTime::now()).unwrap();
+        let s = store(&p);
+        let now = unix_millis(SystemTime::now());
+        assert_eq!(
+            s.check_admin(Some(key.as_bytes()), now).unwrap().0,
+            digest.id()
+        );
+        assert_eq!(
+            s.check(Some(key.as_bytes()), 0, now).unwrap_err(),
+            crate::keys::KeyDenial::WrongService
+        );
+        let svc = ["chat".to_string()];
+        let both = NewKey {
+            services: &svc,
+            ..req
+        };
+        assert!(keygen(&p, &both, SystemTime::now()).is_err());
+        let rows = list(&p, SystemTime::now()).unwrap();
+        assert!(rows[0].admin && rows[0].services.is_empty());
+    }
+
+    #[test]
+    fn update_sets_and_removes_fields_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("keys.json");
+        std::fs::write(
+            &p,
+            r#"{"k1": {"user": "a", "service": "chat", "note": "n", "custom": 1}, "k2": {"user": "b", "service": "tts"}}"#,
+        )
+        .unwrap();
+        let id = list(&p, SystemTime::now()).unwrap()[0].id.clone();
+        let patch = KeyPatch {
+            services: Some(vec!["chat".into(), "tts".into()]),
+            note: Some(None),
+            rate_limit: Some(Some("5/s".into())),
+            models: Some(Some(vec!["llama3.2".into()])),
+            ..KeyPatch::default()
+        };
+        let (got, set) = update(&p, &id, &patch, SystemTime::now()).unwrap();
+        assert_eq!(got.to_string(), id);
+        assert_eq!(set["note"], Value::Null);
+        let row = &list(&p, SystemTime::now()).unwrap()[0];
+        assert_eq!(row.services, ["chat", "tts"]);
+        assert_eq!(row.note, None);
+        assert_eq!(row.rate_limit.as_deref(), Some("5/s"));
+        assert_eq!(row.models, ["llama3.2"]);
+        let text = std::fs::read_to_string(&p).unwrap();
+        assert!(text.contains("\"custom\": 1") && text.find("k1") < text.find("k2"));
+        let bad = KeyPatch {
+            token_limit: Some(Some("lots".into())),
+            ..KeyPatch::default()
+        };
+        assert!(update(&p, &id, &bad, SystemTime::now()).is_err());
+        assert!(update(&p, "ffff", &KeyPatch::default(), SystemTime::now()).is_err());
     }
 
     #[test]

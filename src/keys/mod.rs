@@ -15,12 +15,12 @@ mod file;
 mod store;
 
 pub use commands::{
-    generate_key, hash_in_place, keygen, list, render_table, resolve_keys_file, revoke, Hashed,
-    KeyRow, KeyToolError, NewEndUsers, NewKey, Revoked, KEY_PREFIX,
+    generate_key, hash_in_place, keygen, list, render_table, resolve_keys_file, revoke, update,
+    Hashed, KeyPatch, KeyRow, KeyToolError, NewEndUsers, NewKey, Revoked, KEY_PREFIX,
 };
 pub use digest::{DigestHasher, KeyDigest, KeyId, DIGEST_PREFIX};
 pub use file::{entry_digest, is_plaintext, lock_path, write_atomically, Format, KeyFile, Lock};
 pub use store::{
-    parse_timestamp, unix_millis, EndUserSpec, Grant, KeyDenial, KeyExtras, KeyStore, Principal,
-    ServiceId, ServiceTable, User,
+    parse_timestamp, unix_millis, EndUserSpec, Grant, KeyDenial, KeyEntry, KeyExtras, KeyStore,
+    Principal, ServiceId, ServiceTable, User,
 };

@@ -106,6 +106,9 @@ struct KeyRecord {
     /// Index into the store's [`KeyExtras`] plus one; 0 is "none".
     extras: u32,
     disabled: bool,
+    /// `"admin": true`: the key opens the admin listener's page and key
+    /// API, and no route (it is granted no service).
+    admin: bool,
 }
 
 /// What few keys set, kept apart so the others pay one number for it:
@@ -302,6 +305,56 @@ impl KeyStore {
         })
     }
 
+    /// Decides whether `presented` opens the admin listener at `now_ms`:
+    /// the key's id and holder when it is an admin key; `WrongService`
+    /// for a valid key that is not one.
+    pub fn check_admin(
+        &self,
+        presented: Option<&[u8]>,
+        now_ms: i64,
+    ) -> Result<(KeyId, &User), KeyDenial> {
+        let presented = match presented {
+            Some(k) if !k.is_empty() => k,
+            _ => return Err(KeyDenial::Missing),
+        };
+        let digest = KeyDigest::of(presented);
+        let rec = self.by_digest.get(&digest).ok_or(KeyDenial::Unknown)?;
+        if rec.disabled {
+            return Err(KeyDenial::Disabled);
+        }
+        if now_ms >= rec.expires_at_ms {
+            return Err(KeyDenial::Expired);
+        }
+        if !rec.admin {
+            return Err(KeyDenial::WrongService);
+        }
+        let user = self
+            .users
+            .get(rec.user as usize)
+            .ok_or(KeyDenial::Unknown)?;
+        Ok((digest.id(), user))
+    }
+
+    /// Every key with what the status page shows of it: id, holder, own
+    /// limits, ordinal (its counters) and whether it is refused now.
+    pub fn entries(&self) -> impl Iterator<Item = KeyEntry<'_>> + '_ {
+        self.by_digest.iter().filter_map(|(d, r)| {
+            Some(KeyEntry {
+                id: d.id(),
+                user: &self.users.get(r.user as usize)?.name,
+                limits: self
+                    .limits
+                    .get(r.limits as usize)
+                    .copied()
+                    .unwrap_or_default(),
+                ordinal: r.ordinal,
+                expires_at_ms: r.expires_at_ms,
+                disabled: r.disabled,
+                admin: r.admin,
+            })
+        })
+    }
+
     /// Every model name (without `*`) that some key's `models` names.
     pub fn named_models(&self) -> impl Iterator<Item = &ModelPattern> + '_ {
         self.model_lists
@@ -309,6 +362,19 @@ impl KeyStore {
             .flat_map(|l| l.iter())
             .filter(|p| p.is_exact())
     }
+}
+
+/// One key as [`KeyStore::entries`] yields it.
+#[derive(Debug, Clone, Copy)]
+pub struct KeyEntry<'a> {
+    pub id: KeyId,
+    pub user: &'a Arc<str>,
+    pub limits: Limits,
+    pub ordinal: u32,
+    /// Milliseconds since the Unix epoch; `i64::MAX` for never.
+    pub expires_at_ms: i64,
+    pub disabled: bool,
+    pub admin: bool,
 }
 
 /// Milliseconds since the Unix epoch, the unit expiry is kept in.
@@ -343,6 +409,8 @@ struct RawEntry<'a> {
     token_limit: Option<TokenRate>,
     #[serde(default)]
     models: Option<Vec<ModelPattern>>,
+    #[serde(default)]
+    admin: Option<bool>,
     #[serde(default, borrow)]
     end_user_header: Option<Text<'a>>,
     #[serde(default)]
@@ -511,31 +579,8 @@ impl<'s> KeyStoreBuilder<'s> {
         };
         let id = digest.id();
 
-        let grant = match (raw.service, raw.services) {
-            (Some(_), Some(_)) => {
-                return Err(format!(
-                    "key {id} (user {:?}): give `service` or `services`, not both",
-                    raw.user
-                ))
-            }
-            (None, None) => {
-                return Err(format!(
-                    "key {id} (user {:?}): `service` or `services` is required",
-                    raw.user
-                ))
-            }
-            (Some(one), None) => self.grant_for_one(&one),
-            (None, Some(list)) => {
-                if list.is_empty() {
-                    return Err(format!(
-                        "key {id} (user {:?}): `services` is empty",
-                        raw.user
-                    ));
-                }
-                let names: Vec<&str> = list.iter().map(|t| &**t).collect();
-                self.grant_for(&names)
-            }
-        };
+        let admin = raw.admin.unwrap_or(false);
+        let grant = self.grant_of(id, &raw.user, raw.service, raw.services, admin)?;
         let expires_at_ms = match raw.expires_at.as_deref() {
             None => i64::MAX,
             Some(s) => parse_timestamp(s)
@@ -579,6 +624,7 @@ impl<'s> KeyStoreBuilder<'s> {
             ordinal,
             extras,
             disabled: raw.disabled.unwrap_or(false),
+            admin,
         };
         if let Some(prev) = self.store.by_digest.insert(digest, record) {
             let prev_user = self
@@ -595,6 +641,54 @@ impl<'s> KeyStoreBuilder<'s> {
             self.store.plaintext_entries += 1;
         }
         Ok(())
+    }
+
+    /// The grant of an entry: its `service` or `services`, or none for an
+    /// admin key (which must name neither).
+    fn grant_of(
+        &mut self,
+        id: KeyId,
+        user: &str,
+        service: Option<Text<'_>>,
+        services: Option<Vec<Text<'_>>>,
+        admin: bool,
+    ) -> Result<u32, String> {
+        let grant = match (service, services) {
+            // An admin key is for the admin listener alone: a key that
+            // leaks from a script on the proxy side cannot edit keys, and
+            // one an admin types into a browser is no proxy key.
+            (Some(_), _) | (_, Some(_)) if admin => {
+                return Err(format!(
+                    "key {id} (user {:?}): an admin key is granted no service; remove `service`/`services` or `admin`",
+                    user
+                ))
+            }
+            (None, None) if admin => self.grant_for(&[]),
+            (Some(_), Some(_)) => {
+                return Err(format!(
+                    "key {id} (user {:?}): give `service` or `services`, not both",
+                    user
+                ))
+            }
+            (None, None) => {
+                return Err(format!(
+                    "key {id} (user {:?}): `service` or `services` is required",
+                    user
+                ))
+            }
+            (Some(one), None) => self.grant_for_one(&one),
+            (None, Some(list)) => {
+                if list.is_empty() {
+                    return Err(format!(
+                        "key {id} (user {:?}): `services` is empty",
+                        user
+                    ));
+                }
+                let names: Vec<&str> = list.iter().map(|t| &**t).collect();
+                self.grant_for(&names)
+            }
+        };
+        Ok(grant)
     }
 
     /// The index of `own` among the store's limit sets (few distinct ones:

@@ -18,6 +18,9 @@ use log::error;
 use prometheus::IntCounter;
 use serde::Serialize;
 
+use std::sync::Arc;
+
+use super::history::{History, Seen};
 use crate::config::AuditDest;
 
 /// Records that may wait for the writer before new ones are dropped.
@@ -131,8 +134,28 @@ fn opt_millis<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok,
     }
 }
 
+/// One action on the admin listener's key API, written among the request
+/// lines: `decision` is `admin_create`, `admin_patch` or `admin_revoke`,
+/// `key_id` and `user` are the admin key's, `target` the key acted on and
+/// `change` what was written (never a key).
+#[derive(Debug, Serialize)]
+pub struct AdminRecord {
+    #[serde(serialize_with = "rfc3339")]
+    pub ts: SystemTime,
+    pub client: Option<ClientAddr>,
+    pub method: String,
+    pub path: String,
+    pub key_id: String,
+    pub user: String,
+    pub decision: &'static str,
+    pub status: u16,
+    pub target: Option<String>,
+    pub change: serde_json::Value,
+}
+
 enum Msg {
     Record(Box<AuditRecord>),
+    Admin(Box<AdminRecord>),
     Reopen,
 }
 
@@ -149,12 +172,20 @@ pub struct AuditWriter {
     dest: AuditDest,
     out: BufWriter<Box<dyn Write + Send>>,
     rx: Receiver<Msg>,
+    history: Option<Arc<History>>,
 }
 
 impl AuditWriter {
     /// Writes records until every [`AuditLog`] handle is gone. Blocks.
     pub fn run(self) {
-        writer(self.dest, self.out, self.rx);
+        writer(self.dest, self.out, self.rx, self.history);
+    }
+
+    /// Counts every request record into `history` as it is written (on
+    /// this thread, so the serving threads pay nothing for it).
+    pub fn feeding(mut self, history: Arc<History>) -> AuditWriter {
+        self.history = Some(history);
+        self
     }
 }
 
@@ -165,7 +196,15 @@ impl AuditLog {
     pub fn open(dest: AuditDest, dropped: IntCounter) -> std::io::Result<(AuditLog, AuditWriter)> {
         let out = open(&dest)?;
         let (tx, rx) = sync_channel(QUEUE_LEN);
-        Ok((AuditLog { tx, dropped }, AuditWriter { dest, out, rx }))
+        Ok((
+            AuditLog { tx, dropped },
+            AuditWriter {
+                dest,
+                out,
+                rx,
+                history: None,
+            },
+        ))
     }
 
     /// Queues a record; never blocks.
@@ -175,6 +214,13 @@ impl AuditLog {
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
                 self.dropped.inc();
             }
+        }
+    }
+
+    /// Queues an admin action's line; never blocks.
+    pub fn log_admin(&self, record: AdminRecord) {
+        if self.tx.try_send(Msg::Admin(Box::new(record))).is_err() {
+            self.dropped.inc();
         }
     }
 
@@ -214,7 +260,42 @@ fn open_file(p: &Path) -> std::io::Result<File> {
 /// not. Records reach the file at most this much later.
 const BATCH_INTERVAL: Duration = Duration::from_millis(10);
 
-fn writer(dest: AuditDest, mut out: BufWriter<Box<dyn Write + Send>>, rx: Receiver<Msg>) {
+/// Appends `record` as one JSON line.
+fn write_line(out: &mut impl Write, line: &mut Vec<u8>, record: &impl Serialize) {
+    line.clear();
+    if serde_json::to_writer(&mut *line, record).is_ok() {
+        line.push(b'\n');
+        if let Err(e) = out.write_all(line) {
+            error!("audit log write failed: {e}");
+        }
+    }
+}
+
+/// What the history counts of a request record.
+fn seen<'a>(r: &'a AuditRecord, upstream: Option<&'a str>) -> Seen<'a> {
+    Seen {
+        ts_s: r
+            .ts
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        key_id: r.key_id.as_deref(),
+        user: r.user.as_deref(),
+        decision: r.decision,
+        status: r.status,
+        route: r.route.as_deref(),
+        upstream,
+        latency_us: u64::try_from(r.latency_ms.as_micros()).unwrap_or(u64::MAX),
+        prompt_tokens: r.prompt_tokens.unwrap_or(0),
+        completion_tokens: r.completion_tokens.unwrap_or(0),
+    }
+}
+
+fn writer(
+    dest: AuditDest,
+    mut out: BufWriter<Box<dyn Write + Send>>,
+    rx: Receiver<Msg>,
+    history: Option<Arc<History>>,
+) {
     let mut line = Vec::with_capacity(512);
     // Idle: block until something comes (one wake-up after a quiet spell).
     while let Ok(first) = rx.recv() {
@@ -224,14 +305,13 @@ fn writer(dest: AuditDest, mut out: BufWriter<Box<dyn Write + Send>>, rx: Receiv
             while let Some(msg) = next.take() {
                 match msg {
                     Msg::Record(r) => {
-                        line.clear();
-                        if serde_json::to_writer(&mut line, &*r).is_ok() {
-                            line.push(b'\n');
-                            if let Err(e) = out.write_all(&line) {
-                                error!("audit log write failed: {e}");
-                            }
+                        write_line(&mut out, &mut line, &*r);
+                        if let Some(h) = &history {
+                            let upstream = r.upstream.map(|u| u.to_string());
+                            h.add(&seen(&r, upstream.as_deref()));
                         }
                     }
+                    Msg::Admin(r) => write_line(&mut out, &mut line, &*r),
                     Msg::Reopen => {
                         let _ = out.flush();
                         match open(&dest) {

@@ -107,3 +107,34 @@ impl Live {
         loads
     }
 }
+
+/// The last reload, as the status page shows it: when, which generation
+/// it made, or why it failed (the old snapshot then stayed).
+#[derive(Debug, Clone)]
+pub struct ReloadSeen {
+    pub at: std::time::SystemTime,
+    pub why: String,
+    pub result: Result<u64, String>,
+}
+
+/// Where the reloader records each reload.
+#[derive(Debug, Default)]
+pub struct ReloadLog {
+    last: std::sync::Mutex<Option<ReloadSeen>>,
+}
+
+impl ReloadLog {
+    pub fn record(&self, seen: ReloadSeen) {
+        *self
+            .last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(seen);
+    }
+
+    pub fn last(&self) -> Option<ReloadSeen> {
+        self.last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+}

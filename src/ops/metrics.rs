@@ -707,6 +707,11 @@ impl Metrics {
         self.tls.expiry.with_label_values(&[listener]).set(secs);
     }
 
+    /// Every metric's current values, for the status page.
+    pub fn gather(&self) -> Vec<prometheus::proto::MetricFamily> {
+        self.registry.gather()
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(16 * 1024);

@@ -3,15 +3,15 @@
 //!
 //! Owns: [`Metrics`] (Prometheus, with label values only from route names
 //! and fixed words), [`AuditLog`] (one JSON line per request, written off
-//! the serving threads), request ids, [`Admin`] (`/metrics`, `/healthz`,
-//! `/readyz`), the process log with Pingora's verbose targets capped
+//! the serving threads), request ids, the status page's [`History`] (fed
+//! by the audit writer), the process log with Pingora's verbose targets capped
 //! ([`logs`]), and [`Live`], the snapshot with its metric handles that the
 //! proxy serves from.
 //!
 //! May import: `config`, `keys`, `state`, `policy`.
 
-mod admin;
 mod audit;
+pub mod history;
 mod live;
 pub mod logs;
 mod metrics;
@@ -19,9 +19,11 @@ mod registry;
 pub mod request_id;
 mod upstream_metrics;
 
-pub use admin::Admin;
-pub use audit::{AuditLog, AuditRecord, AuditWriter, ClientAddr, FailedTry, QUEUE_LEN};
-pub use live::{Live, SharedLive};
+pub use audit::{
+    AdminRecord, AuditLog, AuditRecord, AuditWriter, ClientAddr, FailedTry, QUEUE_LEN,
+};
+pub use history::History;
+pub use live::{Live, ReloadLog, ReloadSeen, SharedLive};
 pub use metrics::{
     ClientTimeout, Metrics, RouteMetrics, UpstreamErrorKind, MAX_SEEN_MODELS, NO_MODEL, NO_ROUTE,
     OTHER_MODEL,

@@ -236,6 +236,12 @@ impl Snapshot {
     }
 
     /// Every upstream address the routes name, for carrying state over.
+    /// The per-key counters of the key numbered `ordinal` (for the status
+    /// page); `None` when no key has limits.
+    pub fn key_counter(&self, ordinal: u32) -> Option<&Arc<KeyCounter>> {
+        self.key_counters.get(ordinal as usize)
+    }
+
     pub fn upstream_addrs(&self) -> Vec<std::net::SocketAddr> {
         self.router
             .routes()

@@ -29,6 +29,9 @@ pub struct RequestCtx {
     pub request_id: Option<HeaderValue>,
     /// Whose key admitted the request; `None` until the key phase passed.
     pub caller: Option<Caller>,
+    /// The id of an expired or revoked key the request presented, for the
+    /// audit line (the status page lists keys still tried).
+    pub tried_key: Option<crate::keys::KeyId>,
     pub outcome: Outcome,
     /// The upstream of the current (last) try.
     pub upstream: Option<SocketAddr>,
@@ -218,6 +221,7 @@ impl RequestCtx {
             route_index: None,
             request_id: None,
             caller: None,
+            tried_key: None,
             outcome: Outcome::Undecided,
             upstream: None,
             upstream_status: None,

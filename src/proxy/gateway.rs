@@ -25,11 +25,13 @@ use super::phases::{self, KeyCheck, Limited, Now, Stop};
 use super::reply::{add_cors, refusal_for, send_refusal, upstream_error_kind};
 use crate::cluster::Cluster;
 use crate::config::any_contains;
-use crate::keys::unix_millis;
+use crate::keys::{unix_millis, KeyDenial, KeyDigest};
 use crate::ops::{
     request_id, AuditLog, AuditRecord, ClientTimeout, FailedTry, Metrics, SharedLive, NO_ROUTE,
 };
-use crate::policy::{admit_locally, Admission, Refusal, Request, Route, Upstream, DEFAULT_POOL};
+use crate::policy::{
+    admit_locally, Admission, Credential, Refusal, Request, Route, Upstream, DEFAULT_POOL,
+};
 use crate::state::{Carried, CounterId, Transition};
 use crate::usage::AnswerMeter;
 
@@ -132,7 +134,13 @@ impl Gateway {
             cluster: self.cluster.as_ref(),
             now_s: now.unix_s,
         };
-        let principal = phases::key(decision.verdict, &check)?;
+        let principal = phases::key(decision.verdict, &check).inspect_err(|r| {
+            if let (Some(KeyDenial::Expired | KeyDenial::Disabled), Credential::Key(k)) =
+                (r.key_denial(), request.credential)
+            {
+                ctx.tried_key = Some(KeyDigest::of(k).id());
+            }
+        })?;
         let route = route.ok_or(Refusal::Internal)?;
         let shared = self.cluster.is_some();
         let end_user = end_users::find(
@@ -749,7 +757,12 @@ impl ProxyHttp for Gateway {
             method: req.method.as_str().to_string(),
             path: req.uri.path().to_string(),
             route: ctx.route().map(|r| r.name.clone()),
-            key_id: ctx.caller.as_ref().map(|c| c.id.to_string()),
+            key_id: ctx
+                .caller
+                .as_ref()
+                .map(|c| c.id)
+                .or(ctx.tried_key)
+                .map(|id| id.to_string()),
             user: ctx
                 .caller
                 .as_ref()

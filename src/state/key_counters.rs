@@ -163,6 +163,36 @@ impl KeyCounter {
                 .is_none_or(|s| s.slots.load(Ordering::Relaxed) & LOW32 == 0)
     }
 
+    /// The rate window open at `now_ms` (for the status page): requests
+    /// counted in it and how long until it ends; `None` when none is open.
+    pub fn rate_window(&self, rate: Rate, now_ms: u64) -> Option<(u64, Duration)> {
+        let period = u64::try_from(rate.period.as_millis()).unwrap_or(u64::MAX);
+        let now = now_ms & (u64::MAX >> COUNT_BITS);
+        let v = self.window.load(Ordering::Relaxed);
+        let (start, count) = (v >> COUNT_BITS, v & COUNT_MASK);
+        if count == 0 || now.saturating_sub(start) >= period {
+            return None;
+        }
+        let left = start.saturating_add(period).saturating_sub(now);
+        Some((count, Duration::from_millis(left)))
+    }
+
+    /// The token window open at `now_ms` (for the status page): tokens
+    /// counted in it and how long until it ends; `None` when none is open.
+    pub fn token_window(&self, budget: TokenRate, now_ms: u64) -> Option<(u64, Duration)> {
+        let now = secs(now_ms);
+        match unpack_tokens(self.tokens.load(Ordering::Relaxed)) {
+            (Some(start), used) if !expired(start, now, budget) => {
+                let ends = u64::from(start) + budget.period.as_secs();
+                Some((
+                    used,
+                    Duration::from_secs(ends.saturating_sub(u64::from(now))),
+                ))
+            }
+            _ => None,
+        }
+    }
+
     /// Tokens counted in the window that is current at `now_ms`.
     pub fn tokens_used(&self, budget: TokenRate, now_ms: u64) -> u64 {
         match unpack_tokens(self.tokens.load(Ordering::Relaxed)) {

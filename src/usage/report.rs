@@ -91,6 +91,8 @@ struct Line {
     cache_read_tokens: Option<u64>,
     #[serde(default)]
     usage: Option<String>,
+    #[serde(default)]
+    decision: Option<String>,
 }
 
 /// Counts for one group (or all).
@@ -263,7 +265,13 @@ pub fn build_for_key(
                 report.skipped_lines += 1;
                 continue;
             };
-            if since.is_some_and(|s| ts < s) {
+            // Admin actions (the key API) are no requests to a service.
+            if since.is_some_and(|s| ts < s)
+                || line
+                    .decision
+                    .as_deref()
+                    .is_some_and(|d| d.starts_with("admin_"))
+            {
                 continue;
             }
             if key.is_some_and(|k| !line.key_id.as_deref().is_some_and(|id| id.starts_with(k))) {
