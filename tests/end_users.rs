@@ -116,6 +116,12 @@ fn end_users_are_held_to_their_own_limits_within_their_key() {
         first.join().expect("dave's first request")
     });
     ok(&held, "d-1");
+    // The client has the whole answer a moment before the gateway lets go
+    // of the request (its slot goes with the request's context, just
+    // before the in-flight gauge): wait for that, not for a time.
+    poll(WAIT, "dave's first request to end in the gateway", || {
+        (metric_at(gw.admin(), "agw_requests_in_flight") == 0.0).then_some(())
+    });
     ok(
         &chat(gw, "/ollama/api/chat", TEAM2, "d-3", Some("dave")),
         "d-3, dave's third of 3/min",
