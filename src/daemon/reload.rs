@@ -92,11 +92,7 @@ impl Reloader {
                 for w in &snapshot.warnings {
                     warn!("{w}");
                 }
-                info!(
-                    "reload ({why}): generation {generation}, {} in {} ms",
-                    snapshot.summary(),
-                    took.as_millis()
-                );
+                let summary = snapshot.summary();
                 let named = snapshot.upstream_addrs();
                 if let Some(cluster) = &self.cluster {
                     let before: HashSet<KeyId> = current.snapshot.keys.disabled_ids().collect();
@@ -115,6 +111,12 @@ impl Reloader {
                 }
                 self.shared
                     .store(Arc::new(Live::new(snapshot, &self.metrics)));
+                // Said once it serves: a line read as "the new config is
+                // live" must be true when it is read.
+                info!(
+                    "reload ({why}): generation {generation}, {summary} in {} ms",
+                    took.as_millis()
+                );
                 // Only now: until the swap, requests of the old snapshot
                 // still report on upstreams the new one may have dropped.
                 self.carried.upstreams.retain(&named);
