@@ -346,12 +346,14 @@ fn model_scoped_keys_are_refused_other_models_wherever_the_body_names_them() {
         &json!({"name": "mistral"}),
     );
     assert_eq!(r.status, 403);
+    // A request is counted in `logging`, just after its answer went out:
+    // wait for the last one's count, not for a time.
+    let not_allowed = r#"agw_refused_total{reason="model_not_allowed"}"#;
+    wait_until(Duration::from_secs(5), || {
+        metric_u64(&metrics_text(ai.admin), not_allowed) >= 9
+    });
     let m = metrics_text(ai.admin);
-    assert_eq!(
-        metric_u64(&m, r#"agw_refused_total{reason="model_not_allowed"}"#),
-        9,
-        "{m}"
-    );
+    assert_eq!(metric_u64(&m, not_allowed), 9, "{m}");
     assert_eq!(
         metric_u64(&m, r#"agw_refused_total{reason="model_unreadable"}"#),
         4,
