@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime};
 use serde_json::{json, Value};
 
 use common::ai_gateway::*;
-use common::cluster::{one_cluster, shared, Cluster};
+use common::cluster::{one_cluster, shared_state, Cluster};
 use common::redis::RedisServer;
 use common::webhook::{Answer, WebhookReceiver};
 use common::*;
@@ -366,7 +366,13 @@ fn with_shared_state_two_instances_share_an_end_users_limits_and_alert_once() {
     let redis = RedisServer::start();
     let hook = WebhookReceiver::start(Answer::Ok);
     let ollama = AiServer::start(AiOptions::default());
-    let top = || shared(&redis, "local").alerts(Alerts::new().webhook(&hook.url()).at(&[0.2]));
+    // A patient Redis timeout: this test is about sharing, and on a loaded
+    // machine a call past the default 100 ms falls back to local counts.
+    let top = || {
+        GatewayConfig::new()
+            .shared_state(shared_state(&redis, "local").timeout("2s"))
+            .alerts(Alerts::new().webhook(&hook.url()).at(&[0.2]))
+    };
     let cluster = Cluster::start(
         &[top(), top()],
         &ollama_route(ollama.addr),
