@@ -194,7 +194,7 @@ impl KeyStore {
             .extension()
             .and_then(|e| e.to_str())
             .is_some_and(|e| e.eq_ignore_ascii_case("yaml") || e.eq_ignore_ascii_case("yml"));
-        let looks_json = text.trim_start().starts_with('{');
+        let looks_json = text.trim_start().starts_with('\x7B'); // an opening brace
         if is_yaml_name || !looks_json {
             yaml::from_str_seed(path, text, EntriesSeed(&mut builder))?;
         } else {

