@@ -204,6 +204,17 @@ fn make_upstream(
 }
 
 impl Pool {
+    /// Where this request's walk over `n` entries starts: the next in
+    /// turn (no shared write when there is only one).
+    #[inline]
+    fn turn(&self, n: usize) -> usize {
+        if n > 1 {
+            self.next.fetch_add(1, Ordering::Relaxed)
+        } else {
+            0
+        }
+    }
+
     fn build(members: Vec<usize>, upstreams: &[Upstream], queue: Option<QueueSpec>) -> Pool {
         let weights: Vec<u32> = members
             .iter()
@@ -402,11 +413,7 @@ impl Route {
         healthy_only: bool,
     ) -> (Option<usize>, bool) {
         let n = pool.rotation.len();
-        let start = if n > 1 {
-            pool.next.fetch_add(1, Ordering::Relaxed)
-        } else {
-            0
-        };
+        let start = pool.turn(n);
         let mut any = false;
         for k in 0..n {
             let Some(&i) = pool.rotation.get(start.wrapping_add(k) % n) else {
@@ -436,11 +443,7 @@ impl Route {
         healthy_only: bool,
     ) -> (Option<usize>, bool) {
         let n = pool.members.len();
-        let start = if n > 1 {
-            pool.next.fetch_add(1, Ordering::Relaxed)
-        } else {
-            0
-        };
+        let start = pool.turn(n);
         let mut any = false;
         let mut best: Option<(usize, u64, u64)> = None;
         for k in 0..n {
