@@ -199,7 +199,9 @@ stop_pid() {
     forget_pid "$pid"
 }
 
-# N free TCP ports on 127.0.0.1, distinct.
+# N free TCP ports on 127.0.0.1, distinct. The sockets are closed before
+# the ports are printed: the caller reads them (and may bind one) before
+# python has exited.
 free_ports() {
     python3 - "$1" <<'EOF'
 import socket, sys
@@ -208,7 +210,10 @@ for _ in range(int(sys.argv[1])):
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     socks.append(s)
-print(" ".join(str(s.getsockname()[1]) for s in socks))
+ports = [s.getsockname()[1] for s in socks]
+for s in socks:
+    s.close()
+print(" ".join(str(p) for p in ports), flush=True)
 EOF
 }
 

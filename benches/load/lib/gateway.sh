@@ -53,13 +53,19 @@ start_gateway_dir() {
 }
 
 # A plain gateway: $1 = name, $2 = key count, $3 = port, $4 = admin port,
-# $5 = extra top-level settings (default: the failed-key throttle off).
+# $5 = extra top-level settings (default: the failed-key throttle off). The
+# ports are picked here (alloc_ports: the variables named by $3 and $4).
 start_gateway() {
-    local name=$1 n=$2 port=$3 admin=$4 d=$TMP/gateway-$1
+    local name=$1 n=$2 d=$TMP/gateway-$1 port admin
     local extra=${5:-"failed_key_throttle: {enabled: false}"}
     mkdir -p "$d"
     need_keys "$n"
     need_upstream
+    # Its routes name the streaming upstreams (idle until a scenario streams).
+    need_stream_upstream
+    need_fast_upstream
+    alloc_ports "$3" "$4"
+    port=${!3} admin=${!4}
     cat >"$d/gateway.yaml" <<EOF
 listen: "127.0.0.1:$port"
 admin_listen: "127.0.0.1:$admin"
@@ -80,7 +86,7 @@ EOF
 # The gateway with SMALL_KEYS keys; its RSS just started in RSS_GW_SMALL_START.
 need_gateway_small() {
     [ -z "${GW_SMALL_PID:-}" ] || return 0
-    start_gateway small "$SMALL_KEYS" "$P_GW_SMALL" "$P_ADM_SMALL"
+    start_gateway small "$SMALL_KEYS" P_GW_SMALL P_ADM_SMALL
     GW_SMALL_PID=$GATEWAY_PID
     RSS_GW_SMALL_START=$(rss_mb "$GW_SMALL_PID")
 }
@@ -89,7 +95,7 @@ need_gateway_small() {
 # time (from its log) in RSS_GW_BIG_START and GW_BIG_LOAD_MS.
 need_gateway_big() {
     [ -z "${GW_BIG_PID:-}" ] || return 0
-    start_gateway big "$BIG_KEYS" "$P_GW_BIG" "$P_ADM_BIG"
+    start_gateway big "$BIG_KEYS" P_GW_BIG P_ADM_BIG
     GW_BIG_PID=$GATEWAY_PID
     RSS_GW_BIG_START=$(rss_mb "$GW_BIG_PID")
     GW_BIG_LOG=$TMP/gateway-big/gateway.log
@@ -103,7 +109,7 @@ max_concurrent: 100000'
 
 need_gateway_limits() {
     [ -z "${GW_LIMITS_PID:-}" ] || return 0
-    start_gateway limits "$SMALL_KEYS" "$P_GW_LIMITS" "$P_ADM_LIMITS" "$LIMITS"
+    start_gateway limits "$SMALL_KEYS" P_GW_LIMITS P_ADM_LIMITS "$LIMITS"
     GW_LIMITS_PID=$GATEWAY_PID
 }
 
@@ -116,7 +122,7 @@ need_gateway_shared() {
         note "redis-server not installed: no shared-limits row (benches/load.sh --install adds it)"
         return 0
     fi
-    start_gateway shared "$SMALL_KEYS" "$P_GW_SHARED" "$P_ADM_SHARED" "$LIMITS
+    start_gateway shared "$SMALL_KEYS" P_GW_SHARED P_ADM_SHARED "$LIMITS
 shared_state: {redis: \"redis://127.0.0.1:$P_REDIS/0\"}"
     GW_SHARED_PID=$GATEWAY_PID
 }
@@ -130,6 +136,7 @@ need_gateway_tls() {
     need_cert
     need_keys "$SMALL_KEYS"
     need_upstream
+    alloc_ports P_GW_TLS P_GW_TLS_PLAIN
     cat >"$d/gateway.yaml" <<EOF
 listen:
   - "127.0.0.1:$P_GW_TLS_PLAIN"

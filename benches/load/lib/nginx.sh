@@ -116,6 +116,8 @@ start_nginx_checker() {
 # without nginx.
 need_nginx_small() {
     [ -z "${NGX_SMALL_PID:-}" ] && [ -n "$NGINX" ] || return 0
+    need_upstream
+    alloc_ports P_NGX_SMALL
     start_nginx_checker small "$SMALL_KEYS" "127.0.0.1:$P_NGX_SMALL" 30 \
         "http://127.0.0.1:$P_NGX_SMALL/ollama/api/generate" || die "nginx with $SMALL_KEYS keys did not start"
     NGX_SMALL_PID=$NGINX_PID
@@ -126,6 +128,9 @@ need_nginx_small() {
 need_nginx_big() {
     [ -z "${NGX_BIG_TRIED:-}" ] && [ -n "$NGINX" ] || return 0
     NGX_BIG_TRIED=1 NGX_BIG_PID=""
+    need_keys "$BIG_KEYS"
+    need_upstream
+    alloc_ports P_NGX_BIG
     if [ "$NGINX_BIG" = 0 ]; then
         note "nginx with $BIG_KEYS keys: skipped (NGINX_BIG=0)"
     elif start_nginx_checker big "$BIG_KEYS" "127.0.0.1:$P_NGX_BIG" "$NGINX_BIG_TIMEOUT" \
@@ -142,6 +147,8 @@ need_nginx_big() {
 need_nginx_tls() {
     [ -z "${NGX_TLS_PID:-}" ] || return 0
     need_cert
+    need_upstream
+    alloc_ports P_NGX_TLS
     start_nginx_checker tls "$SMALL_KEYS" "127.0.0.1:$P_NGX_TLS ssl" 30 \
         "https://127.0.0.1:$P_NGX_TLS/ollama/api/generate --cacert $TMP/tls-cert.pem" ||
         die "nginx over TLS did not start"
@@ -153,6 +160,8 @@ need_nginx_tls() {
 need_nginx_h2() {
     [ -z "${NGX_H2_PID:-}" ] || return 0
     need_cert
+    need_upstream
+    alloc_ports P_NGX_H2
     start_nginx_checker h2 "$SMALL_KEYS" "127.0.0.1:$P_NGX_H2 ssl http2" 30 \
         "https://127.0.0.1:$P_NGX_H2/ollama/api/generate --http2 --cacert $TMP/tls-cert.pem" ||
         die "nginx over TLS with HTTP/2 did not start"

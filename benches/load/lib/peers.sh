@@ -13,11 +13,17 @@ KEY=$(bench_key 5) # present in every key set
 GENERATE_BODY='{"model":"llama3.2:1b","created_at":"2026-11-25T12:00:00.000000000Z","response":"The sky is blue because air molecules scatter short blue wavelengths of sunlight more than red ones.","done":true,"done_reason":"stop","total_duration":512345678,"load_duration":12345678,"prompt_eval_count":26,"prompt_eval_duration":23456789,"eval_count":21,"eval_duration":456789012}'
 REQUEST_BODY='{"model":"llama3.2:1b","prompt":"Why is the sky blue?"}'
 
-# All ports at once, so that none is handed out twice; the request files.
+# Sets each variable named to a free port, just before its server binds it:
+# a port picked long before could meanwhile be taken as the local port of
+# one of the many client connections the runs make.
+alloc_ports() {
+    local names=("$@") ports i
+    read -r -a ports < <(free_ports "${#names[@]}")
+    for i in "${!names[@]}"; do printf -v "${names[$i]}" '%s' "${ports[$i]}"; done
+}
+
+# The request files every client sends.
 setup_peers() {
-    read -r P_UP P_STREAM P_FAST P_NGX_SMALL P_NGX_BIG P_GW_SMALL P_GW_BIG P_ADM_SMALL P_ADM_BIG \
-        P_GW_LIMITS P_ADM_LIMITS P_NGX_TLS P_NGX_H2 P_GW_TLS P_GW_TLS_PLAIN P_REDIS P_GW_SHARED \
-        P_ADM_SHARED < <(free_ports 18)
     # The wrk script: POST, JSON body, the key header.
     cat >"$TMP/post.lua" <<EOF
 wrk.method = "POST"
@@ -78,6 +84,7 @@ check_refuses() {
 # nginx examples/bench_upstream.rs. Sets UPSTREAM_PID and UPSTREAM_KIND.
 need_upstream() {
     [ -z "${UPSTREAM_PID:-}" ] || return 0
+    alloc_ports P_UP
     if [ -n "$NGINX" ]; then
         local d=$TMP/nginx-upstream
         mkdir -p "$d"
@@ -113,6 +120,7 @@ EOF
 # and without pauses (CPU-bound) on P_FAST.
 need_stream_upstream() {
     [ -z "${STREAM_PID:-}" ] || return 0
+    alloc_ports P_STREAM
     start_bg "$TMP/stream-upstream.log" "$UPSTREAM_BIN" --listen "127.0.0.1:$P_STREAM" --mode ndjson \
         --chunks 10 --first-ms 10 --interval-ms 20
     STREAM_PID=$STARTED_PID
@@ -122,6 +130,7 @@ need_stream_upstream() {
 
 need_fast_upstream() {
     [ -z "${FAST_PID:-}" ] || return 0
+    alloc_ports P_FAST
     start_bg "$TMP/fast-upstream.log" "$UPSTREAM_BIN" --listen "127.0.0.1:$P_FAST" --mode ndjson \
         --chunks 10 --first-ms 0 --interval-ms 0
     FAST_PID=$STARTED_PID
@@ -133,6 +142,7 @@ need_fast_upstream() {
 need_redis() {
     [ -z "${REDIS_PID:-}" ] || return 0
     command -v redis-server >/dev/null 2>&1 || return 1
+    alloc_ports P_REDIS
     start_bg "$TMP/redis.log" redis-server --port "$P_REDIS" --bind 127.0.0.1 --save "" --appendonly no
     REDIS_PID=$STARTED_PID
     for _ in $(seq 1 100); do
