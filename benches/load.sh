@@ -28,6 +28,10 @@
 #   H2_CONNS=64  H2_STREAMS=10   h2load clients and streams per client (h2)
 #   RATE=5000  FR_SECS=10  FR_CONNS=32   the fixed-rate latency runs (direct,
 #                             nginx, gateway; ROUNDS rounds, interleaved)
+#   PAGE_ROUNDS=6  PAGE_DURATION=10s  PAGE_EVERY=5   status_page: pairs of wrk
+#                             runs with and without the page fetched every
+#                             PAGE_EVERY s; AUDIT_SEED: an audit log to start
+#                             from (benches/gen_audit_log.py writes one)
 #   NO_NGINX=1                act as if nginx were not installed
 #   SKIP_BUILD=1              use the existing release binaries
 #   KEEP_TMP=1                keep the temp dir (configs, logs, wrk output)
@@ -57,7 +61,7 @@ BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/load
 # The order of a full run. A file in scenarios/ that is not listed runs after
 # these; a listed name without a file is left out of a full run (`streams`:
 # benches/load/scenarios/streams.sh, the streams-at-scale bench, comes separately).
-ORDER=(throughput fixed_rate https h2 first_chunk usage paced_usage reload idle streams)
+ORDER=(throughput fixed_rate https h2 first_chunk usage paced_usage reload idle status_page streams)
 
 # The scenarios present, in ORDER then the unlisted ones by name.
 present_scenarios() {

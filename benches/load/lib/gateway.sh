@@ -4,9 +4,8 @@
 # SMALL_KEYS and BIG_KEYS keys, with fair-use limits counted locally and in
 # Redis, and with a TLS listener.
 
-# The routes of the plain gateways: /ollama/ to the upstream, and the
-# streaming upstreams without and with usage accounting (api: ollama).
-gateway_routes() {
+# The route every gateway has: /ollama/ to the upstream, as nginx's location.
+route_ollama() {
     cat <<EOF
 routes:
   - name: ollama
@@ -14,6 +13,14 @@ routes:
     service: ollama
     strip_prefix: true
     upstreams: ["127.0.0.1:$P_UP"]
+EOF
+}
+
+# The routes of the plain gateways: /ollama/, and the streaming upstreams
+# without and with usage accounting (api: ollama).
+gateway_routes() {
+    route_ollama
+    cat <<EOF
   - name: stream
     path_prefix: /stream/
     service: ollama
@@ -147,13 +154,46 @@ watch: false
 shutdown_grace: 1s
 upgrade_sock: $d/upgrade.sock
 failed_key_throttle: {enabled: false}
-routes:
-  - name: ollama
-    path_prefix: /ollama/
-    service: ollama
-    strip_prefix: true
-    upstreams: ["127.0.0.1:$P_UP"]
+$(route_ollama)
 EOF
     start_gateway_dir tls "https://127.0.0.1:$P_GW_TLS/ollama/api/generate --cacert $TMP/tls-cert.pem"
     GW_TLS_PID=$GATEWAY_PID
+}
+
+# The admin key of the status page gateway (the shape `keygen` makes).
+ADMIN_KEY=agw_bench_admin_key_000000000000000
+
+# A gateway as the status page sees one in use: its audit log (which feeds
+# the page's history; AUDIT_SEED, if set, is an audit log to start from),
+# its admin listener and an admin key, usage read on /ollama/ (api: ollama).
+need_gateway_page() {
+    [ -z "${GW_PAGE_PID:-}" ] || return 0
+    local d=$TMP/gateway-page
+    mkdir -p "$d"
+    need_keys "$SMALL_KEYS"
+    need_upstream
+    python3 - "$TMP/keys-$SMALL_KEYS.json" "$d/keys.json" "$ADMIN_KEY" <<'EOF'
+import hashlib, json, sys
+keys = json.load(open(sys.argv[1]))
+keys["sha256:" + hashlib.sha256(sys.argv[3].encode()).hexdigest()] = {"user": "root", "admin": True}
+json.dump(keys, open(sys.argv[2], "w"))
+EOF
+    chmod 600 "$d/keys.json"
+    [ -z "${AUDIT_SEED:-}" ] || cp "$AUDIT_SEED" "$d/audit.log"
+    alloc_ports P_GW_PAGE P_ADM_PAGE
+    cat >"$d/gateway.yaml" <<EOF
+listen: "127.0.0.1:$P_GW_PAGE"
+admin_listen: "127.0.0.1:$P_ADM_PAGE"
+keys_file: $d/keys.json
+audit_log: $d/audit.log
+threads: 2
+watch: false
+shutdown_grace: 1s
+upgrade_sock: $d/upgrade.sock
+failed_key_throttle: {enabled: false}
+$(route_ollama)
+    api: ollama
+EOF
+    start_gateway_dir page "http://127.0.0.1:$P_GW_PAGE/ollama/api/generate"
+    GW_PAGE_PID=$GATEWAY_PID
 }

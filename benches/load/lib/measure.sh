@@ -114,18 +114,26 @@ note_wrk_errors() {
 
 # An A/B comparison on one server, in pairs: $1 = the rows' file, $2 =
 # rounds, $3 = the process charged CPU, $4 = URL "off", $5 = URL "on", $6 = a
-# label for progress and notes. Each round runs wrk against both, the order
-# swapped every round (so neither always runs second, on a warmer or busier
-# machine). Appends "mode round rps p50 p99 cpu non2xx sockerr".
+# label for progress and notes, $7 (optional) = a command run in the
+# background during each "on" run. Each round runs wrk against both, the
+# order swapped every round (so neither always runs second, on a warmer or
+# busier machine). Appends "mode round rps p50 p99 cpu non2xx sockerr".
 ab_rounds() {
-    local tsv=$1 rounds=$2 pid=$3 off=$4 on=$5 label=$6 round pair t mode url
+    local tsv=$1 rounds=$2 pid=$3 off=$4 on=$5 label=$6 during=${7:-} round pair t mode url bg
     for round in $(seq 1 "$rounds"); do
         pair=("off|$off" "on|$on")
         [ $((round % 2)) = 0 ] && pair=("on|$on" "off|$off")
         for t in "${pair[@]}"; do
             IFS='|' read -r mode url <<<"$t"
-            say "$label round $round/$rounds: $mode (wrk -c$CONNS $url)"
+            say "$label round $round/$rounds: $mode (wrk -c$CONNS -d$DURATION $url)"
+            bg=""
+            if [ "$mode" = on ] && [ -n "$during" ]; then
+                $during &
+                bg=$!
+                PIDS+=("$bg")
+            fi
             run_wrk "$TMP/wrk-${label// /_}-$mode-$round.txt" "$url" "$DURATION" "$pid"
+            [ -z "$bg" ] || stop_pid "$bg"
             printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$mode" "$round" "$WRK_RPS" "$WRK_P50" "$WRK_P99" \
                 "$WRK_CPU" "$WRK_NON2XX" "$WRK_SOCKERR" >>"$tsv"
             note_wrk_errors "$label $mode round $round"

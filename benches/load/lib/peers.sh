@@ -120,22 +120,25 @@ EOF
 # and without pauses (CPU-bound) on P_FAST.
 need_stream_upstream() {
     [ -z "${STREAM_PID:-}" ] || return 0
-    alloc_ports P_STREAM
-    start_bg "$TMP/stream-upstream.log" "$UPSTREAM_BIN" --listen "127.0.0.1:$P_STREAM" --mode ndjson \
-        --chunks 10 --first-ms 10 --interval-ms 20
+    start_ndjson_upstream P_STREAM stream 10 20
     STREAM_PID=$STARTED_PID
-    wait_ready "http://127.0.0.1:$P_STREAM/api/generate" 200 20 "$STREAM_PID" ||
-        die "the streaming upstream did not start: $(tail -n 3 "$TMP/stream-upstream.log")"
 }
 
 need_fast_upstream() {
     [ -z "${FAST_PID:-}" ] || return 0
-    alloc_ports P_FAST
-    start_bg "$TMP/fast-upstream.log" "$UPSTREAM_BIN" --listen "127.0.0.1:$P_FAST" --mode ndjson \
-        --chunks 10 --first-ms 0 --interval-ms 0
+    start_ndjson_upstream P_FAST fast 0 0
     FAST_PID=$STARTED_PID
-    wait_ready "http://127.0.0.1:$P_FAST/api/generate" 200 20 "$FAST_PID" ||
-        die "the fast streaming upstream did not start: $(tail -n 3 "$TMP/fast-upstream.log")"
+}
+
+# $1 = the port's variable, $2 = a name, $3 = ms to the first line, $4 = ms
+# between lines. Sets STARTED_PID.
+start_ndjson_upstream() {
+    local log=$TMP/$2-upstream.log
+    alloc_ports "$1"
+    start_bg "$log" "$UPSTREAM_BIN" --listen "127.0.0.1:${!1}" --mode ndjson --chunks 10 \
+        --first-ms "$3" --interval-ms "$4"
+    wait_ready "http://127.0.0.1:${!1}/api/generate" 200 20 "$STARTED_PID" ||
+        die "the $2 NDJSON upstream did not start: $(tail -n 3 "$log")"
 }
 
 # A redis-server on loopback for shared_state; returns 1 when not installed.
