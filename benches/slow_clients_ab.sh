@@ -24,91 +24,26 @@ set -euo pipefail
 OLD_BIN=${OLD_BIN:?set OLD_BIN to the old ai-gateway binary}
 NEW_BIN=${NEW_BIN:?set NEW_BIN to the new ai-gateway binary}
 ROUNDS=${ROUNDS:-5}
-DURATION=${DURATION:-5s}
-CONNS=${CONNS:-64}
-THREADS=${THREADS:-2}
-IDLE_CONNS=${IDLE_CONNS:-10000}
 TIMEOUT=${TIMEOUT:-15}
-NGINX=${NGINX:-$(command -v nginx || echo /usr/sbin/nginx)}
 
-say() { printf '[ab %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
-
-ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-TMP=$(mktemp -d "${TMPDIR:-/tmp}/agw-ab.XXXXXX")
-chmod 755 "$TMP"
-PIDS=()
-cleanup() {
-    local pid
-    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-    sleep 0.5
-    for pid in "${PIDS[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
-    rm -rf "$TMP"
-}
-trap cleanup EXIT
-
-start_bg() { # $1 = log, rest = command; sets STARTED_PID
-    local log=$1
-    shift
-    "$@" >"$log" 2>&1 &
-    STARTED_PID=$!
-    PIDS+=("$STARTED_PID")
-}
-
-read -r P_UP P_OLD P_NEW < <(python3 -c '
-import socket
-s = [socket.socket() for _ in range(3)]
-for x in s: x.bind(("127.0.0.1", 0))
-print(" ".join(str(x.getsockname()[1]) for x in s))')
-
-KEY=agw_bench000000000000000000000000005
-python3 - "$TMP/keys.json" <<'EOF'
-import hashlib, sys
-with open(sys.argv[1], "w") as f:
-    f.write("{" + ",".join(
-        '"sha256:%s":{"user":"user%d","service":"ollama"}'
-        % (hashlib.sha256(("agw_bench%027d" % i).encode()).hexdigest(), i)
-        for i in range(10)) + "}\n")
-EOF
-chmod 600 "$TMP/keys.json"
-BODY='{"model":"llama3.2:1b","created_at":"2026-11-25T12:00:00.000000000Z","response":"The sky is blue because air molecules scatter short blue wavelengths of sunlight more than red ones.","done":true,"done_reason":"stop","total_duration":512345678,"load_duration":12345678,"prompt_eval_count":26,"prompt_eval_duration":23456789,"eval_count":21,"eval_duration":456789012}'
-REQ='{"model":"llama3.2:1b","prompt":"Why is the sky blue?"}'
-cat >"$TMP/post.lua" <<EOF
-wrk.method = "POST"
-wrk.body = '$REQ'
-wrk.headers["Content-Type"] = "application/json"
-wrk.headers["X-API-Key"] = "$KEY"
-EOF
-
-mkdir -p "$TMP/nginx"
-user_line=""
-[ "$(id -u)" = 0 ] && user_line="user root;"
-cat >"$TMP/nginx/nginx.conf" <<EOF
-$user_line
-daemon off;
-worker_processes 2;
-pid $TMP/nginx/nginx.pid;
-error_log $TMP/nginx/error.log warn;
-events { worker_connections 16384; }
-http {
-    access_log off;
-    client_body_temp_path $TMP/nginx/body;
-    proxy_temp_path $TMP/nginx/proxy;
-    fastcgi_temp_path $TMP/nginx/fastcgi;
-    uwsgi_temp_path $TMP/nginx/uwsgi;
-    scgi_temp_path $TMP/nginx/scgi;
-    keepalive_requests 1000000;
-    server {
-        listen 127.0.0.1:$P_UP;
-        location / { default_type application/json; return 200 '$BODY'; }
-    }
-}
-EOF
-start_bg "$TMP/nginx/out.log" "$NGINX" -p "$TMP/nginx" -c "$TMP/nginx/nginx.conf" -e "$TMP/nginx/error.log"
+# The load test's parts: settings, processes, the upstream, wrk, medians.
+BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/load
+for lib in common peers nginx measure report; do
+    # shellcheck source=/dev/null
+    . "$BENCH_DIR/lib/$lib.sh"
+done
+INSTALL=0 SKIP_BUILD=1
+setup_tools
+[ -n "$NGINX" ] || die "nginx is needed (the upstream)"
+setup_run
+setup_peers
+need_keys "$SMALL_KEYS"
+need_upstream
 
 gateway_config() { # $1 = port, $2 = extra settings
     cat <<EOF
 listen: "127.0.0.1:$1"
-keys_file: $TMP/keys.json
+keys_file: $TMP/keys-$SMALL_KEYS.json
 threads: 2
 watch: false
 shutdown_grace: 1s
@@ -118,6 +53,7 @@ routes:
   - {name: ollama, path_prefix: /ollama/, service: ollama, strip_prefix: true, upstreams: ["127.0.0.1:$P_UP"]}
 EOF
 }
+alloc_ports P_OLD P_NEW
 gateway_config "$P_OLD" "" >"$TMP/old.yaml"
 gateway_config "$P_NEW" "max_connections: $((IDLE_CONNS + 1000))
 client_idle_timeout: ${TIMEOUT}s
@@ -126,53 +62,36 @@ start_bg "$TMP/old.log" env RUST_LOG=info "$OLD_BIN" run --config "$TMP/old.yaml
 OLD_PID=$STARTED_PID
 start_bg "$TMP/new.log" env RUST_LOG=info "$NEW_BIN" run --config "$TMP/new.yaml"
 NEW_PID=$STARTED_PID
+wait_ready "http://127.0.0.1:$P_OLD/ollama/api/generate" 200 30 "$OLD_PID" || die "the old build did not start"
+wait_ready "http://127.0.0.1:$P_NEW/ollama/api/generate" 200 30 "$NEW_PID" || die "the new build did not start"
 
-ready() { # $1 = port
-    local i
-    for i in $(seq 1 100); do
-        [ "$(curl -s -o /dev/null -w '%{http_code}' -X POST -H "X-API-Key: $KEY" --data "$REQ" \
-            "http://127.0.0.1:$1/ollama/api/generate" || true)" = 200 ] && return 0
-        sleep 0.1
-    done
-    echo "port $1 never answered 200" >&2
-    exit 1
-}
-ready "$P_UP"
-ready "$P_OLD"
-ready "$P_NEW"
-
-cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
-CLK_TCK=$(getconf CLK_TCK)
-median() { sort -g | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
-
-run_wrk() { # $1 = name, $2 = port, $3 = pid, $4 = duration; appends "rps us_per_req"
-    local t0 t1 out rps reqs
-    t0=$(cpu_ticks "$3")
-    out=$(wrk -t"$THREADS" -c"$CONNS" -d"$4" -s "$TMP/post.lua" "http://127.0.0.1:$2/ollama/api/generate")
-    t1=$(cpu_ticks "$3")
-    rps=$(awk '/^Requests\/sec/ { print $2 }' <<<"$out")
-    reqs=$(awk '/requests in/ { print $1 }' <<<"$out")
-    if grep -q "Non-2xx" <<<"$out"; then
-        echo "$1: non-2xx answers: $out" >&2
-        exit 1
-    fi
-    echo "$rps $(awk -v t=$((t1 - t0)) -v hz="$CLK_TCK" -v n="$reqs" 'BEGIN { printf "%.1f", t / hz * 1e6 / n }')" >>"$TMP/$1.runs"
+# One wrk run against build $1 (old or new) in round $2 (0: warm-up, not
+# kept); appends "build round req/s CPU-us/req".
+ab_run() {
+    local port=$P_OLD pid=$OLD_PID dur=$DURATION
+    [ "$1" = new ] && port=$P_NEW pid=$NEW_PID
+    [ "$2" = 0 ] && dur=2s
+    run_wrk "$TMP/wrk-$1-$2.txt" "http://127.0.0.1:$port/ollama/api/generate" "$dur" "$pid"
+    [ "$WRK_NON2XX" = 0 ] || die "$1: $WRK_NON2XX non-2xx answers (see $TMP/wrk-$1-$2.txt)"
+    [ "$2" = 0 ] || printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$WRK_RPS" "$WRK_CPU" >>"$TMP/runs.tsv"
+    say "round $2 $1: $WRK_RPS req/s, $WRK_CPU µs/req"
 }
 
 say "warm-up"
-run_wrk warm "$P_OLD" "$OLD_PID" 2s
-run_wrk warm "$P_NEW" "$NEW_PID" 2s
+ab_run old 0
+ab_run new 0
+: >"$TMP/runs.tsv"
 for r in $(seq 1 "$ROUNDS"); do
     if [ $((r % 2)) = 1 ]; then order="old new"; else order="new old"; fi
-    for b in $order; do
-        if [ "$b" = old ]; then run_wrk old "$P_OLD" "$OLD_PID" "$DURATION"; else run_wrk new "$P_NEW" "$NEW_PID" "$DURATION"; fi
-        say "round $r $b: $(tail -n 1 "$TMP/$b.runs")"
-    done
+    for b in $order; do ab_run "$b" "$r"; done
 done
-OLD_RPS=$(cut -d' ' -f1 "$TMP/old.runs" | median)
-NEW_RPS=$(cut -d' ' -f1 "$TMP/new.runs" | median)
-OLD_CPU=$(cut -d' ' -f2 "$TMP/old.runs" | median)
-NEW_CPU=$(cut -d' ' -f2 "$TMP/new.runs" | median)
+OLD_RPS=$(tsv_median "$TMP/runs.tsv" 3 old)
+NEW_RPS=$(tsv_median "$TMP/runs.tsv" 3 new)
+OLD_CPU=$(tsv_median "$TMP/runs.tsv" 4 old)
+NEW_CPU=$(tsv_median "$TMP/runs.tsv" 4 new)
+# paired_ratios pairs "on" with "off" rows of a round: new with old.
+sed 's/^old\t/off\t/; s/^new\t/on\t/' "$TMP/runs.tsv" >"$TMP/pairs.tsv"
+per_round() { awk -F'\t' -v b="$1" '$1 == b { print $3 }' "$TMP/runs.tsv" | paste -sd' '; }
 
 # ------------------------------------------------------------ idle connections
 
@@ -202,32 +121,29 @@ print("ready", len(socks), failed, flush=True)
 time.sleep(secs)
 EOF
 
-rss_mb() { awk '/^VmRSS:/ { printf "%.1f", $2 / 1024 }' "/proc/$1/status"; }
-fds() { ls "/proc/$1/fd" | wc -l; }
-
 # $1 = label, $2 = pid, $3 = port, $4 = mode, $5 = wait for the gateway to close them (1/0)
 hold_phase() {
     local label=$1 pid=$2 port=$3 mode=$4 closes=$5 before_rss before_fds with_rss with_fds t0 waited after_rss after_fds hold
     before_rss=$(rss_mb "$pid")
-    before_fds=$(fds "$pid")
+    before_fds=$(fd_count "$pid")
     hold=$((TIMEOUT * 3 + 30))
     start_bg "$TMP/hold.txt" python3 "$TMP/hold.py" "$port" "$IDLE_CONNS" "$mode" "$KEY" "$hold"
     local hold_pid=$STARTED_PID
     until grep -qs "^ready" "$TMP/hold.txt"; do sleep 0.2; done
     t0=$SECONDS
     with_rss=$(rss_mb "$pid")
-    with_fds=$(fds "$pid")
+    with_fds=$(fd_count "$pid")
     if [ "$closes" = 1 ]; then
-        while [ "$(fds "$pid")" -gt $((before_fds + 50)) ] && [ $((SECONDS - t0)) -lt $((TIMEOUT * 3)) ]; do sleep 0.5; done
+        while [ "$(fd_count "$pid")" -gt $((before_fds + 50)) ] && [ $((SECONDS - t0)) -lt $((TIMEOUT * 3)) ]; do sleep 0.5; done
         waited="closed by the gateway $((SECONDS - t0)) s after the last one opened"
     else
         kill "$hold_pid" 2>/dev/null || true
-        while [ "$(fds "$pid")" -gt $((before_fds + 50)) ] && [ $((SECONDS - t0)) -lt 30 ]; do sleep 0.5; done
+        while [ "$(fd_count "$pid")" -gt $((before_fds + 50)) ] && [ $((SECONDS - t0)) -lt 30 ]; do sleep 0.5; done
         waited="closed by the client"
     fi
     sleep 1
     after_rss=$(rss_mb "$pid")
-    after_fds=$(fds "$pid")
+    after_fds=$(fd_count "$pid")
     kill "$hold_pid" 2>/dev/null || true
     wait "$hold_pid" 2>/dev/null || true
     echo "| $label | $(awk '/^ready/ { print $2 ", " $3 }' "$TMP/hold.txt") | $before_rss MB, $before_fds fds | $with_rss MB, $with_fds fds | $after_rss MB, $after_fds fds ($waited) |"
@@ -247,12 +163,12 @@ cat <<EOF
 
 | build | req/s per round | median req/s | gateway CPU µs/request (median) |
 |---|---|---:|---:|
-| old ($OLD_BIN) | $(cut -d' ' -f1 "$TMP/old.runs" | paste -sd' ') | $OLD_RPS | $OLD_CPU |
-| new ($NEW_BIN) | $(cut -d' ' -f1 "$TMP/new.runs" | paste -sd' ') | $NEW_RPS | $NEW_CPU |
+| old ($OLD_BIN) | $(per_round old) | $OLD_RPS | $OLD_CPU |
+| new ($NEW_BIN) | $(per_round new) | $NEW_RPS | $NEW_CPU |
 
 new / old, ratio of the medians: $(awk -v a="$NEW_RPS" -v b="$OLD_RPS" 'BEGIN { printf "%.3f", a / b }') (req/s), $(awk -v a="$NEW_CPU" -v b="$OLD_CPU" 'BEGIN { printf "%.3f", a / b }') (CPU per request).
 Median of the per-round ratios (each round runs both back to back, so
-load from elsewhere on the machine mostly cancels out): $(paste -d' ' "$TMP/new.runs" "$TMP/old.runs" | awk '{ print $1 / $3 }' | median | awk '{ printf "%.3f", $1 }') (req/s), $(paste -d' ' "$TMP/new.runs" "$TMP/old.runs" | awk '{ print $2 / $4 }' | median | awk '{ printf "%.3f", $1 }') (CPU per request).
+load from elsewhere on the machine mostly cancels out): $(decimals 3 "$(median $(paired_ratios "$TMP/pairs.tsv" 3))") (req/s), $(decimals 3 "$(median $(paired_ratios "$TMP/pairs.tsv" 4))") (CPU per request).
 
 ### $IDLE_CONNS connections held open (new: client_idle_timeout and client_header_timeout ${TIMEOUT}s)
 
