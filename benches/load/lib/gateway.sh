@@ -46,6 +46,17 @@ gateway_routes() {
 EOF
 }
 
+# What every gateway's config shares: two proxy threads (nginx has two
+# workers), no file watching, a quick shutdown; $1 = its folder.
+gateway_common() {
+    cat <<EOF
+threads: 2
+watch: false
+shutdown_grace: 1s
+upgrade_sock: $1/upgrade.sock
+EOF
+}
+
 # Starts a gateway from $TMP/gateway-$1/gateway.yaml (written by the
 # caller) and waits until $2 (a URL, curl options allowed) answers 200 with
 # the key and 401 without. Sets GATEWAY_PID.
@@ -77,10 +88,7 @@ start_gateway() {
 listen: "127.0.0.1:$port"
 admin_listen: "127.0.0.1:$admin"
 keys_file: $TMP/keys-$n.json
-threads: 2
-watch: false
-shutdown_grace: 1s
-upgrade_sock: $d/upgrade.sock
+$(gateway_common "$d")
 # Room for the IDLE_CONNS idle connections of the idle scenario (the
 # default cap, derived from the open-file limit, may be lower).
 max_connections: $((IDLE_CONNS + 100))
@@ -149,10 +157,7 @@ listen:
   - "127.0.0.1:$P_GW_TLS_PLAIN"
   - {address: "127.0.0.1:$P_GW_TLS", tls: {cert: $TMP/tls-cert.pem, key: $TMP/tls-key.pem}}
 keys_file: $TMP/keys-$SMALL_KEYS.json
-threads: 2
-watch: false
-shutdown_grace: 1s
-upgrade_sock: $d/upgrade.sock
+$(gateway_common "$d")
 failed_key_throttle: {enabled: false}
 $(route_ollama)
 EOF
@@ -186,10 +191,7 @@ listen: "127.0.0.1:$P_GW_PAGE"
 admin_listen: "127.0.0.1:$P_ADM_PAGE"
 keys_file: $d/keys.json
 audit_log: $d/audit.log
-threads: 2
-watch: false
-shutdown_grace: 1s
-upgrade_sock: $d/upgrade.sock
+$(gateway_common "$d")
 failed_key_throttle: {enabled: false}
 $(route_ollama)
     api: ollama

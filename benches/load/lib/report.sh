@@ -99,3 +99,11 @@ list_of() {
 decimals() {
     awk -v d="$1" -v v="$2" 'BEGIN { if (v == "-" || v == "") print "-"; else printf "%.*f", d, v }'
 }
+
+# Column $2 of A/B file $1 as "**0.987** as the median of the per-round
+# ratios (0.952, 0.987, 1.010)" (on / off).
+paired_median() {
+    local r
+    mapfile -t r < <(paired_ratios "$1" "$2")
+    echo "**$(decimals 3 "$(median "${r[@]}")")** as the median of the per-round ratios ($(printf '%s\n' "${r[@]}" | list_of 3))"
+}

@@ -4,11 +4,10 @@
 scenario_paced_usage() {
     need_stream_upstream
     need_gateway_small
-    local tsv=$TMP/paced.tsv ratios
+    local tsv=$TMP/paced.tsv
     : >"$tsv"
     CONNS=$PACED_CONNS ab_rounds "$tsv" "$PACED_ROUNDS" "$GW_SMALL_PID" \
         "http://127.0.0.1:$P_GW_SMALL/stream/api/generate" "http://127.0.0.1:$P_GW_SMALL/stream-ai/api/generate" "paced usage"
-    mapfile -t ratios < <(paired_ratios "$tsv" 3)
 
     echo "## Usage accounting on paced streams"
     echo
@@ -18,8 +17,7 @@ scenario_paced_usage() {
     echo
     ab_table "$tsv" "without \`api\`" "\`api: ollama\`"
     echo
-    echo "req/s with usage accounting / without: **$(decimals 3 "$(median "${ratios[@]}")")** as the median of the per-round ratios"
-    echo "($(printf '%s\n' "${ratios[@]}" | list_of 3); goal: at least 0.98)."
+    echo "req/s with usage accounting / without: $(paired_median "$tsv" 3) (goal: at least 0.98)."
     echo
     command_line paced_usage PACED_ROUNDS PACED_CONNS DURATION THREADS
 }

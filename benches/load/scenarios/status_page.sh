@@ -31,13 +31,11 @@ page_ready() {
 scenario_status_page() {
     need_gateway_page
     page_ready
-    local tsv=$TMP/status-page.tsv url="http://127.0.0.1:$P_GW_PAGE/ollama/api/generate" ratios cpu_ratios pages
+    local tsv=$TMP/status-page.tsv url="http://127.0.0.1:$P_GW_PAGE/ollama/api/generate" pages
     : >"$tsv"
     : >"$TMP/pages.txt"
     DURATION=$PAGE_DURATION ab_rounds "$tsv" "$PAGE_ROUNDS" "$GW_PAGE_PID" "$url" "$url" "status page" page_loop
     pages=$(grep -c '^200 ' "$TMP/pages.txt" || true)
-    mapfile -t ratios < <(paired_ratios "$tsv" 3)
-    mapfile -t cpu_ratios < <(paired_ratios "$tsv" 6)
 
     echo "## Status page"
     echo
@@ -48,9 +46,9 @@ scenario_status_page() {
     echo
     ab_table "$tsv" "without the page" "the page every $PAGE_EVERY s"
     echo
-    echo "req/s with the page / without: **$(decimals 3 "$(median "${ratios[@]}")")** as the median of the per-round"
-    echo "ratios ($(printf '%s\n' "${ratios[@]}" | list_of 3)); the gateway's CPU per request with / without:"
-    echo "$(decimals 3 "$(median "${cpu_ratios[@]}")"). Pages fetched (200) during the runs: $pages."
+    echo "req/s with the page / without: $(paired_median "$tsv" 3)."
+    echo "The gateway's CPU per request with / without: $(paired_median "$tsv" 6)."
+    echo "Pages fetched (200) during the runs: $pages."
     echo
     command_line status_page PAGE_ROUNDS PAGE_DURATION PAGE_EVERY CONNS THREADS ${AUDIT_SEED:+AUDIT_SEED}
 }

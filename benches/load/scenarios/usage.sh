@@ -10,15 +10,13 @@ tokens_counted() {
 scenario_usage() {
     need_fast_upstream
     need_gateway_small
-    local tsv=$TMP/usage.tsv tokens ratios cpu_ratios
+    local tsv=$TMP/usage.tsv tokens
     : >"$tsv"
     tokens=$(tokens_counted)
     ab_rounds "$tsv" "$AI_ROUNDS" "$GW_SMALL_PID" "http://127.0.0.1:$P_GW_SMALL/fast/api/generate" \
         "http://127.0.0.1:$P_GW_SMALL/fast-ai/api/generate" "usage"
     tokens=$(($(tokens_counted) - tokens))
     [ "$tokens" -gt 0 ] || note "usage: no tokens were counted on /fast-ai/ (agw_tokens_total did not grow)"
-    mapfile -t ratios < <(paired_ratios "$tsv" 3)
-    mapfile -t cpu_ratios < <(paired_ratios "$tsv" 6)
 
     echo "## Usage accounting (api: ollama) on streams"
     echo
@@ -30,10 +28,10 @@ scenario_usage() {
     echo
     ab_table "$tsv" "without \`api\`" "\`api: ollama\`"
     echo
-    echo "req/s with usage accounting / without: **$(decimals 3 "$(median "${ratios[@]}")")** as the median of the per-round ratios"
-    echo "($(printf '%s\n' "${ratios[@]}" | list_of 2)); $(ratio "$(tsv_median "$tsv" 3 on)" "$(tsv_median "$tsv" 3 off)") as"
-    echo "the ratio of the medians (goal: at least 0.98). CPU time per request with / without: $(decimals 3 "$(median "${cpu_ratios[@]}")")"
-    echo "(median of the per-round ratios). Tokens counted on \`/fast-ai/\` during these runs: $tokens (agw_tokens_total)."
+    echo "req/s with usage accounting / without: $(paired_median "$tsv" 3); $(ratio "$(tsv_median "$tsv" 3 on)" \
+        "$(tsv_median "$tsv" 3 off)") as the ratio of the medians (goal: at least 0.98)."
+    echo "CPU time per request with / without: $(paired_median "$tsv" 6)."
+    echo "Tokens counted on \`/fast-ai/\` during these runs: $tokens (agw_tokens_total)."
     echo
     command_line usage AI_ROUNDS DURATION CONNS THREADS
 }
