@@ -3,9 +3,10 @@
 # Scenarios keep their rows in tab-separated files (first column the target
 # or mode, second the round) and read them back with these.
 
-# Median of numbers (arguments); "-" when there are none.
+# Median of numbers (arguments; negative ones too: an added latency can be);
+# "-" when there are none.
 median() {
-    printf '%s\n' "$@" | { grep -E '^[0-9.]+$' || true; } | sort -g | awk '
+    printf '%s\n' "$@" | { grep -E '^-?[0-9.]+$' || true; } | sort -g | awk '
         { a[NR] = $1 }
         END {
             if (NR == 0) print "-"

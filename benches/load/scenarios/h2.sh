@@ -65,7 +65,8 @@ scenario_h2() {
     echo "both). \`h2load -t$THREADS -c$H2_CONNS -m$H2_STREAMS -D$(secs_of "$DURATION")\`: $H2_CONNS connections, up to $H2_STREAMS"
     echo "streams at once on each, POST of the same JSON body with \`x-api-key\`; $ROUNDS round(s), interleaved;"
     echo "medians over rounds. h2load gives no percentiles: *mean* and *max* are its request times (from sending a"
-    echo "request to its last byte). *Failed* counts requests failed, errored or timed out, summed over rounds."
+    echo "request to its last byte). CPU µs/req includes the $H2_CONNS TLS handshakes of a run. *Failed* counts"
+    echo "requests failed, errored or timed out, summed over rounds."
     echo
     h2_table
     echo
