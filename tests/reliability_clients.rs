@@ -324,7 +324,7 @@ fn ten_thousand_idle_connections_do_not_block_serving() {
     // Set on purpose, so that this test keeps its meaning (idle clients do
     // not block serving) with the new defaults: the header timeout (10 s)
     // would close these silent connections while the test runs, and the
-    // cap derived from a 20,000 open-file limit (9,840) is below 10,000.
+    // cap derived from a 20,000 open-file limit (8,944) is below 10,000.
     let gw = Gateway::start(
         &config([Route::chat(echo.addr)])
             .client_header_timeout("60s")

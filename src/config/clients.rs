@@ -31,10 +31,17 @@ pub const DEFAULT_CLIENT_BODY_TIMEOUT: Duration = Duration::from_secs(60);
 /// signal pipe, the file watcher, the audit log, the config and key files
 /// while a reload reads them, health-check connections.
 pub const RESERVED_FDS: u64 = 64;
-/// Idle upstream connections Pingora may keep pooled per worker thread
-/// (`upstream_keepalive_pool_size`, 128 by default; the pool holds up to
-/// this many times the number of threads).
-pub const UPSTREAM_POOL_PER_THREAD: u64 = 128;
+/// The fewest idle upstream connections each worker thread keeps pooled
+/// (Pingora's `upstream_keepalive_pool_size` default).
+pub const UPSTREAM_POOL_MIN_PER_THREAD: u64 = 128;
+/// The most: enough for the requests in flight when HTTP/2 clients
+/// multiplex (64 connections of 10 streams each on 2 threads need 320 per
+/// thread). A request that finds the pool full when it ends closes its
+/// upstream connection, and the next one connects anew: with 128 per
+/// thread, 640 requests in flight made a new upstream connection for ~30%
+/// of requests, ~11% of the gateway's CPU in `connect` alone
+/// (benches/RESULTS.md, "HTTPS and HTTP/2").
+pub const UPSTREAM_POOL_MAX_PER_THREAD: u64 = 1024;
 
 /// The validated client limits; every default filled in.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,6 +54,9 @@ pub struct ClientLimits {
     pub max_connections: usize,
     /// Where `max_connections` comes from.
     pub max_connections_from: CapSource,
+    /// Idle upstream connections each proxy thread keeps pooled (see
+    /// [`upstream_pool_per_thread`]); set at start.
+    pub upstream_pool_per_thread: usize,
 }
 
 /// Where the connection cap comes from, for `check` and the start-up log.
@@ -89,6 +99,7 @@ impl ClientLimits {
             body_timeout: s.body_timeout.unwrap_or(DEFAULT_CLIENT_BODY_TIMEOUT),
             max_connections,
             max_connections_from,
+            upstream_pool_per_thread: upstream_pool_per_thread(open_files, threads),
         }
     }
 
@@ -109,21 +120,34 @@ impl ClientLimits {
     }
 }
 
+/// Idle upstream connections each of `threads` proxy threads keeps
+/// pooled under a soft open-file limit of `soft`: all threads together an
+/// eighth of what the gateway's own files leave, each between
+/// [`UPSTREAM_POOL_MIN_PER_THREAD`] (so a limit of 1,024 keeps the pool
+/// and the cap it always had) and [`UPSTREAM_POOL_MAX_PER_THREAD`].
+pub fn upstream_pool_per_thread(soft: u64, threads: usize) -> usize {
+    let share = soft.saturating_sub(RESERVED_FDS) / (8 * threads.max(1) as u64);
+    let pool = share.clamp(UPSTREAM_POOL_MIN_PER_THREAD, UPSTREAM_POOL_MAX_PER_THREAD);
+    usize::try_from(pool).unwrap_or(usize::MAX)
+}
+
 /// The default connection cap for a soft open-file limit of `soft`, so the
 /// gateway never runs out of descriptors:
 ///
 /// ```text
-/// max_connections = (soft − RESERVED_FDS − UPSTREAM_POOL_PER_THREAD × threads) / 2
+/// max_connections = (soft − RESERVED_FDS − upstream_pool_per_thread × threads) / 2
 /// ```
 ///
 /// The reserve covers the process's own files and the idle upstream pool;
 /// what is left is halved because every client connection can hold one
 /// upstream connection while its request is proxied (as nginx counts
 /// `worker_connections`). With `LimitNOFILE=65536` (the shipped systemd
-/// unit) and 2 threads that is 32,608; with the common shell default of
-/// 1,024 it is 352. At least 1.
+/// unit) and 2 threads that is 31,712 (a pool of 1,024 per thread); with
+/// the common shell default of 1,024 it is 352 (128 per thread). At
+/// least 1.
 pub fn cap_for_open_files(soft: u64, threads: usize) -> usize {
-    let pool = UPSTREAM_POOL_PER_THREAD.saturating_mul(threads.max(1) as u64);
+    let pool =
+        (upstream_pool_per_thread(soft, threads) as u64).saturating_mul(threads.max(1) as u64);
     let spare = soft.saturating_sub(RESERVED_FDS).saturating_sub(pool) / 2;
     usize::try_from(spare).unwrap_or(usize::MAX).max(1)
 }
@@ -134,19 +158,34 @@ mod tests {
 
     #[test]
     fn the_cap_leaves_room_for_upstreams_and_files() {
-        assert_eq!(cap_for_open_files(65_536, 2), 32_608);
+        assert_eq!(cap_for_open_files(65_536, 2), 31_712);
+        assert_eq!(cap_for_open_files(20_000, 2), 8_944);
         assert_eq!(cap_for_open_files(1_024, 2), 352);
         assert_eq!(cap_for_open_files(1_024, 1), 416);
         // Clients plus as many upstreams plus the reserve fit in the limit.
         for (soft, threads) in [(1_024u64, 4usize), (20_000, 2), (1 << 20, 16)] {
             let cap = cap_for_open_files(soft, threads) as u64;
             assert!(
-                2 * cap + RESERVED_FDS + UPSTREAM_POOL_PER_THREAD * threads as u64 <= soft,
+                2 * cap
+                    + RESERVED_FDS
+                    + upstream_pool_per_thread(soft, threads) as u64 * threads as u64
+                    <= soft,
                 "{soft} {threads}"
             );
         }
         assert_eq!(cap_for_open_files(100, 2), 1, "never zero");
         assert!(cap_for_open_files(u64::MAX, 2) > 1 << 40);
+    }
+
+    #[test]
+    fn the_upstream_pool_grows_with_the_open_file_limit() {
+        assert_eq!(upstream_pool_per_thread(1_024, 2), 128, "Pingora's default");
+        assert_eq!(upstream_pool_per_thread(1_024, 1), 128);
+        assert_eq!(upstream_pool_per_thread(10_000, 2), 621);
+        assert_eq!(upstream_pool_per_thread(20_000, 2), 1_024);
+        assert_eq!(upstream_pool_per_thread(65_536, 16), 511);
+        assert_eq!(upstream_pool_per_thread(u64::MAX, 2), 1_024);
+        assert_eq!(upstream_pool_per_thread(0, 0), 128);
     }
 
     #[test]

@@ -119,6 +119,7 @@ pub fn server_conf(config: &Config, threads: usize) -> ServerConf {
         graceful_shutdown_timeout_seconds: Some(1),
         upgrade_sock: config.upgrade_sock.display().to_string(),
         work_stealing: false,
+        upstream_keepalive_pool_size: config.clients.upstream_pool_per_thread,
         ..ServerConf::default()
     }
 }
@@ -235,6 +236,18 @@ mod tests {
 
     fn addr(s: &str) -> SocketAddr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn pingora_pools_what_the_open_file_limit_leaves_room_for() {
+        let text = "listen: \"127.0.0.1:1\"\nkeys_file: k.json\nroutes:\n  - {name: a, path_prefix: /a/, service: a, upstreams: [\"127.0.0.1:2\"]}\n";
+        let config = Config::parse(std::path::Path::new("/t/g.yaml"), text).unwrap();
+        let conf = server_conf(&config, 1);
+        assert_eq!(
+            conf.upstream_keepalive_pool_size,
+            config.clients.upstream_pool_per_thread
+        );
+        assert!(conf.upstream_keepalive_pool_size >= 128);
     }
 
     #[test]
