@@ -59,11 +59,16 @@ use crate::config::{Config, ListenKind};
 use crate::ops::{Metrics, SharedLive};
 use crate::proxy::{ClientApp, Gateway, Slots};
 
-/// Read buffer per client connection. Pingora's default (64 KiB) is held
-/// for as long as a connection lives, idle keep-alive ones included:
-/// 10,000 idle clients cost ~850 MB with it. Requests to model servers are
-/// small, and larger reads (uploads) bypass the buffer anyway.
-const CLIENT_READ_BUFFER: usize = 8 * 1024;
+/// Read buffer per client connection: none. Pingora's default (64 KiB) is
+/// held for as long as a connection lives, idle keep-alive ones and open
+/// streams included, and is zeroed when made, so it is resident from the
+/// start: 10,000 idle clients cost ~850 MB with it; 8 KiB cost 6.2 KB more
+/// per idle connection than none (benches/RESULTS.md). Unbuffered, a
+/// request head is read straight into Pingora's head buffer and a body
+/// into its body buffer, with the same number of reads for the small
+/// requests model servers get; TLS reads its records into rustls's own
+/// buffer (no difference in CPU per request was measured without it).
+const CLIENT_READ_BUFFER: usize = 0;
 
 /// The most listening sockets a graceful upgrade hands over
 /// (`pingora-core` `server/transfer_fd`: `MAX_FDS`).
