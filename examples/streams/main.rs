@@ -262,6 +262,12 @@ fn start_upstream(interval: Duration) -> SocketAddr {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a loopback port");
     let addr = listener.local_addr().expect("its address");
     listener.set_nonblocking(true).expect("non-blocking");
+    // std listens with a backlog of 128: thousands of connections opened
+    // within seconds (by the clients directly, or by nginx, which opens
+    // one per stream) would overflow it and fail. Listening again raises it
+    // (Linux caps it at net.core.somaxconn).
+    // SAFETY: listen(2) on a socket this function owns.
+    let _ = unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&listener), 16384) };
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
