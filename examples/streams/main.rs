@@ -312,6 +312,12 @@ fn parse_args() -> Result<Args, String> {
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
+        if flag == "-h" || flag == "--help" {
+            // The usage is this file's header.
+            let header = include_str!("main.rs").lines().take_while(|l| l.starts_with("//!"));
+            header.for_each(|l| println!("{}", l.trim_start_matches("//!").trim_start_matches(' ')));
+            std::process::exit(0);
+        }
         let value = it.next().ok_or(format!("{flag} needs a value"))?;
         let list = || value.split(',').map(str::to_string).collect::<Vec<_>>();
         let num = |v: &str| {
