@@ -314,8 +314,11 @@ fn parse_args() -> Result<Args, String> {
     while let Some(flag) = it.next() {
         if flag == "-h" || flag == "--help" {
             // The usage is this file's header.
-            let header = include_str!("main.rs").lines().take_while(|l| l.starts_with("//!"));
-            header.for_each(|l| println!("{}", l.trim_start_matches("//!").trim_start_matches(' ')));
+            let header = include_str!("main.rs")
+                .lines()
+                .take_while(|l| l.starts_with("//!"));
+            header
+                .for_each(|l| println!("{}", l.trim_start_matches("//!").trim_start_matches(' ')));
             std::process::exit(0);
         }
         let value = it.next().ok_or(format!("{flag} needs a value"))?;
