@@ -262,18 +262,7 @@ impl KeyStore {
         service: ServiceId,
         now_ms: i64,
     ) -> Result<Principal<'_>, KeyDenial> {
-        let presented = match presented {
-            Some(k) if !k.is_empty() => k,
-            _ => return Err(KeyDenial::Missing),
-        };
-        let digest = KeyDigest::of(presented);
-        let rec = self.by_digest.get(&digest).ok_or(KeyDenial::Unknown)?;
-        if rec.disabled {
-            return Err(KeyDenial::Disabled);
-        }
-        if now_ms >= rec.expires_at_ms {
-            return Err(KeyDenial::Expired);
-        }
+        let (digest, rec) = self.live_record(presented, now_ms)?;
         let grant = self
             .grants
             .get(rec.grant as usize)
@@ -305,14 +294,15 @@ impl KeyStore {
         })
     }
 
-    /// Decides whether `presented` opens the admin listener at `now_ms`:
-    /// the key's id and holder when it is an admin key; `WrongService`
-    /// for a valid key that is not one.
-    pub fn check_admin(
+    /// The record of `presented` when it is a known key, neither revoked
+    /// nor expired at `now_ms`: the part of a decision the proxy and the
+    /// admin listener share (one SHA-256, one map lookup).
+    #[inline]
+    fn live_record(
         &self,
         presented: Option<&[u8]>,
         now_ms: i64,
-    ) -> Result<(KeyId, &User), KeyDenial> {
+    ) -> Result<(KeyDigest, &KeyRecord), KeyDenial> {
         let presented = match presented {
             Some(k) if !k.is_empty() => k,
             _ => return Err(KeyDenial::Missing),
@@ -325,6 +315,18 @@ impl KeyStore {
         if now_ms >= rec.expires_at_ms {
             return Err(KeyDenial::Expired);
         }
+        Ok((digest, rec))
+    }
+
+    /// Decides whether `presented` opens the admin listener at `now_ms`:
+    /// the key's id and holder when it is an admin key; `WrongService`
+    /// for a valid key that is not one.
+    pub fn check_admin(
+        &self,
+        presented: Option<&[u8]>,
+        now_ms: i64,
+    ) -> Result<(KeyId, &User), KeyDenial> {
+        let (digest, rec) = self.live_record(presented, now_ms)?;
         if !rec.admin {
             return Err(KeyDenial::WrongService);
         }
